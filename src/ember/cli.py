@@ -1,0 +1,87 @@
+"""`ember` command line: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from ember.config import EngineConfig, add_arguments, from_namespace
+
+
+def _engine_parser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help)
+    p.add_argument("model", nargs="?", default=None, help=EngineConfig.__dataclass_fields__["model"].metadata["help"])
+    add_arguments(p, EngineConfig, skip=("model",))
+    return p
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import ember
+
+    cfg = from_namespace(EngineConfig, args)
+    t0 = time.perf_counter()
+    llm = ember.LLM(**vars(cfg))
+    params = ember.SamplingParams(
+        temperature=args.temperature, max_tokens=args.max_tokens, seed=args.sampling_seed
+    )
+    if args.raw:
+        result = llm.generate([args.prompt], params)[0]
+    else:
+        result = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
+    out = result.outputs[0]
+    print(out.text)
+    if args.verbose:
+        stats = {
+            "seconds": round(time.perf_counter() - t0, 2),
+            "prompt_tokens": len(result.prompt_token_ids),
+            "output_tokens": len(out.token_ids),
+            "finish_reason": out.finish_reason,
+        }
+        print(json.dumps(stats), file=sys.stderr)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Convert a GGUF model (default: the embedded one) into the cache ahead of time."""
+    from ember.models.loader import resolve_model_dir
+
+    t0 = time.perf_counter()
+    path = resolve_model_dir(args.model)
+    print(f"{path} ({time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ember", description="Serve open LLMs, fast.")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = _engine_parser(sub, "generate", "Generate one reply from the command line.")
+    g.add_argument("--prompt", "-p", required=True, help="The user message (or raw text with --raw).")
+    g.add_argument("--raw", action="store_true", help="Complete the text as is, no chat template.")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--sampling-seed", type=int, default=None)
+    g.add_argument("--verbose", "-v", action="store_true", help="Print timing as JSON on stderr.")
+    g.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("prepare", help="Convert a GGUF model into the cache ahead of time.")
+    p.add_argument("model", nargs="?", default=None)
+    p.set_defaults(func=cmd_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

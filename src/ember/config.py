@@ -1,0 +1,147 @@
+"""Typed settings, in one place. Every field is a `ember serve` flag with an EMBER_ twin.
+
+`EngineConfig` holds what the engine needs; the server adds its own fields in `ServerConfig`.
+`add_arguments` turns a dataclass into argparse flags whose defaults come from the environment,
+so `--max-num-seqs 8` and `EMBER_MAX_NUM_SEQS=8` mean the same thing, and `--help` lists both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _opt(help: str, **kw: Any) -> Any:
+    default = kw.pop("default", None)
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = _opt(
+        "Model directory (Hugging Face layout) or .gguf file; omitted: the embedded default model."
+    )
+    tokenizer: str | None = _opt("Tokenizer directory, when not the model's own.")
+    dtype: str = _opt(
+        "Weights and activations dtype: auto (bfloat16 on GPU, float32 on CPU), float32, "
+        "bfloat16, float16.",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+    )
+    device: str = _opt("cpu, cuda or auto (cuda when available).", default="auto")
+    load_format: str = _opt(
+        "auto reads the checkpoint; dummy makes random weights of the right shapes (benchmarks).",
+        default="auto",
+        choices=["auto", "dummy"],
+    )
+    max_model_len: int | None = _opt(
+        "Longest prompt plus output, in tokens; default: the model's own, capped by the KV cache."
+    )
+    block_size: int = _opt("Tokens per KV cache block.", default=16)
+    kv_cache_memory: str | None = _opt(
+        "Bytes for the KV cache, e.g. 512MiB or 4GiB; default 512MiB on CPU, and on GPU what "
+        "--gpu-memory-utilization leaves after the weights."
+    )
+    gpu_memory_utilization: float = _opt(
+        "Fraction of GPU memory Ember may use for weights, activations and KV cache.", default=0.9
+    )
+    max_num_seqs: int = _opt("Most sequences running in one step.", default=256)
+    max_num_batched_tokens: int = _opt(
+        "Token budget of one step (prefill chunks plus decodes).", default=2048
+    )
+    enable_prefix_caching: bool = _opt("Reuse KV blocks of shared prompt prefixes.", default=True)
+    enable_chunked_prefill: bool = _opt(
+        "Split long prompts across steps, mixed with decodes.", default=True
+    )
+    attention_backend: str = _opt("Attention implementation: auto or torch.", default="auto")
+    chat_template: str | None = _opt(
+        "Chat template: a Jinja file, or a built-in name (chatml, llama-2, chatglm3); "
+        "default: the model's own."
+    )
+    num_threads: int | None = _opt("CPU threads for torch; default: all cores.")
+    seed: int = _opt("Seed for dummy weights and for unseeded sampling.", default=0)
+
+
+def parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]i?B?|B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (try 512MiB or 4GiB)")
+    number, unit = float(m.group(1)), (m.group(2) or "B").upper().rstrip("B").rstrip("I")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit]
+    return int(number * scale)
+
+
+def env_name(field_name: str) -> str:
+    return "EMBER_" + field_name.upper()
+
+
+def _base_type(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _convert(tp: Any, raw: str) -> Any:
+    base = _base_type(tp)
+    if base is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    return base(raw)
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()
+) -> None:
+    """Add one flag per dataclass field; the EMBER_ environment twin supplies the default."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp = hints[f.name]
+        env = env_name(f.name)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if env in os.environ:
+            default = _convert(tp, os.environ[env])
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} [env {env}; default {default!r}]"
+        if _base_type(tp) is bool:
+            parser.add_argument(
+                flag, default=default, action=argparse.BooleanOptionalAction, help=help_text
+            )
+        else:
+            parser.add_argument(
+                flag,
+                default=default,
+                type=_base_type(tp),
+                choices=f.metadata.get("choices"),
+                help=help_text,
+            )
+
+
+def from_namespace(cls: type, ns: argparse.Namespace, **overrides: Any) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(ns).items() if k in names}
+    values.update(overrides)
+    return cls(**values)
+
+
+def from_env(cls: type, **kwargs: Any) -> Any:
+    """Build a config from keyword arguments, falling back to EMBER_ variables, then defaults."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(kwargs) - names
+    if unknown:
+        raise TypeError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
+    values = {}
+    for name in names:
+        if name in kwargs:
+            values[name] = kwargs[name]
+        elif env_name(name) in os.environ:
+            values[name] = _convert(hints[name], os.environ[env_name(name)])
+    return cls(**values)

@@ -1,0 +1,100 @@
+"""Reference attention on plain torch: runs anywhere, used on the CPU and to check GPU kernels.
+
+Decodes are batched into one padded SDPA call over gathered cache slots. Each prefill chunk
+attends on its own: straight over its fresh keys when nothing is cached before it, otherwise
+over its whole context gathered from the cache with a causal mask offset by the cached length.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ember.engine.attention.base import AttentionBackend, AttentionMetadata, SeqSpan
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def _slots(self, span: SeqSpan, length: int) -> torch.Tensor:
+        table = torch.tensor(span.block_table, dtype=torch.long)
+        pos = torch.arange(length)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def build_metadata(
+        self,
+        spans: list[SeqSpan],
+        num_decode_seqs: int,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        device: torch.device,
+    ) -> AttentionMetadata:
+        slot_parts = []
+        for span in spans:
+            slots = self._slots(span, span.context_len)
+            slot_parts.append(slots[span.context_len - span.query_len :])
+        slot_mapping = torch.cat(slot_parts).to(device)
+        extra: dict = {}
+        decodes = spans[:num_decode_seqs]
+        if decodes:
+            max_len = max(s.context_len for s in decodes)
+            gather = torch.zeros(len(decodes), max_len, dtype=torch.long)
+            mask = torch.zeros(len(decodes), max_len, dtype=torch.bool)
+            for i, span in enumerate(decodes):
+                gather[i, : span.context_len] = self._slots(span, span.context_len)
+                mask[i, : span.context_len] = True
+            extra["decode_gather"] = gather.to(device)
+            extra["decode_mask"] = mask[:, None, None, :].to(device)  # [B, 1, 1, L]
+        prefills = []
+        for span in spans[num_decode_seqs:]:
+            cached = span.context_len - span.query_len
+            if cached == 0:
+                prefills.append((span, None, None))
+                continue
+            slots = self._slots(span, span.context_len).to(device)
+            # Query i (absolute position cached + i) sees keys 0..cached + i.
+            q_pos = torch.arange(span.query_len, device=device)[:, None] + cached
+            k_pos = torch.arange(span.context_len, device=device)[None, :]
+            prefills.append((span, slots, k_pos <= q_pos))
+        extra["prefills"] = prefills
+        return AttentionMetadata(slot_mapping, spans, num_decode_seqs, kv_caches, extra)
+
+    def forward(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        k_cache, v_cache = meta.kv_caches[layer]
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        gqa = self.num_heads != self.num_kv_heads
+        n_dec = meta.num_decode_seqs
+        if n_dec:
+            gather = meta.extra["decode_gather"]
+            qd = q[:n_dec].unsqueeze(2)  # [B, H, 1, D]
+            kd = k_cache[gather].transpose(1, 2)  # [B, KVH, L, D]
+            vd = v_cache[gather].transpose(1, 2)
+            od = F.scaled_dot_product_attention(
+                qd, kd, vd, attn_mask=meta.extra["decode_mask"], scale=self.scale, enable_gqa=gqa
+            )
+            out[:n_dec] = od.squeeze(2)
+        for span, slots, mask in meta.extra["prefills"]:
+            s, e = span.query_start, span.query_start + span.query_len
+            qp = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+            if slots is None:
+                kp = k[s:e].transpose(0, 1).unsqueeze(0)
+                vp = v[s:e].transpose(0, 1).unsqueeze(0)
+                op = F.scaled_dot_product_attention(
+                    qp, kp, vp, is_causal=True, scale=self.scale, enable_gqa=gqa
+                )
+            else:
+                kp = k_cache[slots].transpose(0, 1).unsqueeze(0)
+                vp = v_cache[slots].transpose(0, 1).unsqueeze(0)
+                op = F.scaled_dot_product_attention(
+                    qp, kp, vp, attn_mask=mask, scale=self.scale, enable_gqa=gqa
+                )
+            out[s:e] = op.squeeze(0).transpose(0, 1)
+        return out

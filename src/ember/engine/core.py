@@ -1,0 +1,240 @@
+"""EngineCore: one synchronous step of the engine (schedule → run → sample → stop checks).
+
+Both front ends drive it: `AsyncEngine` calls `step()` in a loop on its own thread, and the
+offline `LLM` calls it until its requests finish. Everything in and out is plain data.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ember.chat.detokenizer import IncrementalDetokenizer
+from ember.chat.tokenizer import Tokenizer
+from ember.config import EngineConfig
+from ember.engine.kv_cache import BlockAllocator
+from ember.engine.request import (
+    RequestOutput,
+    SamplingParams,
+    SamplingParamsError,
+    Sequence,
+)
+from ember.engine.runner import ModelRunner
+from ember.engine.sampler import Sampler, SamplingRow
+from ember.engine.scheduler import Scheduler
+from ember.models import loader
+
+log = logging.getLogger(__name__)
+
+
+class PromptError(ValueError):
+    """A prompt the engine cannot run (empty, too long, unknown token ids)."""
+
+    def __init__(self, message: str, param: str = "prompt") -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class _Live:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    stop_ids: frozenset[int]
+    emitted_logprobs: list = field(default_factory=list)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+
+def _as_id_set(value: object) -> set[int]:
+    if value is None:
+        return set()
+    if isinstance(value, int):
+        return {value}
+    return {int(v) for v in value}  # type: ignore[union-attr]
+
+
+class EngineCore:
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+        t0 = time.perf_counter()
+        self.model_dir = loader.resolve_model_dir(cfg.model)
+        self.hf_config = loader.load_config(self.model_dir)
+        self.generation_config = loader.load_generation_config(self.model_dir)
+        self.tokenizer = Tokenizer.from_dir(cfg.tokenizer or self.model_dir)
+        self.runner = ModelRunner(cfg, self.model_dir, self.hf_config)
+        self.eos_token_ids = frozenset(
+            _as_id_set(self.generation_config.get("eos_token_id"))
+            | _as_id_set(self.hf_config.get("eos_token_id"))
+            | _as_id_set(self.tokenizer.eos_token_id)
+        )
+        capacity = self.runner.num_blocks * cfg.block_size
+        model_len = cfg.max_model_len or self.runner.model.max_model_len
+        if model_len > capacity:
+            log.warning("max_model_len %d capped to the KV cache's %d tokens", model_len, capacity)
+        self.max_model_len = min(model_len, capacity)
+        self.allocator = BlockAllocator(
+            self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.allocator,
+            cfg.max_num_seqs,
+            max(cfg.max_num_batched_tokens, 1),
+            cfg.enable_chunked_prefill,
+        )
+        self.sampler = Sampler()
+        self.live: dict[str, _Live] = {}
+        self.load_seconds = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ requests
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_token_ids:
+            raise PromptError("The prompt is empty.")
+        vocab = self.runner.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise PromptError(f"Prompt token id {bad[0]} is outside the vocabulary of {vocab}.")
+        params.check_vocab(vocab)
+        n = len(prompt_token_ids)
+        if n >= self.max_model_len:
+            raise PromptError(
+                f"This model's maximum context length is {self.max_model_len} tokens; "
+                f"the prompt has {n} tokens, which leaves no room to generate."
+            )
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        if request_id in self.live:
+            raise ValueError(f"request id {request_id!r} is already running")
+        self.validate(prompt_token_ids, params)
+        seq = Sequence(request_id, list(prompt_token_ids), params, self.eos_token_ids)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator().manual_seed(params.seed)
+        stop_ids = frozenset(params.stop_token_ids or ()) | self.eos_token_ids
+        detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params)
+        self.live[request_id] = _Live(seq, detok, generator, stop_ids)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        live = self.live.pop(request_id, None)
+        if live is None:
+            return False
+        self.scheduler.finish(live.seq, "abort")
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        a = self.allocator
+        return EngineStats(
+            len(self.scheduler.running),
+            len(self.scheduler.waiting),
+            a.usage(),
+            a.prefix_queries,
+            a.prefix_hits,
+            self.scheduler.num_preemptions,
+        )
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        # Decodes first, as the runner's attention metadata expects.
+        batch = sorted(
+            out.scheduled,
+            key=lambda s: not (s.num_new_tokens == 1 and s.seq.num_computed_tokens > 0),
+        )
+        now = time.monotonic()
+        for item in batch:
+            if item.seq.first_scheduled_time is None:
+                item.seq.first_scheduled_time = now
+        logits = self.runner.execute(batch)
+
+        sampling = [item for item in batch if item.samples]
+        rows = []
+        for item in sampling:
+            live = self.live[item.seq.request_id]
+            rows.append(
+                SamplingRow(
+                    params=item.seq.params,
+                    prompt_token_ids=item.seq.prompt_token_ids,
+                    output_token_ids=item.seq.output_token_ids,
+                    generator=live.generator,
+                    stop_ids=live.stop_ids,
+                )
+            )
+        token_ids, logprobs = self.sampler(logits, rows) if rows else ([], [])
+
+        for item in batch:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            seq.num_hashed_blocks = self.allocator.register_full_blocks(
+                seq.token_ids, seq.block_table, seq.num_computed_tokens, seq.num_hashed_blocks
+            )
+
+        outputs = []
+        now = time.monotonic()
+        for item, token, logprob in zip(sampling, token_ids, logprobs):
+            seq = item.seq
+            live = self.live[seq.request_id]
+            seq.token_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            reason, stop_reason = self._check_stop(seq, token)
+            if reason == "stop":  # a stop token: its text is not part of the output
+                text = live.detok.flush()
+            else:
+                text, stop_str = live.detok.add_tokens([token])
+                if stop_str is not None:
+                    reason, stop_reason = "stop", stop_str
+                elif reason is not None:
+                    text += live.detok.flush()
+            if reason is not None:
+                self.scheduler.finish(seq, reason, stop_reason)
+                del self.live[seq.request_id]
+            outputs.append(
+                RequestOutput(
+                    request_id=seq.request_id,
+                    prompt_token_ids=seq.prompt_token_ids,
+                    new_token_ids=[token],
+                    new_text=text,
+                    finished=reason is not None,
+                    finish_reason=reason,
+                    stop_reason=stop_reason,
+                    new_logprobs=None if logprob is None else [logprob],
+                    num_cached_tokens=seq.num_cached_tokens,
+                    num_output_tokens=seq.num_output_tokens,
+                )
+            )
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
+        params = seq.params
+        n_out = seq.num_output_tokens
+        if n_out >= params.min_tokens:
+            if token in (params.stop_token_ids or ()):
+                return "stop", token
+            if not params.ignore_eos and token in self.eos_token_ids:
+                return "stop", token
+        if params.max_tokens is not None and n_out >= params.max_tokens:
+            return "length", None
+        if seq.num_tokens >= self.max_model_len:
+            return "length", None
+        return None, None

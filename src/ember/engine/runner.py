@@ -1,0 +1,153 @@
+"""Turns a scheduled batch into tensors, runs the model, returns logits for sampling rows.
+
+Owns the model, the device, the dtype and the KV cache tensors; the scheduler and the block
+allocator only ever see block numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ember.config import EngineConfig, parse_bytes
+from ember.engine.attention import AttentionBackend, SeqSpan, get_backend
+from ember.engine.scheduler import ScheduledSeq
+from ember.models import loader
+from ember.models.registry import model_class
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_DEFAULT_KV_BYTES = 512 << 20
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    # On the CPU float32 is the faster one on this class of hardware (no native bf16 matmul
+    # on AVX2; measured in benchmarks/RESULTS.md) and it is exact against references.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    sample_rows: torch.Tensor  # flat index of the last token of each sampling sequence
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, model_dir: Path, hf_config: dict) -> None:
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        self.dtype = pick_dtype(cfg.dtype, self.device)
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        cls = model_class(hf_config)
+        backend_name = "torch" if cfg.attention_backend == "auto" else cfg.attention_backend
+        t0 = time.perf_counter()
+        with torch.device("meta"):
+            probe = cls(hf_config, backend=None)  # only to read the attention shape
+        num_layers, num_heads, num_kv_heads, head_dim = probe.attention_shape
+        del probe
+        self.backend: AttentionBackend = get_backend(backend_name)(
+            num_heads, num_kv_heads, head_dim, cfg.block_size
+        )
+        # Build on `meta` and materialise uninitialised: the weights are overwritten anyway.
+        with torch.device("meta"):
+            model = cls(hf_config, self.backend)
+        self.model = model.to_empty(device=self.device)
+        for module in self.model.modules():
+            if hasattr(module, "reset") and module is not self.model:
+                module.reset()
+        if getattr(self.model.args, "tie_word_embeddings", False):
+            self.model.lm_head.weight = self.model.model.embed_tokens.weight
+        if cfg.load_format == "dummy":
+            loader.init_dummy_weights(self.model, cfg.seed)
+        else:
+            self._load(model_dir)
+        self.model.to(self.dtype).eval()
+        log.info("model loaded in %.1fs (%s, %s)", time.perf_counter() - t0, self.dtype, self.device)
+
+        self.num_layers = num_layers
+        kv_bytes_per_block = 2 * num_layers * cfg.block_size * num_kv_heads * head_dim
+        kv_bytes_per_block *= torch.tensor([], dtype=self.dtype).element_size()
+        self.num_blocks = max(1, self._kv_budget() // kv_bytes_per_block)
+        self.kv_caches = self.backend.allocate_cache(
+            num_layers, self.num_blocks, self.dtype, self.device
+        )
+        log.info(
+            "KV cache: %d blocks of %d tokens (%.0f MiB)",
+            self.num_blocks,
+            cfg.block_size,
+            self.num_blocks * kv_bytes_per_block / 2**20,
+        )
+
+    def _load(self, model_dir: Path) -> None:
+        loaded = self.model.load_weights(loader.iter_weights(model_dir))
+        missing = {n for n, _ in self.model.named_parameters()} - loaded
+        if getattr(self.model.args, "tie_word_embeddings", False):
+            missing.discard("lm_head.weight")
+        if missing:
+            raise ValueError(f"checkpoint lacks weights: {sorted(missing)[:5]}")
+
+    def _kv_budget(self) -> int:
+        if self.cfg.kv_cache_memory:
+            return parse_bytes(self.cfg.kv_cache_memory)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            # Leave room for activations of one full step (logits dominate).
+            headroom = 2 * self.cfg.max_num_batched_tokens * self.model.args.vocab_size * 4
+            return max(0, int(total * self.cfg.gpu_memory_utilization) - used - headroom)
+        return CPU_DEFAULT_KV_BYTES
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.args.vocab_size
+
+    def _prepare(self, batch: list[ScheduledSeq]) -> tuple[StepInputs, list[SeqSpan], int]:
+        ids: list[int] = []
+        positions: list[int] = []
+        spans: list[SeqSpan] = []
+        sample_rows: list[int] = []
+        num_decodes = 0
+        for item in batch:
+            seq, n = item.seq, item.num_new_tokens
+            start = seq.num_computed_tokens
+            spans.append(SeqSpan(len(ids), n, start + n, seq.block_table))
+            ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            if item.samples:
+                sample_rows.append(len(ids) - 1)
+            if n == 1 and start > 0:
+                num_decodes += 1
+        dev = self.device
+        inputs = StepInputs(
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            torch.tensor(sample_rows, dtype=torch.long, device=dev),
+        )
+        return inputs, spans, num_decodes
+
+    @torch.inference_mode()
+    def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        """Run one step. `batch` must list decodes (one new token, some context) first.
+
+        Returns float32 logits, one row per sequence that samples, in batch order.
+        """
+        inputs, spans, num_decodes = self._prepare(batch)
+        meta = self.backend.build_metadata(spans, num_decodes, self.kv_caches, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, meta)
+        return self.model.compute_logits(hidden[inputs.sample_rows]).float()

@@ -1,0 +1,126 @@
+"""Building blocks shared by the model families: norms, rotary embeddings, activations."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _onednn_linear_works() -> bool:
+    try:
+        x, w, b = torch.ones(2, 3), torch.ones(4, 3), torch.ones(4)
+        out = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return torch.equal(out, torch.full((2, 4), 4.0))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# On x86 CPUs, oneDNN's float32 GEMM is 2-3x faster than the default BLAS call for the shapes a
+# decode step makes (few rows, wide weights), most of all on AMD processors; measured in
+# benchmarks/RESULTS.md. Elsewhere (GPU, other dtypes) the plain linear is used.
+_ONEDNN_CPU_LINEAR = torch.backends.mkldnn.is_available() and _onednn_linear_works()
+
+
+class Linear(nn.Linear):
+    """nn.Linear over a flat [tokens, features] batch, on the fastest CPU GEMM available."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _ONEDNN_CPU_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The variance is taken in float32 whatever the run dtype, as the reference models do.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return nn.functional.silu(gate) * up
+
+
+def rope_inv_freq(rotary_dim: int, base: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Inverse frequencies for RoPE, with the `rope_scaling` types Llama-family configs use."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    if not scaling:
+        return inv_freq.float()
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    elif kind not in ("default", "dynamic"):
+        raise ValueError(f"unsupported rope_scaling type {kind!r}")
+    return inv_freq.float()
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding over the first `rotary_dim` dims of each head.
+
+    `neox_style` rotates pairs (i, i + rotary_dim/2), as Hugging Face Llama weights expect;
+    otherwise neighbours (2i, 2i+1) rotate together (GPT-J style, used by ChatGLM).
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        rotary_dim: int,
+        max_positions: int,
+        base: float,
+        scaling: dict[str, Any] | None = None,
+        neox_style: bool = True,
+    ) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.rotary_dim = rotary_dim
+        self.neox_style = neox_style
+        self._spec = (max_positions, base, scaling)
+        self.register_buffer("cos", torch.empty(max_positions, rotary_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_positions, rotary_dim // 2), persistent=False)
+        self.reset()
+
+    def reset(self) -> None:
+        """(Re)compute the cos/sin tables in place, e.g. after the model moved off `meta`."""
+        if self.cos.device.type == "meta":
+            return
+        max_positions, base, scaling = self._spec
+        inv_freq = rope_inv_freq(self.rotary_dim, base, scaling)
+        t = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # [max_positions, rotary_dim / 2]
+        self.cos.copy_(freqs.cos())
+        self.sin.copy_(freqs.sin())
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x: [tokens, heads, head_dim]."""
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # [T, 1, rot/2]
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        if self.neox_style:
+            x1, x2 = rot.chunk(2, dim=-1)
+            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        else:
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out

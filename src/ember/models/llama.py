@@ -1,0 +1,203 @@
+"""Llama family: Llama, Llama-2, Llama-3 (RoPE scaling), Mistral, Qwen2 (QKV bias), SmolLM2.
+
+Takes a flat batch of tokens (all sequences of a step, concatenated) plus attention metadata;
+the KV cache lives in the metadata, never in the model. Q/K/V and gate/up are fused into one
+matmul each; `load_weights` maps Hugging Face tensor names onto the fused parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ember.engine.attention import AttentionBackend, AttentionMetadata
+from ember.models.layers import Linear, RMSNorm, RotaryEmbedding, silu_and_mul
+
+
+@dataclass
+class LlamaArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> LlamaArgs:
+        heads = cfg["num_attention_heads"]
+        rope = cfg.get("rope_scaling") or None
+        params = cfg.get("rope_parameters") or {}  # newer transformers write RoPE here
+        if rope is None and params.get("rope_type", "default") != "default":
+            rope = params
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=cfg.get("rope_theta", params.get("rope_theta", 10000.0)),
+            rope_scaling=rope,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            # Qwen2 has biases on q/k/v; Llama may say so with `attention_bias`.
+            attention_bias=cfg.get("attention_bias", cfg.get("model_type") == "qwen2"),
+        )
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, args: LlamaArgs, layer: int, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.layer = layer
+        self.backend = backend
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            args.num_heads,
+            args.num_kv_heads,
+            args.head_dim,
+        )
+        self.q_size = args.num_heads * args.head_dim
+        self.kv_size = args.num_kv_heads * args.head_dim
+        self.qkv_proj = Linear(
+            args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.attention_bias
+        )
+        self.o_proj = Linear(self.q_size, args.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = rotary(positions, q.view(-1, self.num_heads, self.head_dim))
+        k = rotary(positions, k.view(-1, self.num_kv_heads, self.head_dim))
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        out = self.backend.forward(self.layer, q, k, v, meta)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.gate_up_proj = Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, args: LlamaArgs, layer: int, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(args, layer, backend)
+        self.mlp = LlamaMLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x, positions, rotary, meta):
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, args: LlamaArgs, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(args, i, backend) for i in range(args.num_layers)
+        )
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    # q/k/v and gate/up arrive as separate tensors and land in one fused parameter each.
+    stacked = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: dict[str, Any], backend: AttentionBackend) -> None:
+        super().__init__()
+        self.args = args = LlamaArgs.from_config(config)
+        self.model = LlamaModel(args, backend)
+        self.rotary = RotaryEmbedding(
+            args.head_dim,
+            args.head_dim,
+            args.max_position_embeddings,
+            args.rope_theta,
+            args.rope_scaling,
+            neox_style=True,
+        )
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def attention_shape(self) -> tuple[int, int, int, int]:
+        a = self.args
+        return a.num_layers, a.num_heads, a.num_kv_heads, a.head_dim
+
+    @property
+    def max_model_len(self) -> int:
+        return self.args.max_position_embeddings
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, positions, self.rotary, meta)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint tensors into parameters; returns the parameter names filled."""
+        params = dict(self.named_parameters())
+        a = self.args
+        q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        shard_rows = {
+            "qkv_proj": [(0, q), (q, kv), (q + kv, kv)],
+            "gate_up_proj": [(0, a.intermediate_size), (a.intermediate_size, a.intermediate_size)],
+        }
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and a.tie_word_embeddings:
+                continue
+            for part, (fused, idx) in self.stacked.items():
+                if f".{part}." in name:
+                    target = name.replace(f".{part}.", f".{fused}.")
+                    start, rows = shard_rows[fused][idx]
+                    param = params[target]
+                    with torch.no_grad():
+                        param.data[start : start + rows].copy_(tensor)
+                    loaded.add(target)
+                    break
+            else:
+                if name not in params:
+                    raise KeyError(f"unexpected weight {name!r} in checkpoint")
+                with torch.no_grad():
+                    params[name].data.copy_(tensor)
+                loaded.add(name)
+        return loaded

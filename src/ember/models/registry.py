@@ -1,0 +1,30 @@
+"""`architectures` in config.json → the model class that runs it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("ember.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("ember.models.llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("ember.models.llama", "LlamaForCausalLM"),
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_ARCHITECTURES)
+
+
+def model_class(config: dict[str, Any]) -> type[nn.Module]:
+    import importlib
+
+    for arch in config.get("architectures") or []:
+        if arch in _ARCHITECTURES:
+            module, name = _ARCHITECTURES[arch]
+            return getattr(importlib.import_module(module), name)
+    raise ValueError(
+        f"unsupported architecture {config.get('architectures')}; "
+        f"Ember runs {', '.join(supported_architectures())}"
+    )

@@ -1,0 +1,78 @@
+"""The embedded default model (SmolLM2-135M-Instruct, GGUF Q4_1) against transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ember
+from ember.models.loader import default_model_path
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis in one sentence.",
+    "List three prime numbers.",
+    "Translate 'good morning' into Spanish.",
+    "Why is the sky blue?",
+    "Give me a short tip for learning to code.",
+    "What is 12 times 7?",
+]
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """transformers reading the same GGUF file on its own (dequantized to float32)."""
+    from transformers import AutoModelForCausalLM
+
+    path = default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return ember.LLM(dtype="float32")
+
+
+def _chat_ids(llm, prompt: str) -> list[int]:
+    text = llm.chat_formatter.render([{"role": "user", "content": prompt}])
+    return llm.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _reference_greedy(model, ids: list[int]) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            do_sample=False,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            pad_token_id=2,
+        )
+    return out[0, len(ids) :].tolist()
+
+
+def test_default_model_greedy_matches_transformers(llm, reference):
+    params = ember.SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    prompts = [_chat_ids(llm, p) for p in PROMPTS]
+    expected = [_reference_greedy(reference, ids) for ids in prompts]
+    for ids, want in zip(prompts[:3], expected[:3]):
+        assert llm.generate([ids], params)[0].outputs[0].token_ids == want
+    # A batch of 16 requests of mixed lengths: the 8 chat prompts plus raw-text continuations.
+    raw = [llm.tokenizer.encode("Once upon a time " * k) for k in range(1, 9)]
+    expected += [_reference_greedy(reference, ids) for ids in raw]
+    batch = prompts + raw
+    got = [r.outputs[0].token_ids for r in llm.generate(batch, params)]
+    assert got == expected
+
+
+def test_default_model_answers_a_chat_question(llm):
+    params = ember.SamplingParams(temperature=0, max_tokens=20)
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}], params)[0]
+    assert "Paris" in out.outputs[0].text
+    assert out.outputs[0].finish_reason == "stop"

@@ -1,0 +1,126 @@
+"""Engine behaviour: prefix caching, preemption, abort, seeds, stopping."""
+
+from __future__ import annotations
+
+import random
+
+from checkpoints import TINY_VOCAB
+
+import ember
+from ember.engine.request import SamplingParams
+
+
+def _greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, **kw)
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, TINY_VOCAB) for _ in range(n)]
+
+
+def test_shared_prefix_hits_the_cache_and_changes_nothing(tiny_llama):
+    cached = ember.LLM(str(tiny_llama), dtype="float32", block_size=4)
+    uncached = ember.LLM(
+        str(tiny_llama), dtype="float32", block_size=4, enable_prefix_caching=False
+    )
+    prefix = _ids(40, seed=1)
+    first, second = prefix + _ids(5, seed=2), prefix + _ids(7, seed=3)
+    cached.generate([first], _greedy(10))
+    hits_before = cached.engine.allocator.prefix_hits
+    result = cached.generate([second], _greedy(10))[0]
+    assert result.num_cached_tokens == 40  # ten full blocks of four
+    assert cached.engine.allocator.prefix_hits - hits_before == 40
+    expected = uncached.generate([second], _greedy(10))[0]
+    assert result.outputs[0].token_ids == expected.outputs[0].token_ids
+    assert uncached.engine.allocator.prefix_hits == 0
+
+
+def test_whole_prompt_in_cache_still_computes_the_last_token(tiny_llama):
+    llm = ember.LLM(str(tiny_llama), dtype="float32", block_size=4)
+    prompt = _ids(16, seed=4)  # exactly four blocks
+    a = llm.generate([prompt], _greedy(6))[0]
+    b = llm.generate([prompt], _greedy(6))[0]
+    assert b.num_cached_tokens == 12
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+
+
+def test_small_kv_pool_preempts_and_still_gives_the_same_output(tiny_llama):
+    prompts = [_ids(10 + 3 * i, seed=10 + i) for i in range(12)]
+    roomy = ember.LLM(str(tiny_llama), dtype="float32", block_size=4)
+    # 3 layers * 2 * 4 tokens * 2 heads * 16 dims * 4 bytes = 3 KiB a block: 40 blocks.
+    tight = ember.LLM(str(tiny_llama), dtype="float32", block_size=4, kv_cache_memory="120KiB")
+    assert tight.engine.allocator.num_blocks == 40
+    want = [r.outputs[0].token_ids for r in roomy.generate(prompts, _greedy(24))]
+    got = [r.outputs[0].token_ids for r in tight.generate(prompts, _greedy(24))]
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert got == want
+    assert tight.engine.allocator.num_free_blocks == 40
+
+
+def test_abort_frees_every_block(tiny_llama):
+    llm = ember.LLM(str(tiny_llama), dtype="float32", block_size=4, enable_prefix_caching=False)
+    engine = llm.engine
+    total = engine.allocator.num_blocks
+    for i in range(6):
+        engine.add_request(f"r{i}", _ids(30, seed=i), _greedy(50))
+    for _ in range(5):
+        engine.step()
+    assert engine.allocator.num_free_blocks < total
+    for i in range(6):
+        assert engine.abort(f"r{i}")
+    assert engine.allocator.num_free_blocks == total
+    assert not engine.has_work()
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny_llama):
+    llm = ember.LLM(str(tiny_llama), dtype="float32", block_size=4)
+    prompt = _ids(12, seed=5)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=20, ignore_eos=True)
+    alone = llm.generate([prompt], seeded)[0].outputs[0].token_ids
+    others = [_ids(5 + i, seed=100 + i) for i in range(7)]
+    noisy = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
+    mixed = llm.generate(others[:3] + [prompt] + others[3:], [noisy] * 3 + [seeded] + [noisy] * 4)
+    assert mixed[3].outputs[0].token_ids == alone
+    other_seed = SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=20, ignore_eos=True)
+    assert llm.generate([prompt], other_seed)[0].outputs[0].token_ids != alone
+
+
+def test_max_tokens_and_stop_token_ids_end_sequences(tiny_llama):
+    llm = ember.LLM(str(tiny_llama), dtype="float32")
+    prompt = _ids(8, seed=6)
+    free = llm.generate([prompt], _greedy(10))[0].outputs[0]
+    assert len(free.token_ids) == 10 and free.finish_reason == "length"
+    stop_at = free.token_ids[4]
+    first = free.token_ids.index(stop_at)
+    stopped = llm.generate([prompt], _greedy(10, stop_token_ids=[stop_at]))[0].outputs[0]
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == stop_at
+    assert stopped.token_ids == free.token_ids[: first + 1]
+
+
+def test_stop_string_ends_the_text_before_it(tiny_llama):
+    llm = ember.LLM(str(tiny_llama), dtype="float32")
+    prompt = _ids(8, seed=7)
+    free = llm.generate([prompt], _greedy(16))[0].outputs[0]
+    text = free.text
+    assert len(text) > 6
+    stop = text[3:6]
+    out = llm.generate([prompt], _greedy(16, stop=[stop]))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[: text.index(stop)]
+
+
+def test_logprobs_come_with_top_alternatives(tiny_llama):
+    llm = ember.LLM(str(tiny_llama), dtype="float32")
+    out = llm.generate([_ids(8, seed=8)], _greedy(5, logprobs=3))[0].outputs[0]
+    assert len(out.logprobs) == 5
+    for token, lp in zip(out.token_ids, out.logprobs):
+        assert lp.token_id == token and lp.rank == 1  # greedy picks the top token
+        assert len(lp.top) == 3 and lp.top[0][0] == token
+        assert lp.logprob <= 0
+
+
+def test_context_length_ends_generation(tiny_llama):
+    llm = ember.LLM(str(tiny_llama), dtype="float32", max_model_len=20)
+    out = llm.generate([_ids(15, seed=9)], _greedy(100))[0].outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 5

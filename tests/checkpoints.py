@@ -65,7 +65,11 @@ def _config(arch: str, **overrides: Any):
 
 
 def write_checkpoint(
-    out: Path, arch: str = "llama", seed: int = 0, shard: bool = False, bin_format: bool = False,
+    out: Path,
+    arch: str = "llama",
+    seed: int = 0,
+    shard: bool = False,
+    bin_format: bool = False,
     **config_overrides: Any,
 ) -> Path:
     """Save a transformers model with random weights (std large enough for varied text)."""

@@ -21,3 +21,56 @@ def tiny_llm(tiny_llama):
     import ember
 
     return ember.LLM(str(tiny_llama), dtype="float32", block_size=4, kv_cache_memory="8MiB")
+
+
+API_KEY = "test-key"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server():
+    """One real `ember serve` process on the default model for the whole session."""
+    import os
+    import subprocess
+    import time
+
+    import httpx
+
+    port = _free_port()
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"ember-serve-{port}.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ember.cli", "serve", "--port", str(port), "--host", "127.0.0.1",
+         "--api-key", API_KEY, "--served-model-name", "smol", "--served-model-name", "gpt-3.5-turbo",
+         "--max-model-len", "2048"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ember serve exited with {proc.returncode}; see {log.name}")
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"ember serve did not become healthy; see {log.name}")
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -6,9 +6,9 @@ import asyncio
 import random
 
 import pytest
-from checkpoints import TINY_VOCAB
 
-from ember.config import from_env, EngineConfig
+from checkpoints import TINY_VOCAB
+from ember.config import EngineConfig, from_env
 from ember.engine.async_engine import AsyncEngine
 from ember.engine.core import EngineCore, PromptError
 from ember.engine.request import SamplingParams

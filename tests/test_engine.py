@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import random
 
-from checkpoints import TINY_VOCAB
-
 import ember
+from checkpoints import TINY_VOCAB
 from ember.engine.request import SamplingParams
 
 

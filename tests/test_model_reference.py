@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 
 import pytest
-from checkpoints import TINY_VOCAB, reference_greedy, write_checkpoint
 
 import ember
+from checkpoints import TINY_VOCAB, reference_greedy, write_checkpoint
 
 NEW_TOKENS = 12
 

@@ -5,15 +5,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
 from ember.config import EngineConfig, add_arguments, from_namespace
 
 
-def _engine_parser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+def _engine_parser(
+    sub: argparse._SubParsersAction, name: str, help: str
+) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help)
-    p.add_argument("model", nargs="?", default=None, help=EngineConfig.__dataclass_fields__["model"].metadata["help"])
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help=EngineConfig.__dataclass_fields__["model"].metadata["help"],
+    )
     add_arguments(p, EngineConfig, skip=("model",))
     return p
 
@@ -44,6 +52,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env_list(name: str) -> list[str]:
+    raw = os.environ.get(name, "")
+    return [v.strip() for v in raw.split(",") if v.strip()]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ember.models.loader import served_name
+    from ember.server.app import build_app
+    from ember.server.state import ServerConfig
+
+    cfg = from_namespace(EngineConfig, args)
+    server_cfg = ServerConfig(
+        served_model_names=args.served_model_name or [served_name(cfg.model)],
+        api_keys=args.api_key or [],
+        allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
+        default_max_tokens=args.default_max_tokens,
+    )
+    app = build_app(cfg, server_cfg)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        timeout_keep_alive=30,
+    )
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Convert a GGUF model (default: the embedded one) into the cache ahead of time."""
     from ember.models.loader import resolve_model_dir
@@ -60,13 +98,55 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = _engine_parser(sub, "generate", "Generate one reply from the command line.")
-    g.add_argument("--prompt", "-p", required=True, help="The user message (or raw text with --raw).")
+    g.add_argument(
+        "--prompt", "-p", required=True, help="The user message (or raw text with --raw)."
+    )
     g.add_argument("--raw", action="store_true", help="Complete the text as is, no chat template.")
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--sampling-seed", type=int, default=None)
     g.add_argument("--verbose", "-v", action="store_true", help="Print timing as JSON on stderr.")
     g.set_defaults(func=cmd_generate)
+
+    s = _engine_parser(sub, "serve", "Serve a model behind an OpenAI-compatible HTTP API.")
+    s.add_argument(
+        "--host", default=os.environ.get("EMBER_HOST", "0.0.0.0"), help="[env EMBER_HOST]"
+    )
+    s.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("EMBER_PORT", "8000")),
+        help="[env EMBER_PORT]",
+    )
+    s.add_argument(
+        "--served-model-name",
+        action="append",
+        default=_env_list("EMBER_SERVED_MODEL_NAME") or None,
+        help="Name(s) clients use in `model` (repeatable); default: the directory or file name. "
+        "[env EMBER_SERVED_MODEL_NAME, comma-separated]",
+    )
+    s.add_argument(
+        "--api-key",
+        action="append",
+        default=_env_list("EMBER_API_KEY") or None,
+        help="Require `Authorization: Bearer KEY` on /v1/* (repeatable). "
+        "[env EMBER_API_KEY, comma-separated]",
+    )
+    s.add_argument(
+        "--allowed-origins",
+        default=os.environ.get("EMBER_ALLOWED_ORIGINS", "*"),
+        help="CORS origins, comma-separated. [env EMBER_ALLOWED_ORIGINS; default *]",
+    )
+    s.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=int(os.environ["EMBER_DEFAULT_MAX_TOKENS"])
+        if os.environ.get("EMBER_DEFAULT_MAX_TOKENS")
+        else None,
+        help="max_tokens when a request sets none; default: up to the context length. "
+        "[env EMBER_DEFAULT_MAX_TOKENS]",
+    )
+    s.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("prepare", help="Convert a GGUF model into the cache ahead of time.")
     p.add_argument("model", nargs="?", default=None)

@@ -95,9 +95,7 @@ def _convert(tp: Any, raw: str) -> Any:
     return base(raw)
 
 
-def add_arguments(
-    parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()
-) -> None:
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """Add one flag per dataclass field; the EMBER_ environment twin supplies the default."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

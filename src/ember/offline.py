@@ -1,8 +1,8 @@
 """The offline API for scripts and benchmarks, shaped like vLLM's `LLM`.
 
-    llm = ember.LLM()                       # the embedded default model
-    out = llm.generate(["The capital of France is"], ember.SamplingParams(max_tokens=8))
-    print(out[0].outputs[0].text)
+llm = ember.LLM()                       # the embedded default model
+out = llm.generate(["The capital of France is"], ember.SamplingParams(max_tokens=8))
+print(out[0].outputs[0].text)
 """
 
 from __future__ import annotations
@@ -107,8 +107,12 @@ class LLM:
             result = RequestResult(rid, text, ids, [])
             for i in range(params.n):
                 # Each of n samples is its own sequence; a seed gives each a distinct stream.
-                p = params if params.n == 1 else dataclasses.replace(
-                    params, n=1, seed=None if params.seed is None else params.seed + i
+                p = (
+                    params
+                    if params.n == 1
+                    else dataclasses.replace(
+                        params, n=1, seed=None if params.seed is None else params.seed + i
+                    )
                 )
                 sub_id = f"{rid}-{i}"
                 out = CompletionOutput(index=i, logprobs=[] if p.logprobs is not None else None)

@@ -19,7 +19,6 @@ from ember.engine.kv_cache import BlockAllocator
 from ember.engine.request import (
     RequestOutput,
     SamplingParams,
-    SamplingParamsError,
     Sequence,
 )
 from ember.engine.runner import ModelRunner
@@ -221,6 +220,11 @@ class EngineCore:
                     new_logprobs=None if logprob is None else [logprob],
                     num_cached_tokens=seq.num_cached_tokens,
                     num_output_tokens=seq.num_output_tokens,
+                    queue_seconds=(
+                        seq.first_scheduled_time - seq.arrival_time
+                        if seq.num_output_tokens == 1 and seq.first_scheduled_time
+                        else None
+                    ),
                 )
             )
         return outputs

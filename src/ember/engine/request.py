@@ -213,3 +213,4 @@ class RequestOutput:
     new_logprobs: list[Logprob] | None = None
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
+    queue_seconds: float | None = None  # arrival to first schedule; set on the first output

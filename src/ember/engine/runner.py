@@ -77,7 +77,9 @@ class ModelRunner:
         else:
             self._load(model_dir)
         self.model.to(self.dtype).eval()
-        log.info("model loaded in %.1fs (%s, %s)", time.perf_counter() - t0, self.dtype, self.device)
+        log.info(
+            "model loaded in %.1fs (%s, %s)", time.perf_counter() - t0, self.dtype, self.device
+        )
 
         self.num_layers = num_layers
         kv_bytes_per_block = 2 * num_layers * cfg.block_size * num_kv_heads * head_dim

@@ -10,6 +10,7 @@ later (its full blocks usually come straight back from the prefix cache).
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from dataclasses import dataclass
 
@@ -67,10 +68,8 @@ class Scheduler:
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         else:
-            try:
+            with contextlib.suppress(ValueError):
                 self.waiting.remove(seq)
-            except ValueError:
-                pass
         self._free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
@@ -136,10 +135,9 @@ class Scheduler:
                 if seq.num_preemptions == 0:
                     seq.num_cached_tokens = seq.num_computed_tokens
             remaining = seq.num_tokens - seq.num_computed_tokens
-            if not self.enable_chunked_prefill and remaining > budget:
-                if scheduled:
-                    self._release_hits(seq)
-                    break
+            if not self.enable_chunked_prefill and remaining > budget and scheduled:
+                self._release_hits(seq)
+                break
                 # A prompt longer than the whole budget must still run, alone.
             num_new = min(remaining, budget) if self.enable_chunked_prefill else remaining
             if not self._grow(seq, seq.num_computed_tokens + num_new):

@@ -135,7 +135,11 @@ def _gguf_field(reader: Any, key: str, default: Any = None) -> Any:
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's reordering of q/k rows (interleaved RoPE) back to Hugging Face's."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def _gguf_source_id(path: Path) -> str:
@@ -190,7 +194,11 @@ def convert_gguf(path: Path, out: Path) -> None:
             data = _unpermute(data, n_kv)
         tensors[name] = data.contiguous()
     vocab = tensors["model.embed_tokens.weight"].shape[0]
-    arch_class = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+    arch_class = {
+        "llama": "LlamaForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "mistral": "MistralForCausalLM",
+    }
     bos = _gguf_field(reader, "tokenizer.ggml.bos_token_id")
     eos = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
     config = {

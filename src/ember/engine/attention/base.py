@@ -44,7 +44,10 @@ class AttentionBackend:
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         shape = (num_blocks * self.block_size, self.num_kv_heads, self.head_dim)
         return [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            (
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
             for _ in range(num_layers)
         ]
 

@@ -1,0 +1,91 @@
+"""One error shape for every failure: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ember.chat.templates import ChatTemplateError
+from ember.engine.core import PromptError
+from ember.engine.request import SamplingParamsError
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message, self.status, self.type, self.param, self.code = (
+            message,
+            status,
+            type,
+            param,
+            code,
+        )
+
+
+def error_body(
+    message: str, type: str, param: str | None = None, code: str | int | None = None
+) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(
+    status: int, message: str, type: str, param: str | None = None, code: str | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(message, type, param, code), status_code=status)
+
+
+def to_api_error(exc: Exception) -> APIError:
+    """Errors a client can cause, as the 4xx they deserve."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, SamplingParamsError):
+        return APIError(str(exc), param=exc.param)
+    if isinstance(exc, PromptError):
+        return APIError(str(exc), param=exc.param)
+    if isinstance(exc, ChatTemplateError):
+        return APIError(str(exc), param="messages")
+    return APIError("Internal server error.", 500, "internal_server_error")
+
+
+def _loc_param(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        param = _loc_param(tuple(first.get("loc", ())))
+        msg = first.get("msg", "Invalid request.")
+        message = f"{param}: {msg}" if param else msg
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problems)"
+        return error_response(400, message, "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        return error_response(exc.status_code, message, kind)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        err = to_api_error(exc)
+        return error_response(err.status, err.message, err.type, err.param, err.code)

@@ -1,0 +1,106 @@
+"""Prometheus metrics, named `ember:*`, on a registry of the server's own.
+
+Engine gauges and the prefix-cache counters are read from the engine when /metrics is scraped;
+per-request histograms are observed by the server as each request finishes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+
+
+class EngineCollector:
+    def __init__(self, state) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self.state.engine
+        if engine is None:
+            return
+        s = engine.core.stats()
+        model = self.state.model_name
+        for name, doc, value in (
+            ("ember:num_requests_running", "Sequences in the running batch.", s.num_running),
+            ("ember:num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting),
+            (
+                "ember:kv_cache_usage_perc",
+                "Fraction of KV cache blocks in use (0-1).",
+                s.kv_cache_usage,
+            ),
+        ):
+            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+            g.add_metric([model], value)
+            yield g
+        for name, doc, value in (
+            (
+                "ember:prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache.",
+                s.prefix_cache_queries,
+            ),
+            (
+                "ember:prefix_cache_hits",
+                "Prompt tokens found in the prefix cache.",
+                s.prefix_cache_hits,
+            ),
+            (
+                "ember:num_preemptions",
+                "Sequences preempted for lack of KV blocks.",
+                s.num_preemptions,
+            ),
+        ):
+            c = CounterMetricFamily(name, doc, labels=["model_name"])
+            c.add_metric([model], value)
+            yield c
+
+
+class ServerMetrics:
+    def __init__(self, state) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(EngineCollector(state))
+        labels = ["model_name"]
+        self.prompt_tokens = Counter(
+            "ember:prompt_tokens", "Prompt tokens processed.", labels, registry=self.registry
+        )
+        self.generation_tokens = Counter(
+            "ember:generation_tokens", "Tokens generated.", labels, registry=self.registry
+        )
+        self.request_success = Counter(
+            "ember:request_success",
+            "Finished sequences by finish reason.",
+            labels + ["finished_reason"],
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "ember:time_to_first_token_seconds",
+            "Time to first token.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tpot = Histogram(
+            "ember:time_per_output_token_seconds",
+            "Time per output token after the first.",
+            labels,
+            buckets=TPOT_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e = Histogram(
+            "ember:e2e_request_latency_seconds",
+            "End-to-end sequence latency.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_time = Histogram(
+            "ember:request_queue_time_seconds",
+            "Time waiting before the first schedule.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )

@@ -1,0 +1,116 @@
+"""/health, /metrics, /tokenize, /detokenize, /version, and the billing pages NextChat reads."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+import ember
+from ember.server import protocol as P
+from ember.server.errors import APIError, error_body
+from ember.server.state import ServerState, get_state
+
+router = APIRouter()
+
+# NextChat shows usage in dollars; price tokens at a nominal rate so the numbers move.
+CENTS_PER_1K_TOKENS = 0.2
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    state: ServerState = request.app.state.ember
+    if state.load_error is not None:
+        body = error_body(f"model failed to load: {state.load_error}", "server_error")
+        return JSONResponse(body, status_code=503)
+    if not state.ready.is_set():
+        return JSONResponse({"status": "loading"}, status_code=503)
+    if state.engine is not None and state.engine.error is not None:
+        return JSONResponse({"status": "engine stopped"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    state: ServerState = request.app.state.ember
+    if state.metrics is None:
+        return Response(b"", media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/version")
+async def version() -> dict:
+    return {"version": ember.__version__}
+
+
+@router.post("/tokenize")
+async def tokenize(req: P.TokenizeRequest, state: ServerState = Depends(get_state)) -> dict:
+    state.check_model(req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError("Give exactly one of prompt or messages.", param="prompt")
+    if req.messages is not None:
+        from ember.server.routes_openai import _message_dicts
+
+        assert state.formatter is not None
+        fake = P.ChatCompletionRequest(messages=req.messages)
+        tokens = state.formatter.encode(
+            _message_dicts(fake), add_generation_prompt=req.add_generation_prompt
+        )
+    else:
+        tokens = state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len}
+
+
+@router.post("/detokenize")
+async def detokenize(req: P.DetokenizeRequest, state: ServerState = Depends(get_state)) -> dict:
+    state.check_model(req.model)
+    vocab = state.engine.core.runner.vocab_size if state.engine else 0
+    bad = [t for t in req.tokens if not 0 <= t < vocab]
+    if bad:
+        raise APIError(f"Token id {bad[0]} is outside the vocabulary of {vocab}.", param="tokens")
+    return {"prompt": state.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
+
+def _usage_cents(state: ServerState) -> float:
+    tokens = state.usage.prompt_tokens + state.usage.completion_tokens
+    return round(tokens / 1000 * CENTS_PER_1K_TOKENS, 4)
+
+
+@router.get("/dashboard/billing/usage")
+@router.get("/v1/dashboard/billing/usage")
+async def billing_usage(request: Request) -> dict:
+    state: ServerState = request.app.state.ember
+    today = dt.date.today().isoformat()
+    cents = _usage_cents(state)
+    return {
+        "object": "list",
+        "daily_costs": [
+            {
+                "timestamp": dt.datetime.now().timestamp(),
+                "line_items": [{"name": state.model_name, "cost": cents}],
+            }
+        ],
+        "total_usage": cents,
+        "total_tokens": state.usage.prompt_tokens + state.usage.completion_tokens,
+        "prompt_tokens": state.usage.prompt_tokens,
+        "completion_tokens": state.usage.completion_tokens,
+        "start_date": request.query_params.get("start_date", today),
+        "end_date": request.query_params.get("end_date", today),
+    }
+
+
+@router.get("/dashboard/billing/subscription")
+@router.get("/v1/dashboard/billing/subscription")
+async def billing_subscription() -> dict:
+    # A self-hosted server has no spending limit; report a generous one so NextChat shows usage.
+    return {
+        "object": "billing_subscription",
+        "has_payment_method": True,
+        "soft_limit_usd": 1000.0,
+        "hard_limit_usd": 1000.0,
+        "system_hard_limit_usd": 1000.0,
+        "access_until": 4102444800,  # 2100-01-01
+        "plan": {"title": "Ember self-hosted", "id": "ember"},
+    }

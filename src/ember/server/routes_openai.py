@@ -1,0 +1,628 @@
+"""/v1/chat/completions, /v1/completions, /v1/models: OpenAI's API over the AsyncEngine."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ember.engine.request import Logprob, RequestOutput, SamplingParams
+from ember.server import protocol as P
+from ember.server.errors import APIError, error_body, to_api_error
+from ember.server.state import ServerState, get_state
+
+router = APIRouter()
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+# ------------------------------------------------------------------ shared machinery
+
+
+@dataclass
+class SeqResult:
+    """One finished sequence, gathered from its stream."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[Logprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(lp.logprob for lp in self.logprobs)
+
+
+def sampling_params(
+    req: P.SamplingFields,
+    state: ServerState,
+    prompt_len: int,
+    max_tokens: int | None,
+    logprobs: int | None,
+) -> SamplingParams:
+    """Request values, else the model's generation_config, else OpenAI's defaults."""
+    gen = state.generation_defaults
+    room = state.max_model_len - prompt_len
+    if max_tokens is not None and max_tokens > room:
+        raise APIError(
+            f"This model's maximum context length is {state.max_model_len} tokens. However, you "
+            f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the messages, "
+            f"{max_tokens} in the completion). Please reduce the length of the messages or "
+            "completion.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    if room <= 0:
+        raise APIError(
+            f"This model's maximum context length is {state.max_model_len} tokens. However, "
+            f"your messages resulted in {prompt_len} tokens. Please reduce their length.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    if max_tokens is None:
+        max_tokens = min(room, state.config.default_max_tokens or room)
+    bias = None
+    if req.logit_bias:
+        try:
+            bias = {int(k): float(v) for k, v in req.logit_bias.items()}
+        except ValueError as e:
+            raise APIError("logit_bias keys must be token ids.", param="logit_bias") from e
+
+    def pick(name: str, default: Any) -> Any:
+        value = getattr(req, name)
+        return value if value is not None else gen.get(name, default)
+
+    return SamplingParams(
+        temperature=pick("temperature", 1.0),
+        top_p=pick("top_p", 1.0),
+        top_k=pick("top_k", 0),
+        min_p=pick("min_p", 0.0),
+        repetition_penalty=pick("repetition_penalty", 1.0),
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias=bias,
+        seed=req.seed,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        stop=req.stop,
+        stop_token_ids=req.stop_token_ids,
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+    )
+
+
+def fan_out(params: SamplingParams, count: int) -> list[SamplingParams]:
+    """`count` sequences of one prompt; with a seed, each gets its own reproducible stream."""
+    if count == 1:
+        return [params]
+    return [
+        dataclasses.replace(params, seed=None if params.seed is None else params.seed + i)
+        for i in range(count)
+    ]
+
+
+async def tracked(
+    state: ServerState, ids: list[int], params: SamplingParams, request_id: str
+) -> AsyncIterator[RequestOutput]:
+    """engine.generate(), observed for the Prometheus histograms and counters."""
+    assert state.engine is not None
+    m, model = state.metrics, state.model_name
+    start = time.monotonic()
+    first: float | None = None
+    n_out = 0
+    async for out in state.engine.generate(ids, params, request_id):
+        now = time.monotonic()
+        if first is None and out.new_token_ids:
+            first = now
+            m.ttft.labels(model).observe(now - start)
+            m.prompt_tokens.labels(model).inc(len(ids))
+        if out.queue_seconds is not None:
+            m.queue_time.labels(model).observe(out.queue_seconds)
+        n_out += len(out.new_token_ids)
+        m.generation_tokens.labels(model).inc(len(out.new_token_ids))
+        if out.finished:
+            m.e2e.labels(model).observe(now - start)
+            m.request_success.labels(model, out.finish_reason or "stop").inc()
+            if first is not None and n_out > 1:
+                m.tpot.labels(model).observe((now - first) / (n_out - 1))
+        yield out
+
+
+async def merged_streams(
+    state: ServerState, jobs: list[tuple[list[int], SamplingParams]], base_id: str
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Run several sequences at once and yield (index, output) as each step arrives."""
+    if len(jobs) == 1:
+        async for out in tracked(state, jobs[0][0], jobs[0][1], base_id):
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, ids: list[int], params: SamplingParams) -> None:
+        try:
+            async for out in tracked(state, ids, params, f"{base_id}-{i}"):
+                await queue.put((i, out))
+        except BaseException as e:  # noqa: BLE001 (handed to the consumer)
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, ids, p)) for i, (ids, p) in enumerate(jobs)]
+    try:
+        done = 0
+        while done < len(jobs):
+            i, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item.finished:
+                done += 1
+            yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def collect(
+    state: ServerState, jobs: list[tuple[list[int], SamplingParams]], base_id: str
+) -> list[SeqResult]:
+    results = [SeqResult() for _ in jobs]
+    async for i, out in merged_streams(state, jobs, base_id):
+        r = results[i]
+        r.token_ids += out.new_token_ids
+        r.text += out.new_text
+        r.logprobs += out.new_logprobs or []
+        if out.finished:
+            r.finish_reason, r.stop_reason = out.finish_reason, out.stop_reason
+    return results
+
+
+async def until_disconnected(request: Request, coro: Any) -> Any:
+    """Await `coro`, cancelling it (and so aborting its sequences) if the client goes away."""
+    task = asyncio.ensure_future(coro)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            raise APIError("Client disconnected.", 499, "client_closed_request")
+
+
+def validate_jobs(state: ServerState, jobs: list[tuple[list[int], SamplingParams]]) -> None:
+    """Refuse bad input with a 4xx before any response (or stream) starts."""
+    assert state.engine is not None
+    for ids, params in jobs:
+        state.engine.validate(ids, params)
+
+
+def sse(data: Any) -> str:
+    payload = (
+        data.model_dump_json(exclude_none=False)
+        if hasattr(data, "model_dump_json")
+        else json.dumps(data)
+    )
+    return f"data: {payload}\n\n"
+
+
+def sse_error(exc: BaseException) -> str:
+    err = to_api_error(exc) if isinstance(exc, Exception) else APIError("Server error.", 500)
+    return "data: " + json.dumps(error_body(err.message, err.type, err.param, err.code)) + "\n\n"
+
+
+def token_text(state: ServerState, token_id: int) -> str:
+    return state.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> P.UsageInfo:
+    return P.UsageInfo(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details={"cached_tokens": cached} if cached else None,
+    )
+
+
+def record(state: ServerState, prompt_tokens: int, completion_tokens: int) -> None:
+    state.usage.add(prompt_tokens, completion_tokens)
+
+
+# ------------------------------------------------------------------ /v1/models
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> P.ModelList:
+    state: ServerState = request.app.state.ember
+    ready = state.engine is not None
+    return P.ModelList(
+        data=[
+            P.ModelCard(
+                id=name,
+                created=int(state.started),
+                root=state.config.served_model_names[0],
+                max_model_len=state.max_model_len if ready else None,
+            )
+            for name in state.config.served_model_names
+        ]
+    )
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> P.ModelCard:
+    state: ServerState = request.app.state.ember
+    name = state.check_model(model_id)
+    return P.ModelCard(
+        id=name,
+        created=int(state.started),
+        root=state.config.served_model_names[0],
+        max_model_len=state.max_model_len if state.engine is not None else None,
+    )
+
+
+# ------------------------------------------------------------------ chat
+
+
+def _message_dicts(req: P.ChatCompletionRequest) -> list[dict[str, Any]]:
+    out = []
+    for i, m in enumerate(req.messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise APIError(
+                        f"Content parts of type {part.type!r} are not supported by this model; "
+                        "send text parts.",
+                        param=f"messages.{i}.content",
+                    )
+                texts.append(part.text)
+            content = "\n".join(texts)
+        role = "system" if m.role == "developer" else m.role
+        d: dict[str, Any] = {"role": role, "content": content if content is not None else ""}
+        if m.name:
+            d["name"] = m.name
+        if m.tool_calls:
+            d["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {
+                        "name": c.function.name,
+                        "arguments": _json_or_text(c.function.arguments),
+                    },
+                }
+                for c in m.tool_calls
+            ]
+        if m.tool_call_id:
+            d["tool_call_id"] = m.tool_call_id
+        out.append(d)
+    return out
+
+
+def _json_or_text(s: str) -> Any:
+    try:
+        return json.loads(s)
+    except (TypeError, ValueError):
+        return s
+
+
+def _chat_logprobs(state: ServerState, lps: list[Logprob]) -> P.ChoiceLogprobs:
+    content = []
+    for lp in lps:
+        text = token_text(state, lp.token_id)
+        content.append(
+            P.TokenLogprob(
+                token=text,
+                logprob=lp.logprob,
+                bytes=list(text.encode()),
+                top_logprobs=[
+                    P.TopLogprob(
+                        token=(t := token_text(state, tid)), logprob=v, bytes=list(t.encode())
+                    )
+                    for tid, v in lp.top
+                ],
+            )
+        )
+    return P.ChoiceLogprobs(content=content)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(
+    req: P.ChatCompletionRequest, request: Request, state: ServerState = Depends(get_state)
+):
+    model = state.check_model(req.model)
+    if req.response_format is not None and req.response_format.type != "text":
+        raise APIError(
+            f"response_format {req.response_format.type!r} is not supported yet; use 'text'.",
+            param="response_format",
+        )
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    if req.tool_choice == "none":
+        tools = None
+    assert state.formatter is not None
+    prompt_ids = state.formatter.encode(
+        _message_dicts(req),
+        add_generation_prompt=req.add_generation_prompt,
+        tools=tools,
+        **(req.chat_template_kwargs or {}),
+    )
+    top = req.top_logprobs if req.logprobs else None
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError("top_logprobs needs logprobs set to true.", param="top_logprobs")
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    params = sampling_params(
+        req, state, len(prompt_ids), max_tokens, (top or 0) if req.logprobs else None
+    )
+    jobs = [(prompt_ids, p) for p in fan_out(params, req.n)]
+    validate_jobs(state, jobs)
+    request_id = P.random_id("chatcmpl")
+    created = int(time.time())
+
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        gen = _chat_stream(state, jobs, request_id, created, model, include_usage, req.logprobs)
+        return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
+
+    results = await until_disconnected(request, collect(state, jobs, request_id))
+    completion_tokens = sum(len(r.token_ids) for r in results)
+    record(state, len(prompt_ids), completion_tokens)
+    return P.ChatCompletionResponse(
+        id=request_id,
+        created=created,
+        model=model,
+        system_fingerprint=state.fingerprint,
+        choices=[
+            P.ChatChoice(
+                index=i,
+                message=P.ChatResponseMessage(content=r.text),
+                logprobs=_chat_logprobs(state, r.logprobs) if req.logprobs else None,
+                finish_reason=r.finish_reason,
+                stop_reason=r.stop_reason,
+            )
+            for i, r in enumerate(results)
+        ],
+        usage=usage(len(prompt_ids), completion_tokens),
+    )
+
+
+async def _chat_stream(
+    state: ServerState,
+    jobs: list[tuple[list[int], SamplingParams]],
+    request_id: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+    want_logprobs: bool,
+) -> AsyncIterator[str]:
+    def chunk(choices: list[P.ChatChunkChoice], usage_info: P.UsageInfo | None = None) -> str:
+        return sse(
+            P.ChatCompletionChunk(
+                id=request_id,
+                created=created,
+                model=model,
+                system_fingerprint=state.fingerprint,
+                choices=choices,
+                usage=usage_info,
+            )
+        )
+
+    prompt_len = len(jobs[0][0])
+    completion_tokens = 0
+    try:
+        for i in range(len(jobs)):
+            yield chunk(
+                [P.ChatChunkChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))]
+            )
+        async for i, out in merged_streams(state, jobs, request_id):
+            completion_tokens += len(out.new_token_ids)
+            if not out.new_text and not out.finished and not want_logprobs:
+                continue  # held back (partial character or possible stop string)
+            yield chunk(
+                [
+                    P.ChatChunkChoice(
+                        index=i,
+                        delta=P.DeltaMessage(content=out.new_text)
+                        if out.new_text
+                        else P.DeltaMessage(),
+                        logprobs=_chat_logprobs(state, out.new_logprobs or [])
+                        if want_logprobs
+                        else None,
+                        finish_reason=out.finish_reason if out.finished else None,
+                    )
+                ]
+            )
+        if include_usage:
+            yield chunk([], usage(prompt_len, completion_tokens))
+    except Exception as e:  # noqa: BLE001 (a stream that fails midway reports, then ends)
+        yield sse_error(e)
+    finally:
+        record(state, prompt_len, completion_tokens)
+    yield "data: [DONE]\n\n"
+
+
+# ------------------------------------------------------------------ completions
+
+
+def _prompt_list(state: ServerState, prompt: Any) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError("prompt must not be empty.", param="prompt")
+    if all(isinstance(t, int) for t in prompt):
+        return [list(prompt)]
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            out.append(state.tokenizer.encode(p))
+        elif isinstance(p, list) and all(isinstance(t, int) for t in p):
+            out.append(list(p))
+        else:
+            raise APIError(
+                "prompt must be a string, a list of strings, or token ids.", param="prompt"
+            )
+    return out
+
+
+def _completion_logprobs(
+    state: ServerState, lps: list[Logprob], offset: int
+) -> P.CompletionLogprobs:
+    out = P.CompletionLogprobs()
+    for lp in lps:
+        text = token_text(state, lp.token_id)
+        out.tokens.append(text)
+        out.token_logprobs.append(lp.logprob)
+        out.text_offset.append(offset)
+        out.top_logprobs.append({token_text(state, t): v for t, v in lp.top})
+        offset += len(text)
+    return out
+
+
+@router.post("/v1/completions")
+async def completions(
+    req: P.CompletionRequest, request: Request, state: ServerState = Depends(get_state)
+):
+    model = state.check_model(req.model)
+    if req.suffix:
+        raise APIError("suffix is not supported by this model.", param="suffix")
+    best_of = req.best_of or req.n
+    if best_of < req.n:
+        raise APIError(f"best_of ({best_of}) must be at least n ({req.n}).", param="best_of")
+    if req.stream and best_of > req.n:
+        raise APIError("best_of greater than n cannot be streamed.", param="best_of")
+    if req.echo and req.logprobs is not None:
+        raise APIError("echo with logprobs (prompt logprobs) is not supported yet.", param="echo")
+    prompts = _prompt_list(state, req.prompt)
+    # best_of ranks by cumulative logprob, so each token's logprob is needed.
+    lp = req.logprobs if req.logprobs is not None else (0 if best_of > req.n else None)
+    jobs, owners = [], []
+    for pi, ids in enumerate(prompts):
+        params = sampling_params(req, state, len(ids), req.max_tokens, lp)
+        for p in fan_out(params, best_of):
+            jobs.append((ids, p))
+            owners.append(pi)
+    validate_jobs(state, jobs)
+    prompt_texts = [
+        state.tokenizer.decode(ids, skip_special_tokens=False) if req.echo else ""
+        for ids in prompts
+    ]
+    request_id = P.random_id("cmpl")
+    created = int(time.time())
+    prompt_tokens = sum(len(p) for p in prompts)
+
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        gen = _completion_stream(
+            state,
+            jobs,
+            request_id,
+            created,
+            model,
+            prompt_tokens,
+            prompt_texts,
+            owners,
+            req.n,
+            include_usage,
+            req.logprobs is not None,
+        )
+        return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
+
+    results = await until_disconnected(request, collect(state, jobs, request_id))
+    choices = []
+    for pi in range(len(prompts)):
+        mine = [r for r, o in zip(results, owners) if o == pi]
+        if best_of > req.n:
+            mine = sorted(mine, key=lambda r: r.cumulative_logprob, reverse=True)[: req.n]
+        for j, r in enumerate(mine):
+            prefix = prompt_texts[pi]
+            choices.append(
+                P.CompletionChoice(
+                    index=pi * req.n + j,
+                    text=prefix + r.text,
+                    logprobs=(
+                        _completion_logprobs(state, r.logprobs, len(prefix))
+                        if req.logprobs is not None
+                        else None
+                    ),
+                    finish_reason=r.finish_reason,
+                    stop_reason=r.stop_reason,
+                )
+            )
+    completion_tokens = sum(len(r.token_ids) for r in results)
+    record(state, prompt_tokens, completion_tokens)
+    return P.CompletionResponse(
+        id=request_id,
+        created=created,
+        model=model,
+        system_fingerprint=state.fingerprint,
+        choices=choices,
+        usage=usage(prompt_tokens, completion_tokens),
+    )
+
+
+async def _completion_stream(
+    state: ServerState,
+    jobs: list[tuple[list[int], SamplingParams]],
+    request_id: str,
+    created: int,
+    model: str,
+    prompt_tokens: int,
+    prompt_texts: list[str],
+    owners: list[int],
+    n: int,
+    include_usage: bool,
+    want_logprobs: bool,
+) -> AsyncIterator[str]:
+    def chunk(choices: list[P.CompletionChoice], usage_info: P.UsageInfo | None = None) -> str:
+        return sse(
+            P.CompletionResponse(
+                id=request_id,
+                created=created,
+                model=model,
+                system_fingerprint=state.fingerprint,
+                choices=choices,
+                usage=usage_info,
+            )
+        )
+
+    completion_tokens = 0
+    offsets = [len(prompt_texts[o]) for o in owners]
+    echoed = [False] * len(jobs)
+    try:
+        async for i, out in merged_streams(state, jobs, request_id):
+            completion_tokens += len(out.new_token_ids)
+            text = out.new_text
+            if not echoed[i]:
+                text, echoed[i] = prompt_texts[owners[i]] + text, True
+            if not text and not out.finished and not want_logprobs:
+                continue
+            logprobs = None
+            if want_logprobs:
+                logprobs = _completion_logprobs(state, out.new_logprobs or [], offsets[i])
+                offsets[i] += sum(len(t) for t in logprobs.tokens)
+            yield chunk(
+                [
+                    P.CompletionChoice(
+                        index=owners[i] * n + i % n,
+                        text=text,
+                        logprobs=logprobs,
+                        finish_reason=out.finish_reason if out.finished else None,
+                    )
+                ]
+            )
+        if include_usage:
+            yield chunk([], usage(prompt_tokens, completion_tokens))
+    except Exception as e:  # noqa: BLE001
+        yield sse_error(e)
+    finally:
+        record(state, prompt_tokens, completion_tokens)
+    yield "data: [DONE]\n\n"
+
+
+def json_error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(error_body(message, "invalid_request_error"), status_code=status)

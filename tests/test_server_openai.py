@@ -1,0 +1,213 @@
+"""The official openai client, sync and async, against a real `ember serve` process."""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+from conftest import API_KEY
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smol"
+HELLO = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def aclient(server):
+    return openai.AsyncOpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0)
+
+
+def test_models_lists_every_served_name(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["smol", "gpt-3.5-turbo"]
+    assert client.models.retrieve("smol").id == "smol"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
+def test_chat_completion_answers(client):
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, max_tokens=16)
+    assert r.object == "chat.completion" and r.model == MODEL and r.id.startswith("chatcmpl-")
+    assert r.system_fingerprint and r.created > 0
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and "Paris" in choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_stream_matches_the_non_streamed_text(client):
+    kw = dict(model=MODEL, messages=HELLO, temperature=0, max_tokens=12)
+    whole = client.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(
+        client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_second_model_alias_works_and_unknown_model_is_404(client):
+    r = client.chat.completions.create(model="gpt-3.5-turbo", messages=HELLO, max_tokens=2)
+    assert r.model == "gpt-3.5-turbo"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="llama-9000", messages=HELLO, max_tokens=2)
+    assert e.value.body["param"] == "model"
+
+
+def test_n_choices_and_seed_reproducibility(client):
+    kw = dict(model=MODEL, messages=HELLO, temperature=1.0, max_tokens=10, seed=42)
+    a = client.chat.completions.create(**kw, n=2)
+    b = client.chat.completions.create(**kw, n=2)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+
+
+def test_stop_sequences_are_not_returned(client):
+    kw = dict(model=MODEL, messages=HELLO, temperature=0, max_tokens=16)
+    text = client.chat.completions.create(**kw).choices[0].message.content
+    stop = text.split()[1]
+    r = client.chat.completions.create(**kw, stop=[stop])
+    assert r.choices[0].finish_reason == "stop"
+    assert stop not in r.choices[0].message.content
+    assert text.startswith(r.choices[0].message.content)
+
+
+def test_chat_logprobs(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=HELLO, temperature=0, max_tokens=5, logprobs=True, top_logprobs=3
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+    assert "".join(t.token for t in content).startswith(r.choices[0].message.content[:3])
+
+
+def test_sampling_extensions_are_accepted(client):
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=HELLO,
+        max_completion_tokens=6,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        logit_bias={"1": -100},
+        user="u1",
+        response_format={"type": "text"},
+        extra_body=dict(top_k=20, min_p=0.05, repetition_penalty=1.1, min_tokens=3,
+                        ignore_eos=True, stop_token_ids=[2]),
+    )
+    assert r.usage.completion_tokens == 6
+
+
+def test_text_completion_forms(client):
+    r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0)
+    assert r.object == "text_completion" and len(r.choices) == 1 and r.choices[0].text
+    many = client.completions.create(model=MODEL, prompt=["One", "Two"], max_tokens=3, temperature=0)
+    assert [c.index for c in many.choices] == [0, 1]
+    ids = client.completions.create(model=MODEL, prompt=[[504, 2088], [504]], max_tokens=3)
+    assert len(ids.choices) == 2
+    echo = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=3, echo=True)
+    assert echo.choices[0].text.startswith("Hello there")
+
+
+def test_completion_logprobs_shape(client):
+    r = client.completions.create(
+        model=MODEL, prompt="The sky is", max_tokens=4, temperature=0, logprobs=2
+    )
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 4
+    assert all(len(t) == 2 for t in lp.top_logprobs)
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset[0] == 0
+
+
+def test_best_of_picks_n(client):
+    r = client.completions.create(
+        model=MODEL, prompt="The sky is", max_tokens=4, best_of=3, n=2, temperature=1.0, seed=3
+    )
+    assert len(r.choices) == 2
+    assert r.usage.completion_tokens <= 12
+
+
+def test_completion_stream(client):
+    chunks = list(
+        client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, stream=True)
+    )
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].text for c in chunks)
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        (dict(temperature=5), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(n=0), "n"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=100000), "max_tokens"),
+        (dict(response_format={"type": "json_object"}), "response_format"),
+        (dict(logit_bias={"999999": 1}), "logit_bias"),
+        (dict(top_logprobs=50, logprobs=True), "top_logprobs"),
+    ],
+)
+def test_bad_chat_parameters_are_400(client, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=HELLO, **kwargs)
+    assert e.value.status_code == 400
+    assert param in (e.value.body.get("param") or "")
+
+
+def test_context_overflow_names_the_token_counts(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="hi " * 10, max_tokens=5000)
+    msg = e.value.body["message"]
+    assert "2048" in msg and "5000" in msg
+
+
+def test_suffix_and_empty_messages_are_400(client):
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", suffix="y")
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[])
+
+
+def test_wrong_api_key_is_401(server):
+    bad = openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_async_client_streams_concurrently(aclient):
+    async def one(i: int) -> str:
+        stream = await aclient.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Count to {i + 2}."}],
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(6)))
+
+    texts = asyncio.run(main())
+    assert all(texts)
+
+
+def test_async_client_non_stream(aclient):
+    async def main():
+        return await aclient.completions.create(model=MODEL, prompt="Hi", max_tokens=3)
+
+    assert asyncio.run(main()).usage.completion_tokens == 3

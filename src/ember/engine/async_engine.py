@@ -11,8 +11,9 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ember.config import EngineConfig
 from ember.engine.core import EngineCore
@@ -37,6 +38,15 @@ class _Add:
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _Call:
+    """Run fn(core) on the engine thread (which owns the model) and resolve a future."""
+
+    fn: Callable[[EngineCore], Any]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
 
 
 class AsyncEngine:
@@ -88,6 +98,16 @@ class AsyncEngine:
             if not finished:  # the consumer went away (client disconnect, cancel)
                 self.abort(request_id)
 
+    async def call(self, fn: Callable[[EngineCore], Any]) -> Any:
+        """Run `fn(core)` between engine steps, e.g. an embedding forward pass."""
+        if self.error is not None:
+            raise EngineDeadError(str(self.error))
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._inbox.put(_Call(fn, future, loop))
+        self._wake.set()
+        return await future
+
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
         self._wake.set()
@@ -105,6 +125,13 @@ class AsyncEngine:
                 msg = self._inbox.get_nowait()
             except queue.Empty:
                 return
+            if isinstance(msg, _Call):
+                try:
+                    result = msg.fn(self.core)
+                    msg.loop.call_soon_threadsafe(_resolve, msg.future, result, None)
+                except Exception as e:  # the caller gets the error, the loop goes on
+                    msg.loop.call_soon_threadsafe(_resolve, msg.future, None, e)
+                continue
             if isinstance(msg, _Add):
                 try:
                     self.core.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
@@ -147,6 +174,15 @@ class AsyncEngine:
         # One hop to each event loop per step, not one per token.
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)
+
+
+def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:

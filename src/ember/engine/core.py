@@ -149,6 +149,23 @@ class EngineCore:
             self.scheduler.num_preemptions,
         )
 
+    def embed(self, prompt_token_ids: list[int]) -> list[float]:
+        """Mean-pooled, L2-normalised last hidden state of the served model for one input.
+
+        Runs on the engine thread between steps, in blocks borrowed from the pool (never
+        published to the prefix cache) and given back at once.
+        """
+        self.validate(prompt_token_ids + [0], SamplingParams(max_tokens=1))
+        allocator = self.allocator
+        need = allocator.blocks_needed(len(prompt_token_ids))
+        if not allocator.can_allocate(need):
+            raise PromptError("The KV cache is full right now; retry the embedding request.")
+        blocks = allocator.allocate(need)
+        try:
+            return self.runner.embed(prompt_token_ids, blocks)
+        finally:
+            allocator.free_blocks(blocks)
+
     # ------------------------------------------------------------------ the step
 
     def step(self) -> list[RequestOutput]:

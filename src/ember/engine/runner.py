@@ -153,3 +153,12 @@ class ModelRunner:
         meta = self.backend.build_metadata(spans, num_decodes, self.kv_caches, self.device)
         hidden = self.model(inputs.input_ids, inputs.positions, meta)
         return self.model.compute_logits(hidden[inputs.sample_rows]).float()
+
+    @torch.inference_mode()
+    def embed(self, token_ids: list[int], blocks: list[int]) -> list[float]:
+        n = len(token_ids)
+        span = SeqSpan(0, n, n, blocks)
+        meta = self.backend.build_metadata([span], 0, self.kv_caches, self.device)
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, torch.arange(n, device=self.device), meta).float()
+        return torch.nn.functional.normalize(hidden.mean(0), dim=-1).tolist()

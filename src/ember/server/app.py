@@ -46,6 +46,10 @@ def load_engine(state: ServerState, engine_cfg: EngineConfig) -> None:
         digest = hashlib.sha256(repr(sorted(asdict(engine_cfg).items())).encode()).hexdigest()
         state.fingerprint = "fp_" + digest[:10]
         state.metrics = ServerMetrics(state)
+        if state.config.embedding_model:
+            from ember.models.encoder import SentenceEncoder
+
+            state.encoder = SentenceEncoder(state.config.embedding_model)
         asyncio.run(_warm_up(state.engine, core.tokenizer))
         state.ready.set()
         log.info("model ready: %s (loaded in %.1fs)", state.model_name, core.load_seconds)

@@ -85,7 +85,13 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
         return error_response(exc.status_code, message, kind)
 
-    @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+    async def _client_error(_: Request, exc: Exception) -> JSONResponse:
         err = to_api_error(exc)
         return error_response(err.status, err.message, err.type, err.param, err.code)
+
+    for kind in (SamplingParamsError, PromptError, ChatTemplateError):
+        app.add_exception_handler(kind, _client_error)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(500, "Internal server error.", "internal_server_error")

@@ -224,6 +224,30 @@ class CompletionResponse(BaseModel):
     usage: UsageInfo | None = None
 
 
+# ------------------------------------------------------------------ embeddings
+
+
+class EmbeddingRequest(OpenAIBase):
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: UsageInfo
+
+
 # ------------------------------------------------------------------ models, tokenize
 
 

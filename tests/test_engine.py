@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 
 import ember
-from checkpoints import TINY_VOCAB
 from ember.engine.request import SamplingParams
+
+from checkpoints import TINY_VOCAB
 
 
 def _greedy(n: int, **kw) -> SamplingParams:

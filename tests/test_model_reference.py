@@ -7,6 +7,7 @@ import random
 import pytest
 
 import ember
+
 from checkpoints import TINY_VOCAB, reference_greedy, write_checkpoint
 
 NEW_TOKENS = 12

@@ -10,6 +10,7 @@ import numpy as np
 import openai
 import pytest
 import torch
+
 from conftest import API_KEY
 
 pytestmark = pytest.mark.slow

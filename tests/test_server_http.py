@@ -7,6 +7,7 @@ import time
 
 import httpx
 import pytest
+
 from conftest import API_KEY
 
 pytestmark = pytest.mark.slow

@@ -124,3 +124,21 @@ def test_context_length_ends_generation(tiny_llama):
     llm = ember.LLM(str(tiny_llama), dtype="float32", max_model_len=20)
     out = llm.generate([_ids(15, seed=9)], _greedy(100))[0].outputs[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 5
+
+
+def test_parallel_samples_of_one_prompt_share_its_blocks(tiny_llama):
+    llm = ember.LLM(str(tiny_llama), dtype="float32", block_size=4)
+    engine = llm.engine
+    prompt = _ids(33, seed=11)  # eight full blocks and one token
+    for i in range(4):
+        engine.add_request(f"s{i}", prompt, SamplingParams(temperature=1.0, seed=i, max_tokens=3))
+    engine.step()  # all four admitted in one step
+    tables = [s.block_table for s in engine.scheduler.running]
+    assert len(tables) == 4
+    assert all(t[:8] == tables[0][:8] for t in tables)  # the prompt's full blocks, shared
+    assert engine.allocator.prefix_hits == 3 * 32
+    while engine.has_work():
+        engine.step()
+    shared = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, n=3))[0]
+    alone = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6))[0]
+    assert all(o.token_ids == alone.outputs[0].token_ids for o in shared.outputs)

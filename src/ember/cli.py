@@ -173,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_serve)
 
-    # BENCH-WIRING
+    from ember import bench
+
+    bench.add_parser(sub)
 
     p = sub.add_parser("prepare", help="Convert a GGUF model into the cache ahead of time.")
     p.add_argument("model", nargs="?", default=None)

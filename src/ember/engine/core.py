@@ -199,11 +199,7 @@ class EngineCore:
         token_ids, logprobs = self.sampler(logits, rows) if rows else ([], [])
 
         for item in batch:
-            seq = item.seq
-            seq.num_computed_tokens += item.num_new_tokens
-            seq.num_hashed_blocks = self.allocator.register_full_blocks(
-                seq.token_ids, seq.block_table, seq.num_computed_tokens, seq.num_hashed_blocks
-            )
+            item.seq.num_computed_tokens += item.num_new_tokens
 
         outputs = []
         now = time.monotonic()

@@ -116,6 +116,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
+                self._publish(seq, num_new)
                 scheduled.append(ScheduledSeq(seq, num_new))
                 budget -= num_new
                 i += 1
@@ -149,9 +150,21 @@ class Scheduler:
                 self.allocator.prefix_hits += seq.num_cached_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            self._publish(seq, num_new)
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         return SchedulerOutput(scheduled, preempted)
+
+    def _publish(self, seq: Sequence, num_new: int) -> None:
+        """Put the blocks this step fills into the prefix cache right away.
+
+        Every layer writes the step's keys and values before any attention reads them, so a
+        sequence admitted later in the same step (a sibling of an n > 1 request, or another
+        request with the same system prompt) can already share these blocks.
+        """
+        seq.num_hashed_blocks = self.allocator.register_full_blocks(
+            seq.token_ids, seq.block_table, seq.num_computed_tokens + num_new, seq.num_hashed_blocks
+        )
 
     def _release_hits(self, seq: Sequence) -> None:
         """A sequence that could not be admitted gives back the prefix blocks it borrowed."""

@@ -1,0 +1,104 @@
+"""Online serving on the CPU: `ember bench` against `ember serve` at concurrency 1 and 32.
+
+Starts `ember serve` (the default model, SmolLM2-135M-Instruct) on a free port, waits for
+/health, runs the chat benchmark one request at a time and then 32 at a time (ignore_eos, so
+every request yields --max-tokens tokens), stops the server and prints one JSON object with
+both runs, the output-token throughput ratio and the median TTFT under load.
+
+    python benchmarks/serve_cpu.py [--requests-c1 8] [--requests-c32 64] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(proc: subprocess.Popen, base: str, log: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ember serve exited with {proc.returncode}; see {log}")
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"ember serve did not become healthy in {timeout:.0f}s; see {log}")
+
+
+def bench(base: str, concurrency: int, requests: int, max_tokens: int, progress: bool) -> dict:
+    # The real command line, in its own process, so the client does not share a GIL with it.
+    cmd = [sys.executable, "-m", "ember.bench", "--url", base, "--chat"]
+    cmd += ["--concurrency", str(concurrency), "--requests", str(requests)]
+    cmd += ["--max-tokens", str(max_tokens)]
+    if not progress:
+        cmd.append("--no-progress")
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ember bench failed ({proc.returncode}): {proc.stdout[-2000:]}")
+    return json.loads(proc.stdout)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests-c1", type=int, default=8)
+    ap.add_argument("--requests-c32", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--model", default=None, help="Model for `ember serve`; default: embedded.")
+    args = ap.parse_args()
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = os.path.join(tempfile.gettempdir(), f"ember-serve-bench-{port}.log")
+    cmd = [sys.executable, "-m", "ember.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    if args.model:
+        cmd.insert(4, args.model)
+    # Keys set in the environment would lock the server and the bench out of each other.
+    env = {k: v for k, v in os.environ.items() if k not in ("EMBER_API_KEY", "OPENAI_API_KEY")}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            t0 = time.perf_counter()
+            wait_healthy(proc, base, log_path)
+            startup = time.perf_counter() - t0
+            progress = not args.no_progress
+            c1 = bench(base, 1, args.requests_c1, args.max_tokens, progress)
+            c32 = bench(base, 32, args.requests_c32, args.max_tokens, progress)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    tps1, tps32 = c1["output_tokens_per_s"], c32["output_tokens_per_s"]
+    result = {
+        "server_startup_s": round(startup, 2),
+        "c1": c1,
+        "c32": c32,
+        "speedup_c32_vs_c1": round(tps32 / tps1, 2) if tps1 and tps32 else None,
+        "ttft_p50_c32_s": c32["ttft_s"]["p50"],
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -52,8 +52,9 @@ class EngineConfig:
         "Fraction of GPU memory Ember may use for weights, activations and KV cache.", default=0.9
     )
     max_num_seqs: int = _opt("Most sequences running in one step.", default=256)
-    max_num_batched_tokens: int = _opt(
-        "Token budget of one step (prefill chunks plus decodes).", default=2048
+    max_num_batched_tokens: int | None = _opt(
+        "Token budget of one step (prefill chunks plus decodes); default 512 on CPU, where it "
+        "bounds how long a burst of prompts stalls running streams, and 4096 on GPU."
     )
     enable_prefix_caching: bool = _opt("Reuse KV blocks of shared prompt prefixes.", default=True)
     enable_chunked_prefill: bool = _opt(

@@ -89,7 +89,7 @@ class EngineCore:
         self.scheduler = Scheduler(
             self.allocator,
             cfg.max_num_seqs,
-            max(cfg.max_num_batched_tokens, 1),
+            max(cfg.max_num_batched_tokens or self.runner.default_token_budget, 1),
             cfg.enable_chunked_prefill,
         )
         self.sampler = Sampler()

@@ -111,9 +111,14 @@ class ModelRunner:
             free, total = torch.cuda.mem_get_info(self.device)
             used = total - free
             # Leave room for activations of one full step (logits dominate).
-            headroom = 2 * self.cfg.max_num_batched_tokens * self.model.args.vocab_size * 4
+            budget = self.cfg.max_num_batched_tokens or self.default_token_budget
+            headroom = 2 * budget * self.model.args.vocab_size * 4
             return max(0, int(total * self.cfg.gpu_memory_utilization) - used - headroom)
         return CPU_DEFAULT_KV_BYTES
+
+    @property
+    def default_token_budget(self) -> int:
+        return 4096 if self.device.type == "cuda" else 512
 
     @property
     def vocab_size(self) -> int:

@@ -112,10 +112,18 @@ class RotaryEmbedding(nn.Module):
         self.cos.copy_(freqs.cos())
         self.sin.copy_(freqs.sin())
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables for a step's positions, looked up once and shared by every layer."""
+        return (
+            self.cos[positions].unsqueeze(1).to(dtype),  # [T, 1, rot/2]
+            self.sin[positions].unsqueeze(1).to(dtype),
+        )
+
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x: [tokens, heads, head_dim]."""
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # [T, 1, rot/2]
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        cos, sin = cos_sin
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
         if self.neox_style:
             x1, x2 = rot.chunk(2, dim=-1)

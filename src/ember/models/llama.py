@@ -79,13 +79,13 @@ class LlamaAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
         rotary: RotaryEmbedding,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rotary(positions, q.view(-1, self.num_heads, self.head_dim))
-        k = rotary(positions, k.view(-1, self.num_kv_heads, self.head_dim))
+        q = rotary(q.view(-1, self.num_heads, self.head_dim), cos_sin)
+        k = rotary(k.view(-1, self.num_kv_heads, self.head_dim), cos_sin)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         out = self.backend.forward(self.layer, q, k, v, meta)
         return self.o_proj(out.reshape(-1, self.q_size))
@@ -109,8 +109,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, positions, rotary, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, meta)
+    def forward(self, x, cos_sin, rotary, meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, rotary, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -163,8 +163,9 @@ class LlamaForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
+        cos_sin = self.rotary.cos_sin(positions, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, positions, self.rotary, meta)
+            x = layer(x, cos_sin, self.rotary, meta)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -79,9 +79,11 @@ def hf_sequential(model, batch: list[list[int]], max_tokens: int) -> tuple[int, 
         with torch.no_grad():
             out = model.generate(
                 torch.tensor([ids]),
+                attention_mask=torch.ones(
+                    1, len(ids), dtype=torch.long
+                ),  # pad id 2 is also <|im_end|>
                 do_sample=False,
                 max_new_tokens=max_tokens,
-                min_new_tokens=max_tokens,
                 pad_token_id=2,
             )
         tokens += out.shape[1] - len(ids)
@@ -100,7 +102,6 @@ def hf_static_batch(model, batch: list[list[int]], max_tokens: int) -> tuple[int
             attention_mask=mask,
             do_sample=False,
             max_new_tokens=max_tokens,
-            min_new_tokens=max_tokens,
             pad_token_id=2,
         )
     return (out.shape[1] - width) * len(batch), time.perf_counter() - t0
@@ -135,6 +136,7 @@ def main() -> None:
     llm = ember.LLM(dtype="float32")
     ref = AutoModelForCausalLM.from_pretrained(str(llm.engine.model_dir), dtype=torch.float32)
     ref.eval()
+    ref.generation_config.eos_token_id = None  # every request makes max_tokens, as with ignore_eos
     batch = prompts(llm, args.requests)
     ember_run(llm, batch[:2], 4)  # warm up both
     hf_sequential(ref, batch[:1], 4)

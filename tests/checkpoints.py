@@ -103,9 +103,9 @@ def reference_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int
     with torch.no_grad():
         out = model.generate(
             torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
             do_sample=False,
             max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
             pad_token_id=0,
         )
     del AutoModelForCausalLM
@@ -120,5 +120,8 @@ def _reference_model(model_dir: Path):
 
     key = str(model_dir)
     if key not in _MODELS:
-        _MODELS[key] = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32).eval()
+        # Generate past EOS without suppressing it, as the engine's ignore_eos does.
+        model.generation_config.eos_token_id = None
+        _MODELS[key] = model
     return _MODELS[key]

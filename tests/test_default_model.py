@@ -32,6 +32,8 @@ def reference():
     model = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32
     )
+    # Generate past EOS without suppressing it, as the engine's ignore_eos does.
+    model.generation_config.eos_token_id = None
     return model.eval()
 
 
@@ -49,9 +51,9 @@ def _reference_greedy(model, ids: list[int]) -> list[int]:
     with torch.no_grad():
         out = model.generate(
             torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),  # pad id 2 is also <|im_end|>
             do_sample=False,
             max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
             pad_token_id=2,
         )
     return out[0, len(ids) :].tolist()

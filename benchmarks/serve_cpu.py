@@ -42,11 +42,13 @@ def wait_healthy(proc: subprocess.Popen, base: str, log: str, timeout: float = 3
     raise RuntimeError(f"ember serve did not become healthy in {timeout:.0f}s; see {log}")
 
 
-def bench(base: str, concurrency: int, requests: int, max_tokens: int, progress: bool) -> dict:
+def bench(
+    base: str, concurrency: int, requests: int, max_tokens: int, progress: bool, prompt_len: int
+) -> dict:
     # The real command line, in its own process, so the client does not share a GIL with it.
     cmd = [sys.executable, "-m", "ember.bench", "--url", base, "--chat"]
     cmd += ["--concurrency", str(concurrency), "--requests", str(requests)]
-    cmd += ["--max-tokens", str(max_tokens)]
+    cmd += ["--max-tokens", str(max_tokens), "--prompt-len", str(prompt_len)]
     if not progress:
         cmd.append("--no-progress")
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
@@ -60,6 +62,7 @@ def main() -> int:
     ap.add_argument("--requests-c1", type=int, default=8)
     ap.add_argument("--requests-c32", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=32, help="words per prompt")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--model", default=None, help="Model for `ember serve`; default: embedded.")
     args = ap.parse_args()
@@ -79,8 +82,8 @@ def main() -> int:
             wait_healthy(proc, base, log_path)
             startup = time.perf_counter() - t0
             progress = not args.no_progress
-            c1 = bench(base, 1, args.requests_c1, args.max_tokens, progress)
-            c32 = bench(base, 32, args.requests_c32, args.max_tokens, progress)
+            c1 = bench(base, 1, args.requests_c1, args.max_tokens, progress, args.prompt_len)
+            c32 = bench(base, 32, args.requests_c32, args.max_tokens, progress, args.prompt_len)
         finally:
             proc.terminate()
             try:
@@ -91,6 +94,7 @@ def main() -> int:
     tps1, tps32 = c1["output_tokens_per_s"], c32["output_tokens_per_s"]
     result = {
         "server_startup_s": round(startup, 2),
+        "prompt_len_words": args.prompt_len,
         "c1": c1,
         "c32": c32,
         "speedup_c32_vs_c1": round(tps32 / tps1, 2) if tps1 and tps32 else None,

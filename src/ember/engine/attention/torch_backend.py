@@ -42,7 +42,8 @@ class TorchAttentionBackend(AttentionBackend):
             for i, span in enumerate(decodes):
                 gather[i, : span.context_len] = self._slots(span, span.context_len)
                 mask[i, : span.context_len] = True
-            extra["decode_gather"] = gather.to(device)
+            extra["decode_gather"] = gather.view(-1).to(device)  # flat: index_select is fastest
+            extra["decode_shape"] = (len(decodes), max_len)
             extra["decode_mask"] = mask[:, None, None, :].to(device)  # [B, 1, 1, L]
         prefills = []
         for span in spans[num_decode_seqs:]:
@@ -74,13 +75,17 @@ class TorchAttentionBackend(AttentionBackend):
         n_dec = meta.num_decode_seqs
         if n_dec:
             gather = meta.extra["decode_gather"]
-            qd = q[:n_dec].unsqueeze(2)  # [B, H, 1, D]
-            kd = k_cache[gather].transpose(1, 2)  # [B, KVH, L, D]
-            vd = v_cache[gather].transpose(1, 2)
+            b, length = meta.extra["decode_shape"]
+            kvh, d = self.num_kv_heads, self.head_dim
+            # The query heads that share a KV head become that head's "query rows", so grouped
+            # attention is one plain SDPA call with no copies of K and V per query head.
+            qd = q[:n_dec].view(b, kvh, self.num_heads // kvh, d)
+            kd = k_cache.index_select(0, gather).view(b, length, kvh, d).transpose(1, 2)
+            vd = v_cache.index_select(0, gather).view(b, length, kvh, d).transpose(1, 2)
             od = F.scaled_dot_product_attention(
-                qd, kd, vd, attn_mask=meta.extra["decode_mask"], scale=self.scale, enable_gqa=gqa
+                qd, kd, vd, attn_mask=meta.extra["decode_mask"], scale=self.scale
             )
-            out[:n_dec] = od.squeeze(2)
+            out[:n_dec] = od.reshape(b, self.num_heads, d)
         for span, slots, mask in meta.extra["prefills"]:
             s, e = span.query_start, span.query_start + span.query_len
             qp = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
@@ -91,8 +96,8 @@ class TorchAttentionBackend(AttentionBackend):
                     qp, kp, vp, is_causal=True, scale=self.scale, enable_gqa=gqa
                 )
             else:
-                kp = k_cache[slots].transpose(0, 1).unsqueeze(0)
-                vp = v_cache[slots].transpose(0, 1).unsqueeze(0)
+                kp = k_cache.index_select(0, slots).transpose(0, 1).unsqueeze(0)
+                vp = v_cache.index_select(0, slots).transpose(0, 1).unsqueeze(0)
                 op = F.scaled_dot_product_attention(
                     qp, kp, vp, attn_mask=mask, scale=self.scale, enable_gqa=gqa
                 )

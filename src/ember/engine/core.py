@@ -122,7 +122,8 @@ class EngineCore:
         seq = Sequence(request_id, list(prompt_token_ids), params, self.eos_token_ids)
         generator = None
         if params.seed is not None:
-            generator = torch.Generator().manual_seed(params.seed)
+            # On the model's device, where the sampler draws the noise.
+            generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         stop_ids = frozenset(params.stop_token_ids or ()) | self.eos_token_ids
         detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params)
         self.live[request_id] = _Live(seq, detok, generator, stop_ids)

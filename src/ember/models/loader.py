@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,11 @@ def iter_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     if files:
         for f in files:
             with safe_open(str(f), framework="pt") as st:
-                for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
+                names = list(st.keys())  # noqa: SIM118 (safe_open is not a dict)
+            for name in names:
+                # One mapping per tensor, closed once it is copied, so the file's pages never
+                # all sit in resident memory next to the model's own copy.
+                with safe_open(str(f), framework="pt") as st:
                     yield name, st.get_tensor(name)
         return
     bins = sorted(model_dir.glob("pytorch_model*.bin")) or sorted(model_dir.glob("*.bin"))
@@ -105,7 +110,7 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
                 p.fill_(1.0)
             else:
                 # Drawn where the parameter lives: a 7B model on the GPU fills in seconds.
-                gen = torch.Generator(device=p.device).manual_seed(seed + hash(name) % 10_000)
+                gen = torch.Generator(device=p.device).manual_seed(seed + zlib.crc32(name.encode()))
                 p.normal_(0.0, 0.02, generator=gen)
 
 

@@ -40,7 +40,11 @@ class TorchAttentionBackend(AttentionBackend):
             gather = torch.zeros(len(decodes), max_len, dtype=torch.long)
             mask = torch.zeros(len(decodes), max_len, dtype=torch.bool)
             for i, span in enumerate(decodes):
-                gather[i, : span.context_len] = self._slots(span, span.context_len)
+                slots = self._slots(span, span.context_len)
+                # Padding repeats a slot this sequence has written: the cache is allocated
+                # uninitialised, and masked garbage could still be NaN (0 * NaN = NaN).
+                gather[i] = slots[0]
+                gather[i, : span.context_len] = slots
                 mask[i, : span.context_len] = True
             extra["decode_gather"] = gather.view(-1).to(device)  # flat: index_select is fastest
             extra["decode_shape"] = (len(decodes), max_len)

@@ -76,6 +76,12 @@ def test_n_choices_and_seed_reproducibility(client):
     assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
 
 
+def test_any_integer_seed_is_accepted(client):
+    for seed in (-5, 2**70):
+        r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, seed=seed)
+        assert r.usage.completion_tokens == 2
+
+
 def test_stop_sequences_are_not_returned(client):
     kw = dict(model=MODEL, messages=HELLO, temperature=0, max_tokens=16)
     text = client.chat.completions.create(**kw).choices[0].message.content
@@ -97,14 +103,16 @@ def test_chat_logprobs(client):
 
 
 def test_sampling_extensions_are_accepted(client):
+    # Token 49151 is biased away, so the stop id can never end the reply early.
     r = client.chat.completions.create(
         model=MODEL,
         messages=HELLO,
         max_completion_tokens=6,
         presence_penalty=0.5,
         frequency_penalty=0.5,
-        logit_bias={"1": -100},
+        logit_bias={"49151": -100},
         user="u1",
+        seed=7,
         response_format={"type": "text"},
         extra_body=dict(
             top_k=20,
@@ -112,7 +120,7 @@ def test_sampling_extensions_are_accepted(client):
             repetition_penalty=1.1,
             min_tokens=3,
             ignore_eos=True,
-            stop_token_ids=[2],
+            stop_token_ids=[49151],
         ),
     )
     assert r.usage.completion_tokens == 6

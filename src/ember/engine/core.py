@@ -123,7 +123,9 @@ class EngineCore:
         generator = None
         if params.seed is not None:
             # On the model's device, where the sampler draws the noise.
-            generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+            # Any integer a client sends is a valid seed: fold it into the generator's 64 bits.
+            seed = params.seed & 0xFFFF_FFFF_FFFF_FFFF
+            generator = torch.Generator(device=self.runner.device).manual_seed(seed)
         stop_ids = frozenset(params.stop_token_ids or ()) | self.eos_token_ids
         detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params)
         self.live[request_id] = _Live(seq, detok, generator, stop_ids)

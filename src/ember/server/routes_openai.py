@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from ember.engine.core import PromptError
 from ember.engine.request import Logprob, RequestOutput, SamplingParams
 from ember.server import protocol as P
 from ember.server.errors import APIError, error_body, to_api_error
@@ -663,7 +664,10 @@ async def embeddings(
         dims = None
         vectors = []
         for seq in ids:
-            vectors.append(await state.engine.call(lambda core, seq=seq: core.embed(seq)))
+            try:
+                vectors.append(await state.engine.call(lambda core, seq=seq: core.embed(seq)))
+            except PromptError as e:
+                raise APIError(str(e), param="input") from e
         dims = len(vectors[0])
     if req.dimensions is not None and req.dimensions != dims:
         raise APIError(

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_DEFAULT_KV_BYTES = 512 << 20
+CPU_PACK_BATCH_HINT = 32  # rows oneDNN lays packed weights out for: a busy decode step
 
 
 def pick_device(name: str) -> torch.device:
@@ -77,6 +78,7 @@ class ModelRunner:
         else:
             self._load(model_dir)
         self.model.to(self.dtype).eval()
+        self._pack_linears()
         log.info(
             "model loaded in %.1fs (%s, %s)", time.perf_counter() - t0, self.dtype, self.device
         )
@@ -94,6 +96,19 @@ class ModelRunner:
             cfg.block_size,
             self.num_blocks * kv_bytes_per_block / 2**20,
         )
+
+    def _pack_linears(self) -> None:
+        """On the CPU, pre-pack every linear weight that no other module shares."""
+        from ember.models.layers import Linear
+
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            return
+        owners: dict[int, int] = {}
+        for _, p in self.model.named_parameters(remove_duplicate=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+        for module in self.model.modules():
+            if isinstance(module, Linear) and owners.get(id(module.weight)) == 1:
+                module.pack_for_cpu(CPU_PACK_BATCH_HINT)
 
     def _load(self, model_dir: Path) -> None:
         loaded = self.model.load_weights(loader.iter_weights(model_dir))

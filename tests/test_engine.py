@@ -142,3 +142,24 @@ def test_parallel_samples_of_one_prompt_share_its_blocks(tiny_llama):
     shared = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, n=3))[0]
     alone = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6))[0]
     assert all(o.token_ids == alone.outputs[0].token_ids for o in shared.outputs)
+
+
+def test_prompt_logprobs_match_transformers(tiny_llama):
+    import torch
+
+    from checkpoints import _reference_model
+
+    # A small token budget splits the prompt into chunks; scoring must stay aligned.
+    llm = ember.LLM(str(tiny_llama), dtype="float32", block_size=4, max_num_batched_tokens=8)
+    prompt = _ids(21, seed=12)
+    llm.generate([prompt], _greedy(2))  # a cached copy must not be used for scoring
+    result = llm.generate([prompt], _greedy(2, prompt_logprobs=2))[0]
+    got = result.prompt_logprobs
+    assert len(got) == len(prompt) and got[0] is None
+    with torch.no_grad():
+        ref = torch.log_softmax(_reference_model(tiny_llama)(torch.tensor([prompt])).logits[0], -1)
+    for pos, lp in enumerate(got[1:], start=1):
+        assert lp.token_id == prompt[pos]
+        assert abs(lp.logprob - ref[pos - 1, prompt[pos]].item()) < 1e-4
+        assert lp.rank == int((ref[pos - 1] > ref[pos - 1, prompt[pos]]).sum()) + 1
+        assert [t for t, _ in lp.top] == torch.topk(ref[pos - 1], 2).indices.tolist()

@@ -231,3 +231,16 @@ def test_async_client_non_stream(aclient):
         return await aclient.completions.create(model=MODEL, prompt="Hi", max_tokens=3)
 
     assert asyncio.run(main()).usage.completion_tokens == 3
+
+
+def test_echo_with_logprobs_scores_the_prompt(client):
+    r = client.completions.create(
+        model=MODEL, prompt="The sky is blue", max_tokens=2, echo=True, logprobs=1, temperature=0
+    )
+    lp = r.choices[0].logprobs
+    prompt_len = r.usage.prompt_tokens
+    assert len(lp.tokens) == prompt_len + 2
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0

@@ -37,6 +37,7 @@ class RequestResult:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
+    prompt_logprobs: list[Logprob | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -124,6 +125,9 @@ class LLM:
         while self.engine.has_work():
             for step_out in self.engine.step():
                 out = owners[step_out.request_id]
+                rid = step_out.request_id.rsplit("-", 1)[0]
+                if step_out.prompt_logprobs is not None:
+                    by_id[rid].prompt_logprobs = step_out.prompt_logprobs
                 out.text += step_out.new_text
                 out.token_ids.extend(step_out.new_token_ids)
                 if step_out.new_logprobs and out.logprobs is not None:
@@ -132,6 +136,5 @@ class LLM:
                 if step_out.finished:
                     out.finish_reason = step_out.finish_reason
                     out.stop_reason = step_out.stop_reason
-                    rid = step_out.request_id.rsplit("-", 1)[0]
                     by_id[rid].num_cached_tokens = step_out.num_cached_tokens
         return results

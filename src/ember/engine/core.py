@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -17,6 +17,7 @@ from ember.chat.tokenizer import Tokenizer
 from ember.config import EngineConfig
 from ember.engine.kv_cache import BlockAllocator
 from ember.engine.request import (
+    Logprob,
     RequestOutput,
     SamplingParams,
     Sequence,
@@ -43,7 +44,8 @@ class _Live:
     detok: IncrementalDetokenizer
     generator: torch.Generator | None
     stop_ids: frozenset[int]
-    emitted_logprobs: list = field(default_factory=list)
+    prompt_logprobs: list[Logprob | None] | None = None
+    prompt_logprobs_sent: bool = False
 
 
 @dataclass
@@ -128,7 +130,10 @@ class EngineCore:
             generator = torch.Generator(device=self.runner.device).manual_seed(seed)
         stop_ids = frozenset(params.stop_token_ids or ()) | self.eos_token_ids
         detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params)
-        self.live[request_id] = _Live(seq, detok, generator, stop_ids)
+        live = _Live(seq, detok, generator, stop_ids)
+        if params.prompt_logprobs is not None:
+            live.prompt_logprobs = [None]  # nothing predicts the first prompt token
+        self.live[request_id] = live
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
@@ -184,7 +189,16 @@ class EngineCore:
         for item in batch:
             if item.seq.first_scheduled_time is None:
                 item.seq.first_scheduled_time = now
-        logits = self.runner.execute(batch)
+        wants_prompt = frozenset(
+            i
+            for i, item in enumerate(batch)
+            if (pl := self.live[item.seq.request_id].prompt_logprobs) is not None
+            # Exactly where scoring left off (a recompute after preemption catches up first).
+            and len(pl) - 1 == item.seq.num_computed_tokens < item.seq.num_prompt_tokens - 1
+        )
+        logits, prompt_logits = self.runner.execute(batch, wants_prompt)
+        for i, rows in prompt_logits.items():
+            self._add_prompt_logprobs(batch[i].seq, rows)
 
         sampling = [item for item in batch if item.samples]
         rows = []
@@ -236,6 +250,7 @@ class EngineCore:
                     new_logprobs=None if logprob is None else [logprob],
                     num_cached_tokens=seq.num_cached_tokens,
                     num_output_tokens=seq.num_output_tokens,
+                    prompt_logprobs=self._take_prompt_logprobs(live),
                     queue_seconds=(
                         seq.first_scheduled_time - seq.arrival_time
                         if seq.num_output_tokens == 1 and seq.first_scheduled_time
@@ -244,6 +259,30 @@ class EngineCore:
                 )
             )
         return outputs
+
+    def _add_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Logprobs of prompt tokens start+1 .. start+n from the logits at start .. start+n-1."""
+        live = self.live[seq.request_id]
+        assert live.prompt_logprobs is not None
+        k = seq.params.prompt_logprobs or 0
+        start = len(live.prompt_logprobs) - 1  # position whose logits come first
+        logprobs = torch.log_softmax(logits, dim=-1)
+        targets = torch.tensor(seq.prompt_token_ids[start + 1 : start + 1 + len(logprobs)])
+        chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
+        ranks = (logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1
+        top = torch.topk(logprobs, k, dim=-1) if k else None
+        for j, token in enumerate(targets.tolist()):
+            alternatives = list(zip(top.indices[j].tolist(), top.values[j].tolist())) if top else []
+            live.prompt_logprobs.append(
+                Logprob(token, float(chosen[j]), int(ranks[j]), alternatives)
+            )
+
+    @staticmethod
+    def _take_prompt_logprobs(live: _Live) -> list[Logprob | None] | None:
+        if live.prompt_logprobs is None or live.prompt_logprobs_sent:
+            return None
+        live.prompt_logprobs_sent = True
+        return live.prompt_logprobs
 
     def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
         params = seq.params

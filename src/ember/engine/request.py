@@ -214,3 +214,6 @@ class RequestOutput:
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
     queue_seconds: float | None = None  # arrival to first schedule; set on the first output
+    # With SamplingParams.prompt_logprobs: one entry per prompt token (None for the first),
+    # on the first output only.
+    prompt_logprobs: list[Logprob | None] | None = None

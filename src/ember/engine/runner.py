@@ -164,15 +164,29 @@ class ModelRunner:
         return inputs, spans, num_decodes
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+    def execute(
+        self, batch: list[ScheduledSeq], prompt_logits_for: frozenset[int] = frozenset()
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Run one step. `batch` must list decodes (one new token, some context) first.
 
-        Returns float32 logits, one row per sequence that samples, in batch order.
+        Returns float32 logits, one row per sequence that samples, in batch order; and, for
+        the batch positions in `prompt_logits_for`, the logits at each of their new prompt
+        tokens that predict a later prompt token (for prompt logprobs).
         """
         inputs, spans, num_decodes = self._prepare(batch)
         meta = self.backend.build_metadata(spans, num_decodes, self.kv_caches, self.device)
         hidden = self.model(inputs.input_ids, inputs.positions, meta)
-        return self.model.compute_logits(hidden[inputs.sample_rows]).float()
+        sample = self.model.compute_logits(hidden[inputs.sample_rows]).float()
+        prompt: dict[int, torch.Tensor] = {}
+        for i in prompt_logits_for:
+            span, seq = spans[i], batch[i].seq
+            start = seq.num_computed_tokens
+            # Positions p whose next token p + 1 is still part of the prompt.
+            n = min(span.query_len, seq.num_prompt_tokens - 1 - start)
+            if n > 0:
+                rows = hidden[span.query_start : span.query_start + n]
+                prompt[i] = self.model.compute_logits(rows).float()
+        return sample, prompt
 
     @torch.inference_mode()
     def embed(self, token_ids: list[int], blocks: list[int]) -> list[float]:

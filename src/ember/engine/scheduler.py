@@ -129,7 +129,9 @@ class Scheduler:
                 break
             seq = self.waiting[0]
             if seq.num_computed_tokens == 0 and not seq.block_table:
-                hits = self.allocator.match_prefix(seq.token_ids)
+                # Prompt logprobs need every prompt position computed, so no cache hits.
+                wants_all = seq.params.prompt_logprobs is not None
+                hits = [] if wants_all else self.allocator.match_prefix(seq.token_ids)
                 seq.block_table = hits
                 seq.num_computed_tokens = len(hits) * self.allocator.block_size
                 seq.num_hashed_blocks = len(hits)

@@ -33,6 +33,7 @@ class SeqResult:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[Logprob] = field(default_factory=list)
+    prompt_logprobs: list[Logprob | None] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
@@ -179,6 +180,8 @@ async def collect(
         r.token_ids += out.new_token_ids
         r.text += out.new_text
         r.logprobs += out.new_logprobs or []
+        if out.prompt_logprobs is not None:
+            r.prompt_logprobs = out.prompt_logprobs
         if out.finished:
             r.finish_reason, r.stop_reason = out.finish_reason, out.stop_reason
     return results
@@ -485,6 +488,34 @@ def _completion_logprobs(
     return out
 
 
+def _echo_logprobs(
+    state: ServerState, prompt_ids: list[int], lps: list[Logprob | None] | None
+) -> P.CompletionLogprobs:
+    """The prompt's part of an echoed completion: the first token has no logprob."""
+    out = P.CompletionLogprobs()
+    offset = 0
+    for i, token_id in enumerate(prompt_ids):
+        lp = lps[i] if lps and i < len(lps) else None
+        text = token_text(state, token_id)
+        out.tokens.append(text)
+        out.text_offset.append(offset)
+        out.token_logprobs.append(None if lp is None else lp.logprob)
+        out.top_logprobs.append(
+            None if lp is None else {token_text(state, t): v for t, v in lp.top}
+        )
+        offset += len(text)
+    return out
+
+
+def _join(a: P.CompletionLogprobs, b: P.CompletionLogprobs) -> P.CompletionLogprobs:
+    return P.CompletionLogprobs(
+        text_offset=a.text_offset + b.text_offset,
+        token_logprobs=a.token_logprobs + b.token_logprobs,
+        tokens=a.tokens + b.tokens,
+        top_logprobs=a.top_logprobs + b.top_logprobs,
+    )
+
+
 @router.post("/v1/completions")
 async def completions(
     req: P.CompletionRequest, request: Request, state: ServerState = Depends(get_state)
@@ -497,14 +528,15 @@ async def completions(
         raise APIError(f"best_of ({best_of}) must be at least n ({req.n}).", param="best_of")
     if req.stream and best_of > req.n:
         raise APIError("best_of greater than n cannot be streamed.", param="best_of")
-    if req.echo and req.logprobs is not None:
-        raise APIError("echo with logprobs (prompt logprobs) is not supported yet.", param="echo")
     prompts = _prompt_list(state, req.prompt)
     # best_of ranks by cumulative logprob, so each token's logprob is needed.
     lp = req.logprobs if req.logprobs is not None else (0 if best_of > req.n else None)
     jobs, owners = [], []
+    echo_logprobs = req.echo and req.logprobs is not None
     for pi, ids in enumerate(prompts):
         params = sampling_params(req, state, len(ids), req.max_tokens, lp)
+        if echo_logprobs:  # the echoed prompt comes with its own logprobs
+            params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
         for p in fan_out(params, best_of):
             jobs.append((ids, p))
             owners.append(pi)
@@ -542,15 +574,17 @@ async def completions(
             mine = sorted(mine, key=lambda r: r.cumulative_logprob, reverse=True)[: req.n]
         for j, r in enumerate(mine):
             prefix = prompt_texts[pi]
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = _completion_logprobs(state, r.logprobs, len(prefix))
+                if echo_logprobs:
+                    echoed = _echo_logprobs(state, prompts[pi], r.prompt_logprobs)
+                    logprobs = _join(echoed, logprobs)
             choices.append(
                 P.CompletionChoice(
                     index=pi * req.n + j,
                     text=prefix + r.text,
-                    logprobs=(
-                        _completion_logprobs(state, r.logprobs, len(prefix))
-                        if req.logprobs is not None
-                        else None
-                    ),
+                    logprobs=logprobs,
                     finish_reason=r.finish_reason,
                     stop_reason=r.stop_reason,
                 )
@@ -607,6 +641,9 @@ async def _completion_stream(
             if want_logprobs:
                 logprobs = _completion_logprobs(state, out.new_logprobs or [], offsets[i])
                 offsets[i] += sum(len(t) for t in logprobs.tokens)
+                if out.prompt_logprobs is not None:
+                    echoed = _echo_logprobs(state, jobs[i][0], out.prompt_logprobs)
+                    logprobs = _join(echoed, logprobs)
             yield chunk(
                 [
                     P.CompletionChoice(

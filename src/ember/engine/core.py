@@ -121,7 +121,7 @@ class EngineCore:
         if request_id in self.live:
             raise ValueError(f"request id {request_id!r} is already running")
         self.validate(prompt_token_ids, params)
-        seq = Sequence(request_id, list(prompt_token_ids), params, self.eos_token_ids)
+        seq = Sequence(request_id, list(prompt_token_ids), params)
         generator = None
         if params.seed is not None:
             # On the model's device, where the sampler draws the noise.

@@ -34,10 +34,6 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq]
     num_preempted: int = 0
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
 
 class Scheduler:
     def __init__(

@@ -215,6 +215,28 @@ def sse(data: Any) -> str:
     return f"data: {payload}\n\n"
 
 
+def sse_chunk(
+    cls: type,
+    state: ServerState,
+    request_id: str,
+    created: int,
+    model: str,
+    choices: list,
+    usage_info: P.UsageInfo | None,
+) -> str:
+    """One streamed event: every chunk of a response repeats its id, creation time and model."""
+    return sse(
+        cls(
+            id=request_id,
+            created=created,
+            model=model,
+            system_fingerprint=state.fingerprint,
+            choices=choices,
+            usage=usage_info,
+        )
+    )
+
+
 def sse_error(exc: BaseException) -> str:
     err = to_api_error(exc) if isinstance(exc, Exception) else APIError("Server error.", 500)
     return "data: " + json.dumps(error_body(err.message, err.type, err.param, err.code)) + "\n\n"
@@ -406,15 +428,8 @@ async def _chat_stream(
     want_logprobs: bool,
 ) -> AsyncIterator[str]:
     def chunk(choices: list[P.ChatChunkChoice], usage_info: P.UsageInfo | None = None) -> str:
-        return sse(
-            P.ChatCompletionChunk(
-                id=request_id,
-                created=created,
-                model=model,
-                system_fingerprint=state.fingerprint,
-                choices=choices,
-                usage=usage_info,
-            )
+        return sse_chunk(
+            P.ChatCompletionChunk, state, request_id, created, model, choices, usage_info
         )
 
     prompt_len = len(jobs[0][0])
@@ -615,15 +630,8 @@ async def _completion_stream(
     want_logprobs: bool,
 ) -> AsyncIterator[str]:
     def chunk(choices: list[P.CompletionChoice], usage_info: P.UsageInfo | None = None) -> str:
-        return sse(
-            P.CompletionResponse(
-                id=request_id,
-                created=created,
-                model=model,
-                system_fingerprint=state.fingerprint,
-                choices=choices,
-                usage=usage_info,
-            )
+        return sse_chunk(
+            P.CompletionResponse, state, request_id, created, model, choices, usage_info
         )
 
     completion_tokens = 0

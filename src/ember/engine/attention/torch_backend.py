@@ -16,9 +16,10 @@ from ember.engine.attention.base import AttentionBackend, AttentionMetadata, Seq
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
-    def _slots(self, span: SeqSpan, length: int) -> torch.Tensor:
+    def _slots(self, span: SeqSpan) -> torch.Tensor:
+        """Cache slot of every context position of a sequence."""
         table = torch.tensor(span.block_table, dtype=torch.long)
-        pos = torch.arange(length)
+        pos = torch.arange(span.context_len)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def build_metadata(
@@ -28,19 +29,17 @@ class TorchAttentionBackend(AttentionBackend):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         device: torch.device,
     ) -> AttentionMetadata:
-        slot_parts = []
-        for span in spans:
-            slots = self._slots(span, span.context_len)
-            slot_parts.append(slots[span.context_len - span.query_len :])
-        slot_mapping = torch.cat(slot_parts).to(device)
+        all_slots = [self._slots(span) for span in spans]  # once per sequence per step
+        slot_mapping = torch.cat(
+            [slots[span.context_len - span.query_len :] for span, slots in zip(spans, all_slots)]
+        ).to(device)
         extra: dict = {}
         decodes = spans[:num_decode_seqs]
         if decodes:
             max_len = max(s.context_len for s in decodes)
             gather = torch.zeros(len(decodes), max_len, dtype=torch.long)
             mask = torch.zeros(len(decodes), max_len, dtype=torch.bool)
-            for i, span in enumerate(decodes):
-                slots = self._slots(span, span.context_len)
+            for i, (span, slots) in enumerate(zip(decodes, all_slots)):
                 # Padding repeats a slot this sequence has written: the cache is allocated
                 # uninitialised, and masked garbage could still be NaN (0 * NaN = NaN).
                 gather[i] = slots[0]
@@ -50,12 +49,12 @@ class TorchAttentionBackend(AttentionBackend):
             extra["decode_shape"] = (len(decodes), max_len)
             extra["decode_mask"] = mask[:, None, None, :].to(device)  # [B, 1, 1, L]
         prefills = []
-        for span in spans[num_decode_seqs:]:
+        for span, slots in zip(spans[num_decode_seqs:], all_slots[num_decode_seqs:]):
             cached = span.context_len - span.query_len
             if cached == 0:
                 prefills.append((span, None, None))
                 continue
-            slots = self._slots(span, span.context_len).to(device)
+            slots = slots.to(device)
             # Query i (absolute position cached + i) sees keys 0..cached + i.
             q_pos = torch.arange(span.query_len, device=device)[:, None] + cached
             k_pos = torch.arange(span.context_len, device=device)[None, :]

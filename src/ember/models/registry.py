@@ -7,6 +7,9 @@ from typing import Any
 from torch import nn
 
 _ARCHITECTURES: dict[str, tuple[str, str]] = {
+    # ChatGLM2/3 and GLM-4 name their base class; both carry the same weights.
+    "ChatGLMModel": ("ember.models.chatglm", "ChatGLMForCausalLM"),
+    "ChatGLMForConditionalGeneration": ("ember.models.chatglm", "ChatGLMForCausalLM"),
     "LlamaForCausalLM": ("ember.models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("ember.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("ember.models.llama", "LlamaForCausalLM"),

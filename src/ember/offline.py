@@ -82,10 +82,11 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         items = []
         for conv in conversations:
-            text = self.chat_formatter.render(
-                conv, add_generation_prompt=add_generation_prompt, tools=tools
-            )
-            items.append((text, self.tokenizer.encode(text, add_special_tokens=False)))
+            kwargs = {"add_generation_prompt": add_generation_prompt, "tools": tools}
+            # Ids come from encode(): formats built in code (ChatGLM3, Llama-2) encode each
+            # turn separately, which re-tokenizing the rendered text would not reproduce.
+            text = self.chat_formatter.render(conv, **kwargs)
+            items.append((text, self.chat_formatter.encode(conv, **kwargs)))
         return self._run(items, sampling_params)
 
     def _run(

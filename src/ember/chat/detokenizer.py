@@ -13,7 +13,7 @@ Two things make streaming text harder than decoding once at the end:
 
 from __future__ import annotations
 
-from ember.chat.tokenizer import Tokenizer
+from ember.chat.tokenizer import BaseTokenizer
 from ember.engine.request import SamplingParams
 
 # How many prompt tokens the first window starts with: enough context that the first output
@@ -36,7 +36,7 @@ class IncrementalDetokenizer:
     """
 
     def __init__(
-        self, tokenizer: Tokenizer, prompt_token_ids: list[int], params: SamplingParams
+        self, tokenizer: BaseTokenizer, prompt_token_ids: list[int], params: SamplingParams
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = params.skip_special_tokens

@@ -2,28 +2,165 @@
 
 Resolution order: `--chat-template` (a file path or a built-in name), then the tokenizer's
 template (tokenizer_config.json, chat_template.jinja or GGUF metadata), then a built-in chosen
-from the model type. Rendering goes through transformers' sandboxed Jinja environment, the one
-the model authors wrote their templates for.
+from the tokenizer and the model type. The resolved template is Jinja source, rendered through
+transformers' sandboxed Jinja environment (the one model authors wrote their templates for), or
+the name of a built-in format that is built in token ids by code:
+
+* `chatglm3`: ChatGLM3's role tokens are ids that text must never produce (`chatglm3.py`).
+* `llama-2`: Meta encodes each turn on its own, so SentencePiece's dummy prefix follows every
+  `<s>` (`<s>[INST]` is 1, 518 "▁[", ...). Transformers 5 puts that prefix only at the start of
+  the whole text (with legacy false, which Llama-2-chat-hf sets and which is the default), so a
+  rendered `<s>[INST]` becomes 1, "[", ... instead. The ids built here are Meta's, and this
+  format replaces any template in Meta's format, the model's own included.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from ember.chat.tokenizer import Tokenizer
+from ember.chat.chatglm3 import ChatGLM3Format, message_text
+from ember.chat.tokenizer import BaseTokenizer, ChatGLM3Tokenizer, Tokenizer
 
-BUILTIN = ("chatml", "llama-2")
+
+class ChatTemplateError(ValueError):
+    """A conversation the template cannot render: the client's input problem."""
+
+
+class CodeFormat(Protocol):
+    """A built-in chat format written in code rather than Jinja."""
+
+    def encode(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> list[int]: ...
+
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> str: ...
+
+
+class Llama2Format:
+    """Meta's Llama-2 chat format, built the way Meta's `chat_completion` builds it.
+
+    The system prompt folds into the first user turn as "<<SYS>>\\n{sys}\\n<</SYS>>\\n\\n{user}";
+    each finished exchange is `<s>` + SP("[INST] {u} [/INST] {a} ") + `</s>` and the open turn
+    is `<s>` + SP("[INST] {u} [/INST]"), with both sides stripped. Llama-2 has no tool format,
+    so request tools are ignored, as its own template ignores them.
+    """
+
+    name = "llama-2"
+
+    def __init__(self, tokenizer: BaseTokenizer) -> None:
+        if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError("The llama-2 chat format needs a tokenizer with <s> and </s> ids.")
+        self.tokenizer = tokenizer
+        self.bos_token_id: int = tokenizer.bos_token_id
+        self.eos_token_id: int = tokenizer.eos_token_id
+        self._bos, self._eos = tokenizer.convert_ids_to_tokens(
+            [self.bos_token_id, self.eos_token_id]
+        )
+
+    def encode(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **_: Any,
+    ) -> list[int]:
+        ids: list[int] = []
+        for text, finished in self._turns(messages):
+            ids.append(self.bos_token_id)
+            ids += self.tokenizer.encode_plain(text)
+            if finished:
+                ids.append(self.eos_token_id)
+        return ids
+
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **_: Any,
+    ) -> str:
+        return "".join(
+            self._bos + text + (self._eos if finished else "")
+            for text, finished in self._turns(messages)
+        )
+
+    @staticmethod
+    def _turns(messages: list[dict[str, Any]]) -> list[tuple[str, bool]]:
+        """(text of one [INST] block, whether the assistant's answer closed it)."""
+        if not messages:
+            raise ValueError("The conversation has no messages.")
+        roles = [_role_of(m) for m in messages]
+        contents = [message_text(m.get("content"), i) for i, m in enumerate(messages)]
+        if roles[0] == "system":
+            system = "<<SYS>>\n" + contents[0] + "\n<</SYS>>\n\n"
+            roles, contents = roles[1:], contents[1:]
+            if not roles:  # a system prompt alone: an open turn with no user text
+                roles, contents = ["user"], [""]
+            contents[0] = system + contents[0]
+        for i, role in enumerate(roles):
+            if role != ("user" if i % 2 == 0 else "assistant"):
+                raise ValueError(
+                    "Llama-2 takes an optional system message, then user and assistant "
+                    f"messages in turn; got {role!r} where "
+                    f"{'user' if i % 2 == 0 else 'assistant'} belongs."
+                )
+        turns = []
+        for i in range(0, len(roles), 2):
+            user = contents[i].strip()
+            if i + 1 < len(roles):
+                turns.append((f"[INST] {user} [/INST] {contents[i + 1].strip()} ", True))
+            else:
+                turns.append((f"[INST] {user} [/INST]", False))
+        return turns
+
+
+# Built-in formats written in code; the others are the .jinja files beside this module.
+CODE_FORMATS: dict[str, Callable[[BaseTokenizer], CodeFormat]] = {
+    "chatglm3": ChatGLM3Format,
+    "llama-2": Llama2Format,
+}
+
+
+def _jinja_builtins() -> tuple[str, ...]:
+    folder = resources.files("ember.chat").joinpath("builtin_templates")
+    names = (p.name.removesuffix(".jinja") for p in folder.iterdir() if p.name.endswith(".jinja"))
+    return tuple(sorted(n for n in names if n not in CODE_FORMATS))
+
+
+JINJA_BUILTIN = _jinja_builtins()
+BUILTIN = tuple(sorted(JINJA_BUILTIN + tuple(CODE_FORMATS)))
 
 
 def builtin_template(name: str) -> str:
-    if name not in BUILTIN:
+    """The resolved template of a built-in: Jinja source, or the name of a code format."""
+    if name in CODE_FORMATS:
+        return name
+    if name not in JINJA_BUILTIN:
         raise ValueError(f"unknown built-in chat template {name!r} (have: {', '.join(BUILTIN)})")
     return resources.files("ember.chat").joinpath(f"builtin_templates/{name}.jinja").read_text()
 
 
-def _fallback_for(model_config: dict[str, Any]) -> str | None:
+def _is_meta_llama2_template(template: str) -> bool:
+    """Meta's Llama-2 chat format (Llama-2-chat-hf's and CodeLlama-Instruct's templates)."""
+    return "[INST]" in template and "<<SYS>>" in template
+
+
+def _fallback_for(tokenizer: BaseTokenizer, model_config: dict[str, Any]) -> str | None:
+    if isinstance(tokenizer, ChatGLM3Tokenizer):
+        return "chatglm3"
     model_type = model_config.get("model_type", "")
     if model_type == "llama" and model_config.get("vocab_size") == 32000:
         return "llama-2"  # a Llama-2 directory without a template of its own
@@ -33,29 +170,39 @@ def _fallback_for(model_config: dict[str, Any]) -> str | None:
 
 
 def resolve_chat_template(
-    override: str | None, tokenizer: Tokenizer, model_config: dict[str, Any]
+    override: str | None, tokenizer: BaseTokenizer, model_config: dict[str, Any]
 ) -> str | None:
+    """Jinja source, the name of a code format (see CODE_FORMATS), or None for no template."""
     if override:
         path = Path(override)
         if path.is_file():
             return path.read_text()
         return builtin_template(override)
     if tokenizer.chat_template:
+        if _is_meta_llama2_template(tokenizer.chat_template) and tokenizer.bos_token_id is not None:
+            return builtin_template("llama-2")  # the same format, but id-exact
         return tokenizer.chat_template
-    name = _fallback_for(model_config)
+    name = _fallback_for(tokenizer, model_config)
     return builtin_template(name) if name else None
-
-
-class ChatTemplateError(ValueError):
-    pass
 
 
 class ChatFormatter:
     """Renders conversations to prompt text and token ids."""
 
-    def __init__(self, tokenizer: Tokenizer, template: str | None) -> None:
+    def __init__(self, tokenizer: BaseTokenizer, template: str | None) -> None:
         self.tokenizer = tokenizer
         self.template = template
+        # The built-in code format in use ("chatglm3", "llama-2"), None for Jinja or no template.
+        self.name: str | None = None
+        self._format: CodeFormat | None = None
+        if template in CODE_FORMATS:
+            self.name = template
+            self._format = CODE_FORMATS[template](tokenizer)
+        elif template is not None and not isinstance(tokenizer, Tokenizer):
+            raise ValueError(
+                "Jinja chat templates need a Hugging Face tokenizer; ChatGLM3's tokenizer "
+                "uses the built-in chatglm3 format."
+            )
 
     def render(
         self,
@@ -64,10 +211,17 @@ class ChatFormatter:
         tools: list[dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> str:
+        """The prompt as text (for display and echo; `encode` gives the ids to run)."""
+        if self._format is not None:
+            try:
+                return self._format.render(messages, add_generation_prompt, tools, **kwargs)
+            except ValueError as e:
+                raise ChatTemplateError(str(e)) from e
         if self.template is None:
             raise ChatTemplateError(
                 "This model has no chat template; pass --chat-template or use completions."
             )
+        assert isinstance(self.tokenizer, Tokenizer)  # checked in __init__
         try:
             return self.tokenizer.hf.apply_chat_template(
                 messages,
@@ -80,6 +234,24 @@ class ChatFormatter:
         except Exception as e:  # template errors are the caller's input problem
             raise ChatTemplateError(f"could not apply the chat template: {e}") from e
 
-    def encode(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+    def encode(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> list[int]:
+        """The prompt's token ids, ready for the engine."""
+        if self._format is not None:
+            try:
+                return self._format.encode(messages, add_generation_prompt, tools, **kwargs)
+            except ValueError as e:
+                raise ChatTemplateError(str(e)) from e
         # The template writes BOS itself when the model wants one.
-        return self.tokenizer.encode(self.render(messages, **kwargs), add_special_tokens=False)
+        text = self.render(messages, add_generation_prompt, tools, **kwargs)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _role_of(message: dict[str, Any]) -> str:
+    role = message.get("role")
+    return "system" if role == "developer" else str(role)

@@ -79,6 +79,7 @@ class EngineCore:
             _as_id_set(self.generation_config.get("eos_token_id"))
             | _as_id_set(self.hf_config.get("eos_token_id"))
             | _as_id_set(self.tokenizer.eos_token_id)
+            | self.tokenizer.stop_token_ids  # e.g. ChatGLM3's <|user|> and <|observation|>
         )
         capacity = self.runner.num_blocks * cfg.block_size
         model_len = cfg.max_model_len or self.runner.model.max_model_len

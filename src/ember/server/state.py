@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import Request
 
 from ember.chat.templates import ChatFormatter
-from ember.chat.tokenizer import Tokenizer
+from ember.chat.tokenizer import BaseTokenizer
 from ember.engine.async_engine import AsyncEngine
 from ember.server.errors import APIError
 
@@ -58,7 +58,7 @@ class ServerState:
         self.encoder: Any = None  # SentenceEncoder when --embedding-model is given
 
     @property
-    def tokenizer(self) -> Tokenizer:
+    def tokenizer(self) -> BaseTokenizer:
         assert self.engine is not None
         return self.engine.tokenizer
 

@@ -83,10 +83,12 @@ class LlamaAttention(nn.Module):
         rotary: RotaryEmbedding,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rotary(q.view(-1, self.num_heads, self.head_dim), cos_sin)
-        k = rotary(k.view(-1, self.num_kv_heads, self.head_dim), cos_sin)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
+        # Q and K rotate by the same positions: one rotary call over all their heads.
+        qk = qkv[:, : self.q_size + self.kv_size].view(-1, heads + kv_heads, d)
+        q, k = rotary(qk, cos_sin).split([heads, kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size :].view(-1, kv_heads, d)
         out = self.backend.forward(self.layer, q, k, v, meta)
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -190,15 +192,22 @@ class LlamaForCausalLM(nn.Module):
                 if f".{part}." in name:
                     target = name.replace(f".{part}.", f".{fused}.")
                     start, rows = shard_rows[fused][idx]
-                    param = params[target]
-                    with torch.no_grad():
-                        param.data[start : start + rows].copy_(tensor)
+                    _copy_checked(params[target].data[start : start + rows], tensor, name)
                     loaded.add(target)
                     break
             else:
                 if name not in params:
                     raise KeyError(f"unexpected weight {name!r} in checkpoint")
-                with torch.no_grad():
-                    params[name].data.copy_(tensor)
+                _copy_checked(params[name].data, tensor, name)
                 loaded.add(name)
         return loaded
+
+
+def _copy_checked(dest: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    # copy_ would broadcast a wrongly shaped tensor without a word.
+    if dest.shape != src.shape:
+        raise ValueError(
+            f"weight {name!r} has shape {list(src.shape)}, expected {list(dest.shape)}"
+        )
+    with torch.no_grad():
+        dest.copy_(src)

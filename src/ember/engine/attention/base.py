@@ -25,7 +25,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [tokens]: cache slot each new token's K/V is written to
     spans: list[SeqSpan]
     num_decode_seqs: int  # the first spans are single-token decodes
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values)
+    kv_caches: list[torch.Tensor]  # per layer, laid out as the backend allocated it
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific tensors
 
 
@@ -41,21 +41,15 @@ class AttentionBackend:
 
     def allocate_cache(
         self, num_layers: int, num_blocks: int, dtype: torch.dtype, device: torch.device
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        shape = (num_blocks * self.block_size, self.num_kv_heads, self.head_dim)
-        return [
-            (
-                torch.zeros(shape, dtype=dtype, device=device),
-                torch.zeros(shape, dtype=dtype, device=device),
-            )
-            for _ in range(num_layers)
-        ]
+    ) -> list[torch.Tensor]:
+        """One cache tensor per layer, in whatever layout this backend reads fastest."""
+        raise NotImplementedError
 
     def build_metadata(
         self,
         spans: list[SeqSpan],
         num_decode_seqs: int,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[torch.Tensor],
         device: torch.device,
     ) -> AttentionMetadata:
         raise NotImplementedError

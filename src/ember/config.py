@@ -65,6 +65,13 @@ class EngineConfig:
         "Chat template: a Jinja file, or a built-in name (chatml, llama-2, chatglm3); "
         "default: the model's own."
     )
+    tool_call_parser: str = _opt(
+        "How tool calls are read from chat replies: auto (from the chat template: chatglm3, "
+        "hermes or llama3_json; ChatML models without tools get a Hermes-style template), "
+        "hermes, llama3_json, chatglm3, or none (requests with tools are refused).",
+        default="auto",
+        choices=["auto", "hermes", "llama3_json", "chatglm3", "none"],
+    )
     num_threads: int | None = _opt("CPU threads for torch; default: all cores.")
     seed: int = _opt("Seed for dummy weights and for unseeded sampling.", default=0)
 

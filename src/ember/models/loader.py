@@ -46,7 +46,9 @@ def cache_root() -> Path:
 def served_name(model: str | None) -> str:
     if model is None:
         return DEFAULT_MODEL_NAME
-    p = Path(model.rstrip("/"))
+    p = Path(model.rstrip("/") or "/")
+    if p.name in ("", ".."):  # `ember serve .` inside the model directory: name it, not ""
+        p = p.resolve()
     return p.stem if p.suffix == ".gguf" else p.name
 
 

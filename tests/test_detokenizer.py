@@ -296,3 +296,21 @@ def test_tokens_after_a_stop_string_are_ignored(smol: Tokenizer) -> None:
     assert detok.add_tokens(ids_of(smol, " more")) == ("", None)
     assert detok.flush() == ""
     assert detok.output_text == "a "
+
+
+@pytest.mark.parametrize("step", [1, 2, 1000])
+def test_stop_strings_wait_for_the_gate(smol: Tokenizer, step: int) -> None:
+    # A ChatGLM3-style reply: a metadata line, then the content; "\n" stops only the content.
+    output = ids_of(smol, "\nHello there\nsecond line")
+    params = SamplingParams(stop=["\n"], stop_strings_after="\n")
+    detok, results = stream(smol, [], output, params, step=step)
+    assert results[-1][1] == "\n"
+    assert detok.output_text == "\nHello there"
+
+
+def test_a_stop_string_before_the_gate_does_not_match(smol: Tokenizer) -> None:
+    output = ids_of(smol, "tool STOP name: STOP here")
+    params = SamplingParams(stop=["STOP"], stop_strings_after="name:")
+    detok, results = stream(smol, [], output, params)
+    assert results[-1][1] == "STOP"
+    assert detok.output_text == "tool STOP name: "

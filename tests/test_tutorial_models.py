@@ -328,6 +328,28 @@ def test_chatglm3_reply_drops_the_metadata_line(glm: Served) -> None:
             assert reply.strip() == content.strip()
 
 
+def test_chatglm3_stop_strings_apply_to_the_content_not_the_metadata_line(glm: Served) -> None:
+    """A "\n" stop must not end the reply at the newline that closes the metadata line: the
+    same seeded samples read raw (/v1/completions on the chat prompt's ids) and as chat with
+    stop ["\n"] give the content cut at its first "\n"."""
+    newline = glm.sp.piece_to_id("<0x0A>")
+    messages = [{"role": "user", "content": "Name three rivers."}]
+    kw: dict[str, Any] = dict(n=16, seed=11, temperature=1.0, max_tokens=16)
+    kw["logit_bias"] = {str(newline): 5}
+    prompt = glm.tokenize(messages=messages)
+    raw = [
+        c.text
+        for c in glm.complete(prompt, **kw, extra_body={"skip_special_tokens": False}).choices
+    ]
+    stopped = [c.message.content for c in glm.chat(messages, **kw, stop=["\n"]).choices]
+    checked = 0
+    for text, cut in zip(raw, stopped):
+        if text.startswith("\n") and "<|" not in text:  # an empty metadata line, one segment
+            assert cut.strip() == text[1:].split("\n", 1)[0].strip()
+            checked += cut.strip() != ""
+    assert checked  # some replies kept text: the metadata line's newline did not stop them
+
+
 def test_chatglm3_tools_are_listed_in_the_system_turn(
     glm: Served, official: OfficialChatGLM3
 ) -> None:

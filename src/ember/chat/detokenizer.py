@@ -44,6 +44,8 @@ class IncrementalDetokenizer:
         stop = params.stop if isinstance(params.stop, list) else [params.stop or ""]
         self._stops: list[str] = [s for s in stop if s]
         self._max_stop_len = max((len(s) for s in self._stops), default=0)
+        self._gate = params.stop_strings_after or None  # stops wait until this text went by
+        self._gate_tail = ""  # the end of the text emitted before the gate, to find it across steps
 
         # Only the prompt's tail is kept: it is context for the first window, never emitted.
         self._ids: list[int] = list(prompt_token_ids[-INITIAL_PROMPT_CONTEXT:])
@@ -128,6 +130,8 @@ class IncrementalDetokenizer:
     def _apply_stops(self, new_text: str) -> tuple[str, str | None]:
         if not self._stops:
             return self._emit(new_text), None
+        if self._gate is not None:
+            return self._pass_gate(new_text)
         text = self._pending + new_text
         # Held text holds no whole stop string, so a match must end inside the new text.
         start = max(0, len(self._pending) - self._max_stop_len + 1)
@@ -141,6 +145,23 @@ class IncrementalDetokenizer:
         hold = self._partial_stop_len(text)
         self._pending = text[len(text) - hold :] if hold else ""
         return self._emit(text[: len(text) - hold]), None
+
+    def _pass_gate(self, new_text: str) -> tuple[str, str | None]:
+        """Emit text up to the end of the gate unchecked; check what follows it for stops."""
+        gate = self._gate
+        assert gate is not None
+        seen = self._gate_tail + new_text
+        at = seen.find(gate)
+        if at < 0:
+            self._gate_tail = seen[-(len(gate) - 1) :] if len(gate) > 1 else ""
+            return self._emit(new_text), None
+        self._gate = None
+        after = len(seen) - (at + len(gate))  # characters of new_text past the gate
+        head = self._emit(new_text[: len(new_text) - after])
+        if not after:
+            return head, None
+        text, stop = self._apply_stops(new_text[len(new_text) - after :])
+        return head + text, stop
 
     def _find_stop(self, text: str, start: int) -> tuple[int, str] | None:
         """The stop string that completes first in `text` (a streamed text would reach it

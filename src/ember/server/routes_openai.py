@@ -536,7 +536,9 @@ async def chat_completions(
     if plan.parser == "chatglm3":
         # Its segments are separated by <|assistant|>: the parser must see it (and drops it).
         # Stop tokens (<|user|>, <|observation|>, eos) never reach the text either way.
-        params = dataclasses.replace(params, skip_special_tokens=False)
+        # Stop strings belong to the content, not to the metadata line before the first "\n".
+        gate = None if plan.prefix else "\n"  # a forced prefix already closed that line
+        params = dataclasses.replace(params, skip_special_tokens=False, stop_strings_after=gate)
     jobs = [(prompt_ids, p) for p in fan_out(params, req.n)]
     validate_jobs(state, jobs)
     request_id = P.random_id("chatcmpl")

@@ -139,6 +139,8 @@ def test_text_completion_forms(client):
     assert len(ids.choices) == 2
     echo = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=3, echo=True)
     assert echo.choices[0].text.startswith("Hello there")
+    ids = client.completions.create(model=MODEL, prompt=[19556, 665], max_tokens=3, echo=True)
+    assert ids.choices[0].text.startswith("Hello there")  # token ids come back decoded
 
 
 def test_completion_logprobs_shape(client):

@@ -650,19 +650,20 @@ async def _chat_stream(
 # ------------------------------------------------------------------ completions
 
 
-def _prompt_list(state: ServerState, prompt: Any) -> list[list[int]]:
+def _prompt_list(state: ServerState, prompt: Any) -> list[tuple[list[int], str | None]]:
+    """Each prompt's token ids, with its text when it came as a string."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
         raise APIError("prompt must not be empty.", param="prompt")
     if all(isinstance(t, int) for t in prompt):
-        return [list(prompt)]
-    out = []
+        return [(list(prompt), None)]
+    out: list[tuple[list[int], str | None]] = []
     for p in prompt:
         if isinstance(p, str):
-            out.append(state.tokenizer.encode(p))
+            out.append((state.tokenizer.encode(p), p))
         elif isinstance(p, list) and all(isinstance(t, int) for t in p):
-            out.append(list(p))
+            out.append((list(p), None))
         else:
             raise APIError(
                 "prompt must be a string, a list of strings, or token ids.", param="prompt"
@@ -724,7 +725,8 @@ async def completions(
         raise APIError(f"best_of ({best_of}) must be at least n ({req.n}).", param="best_of")
     if req.stream and best_of > req.n:
         raise APIError("best_of greater than n cannot be streamed.", param="best_of")
-    prompts = _prompt_list(state, req.prompt)
+    given = _prompt_list(state, req.prompt)
+    prompts = [ids for ids, _ in given]
     # best_of ranks by cumulative logprob, so each token's logprob is needed.
     lp = req.logprobs if req.logprobs is not None else (0 if best_of > req.n else None)
     jobs, owners = [], []
@@ -737,9 +739,15 @@ async def completions(
             jobs.append((ids, p))
             owners.append(pi)
     validate_jobs(state, jobs)
+    # Echo gives a text prompt back as sent. Token ids come back decoded, and so does every
+    # prompt echoed with logprobs, whose tokens and text offsets must spell the echoed text.
     prompt_texts = [
-        state.tokenizer.decode(ids, skip_special_tokens=False) if req.echo else ""
-        for ids in prompts
+        ""
+        if not req.echo
+        else text
+        if text is not None and not echo_logprobs
+        else state.tokenizer.decode(ids, skip_special_tokens=False)
+        for ids, text in given
     ]
     request_id = P.random_id("cmpl")
     created = int(time.time())

@@ -64,9 +64,10 @@ class ModelRunner:
         self.backend: AttentionBackend = get_backend(backend_name)(
             num_heads, num_kv_heads, head_dim, cfg.block_size
         )
-        # Build on `meta` and materialise uninitialised: the weights are overwritten anyway.
+        # Build on `meta` and materialise uninitialised, already in the run dtype: the weights
+        # are overwritten anyway, and a 7B model never exists in float32 (28 GB) on the way.
         with torch.device("meta"):
-            model = cls(hf_config, self.backend)
+            model = cls(hf_config, self.backend).to(self.dtype)
         self.model = model.to_empty(device=self.device)
         for module in self.model.modules():
             if hasattr(module, "reset") and module is not self.model:
@@ -77,7 +78,7 @@ class ModelRunner:
             loader.init_dummy_weights(self.model, cfg.seed)
         else:
             self._load(model_dir)
-        self.model.to(self.dtype).eval()
+        self.model.eval()
         self._pack_linears()
         log.info(
             "model loaded in %.1fs (%s, %s)", time.perf_counter() - t0, self.dtype, self.device

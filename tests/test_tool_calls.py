@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
@@ -506,6 +507,19 @@ def test_tools_are_rendered_into_the_prompt(client):
     plain = client.chat.completions.create(**kw)
     auto = client.chat.completions.create(**kw, tools=TOOLS)
     assert auto.usage.prompt_tokens > plain.usage.prompt_tokens + 50
+
+
+@slow
+@pytest.mark.parametrize("tool_choice", ["auto", "required", "named"])
+def test_tokenize_counts_what_a_tool_request_runs_on(client, server, tool_choice):
+    tool_choice = NAMED if tool_choice == "named" else tool_choice
+    body = {"messages": ASK, "tools": TOOLS, "tool_choice": tool_choice}
+    r = httpx.post(server + "/tokenize", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 200
+    chat = client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=TOOLS, tool_choice=tool_choice, max_tokens=1
+    )
+    assert r.json()["count"] == chat.usage.prompt_tokens
 
 
 @slow

@@ -51,13 +51,16 @@ async def tokenize(req: P.TokenizeRequest, state: ServerState = Depends(get_stat
     if (req.prompt is None) == (req.messages is None):
         raise APIError("Give exactly one of prompt or messages.", param="prompt")
     if req.messages is not None:
-        from ember.server.routes_openai import _message_dicts
+        from ember.server.routes_openai import chat_prompt
 
-        assert state.formatter is not None
-        fake = P.ChatCompletionRequest(messages=req.messages)
-        tokens = state.formatter.encode(
-            _message_dicts(fake), add_generation_prompt=req.add_generation_prompt
+        chat = P.ChatCompletionRequest(
+            messages=req.messages,
+            tools=req.tools,
+            tool_choice=req.tool_choice,
+            chat_template_kwargs=req.chat_template_kwargs,
+            add_generation_prompt=req.add_generation_prompt,
         )
+        _, tokens = chat_prompt(chat, state)  # exactly the ids a chat request would run on
     else:
         tokens = state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len}

@@ -507,6 +507,20 @@ def _chat_message(plan: ChatPlan, r: SeqResult) -> tuple[P.ChatResponseMessage, 
     return P.ChatResponseMessage(content=res.content or None, tool_calls=calls), "tool_calls"
 
 
+def chat_prompt(req: P.ChatCompletionRequest, state: ServerState) -> tuple[ChatPlan, list[int]]:
+    """The prompt ids a chat request runs on (shared with /tokenize), and how to read replies."""
+    plan = _chat_plan(req, state)
+    prompt_ids = plan.formatter.encode(
+        _message_dicts(req),
+        add_generation_prompt=req.add_generation_prompt,
+        tools=plan.tools,
+        **(req.chat_template_kwargs or {}),
+    )
+    if plan.prefix:  # tool_choice required or named: the reply starts inside a call
+        prompt_ids = prompt_ids + state.tokenizer.encode(plan.prefix, add_special_tokens=False)
+    return plan, prompt_ids
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(
     req: P.ChatCompletionRequest, request: Request, state: ServerState = Depends(get_state)
@@ -517,15 +531,7 @@ async def chat_completions(
             f"response_format {req.response_format.type!r} is not supported yet; use 'text'.",
             param="response_format",
         )
-    plan = _chat_plan(req, state)
-    prompt_ids = plan.formatter.encode(
-        _message_dicts(req),
-        add_generation_prompt=req.add_generation_prompt,
-        tools=plan.tools,
-        **(req.chat_template_kwargs or {}),
-    )
-    if plan.prefix:  # tool_choice required or named: the reply starts inside a call
-        prompt_ids = prompt_ids + state.tokenizer.encode(plan.prefix, add_special_tokens=False)
+    plan, prompt_ids = chat_prompt(req, state)
     top = req.top_logprobs if req.logprobs else None
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError("top_logprobs needs logprobs set to true.", param="top_logprobs")

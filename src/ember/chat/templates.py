@@ -54,8 +54,8 @@ class Llama2Format:
 
     The system prompt folds into the first user turn as "<<SYS>>\\n{sys}\\n<</SYS>>\\n\\n{user}";
     each finished exchange is `<s>` + SP("[INST] {u} [/INST] {a} ") + `</s>` and the open turn
-    is `<s>` + SP("[INST] {u} [/INST]"), with both sides stripped. Llama-2 has no tool format,
-    so request tools are ignored, as its own template ignores them.
+    is `<s>` + SP("[INST] {u} [/INST]"), with both sides stripped. Llama-2 has no tool format:
+    the format ignores tools, and the server answers a request with tools with a 400.
     """
 
     name = "llama-2"

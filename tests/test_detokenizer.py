@@ -314,3 +314,11 @@ def test_a_stop_string_before_the_gate_does_not_match(smol: Tokenizer) -> None:
     detok, results = stream(smol, [], output, params)
     assert results[-1][1] == "STOP"
     assert detok.output_text == "tool STOP name: "
+
+
+def test_kept_special_tokens_are_written_and_the_others_skipped(smol: Tokenizer) -> None:
+    start, end = smol.token_to_id("<|im_start|>"), smol.token_to_id("<|im_end|>")
+    output = ids_of(smol, "a") + [start] + ids_of(smol, "b") + [end] + ids_of(smol, "c")
+    params = SamplingParams(keep_special_token_ids=[start])
+    detok, _ = stream(smol, chat_prompt(smol), output, params)
+    assert detok.output_text == "a<|im_start|>bc"

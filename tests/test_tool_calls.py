@@ -738,7 +738,9 @@ def test_chatglm3_plain_chat_has_no_metadata_newline(glm, monkeypatch):
     assert r.choices[0].finish_reason == "stop" and r.choices[0].message.tool_calls is None
     final, _ = stream_final(sdk, model="glm", messages=ASK, max_tokens=40)
     assert final.choices[0].message.content == "Hello there, friend."
-    assert script.calls[0][1].skip_special_tokens is False
+    params = script.calls[0][1]  # specials skipped, but the segment separator kept
+    assistant = state.tokenizer.token_to_id("<|assistant|>")
+    assert params.skip_special_tokens and params.keep_special_token_ids == [assistant]
 
 
 def test_chatglm3_text_then_tool_call(glm, monkeypatch):

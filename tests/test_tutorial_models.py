@@ -295,10 +295,17 @@ def test_chatglm3_stops_on_user_tag_after_some_text(glm: Served) -> None:
     assert raw.usage.completion_tokens > r.usage.completion_tokens
     for text, choice in zip(contents, raw.choices):
         assert "<|user|>" in choice.text
-        # Up to the tag, the raw text is the reply plus segment tags and the whitespace that
-        # reading the segments drops.
-        before = choice.text.split("<|user|>", 1)[0].replace("<|assistant|>", "")
-        assert "".join(before.split()) == "".join(text.split())
+        # Up to the tag, the raw text is the reply plus segment tags, the other special tokens
+        # (skipped in replies) and the whitespace that reading the segments drops. Plain text
+        # may spell "sop" too, so the strings come out of both sides.
+        before = choice.text.split("<|user|>", 1)[0]
+        assert _without_specials(before) == _without_specials(text)
+
+
+def _without_specials(text: str) -> str:
+    for tag in CHATGLM3_SPECIAL_TOKENS + ("<unk>", "<s>", "</s>"):
+        text = text.replace(tag, "")
+    return "".join(text.split())
 
 
 def test_chatglm3_reply_drops_the_metadata_line(glm: Served) -> None:
@@ -348,6 +355,20 @@ def test_chatglm3_stop_strings_apply_to_the_content_not_the_metadata_line(glm: S
             assert cut.strip() == text[1:].split("\n", 1)[0].strip()
             checked += cut.strip() != ""
     assert checked  # some replies kept text: the metadata line's newline did not stop them
+
+
+@pytest.mark.parametrize("tag", ["<|system|>", "[MASK]", "sop"])
+def test_chatglm3_other_special_tokens_never_reach_the_reply(glm: Served, tag: str) -> None:
+    # Only <|assistant|> is kept for the reply parser; any other special the model writes
+    # is skipped, as with skip_special_tokens everywhere else.
+    kw: dict[str, Any] = dict(max_tokens=4, logit_bias={str(_special(glm, tag)): 100})
+    messages = [{"role": "user", "content": "Hello"}]
+    whole = glm.chat(messages, **kw).choices[0]
+    assert whole.finish_reason == "length"
+    streamed = "".join(
+        c.choices[0].delta.content or "" for c in glm.chat(messages, **kw, stream=True)
+    )
+    assert tag not in (whole.message.content or "") and tag not in streamed
 
 
 def test_chatglm3_tools_are_listed_in_the_system_turn(

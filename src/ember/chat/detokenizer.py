@@ -40,6 +40,13 @@ class IncrementalDetokenizer:
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = params.skip_special_tokens
+        # Skipping all specials but a few: drop the others from the ids, decode what remains.
+        keep = set(params.keep_special_token_ids or ())
+        self._drop: frozenset[int] = frozenset()
+        if keep and params.skip_special_tokens:
+            self._drop = tokenizer.all_special_ids - keep
+            self._skip_special_tokens = False
+            prompt_token_ids = [t for t in prompt_token_ids if t not in self._drop]
         self._include_stop = params.include_stop_str_in_output
         stop = params.stop if isinstance(params.stop, list) else [params.stop or ""]
         self._stops: list[str] = [s for s in stop if s]
@@ -76,6 +83,8 @@ class IncrementalDetokenizer:
         Once a stop string matched, the text ends just before it (or includes it with
         include_stop_str_in_output) and the caller finishes the sequence.
         """
+        if self._drop:
+            new_token_ids = [t for t in new_token_ids if t not in self._drop]
         if self._finished or not new_token_ids:
             return "", None
         self._ids.extend(new_token_ids)

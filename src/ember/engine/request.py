@@ -45,6 +45,9 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; k: the sampled token plus top-k alternatives
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Special tokens still written out when the others are skipped (ChatGLM3's <|assistant|>,
+    # which separates the segments of a reply that a tool-call parser has to see).
+    keep_special_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -544,7 +544,12 @@ async def chat_completions(
         # Stop tokens (<|user|>, <|observation|>, eos) never reach the text either way.
         # Stop strings belong to the content, not to the metadata line before the first "\n".
         gate = None if plan.prefix else "\n"  # a forced prefix already closed that line
-        params = dataclasses.replace(params, skip_special_tokens=False, stop_strings_after=gate)
+        keep = [state.tokenizer.token_to_id("<|assistant|>")]
+        params = dataclasses.replace(
+            params,
+            keep_special_token_ids=[t for t in keep if t is not None],
+            stop_strings_after=gate,
+        )
     jobs = [(prompt_ids, p) for p in fan_out(params, req.n)]
     validate_jobs(state, jobs)
     request_id = P.random_id("chatcmpl")

@@ -23,7 +23,8 @@ import pytest
 from ember.chat.chatglm3 import TOOLS_SYSTEM_PROMPT
 from ember.chat.tokenizer import CHATGLM3_SPECIAL_TOKENS, ChatGLM3Tokenizer
 from ember.models.loader import served_name
-from test_chatglm3_tokenizer import OfficialChatGLM3
+from test_chatglm3_tokenizer import OPENAI_TOOLS, OfficialChatGLM3
+from test_chatglm3_tokenizer import WEATHER_TOOL as WEATHER
 from test_llama2_format import meta_chat_ids
 
 from conftest import API_KEY, ember_serve
@@ -31,16 +32,7 @@ from tutorial_dirs import write_chatglm3_6b, write_llama2_7b_chat_hf
 
 MAX_MODEL_LEN = 1024
 SYSTEM = "You are a helpful, respectful and honest assistant."
-WEATHER = {
-    "name": "get_weather",
-    "description": "Get the current weather in a city",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string", "description": "城市名称"}},
-        "required": ["city"],
-    },
-}
-TOOLS = [{"type": "function", "function": WEATHER}]
+TOOLS = OPENAI_TOOLS
 
 
 @dataclass

@@ -1,27 +1,43 @@
-"""The torch attention backend against plain causal attention over each sequence's history.
+"""The attention backends against plain causal attention over each sequence's history.
 
 A step mixes decodes, fresh prefills and chunks whose earlier tokens are already cached; the
 paged cache is filled in a scrambled block order so a wrong slot or mask shows up in the output.
+The CPU backend (the torch one with a C kernel for decodes) runs the same cases, and its kernel
+is checked on the shapes real models have.
 """
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
 
 from ember.engine.attention import torch_backend
 from ember.engine.attention.base import SeqSpan
+from ember.engine.attention.cpu_backend import CpuAttentionBackend
 from ember.engine.attention.torch_backend import TorchAttentionBackend
+from ember.native import cpu_kernels
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 6, 2, 8, 4
 
 
+def needs_kernels() -> None:
+    if cpu_kernels() is None:
+        # Every machine Ember is tested on has a C compiler: a failed build is a failure here.
+        assert shutil.which("cc") is None and shutil.which("gcc") is None, "C kernels failed"
+        pytest.skip("no C compiler on this machine")
+
+
+BACKENDS = {"torch": TorchAttentionBackend, "cpu": CpuAttentionBackend}
+
+
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cached: int) -> torch.Tensor:
     """q: [n, H, D] for positions cached..cached+n-1; k, v: [cached + n, KVH, D]."""
-    group = HEADS // KV_HEADS
+    group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) * HEAD_DIM**-0.5
+    scores = torch.einsum("qhd,khd->hqk", q, k) * q.shape[-1] ** -0.5
     n, total = q.shape[0], k.shape[0]
     visible = torch.arange(total)[None, :] <= torch.arange(n)[:, None] + cached
     scores = scores.masked_fill(~visible, float("-inf"))
@@ -72,12 +88,17 @@ STEPS = {
 }
 
 
+@pytest.mark.parametrize("backend_name", list(BACKENDS))
 @pytest.mark.parametrize("batched", [True, False], ids=["batched-prefill", "per-chunk"])
 @pytest.mark.parametrize("case", list(STEPS))
-def test_backend_matches_causal_attention(case: str, batched: bool, monkeypatch) -> None:
+def test_backend_matches_causal_attention(
+    case: str, batched: bool, backend_name: str, monkeypatch
+) -> None:
+    if backend_name == "cpu":
+        needs_kernels()
     # A huge allowance batches every multi-chunk step; zero forces one call per chunk.
     monkeypatch.setattr(torch_backend, "PREFILL_BATCH_MAX_PADDING", 1e9 if batched else 0.0)
-    backend = TorchAttentionBackend(HEADS, KV_HEADS, HEAD_DIM, BLOCK)
+    backend = BACKENDS[backend_name](HEADS, KV_HEADS, HEAD_DIM, BLOCK)
     seqs, num_decodes = STEPS[case]
     ours, ref = run_step(backend, seqs, num_decodes)
     assert not ours.isnan().any()
@@ -101,3 +122,35 @@ def test_bursts_batch_and_lopsided_steps_do_not() -> None:
     assert even.extra["prefill_batch"] is not None and not even.extra["prefills"]
     lopsided = backend.build_metadata(spans([60, 2, 3]), 0, cache, torch.device("cpu"))
     assert lopsided.extra["prefill_batch"] is None and len(lopsided.extra["prefills"]) == 3
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,block",
+    [(9, 3, 64, 16), (32, 32, 128, 16), (8, 1, 64, 8), (4, 2, 80, 5)],
+    ids=["smollm2", "llama-2", "multi-query", "odd-sizes"],
+)
+def test_cpu_decode_kernel_on_model_shapes(
+    heads: int, kv_heads: int, head_dim: int, block: int
+) -> None:
+    """The kernel against SDPA over the gathered context, for many sequences of mixed length."""
+    needs_kernels()
+    gen = torch.Generator().manual_seed(heads * 1000 + head_dim)
+    lengths = [1, 2, block, block + 1, 37, 300, 129, 64]
+    num_blocks = sum(-(-n // block) for n in lengths) + 5
+    backend = CpuAttentionBackend(heads, kv_heads, head_dim, block)
+    cache = backend.allocate_cache(1, num_blocks, torch.float32, torch.device("cpu"))[0]
+    cache.copy_(torch.randn(cache.shape, generator=gen) * 2)
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    spans = []
+    for i, n in enumerate(lengths):
+        spans.append(SeqSpan(i, 1, n, [order.pop() for _ in range(-(-n // block))]))
+    q = torch.randn(len(lengths), heads, head_dim, generator=gen) * 2
+    meta = backend.build_metadata(spans, len(spans), [cache], torch.device("cpu"))
+    out = torch.empty_like(q)
+    backend._decode(cache, q, out, meta)
+    for i, span in enumerate(spans):
+        pos = torch.arange(span.context_len)
+        slots = torch.tensor(span.block_table)[pos // block] * block + pos % block
+        k, v = cache[slots, 0], cache[slots, 1]  # [n, KVH, D]
+        want = reference(q[i : i + 1], k, v, span.context_len - 1)
+        torch.testing.assert_close(out[i : i + 1], want, rtol=1e-4, atol=1e-5)

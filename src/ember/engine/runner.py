@@ -52,17 +52,22 @@ class ModelRunner:
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         self.dtype = pick_dtype(cfg.dtype, self.device)
+        # Small blocks on the CPU: the prefix cache then covers more of a shared system prompt
+        # (prefill is compute there); on GPU, 16-token blocks keep block tables short.
+        self.block_size = cfg.block_size or (16 if self.device.type == "cuda" else 8)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         cls = model_class(hf_config)
-        backend_name = "torch" if cfg.attention_backend == "auto" else cfg.attention_backend
         t0 = time.perf_counter()
         with torch.device("meta"):
             probe = cls(hf_config, backend=None)  # only to read the attention shape
         num_layers, num_heads, num_kv_heads, head_dim = probe.attention_shape
         del probe
+        backend_name = cfg.attention_backend
+        if backend_name == "auto":
+            backend_name = self._auto_backend(num_heads, num_kv_heads)
         self.backend: AttentionBackend = get_backend(backend_name)(
-            num_heads, num_kv_heads, head_dim, cfg.block_size
+            num_heads, num_kv_heads, head_dim, self.block_size
         )
         # Build on `meta` and materialise uninitialised, already in the run dtype: the weights
         # are overwritten anyway, and a 7B model never exists in float32 (28 GB) on the way.
@@ -85,7 +90,7 @@ class ModelRunner:
         )
 
         self.num_layers = num_layers
-        kv_bytes_per_block = 2 * num_layers * cfg.block_size * num_kv_heads * head_dim
+        kv_bytes_per_block = 2 * num_layers * self.block_size * num_kv_heads * head_dim
         kv_bytes_per_block *= torch.tensor([], dtype=self.dtype).element_size()
         self.num_blocks = max(1, self._kv_budget() // kv_bytes_per_block)
         self.kv_caches = self.backend.allocate_cache(
@@ -94,12 +99,20 @@ class ModelRunner:
         log.info(
             "KV cache: %d blocks of %d tokens (%.0f MiB)",
             self.num_blocks,
-            cfg.block_size,
+            self.block_size,
             self.num_blocks * kv_bytes_per_block / 2**20,
         )
 
+    def _auto_backend(self, num_heads: int, num_kv_heads: int) -> str:
+        from ember.engine.attention.cpu_backend import CpuAttentionBackend
+
+        on_cpu = self.device.type == "cpu" and self.dtype == torch.float32
+        if on_cpu and CpuAttentionBackend.available(num_heads, num_kv_heads):
+            return "cpu"
+        return "torch"
+
     def _pack_linears(self) -> None:
-        """On the CPU, pre-pack every linear weight that no other module shares."""
+        """On the CPU, pre-pack every linear weight (a tied one keeps its plain copy too)."""
         from ember.models.layers import Linear
 
         if self.device.type != "cpu" or self.dtype != torch.float32:
@@ -108,8 +121,8 @@ class ModelRunner:
         for _, p in self.model.named_parameters(remove_duplicate=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
         for module in self.model.modules():
-            if isinstance(module, Linear) and owners.get(id(module.weight)) == 1:
-                module.pack_for_cpu(CPU_PACK_BATCH_HINT)
+            if isinstance(module, Linear):
+                module.pack_for_cpu(CPU_PACK_BATCH_HINT, shared=owners.get(id(module.weight)) != 1)
 
     def _load(self, model_dir: Path) -> None:
         loaded = self.model.load_weights(loader.iter_weights(model_dir))
@@ -134,7 +147,7 @@ class ModelRunner:
 
     @property
     def default_token_budget(self) -> int:
-        return 4096 if self.device.type == "cuda" else 512
+        return 4096 if self.device.type == "cuda" else 256
 
     @property
     def vocab_size(self) -> int:

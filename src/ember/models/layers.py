@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ember.native import cpu_kernels
+
 
 def _onednn_linear_works() -> bool:
     try:
@@ -36,16 +38,19 @@ class Linear(nn.Linear):
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return nn.functional.linear(x, self.weight, self.bias)
 
-    def pack_for_cpu(self, batch_hint: int) -> bool:
+    def pack_for_cpu(self, batch_hint: int, shared: bool = False) -> bool:
         """Reorder the weight once into oneDNN's blocked layout instead of on every call
         (15-25% off each decode GEMM at 32 rows, never slower at 1 or 512; benchmarks/
-        RESULTS.md), dropping the plain copy so memory stays the same. Only for a weight
-        this layer owns alone: a tied weight is still read as embeddings."""
+        RESULTS.md). The plain copy is dropped, so memory stays the same, unless the weight
+        is `shared` with another module: a tied output layer keeps it for the embedding
+        lookup and spends one more copy's memory, which pays for itself many times over
+        (oneDNN would otherwise reorder the whole vocabulary matrix on every step)."""
         w = self.weight
         if not _ONEDNN_CPU_LINEAR or w.device.type != "cpu" or w.dtype != torch.float32:
             return False
         self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch_hint)
-        self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        if not shared:
+            self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
         return True
 
 
@@ -66,7 +71,15 @@ class RMSNorm(nn.Module):
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.chunk(2, dim=-1)
+    """silu(gate) * up for x = [gate | up] along the last dimension."""
+    n = x.shape[-1] // 2
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():
+        lib = cpu_kernels()
+        if lib is not None:  # one pass over x instead of three, and no temporaries
+            out = x.new_empty(*x.shape[:-1], n)
+            lib.silu_and_mul(x.data_ptr(), out.data_ptr(), x.numel() // (2 * n), n)
+            return out
+    gate, up = x.split(n, dim=-1)
     return nn.functional.silu(gate) * up
 
 

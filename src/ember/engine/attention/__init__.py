@@ -15,7 +15,11 @@ def get_backend(name: str) -> type[AttentionBackend]:
         from ember.engine.attention.torch_backend import TorchAttentionBackend
 
         return TorchAttentionBackend
-    raise ValueError(f"unknown attention backend {name!r} (available: torch)")
+    if name == "cpu":
+        from ember.engine.attention.cpu_backend import CpuAttentionBackend
+
+        return CpuAttentionBackend
+    raise ValueError(f"unknown attention backend {name!r} (available: torch, cpu)")
 
 
 __all__ = ["AttentionBackend", "AttentionMetadata", "SeqSpan", "get_backend"]

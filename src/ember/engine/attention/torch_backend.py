@@ -88,6 +88,19 @@ class TorchAttentionBackend(AttentionBackend):
             rows=rows.to(device),
         )
 
+    def _decode_metadata(
+        self, decodes: list[SeqSpan], slots: list[torch.Tensor], device: torch.device
+    ) -> dict:
+        max_len = max(s.context_len for s in decodes)
+        mask = torch.zeros(len(decodes), max_len, dtype=torch.bool)
+        for i, span in enumerate(decodes):
+            mask[i, : span.context_len] = True
+        return {
+            "decode_gather": self._padded_gather(decodes, slots, max_len).to(device),
+            "decode_shape": (len(decodes), max_len),
+            "decode_mask": mask[:, None, None, :].to(device),  # [B, 1, 1, L]
+        }
+
     def build_metadata(
         self,
         spans: list[SeqSpan],
@@ -102,14 +115,7 @@ class TorchAttentionBackend(AttentionBackend):
         extra: dict = {}
         decodes = spans[:num_decode_seqs]
         if decodes:
-            max_len = max(s.context_len for s in decodes)
-            mask = torch.zeros(len(decodes), max_len, dtype=torch.bool)
-            for i, span in enumerate(decodes):
-                mask[i, : span.context_len] = True
-            gather = self._padded_gather(decodes, all_slots[:num_decode_seqs], max_len)
-            extra["decode_gather"] = gather.to(device)
-            extra["decode_shape"] = (len(decodes), max_len)
-            extra["decode_mask"] = mask[:, None, None, :].to(device)  # [B, 1, 1, L]
+            extra.update(self._decode_metadata(decodes, all_slots[:num_decode_seqs], device))
         pre_spans, pre_slots = spans[num_decode_seqs:], all_slots[num_decode_seqs:]
         batch = self._prefill_batch(pre_spans, pre_slots, device)
         prefills = []
@@ -141,21 +147,8 @@ class TorchAttentionBackend(AttentionBackend):
         out = torch.empty_like(q)
         gqa = self.num_heads != self.num_kv_heads
         kvh, d = self.num_kv_heads, self.head_dim
-        n_dec = meta.num_decode_seqs
-        if n_dec:
-            b, length = meta.extra["decode_shape"]
-            kv = cache.index_select(0, meta.extra["decode_gather"]).view(b, length, 2, kvh, d)
-            # The query heads that share a KV head become that head's "query rows", so grouped
-            # attention is one plain SDPA call with no copies of K and V per query head.
-            qd = q[:n_dec].view(b, kvh, self.num_heads // kvh, d)
-            od = F.scaled_dot_product_attention(
-                qd,
-                kv[:, :, 0].transpose(1, 2),
-                kv[:, :, 1].transpose(1, 2),
-                attn_mask=meta.extra["decode_mask"],
-                scale=self.scale,
-            )
-            out[:n_dec] = od.reshape(b, self.num_heads, d)
+        if meta.num_decode_seqs:
+            self._decode(cache, q, out, meta)
         batch: _PrefillBatch | None = meta.extra["prefill_batch"]
         if batch is not None:
             n, max_q, max_ctx = batch.shape
@@ -193,3 +186,22 @@ class TorchAttentionBackend(AttentionBackend):
                 )
             out[s:e] = op.squeeze(0).transpose(0, 1)
         return out
+
+    def _decode(
+        self, cache: torch.Tensor, q: torch.Tensor, out: torch.Tensor, meta: AttentionMetadata
+    ) -> None:
+        """Attention of the first `num_decode_seqs` queries, one per sequence, into `out`."""
+        n_dec, kvh, d = meta.num_decode_seqs, self.num_kv_heads, self.head_dim
+        b, length = meta.extra["decode_shape"]
+        kv = cache.index_select(0, meta.extra["decode_gather"]).view(b, length, 2, kvh, d)
+        # The query heads that share a KV head become that head's "query rows", so grouped
+        # attention is one plain SDPA call with no copies of K and V per query head.
+        qd = q[:n_dec].view(b, kvh, self.num_heads // kvh, d)
+        od = F.scaled_dot_product_attention(
+            qd,
+            kv[:, :, 0].transpose(1, 2),
+            kv[:, :, 1].transpose(1, 2),
+            attn_mask=meta.extra["decode_mask"],
+            scale=self.scale,
+        )
+        out[:n_dec] = od.reshape(b, self.num_heads, d)

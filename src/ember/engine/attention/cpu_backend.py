@@ -1,0 +1,64 @@
+"""The CPU backend: the torch backend, with decodes attending over the paged cache in place.
+
+A decode step's attention is mostly memory traffic: the torch path first gathers every
+sequence's context out of the cache into a padded copy, then reads that copy again. The C
+kernel (`ember.native`, float32) walks each sequence's block table and reads keys and values
+where they lie, one (sequence, KV head) pair per task across the cores. Prefill chunks keep
+the torch path, where SDPA's matrix products dominate.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ember.engine.attention.base import AttentionMetadata, SeqSpan
+from ember.engine.attention.torch_backend import TorchAttentionBackend
+from ember.native import cpu_kernels
+
+MAX_GROUP = 64  # query heads per KV head the kernel handles (it keeps one max/sum per head)
+
+
+class CpuAttentionBackend(TorchAttentionBackend):
+    name = "cpu"
+
+    @classmethod
+    def available(cls, num_heads: int, num_kv_heads: int) -> bool:
+        return cpu_kernels() is not None and num_heads // num_kv_heads <= MAX_GROUP
+
+    def _decode_metadata(
+        self, decodes: list[SeqSpan], slots: list[torch.Tensor], device: torch.device
+    ) -> dict:
+        max_blocks = max(len(s.block_table) for s in decodes)
+        tables = torch.zeros(len(decodes), max_blocks, dtype=torch.int32)
+        for i, span in enumerate(decodes):
+            tables[i, : len(span.block_table)] = torch.tensor(span.block_table, dtype=torch.int32)
+        lens = torch.tensor([s.context_len for s in decodes], dtype=torch.int32)
+        return {"decode_tables": tables, "decode_lens": lens}
+
+    def _decode(
+        self, cache: torch.Tensor, q: torch.Tensor, out: torch.Tensor, meta: AttentionMetadata
+    ) -> None:
+        lib = cpu_kernels()
+        assert lib is not None and cache.dtype == torch.float32 and cache.is_contiguous()
+        n = meta.num_decode_seqs
+        tables, lens = meta.extra["decode_tables"], meta.extra["decode_lens"]
+        qd = q[:n].contiguous()
+        od = out[:n]
+        target = od if od.is_contiguous() else torch.empty_like(qd)
+        lib.decode_attention(
+            qd.data_ptr(),
+            cache.data_ptr(),
+            target.data_ptr(),
+            tables.data_ptr(),
+            lens.data_ptr(),
+            n,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.block_size,
+            tables.shape[1],
+            int(lens.max()),
+            self.scale,
+        )
+        if target is not od:
+            od.copy_(target)

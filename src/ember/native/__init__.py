@@ -1,0 +1,110 @@
+"""Ember's C kernels for the CPU, built once per machine with the system's C compiler.
+
+`cpu_kernels()` compiles `cpu_kernels.c` for the host CPU (`-march=native`, OpenMP) into
+`$EMBER_CACHE_DIR/kernels/` the first time it is needed, and loads it with ctypes. The name of
+the built library hashes the source, the flags, the compiler and the CPU's features, so an edit
+or another machine sharing the cache builds afresh. Without a compiler, or with `EMBER_NATIVE=0`,
+it returns None and callers keep their plain torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+from ember.models.loader import cache_root
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
+
+_i64, _f32 = ctypes.c_int64, ctypes.c_float
+_ptr = ctypes.c_void_p
+SIGNATURES = {
+    # q, cache, out, block_tables, context_lens, seqs, heads, kv_heads, head_dim, block_size,
+    # max_blocks, max_context, scale
+    "decode_attention": [
+        _ptr,
+        _ptr,
+        _ptr,
+        _ptr,
+        _ptr,
+        _i64,
+        _i64,
+        _i64,
+        _i64,
+        _i64,
+        _i64,
+        _i64,
+        _f32,
+    ],  # fmt: skip
+    "silu_and_mul": [_ptr, _ptr, _i64, _i64],  # x, out, rows, n
+}
+
+
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build(cc: str) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_features()]).encode()
+    ).hexdigest()[:16]
+    target = cache_root() / "kernels" / f"cpu_kernels-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: concurrent servers never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@cache
+def cpu_kernels() -> ctypes.CDLL | None:
+    if os.environ.get("EMBER_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    cc = _compiler()
+    if cc is None:
+        log.info("no C compiler found: CPU kernels fall back to plain torch")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, RuntimeError) as e:
+        log.warning("CPU kernels unavailable, using plain torch: %s", e)
+        return None
+    for name, argtypes in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = None
+    return lib

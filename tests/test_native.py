@@ -1,0 +1,71 @@
+"""Ember's C kernels: built once into the cache, used by the model's MLP, and optional."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ember.models import layers
+from ember.native import cpu_kernels
+
+
+def torch_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+@pytest.fixture
+def kernels():
+    lib = cpu_kernels()
+    if lib is None:
+        assert shutil.which("cc") is None and shutil.which("gcc") is None, "C kernels failed"
+        pytest.skip("no C compiler on this machine")
+    return lib
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (7, 96), (300, 3072), (2, 3, 10)])
+def test_silu_and_mul_matches_torch(kernels, shape: tuple[int, ...]) -> None:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape))) * 6
+    x[..., 0] = -100.0  # exp overflow territory: silu(-100) is -0, not NaN
+    out = layers.silu_and_mul(x)
+    assert out.shape == (*shape[:-1], shape[-1] // 2)
+    torch.testing.assert_close(out, torch_silu_and_mul(x), rtol=1e-5, atol=1e-6)
+
+
+def test_silu_and_mul_takes_views_and_other_dtypes(kernels) -> None:
+    x = torch.randn(6, 16)
+    view = x[::2]  # not contiguous: the torch path
+    torch.testing.assert_close(layers.silu_and_mul(view), torch_silu_and_mul(view))
+    half = x.to(torch.bfloat16)
+    torch.testing.assert_close(layers.silu_and_mul(half), torch_silu_and_mul(half))
+
+
+def test_kernels_build_into_the_cache_and_can_be_turned_off(tmp_path) -> None:
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine")
+    code = (
+        "from ember.native import cpu_kernels; "
+        "from ember.engine.attention.cpu_backend import CpuAttentionBackend as B; "
+        "print(cpu_kernels() is not None, B.available(9, 3))"
+    )
+    env = {"EMBER_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+
+    def run(**extra: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    assert run() == "True True"
+    built = list((tmp_path / "kernels").glob("cpu_kernels-*.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    assert run() == "True True"  # the second start loads the same file
+    assert built[0].stat().st_mtime_ns == mtime
+    assert run(EMBER_NATIVE="0") == "False False"
+    assert run(CC="/nonexistent/cc") == "False False"  # a broken compiler is not fatal

@@ -86,6 +86,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         embedding_model_name=_embedding_name(args),
     )
     app = build_app(cfg, server_cfg)
+    # The engine thread takes the GIL back after every torch op; with the default 5 ms switch
+    # interval a busy event loop (a burst of requests, 32 streams writing) makes it wait that
+    # long each time. 0.5 ms measured 3-5% more tokens/s at 32 streams on 2 cores.
+    sys.setswitchinterval(0.0005)
     uvicorn.run(
         app,
         host=args.host,

@@ -22,7 +22,13 @@ import torch
 from torch import nn
 
 from ember.engine.attention import AttentionBackend, AttentionMetadata
-from ember.models.layers import Linear, RMSNorm, RotaryEmbedding, silu_and_mul
+from ember.models.layers import (
+    FusedQKVAttention,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    silu_and_mul,
+)
 
 # Tensors in real checkpoints that Ember recomputes rather than loads.
 _SKIPPED_SUFFIXES = ("rotary_pos_emb.inv_freq",)
@@ -83,18 +89,9 @@ class ChatGLMArgs:
         )
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(FusedQKVAttention):
     def __init__(self, args: ChatGLMArgs, layer: int, backend: AttentionBackend) -> None:
-        super().__init__()
-        self.layer = layer
-        self.backend = backend
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            args.num_heads,
-            args.num_kv_heads,
-            args.head_dim,
-        )
-        self.q_size = args.num_heads * args.head_dim
-        self.kv_size = args.num_kv_heads * args.head_dim
+        super().__init__(args.num_heads, args.num_kv_heads, args.head_dim, layer, backend)
         self.query_key_value = Linear(
             args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias
         )
@@ -107,13 +104,7 @@ class SelfAttention(nn.Module):
         rotary: RotaryEmbedding,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        qkv = self.query_key_value(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rotary(q.view(-1, self.num_heads, self.head_dim), cos_sin)
-        k = rotary(k.view(-1, self.num_kv_heads, self.head_dim), cos_sin)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(self.layer, q, k, v, meta)
-        return self.dense(out.reshape(-1, self.q_size))
+        return self.dense(self.attend(self.query_key_value(x), cos_sin, rotary, meta))
 
 
 class MLP(nn.Module):

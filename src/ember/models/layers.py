@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ember.native import cpu_kernels
+
+if TYPE_CHECKING:
+    from ember.engine.attention import AttentionBackend, AttentionMetadata
 
 
 def _onednn_linear_works() -> bool:
@@ -163,3 +166,40 @@ class RotaryEmbedding(nn.Module):
             x1, x2 = rot[..., 0::2], rot[..., 1::2]
             out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
         return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+
+class FusedQKVAttention(nn.Module):
+    """The attention every model family here shares: one fused QKV projection, rotary on Q and
+    K, the paged-cache backend. Subclasses add the two projections under their checkpoint's
+    names and call `attend` between them."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        layer: int,
+        backend: AttentionBackend,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.backend = backend
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_size = num_heads * head_dim
+        self.kv_size = num_kv_heads * head_dim
+
+    def attend(
+        self,
+        qkv: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        rotary: RotaryEmbedding,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """[tokens, q + 2 kv] projections → [tokens, q_size] attention output."""
+        heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
+        # Q and K rotate by the same positions: one rotary call over all their heads.
+        qk = qkv[:, : self.q_size + self.kv_size].view(-1, heads + kv_heads, d)
+        q, k = rotary(qk, cos_sin).split([heads, kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size :].view(-1, kv_heads, d)
+        out = self.backend.forward(self.layer, q, k, v, meta)
+        return out.reshape(-1, self.q_size)

@@ -15,7 +15,13 @@ import torch
 from torch import nn
 
 from ember.engine.attention import AttentionBackend, AttentionMetadata
-from ember.models.layers import Linear, RMSNorm, RotaryEmbedding, silu_and_mul
+from ember.models.layers import (
+    FusedQKVAttention,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    silu_and_mul,
+)
 
 
 @dataclass
@@ -59,18 +65,9 @@ class LlamaArgs:
         )
 
 
-class LlamaAttention(nn.Module):
+class LlamaAttention(FusedQKVAttention):
     def __init__(self, args: LlamaArgs, layer: int, backend: AttentionBackend) -> None:
-        super().__init__()
-        self.layer = layer
-        self.backend = backend
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            args.num_heads,
-            args.num_kv_heads,
-            args.head_dim,
-        )
-        self.q_size = args.num_heads * args.head_dim
-        self.kv_size = args.num_kv_heads * args.head_dim
+        super().__init__(args.num_heads, args.num_kv_heads, args.head_dim, layer, backend)
         self.qkv_proj = Linear(
             args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.attention_bias
         )
@@ -83,14 +80,7 @@ class LlamaAttention(nn.Module):
         rotary: RotaryEmbedding,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
-        heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
-        # Q and K rotate by the same positions: one rotary call over all their heads.
-        qk = qkv[:, : self.q_size + self.kv_size].view(-1, heads + kv_heads, d)
-        q, k = rotary(qk, cos_sin).split([heads, kv_heads], dim=1)
-        v = qkv[:, self.q_size + self.kv_size :].view(-1, kv_heads, d)
-        out = self.backend.forward(self.layer, q, k, v, meta)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return self.o_proj(self.attend(self.qkv_proj(x), cos_sin, rotary, meta))
 
 
 class LlamaMLP(nn.Module):

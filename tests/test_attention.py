@@ -126,8 +126,8 @@ def test_bursts_batch_and_lopsided_steps_do_not() -> None:
 
 @pytest.mark.parametrize(
     "heads,kv_heads,head_dim,block",
-    [(9, 3, 64, 16), (32, 32, 128, 16), (8, 1, 64, 8), (4, 2, 80, 5)],
-    ids=["smollm2", "llama-2", "multi-query", "odd-sizes"],
+    [(9, 3, 64, 16), (32, 32, 128, 16), (8, 1, 64, 8), (4, 2, 80, 5), (6, 2, 64, 48)],
+    ids=["smollm2", "llama-2", "multi-query", "odd-sizes", "blocks-over-32"],
 )
 def test_cpu_decode_kernel_on_model_shapes(
     heads: int, kv_heads: int, head_dim: int, block: int
@@ -144,7 +144,9 @@ def test_cpu_decode_kernel_on_model_shapes(
     spans = []
     for i, n in enumerate(lengths):
         spans.append(SeqSpan(i, 1, n, [order.pop() for _ in range(-(-n // block))]))
-    q = torch.randn(len(lengths), heads, head_dim, generator=gen) * 2
+    # Q as the kernel gets it in a model: a strided view into the fused QKV projection.
+    qkv = torch.randn(len(lengths), (heads + 2 * kv_heads) * head_dim, generator=gen) * 2
+    q = qkv[:, : heads * head_dim].view(len(lengths), heads, head_dim)
     meta = backend.build_metadata(spans, len(spans), [cache], torch.device("cpu"))
     out = torch.empty_like(q)
     backend._decode(cache, q, out, meta)

@@ -44,6 +44,38 @@ def test_silu_and_mul_takes_views_and_other_dtypes(kernels) -> None:
     torch.testing.assert_close(layers.silu_and_mul(half), torch_silu_and_mul(half))
 
 
+@pytest.mark.parametrize("rows", [1, 5, 300])
+def test_rms_norm_matches_torch(kernels, rows: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 576, generator=g) * 3
+    norm = layers.RMSNorm(576, 1e-5)
+    norm.weight.data = torch.randn(576, generator=g)
+    want = torch.nn.functional.rms_norm(x, (576,), norm.weight, 1e-5)
+    torch.testing.assert_close(norm(x), want, rtol=1e-5, atol=1e-5)
+    wide = torch.cat([x, x], dim=1)[:, :576]  # a strided view takes the torch path
+    torch.testing.assert_close(norm(wide), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("rotary_dim", [64, 32])
+def test_rotary_in_place_matches_out_of_place(kernels, neox: bool, rotary_dim: int) -> None:
+    """Q and K heads rotated inside a fused QKV row (strided), full and partial rotary dims."""
+    rope = layers.RotaryEmbedding(64, rotary_dim, 4096, 10000.0, neox_style=neox)
+    g = torch.Generator().manual_seed(rotary_dim + neox)
+    tokens, heads = 37, 5
+    qkv = torch.randn(tokens, (heads + 2) * 64, generator=g)
+    positions = torch.randint(0, 4096, (tokens,), generator=g)
+    cos_sin = rope.cos_sin(positions, torch.float32)
+    qk = qkv[:, : heads * 64].view(tokens, heads, 64)
+    want = rope(qk.clone(), cos_sin)
+    v_before = qkv[:, heads * 64 :].clone()
+    assert rope.rotate_(qk, cos_sin).data_ptr() == qkv.data_ptr()
+    torch.testing.assert_close(qk, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(qkv[:, heads * 64 :], v_before)  # the rest of the row is untouched
+    if rotary_dim < 64:
+        torch.testing.assert_close(qk[..., rotary_dim:], want[..., rotary_dim:], rtol=0, atol=0)
+
+
 def test_kernels_build_into_the_cache_and_can_be_turned_off(tmp_path) -> None:
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler on this machine")

@@ -30,15 +30,15 @@ FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
 _i64, _f32 = ctypes.c_int64, ctypes.c_float
 _ptr = ctypes.c_void_p
 SIGNATURES = {
-    # q, cache, out, block_tables, context_lens, seqs, heads, kv_heads, head_dim, block_size,
-    # max_blocks, max_context, scale
+    # q, q row stride, cache, out, block_tables, context_lens, seqs, heads, kv_heads, head_dim,
+    # block_size, max_blocks, scale
     "decode_attention": [
         _ptr,
-        _ptr,
-        _ptr,
-        _ptr,
-        _ptr,
         _i64,
+        _ptr,
+        _ptr,
+        _ptr,
+        _ptr,
         _i64,
         _i64,
         _i64,
@@ -48,6 +48,9 @@ SIGNATURES = {
         _f32,
     ],  # fmt: skip
     "silu_and_mul": [_ptr, _ptr, _i64, _i64],  # x, out, rows, n
+    "rms_norm": [_ptr, _ptr, _ptr, _i64, _i64, _f32],  # x, weight, out, rows, dim, eps
+    # x, rows, row stride, heads, head_dim, rot_dim, cos, sin, neox
+    "rotary": [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64],
 }
 
 

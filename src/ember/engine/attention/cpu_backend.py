@@ -3,7 +3,7 @@
 A decode step's attention is mostly memory traffic: the torch path first gathers every
 sequence's context out of the cache into a padded copy, then reads that copy again. The C
 kernel (`ember.native`, float32) walks each sequence's block table and reads keys and values
-where they lie, one (sequence, KV head) pair per task across the cores. Prefill chunks keep
+where they lie, in one pass with a running softmax, a sequence per task across the cores. Prefill chunks keep
 the torch path, where SDPA's matrix products dominate.
 """
 
@@ -15,15 +15,13 @@ from ember.engine.attention.base import AttentionMetadata, SeqSpan
 from ember.engine.attention.torch_backend import TorchAttentionBackend
 from ember.native import cpu_kernels
 
-MAX_GROUP = 64  # query heads per KV head the kernel handles (it keeps one max/sum per head)
-
 
 class CpuAttentionBackend(TorchAttentionBackend):
     name = "cpu"
 
     @classmethod
     def available(cls, num_heads: int, num_kv_heads: int) -> bool:
-        return cpu_kernels() is not None and num_heads // num_kv_heads <= MAX_GROUP
+        return cpu_kernels() is not None
 
     def _decode_metadata(
         self, decodes: list[SeqSpan], slots: list[torch.Tensor], device: torch.device
@@ -42,11 +40,14 @@ class CpuAttentionBackend(TorchAttentionBackend):
         assert lib is not None and cache.dtype == torch.float32 and cache.is_contiguous()
         n = meta.num_decode_seqs
         tables, lens = meta.extra["decode_tables"], meta.extra["decode_lens"]
-        qd = q[:n].contiguous()
+        qd = q[:n]
+        if qd.stride(2) != 1 or qd.stride(1) != self.head_dim:  # a token's heads must be one run
+            qd = qd.contiguous()
         od = out[:n]
-        target = od if od.is_contiguous() else torch.empty_like(qd)
+        target = od if od.is_contiguous() else torch.empty(od.shape, dtype=od.dtype)
         lib.decode_attention(
             qd.data_ptr(),
+            qd.stride(0),
             cache.data_ptr(),
             target.data_ptr(),
             tables.data_ptr(),
@@ -57,7 +58,6 @@ class CpuAttentionBackend(TorchAttentionBackend):
             self.head_dim,
             self.block_size,
             tables.shape[1],
-            int(lens.max()),
             self.scale,
         )
         if target is not od:

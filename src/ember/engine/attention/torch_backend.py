@@ -144,7 +144,7 @@ class TorchAttentionBackend(AttentionBackend):
         cache = meta.kv_caches[layer]
         cache[:, 0].index_copy_(0, meta.slot_mapping, k)
         cache[:, 1].index_copy_(0, meta.slot_mapping, v)
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # q may be a strided view
         gqa = self.num_heads != self.num_kv_heads
         kvh, d = self.num_kv_heads, self.head_dim
         if meta.num_decode_seqs:

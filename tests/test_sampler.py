@@ -10,6 +10,7 @@ import torch
 
 from ember.engine.request import SamplingParams
 from ember.engine.sampler import Sampler, SamplingRow, _top_p
+from ember.native import cpu_kernels
 
 
 def row(
@@ -106,6 +107,31 @@ def test_top_k_keeps_only_k_largest() -> None:
     torch.manual_seed(2)
     logits = torch.tensor([1.0, 3.0, 2.0, 0.5, 2.5, 0.0])
     assert set(emitted(logits, SamplingParams(top_k=3))) == {1, 2, 4}
+
+
+def test_wide_vocabulary_samples_across_chunks_and_never_picks_masked_tokens() -> None:
+    """Mass spread over a 50k vocabulary (the C sampler sums it in chunks), most of it masked."""
+    torch.manual_seed(3)
+    vocab, keep = 50_000, [5, 300, 777, 1024, 25_000, 49_999]
+    logits = torch.full((vocab,), -5.0)
+    logits[keep] = torch.tensor([1.0, 2.0, 0.0, 1.5, 2.5, 0.5])
+    n = 6000
+    counts = emitted(logits, SamplingParams(top_k=len(keep)), n)
+    assert set(counts) <= set(keep)
+    want = torch.softmax(logits[keep], -1)
+    assert chi_square(Counter({keep.index(t): c for t, c in counts.items()}), want, n) < 20.5
+
+
+def test_native_sampler_edges() -> None:
+    lib = cpu_kernels()
+    if lib is None:
+        pytest.skip("no C kernels on this machine")
+    z = torch.full((3, 1000), float("-inf"))
+    z[:, [10, 600, 601]] = torch.tensor([0.0, 0.0, 0.0])
+    u = torch.tensor([0.0, 0.5, 1.0 - 1e-16], dtype=torch.float64)
+    out = torch.empty(3, dtype=torch.long)
+    lib.sample_logits(z.data_ptr(), 3, 1000, u.data_ptr(), out.data_ptr())
+    assert out.tolist() == [10, 600, 601]  # u = 0 takes the first, u -> 1 the last with mass
 
 
 def test_top_p_keeps_smallest_set_reaching_p() -> None:

@@ -51,6 +51,7 @@ SIGNATURES = {
     "rms_norm": [_ptr, _ptr, _ptr, _i64, _i64, _f32],  # x, weight, out, rows, dim, eps
     # x, rows, row stride, heads, head_dim, rot_dim, cos, sin, neox
     "rotary": [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64],
+    "sample_logits": [_ptr, _i64, _i64, _ptr, _ptr],  # logits, rows, vocab, u (double), out
 }
 
 

@@ -159,3 +159,58 @@ void rotary(float *x, int64_t rows, int64_t row_stride, int64_t heads, int64_t h
         }
     }
 }
+
+/* Inverse-CDF sampling straight from logits, one uniform u in [0, 1) per row: the first token
+ * whose running sum of exp(z - max) exceeds u times the total. Chunk sums are kept in double
+ * so a vocabulary of 150k tokens still sums exactly enough. Tokens more than e^80 below the
+ * best (masked ones are -inf) get no mass. */
+static inline float sample_weight(float z, float m) {
+    const float d = z - m;
+    return d < -80.0f ? 0.0f : expf(d);
+}
+
+void sample_logits(const float *logits, int64_t rows, int64_t vocab, const double *u,
+                   int64_t *out) {
+    enum { CHUNK = 256 };
+#pragma omp parallel for schedule(static) if (rows > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *z = logits + r * vocab;
+        float m = -FLT_MAX;
+        for (int64_t i = 0; i < vocab; i++) m = z[i] > m ? z[i] : m;
+        double total = 0.0;
+        for (int64_t c = 0; c < vocab; c += CHUNK) {
+            const int64_t e = c + CHUNK < vocab ? c + CHUNK : vocab;
+            float s = 0.0f;
+            for (int64_t i = c; i < e; i++) s += sample_weight(z[i], m);
+            total += s;
+        }
+        const double target = u[r] * total;
+        int64_t pick = -1, last = 0;
+        double acc = 0.0;
+        for (int64_t c = 0; c < vocab && pick < 0; c += CHUNK) {
+            const int64_t e = c + CHUNK < vocab ? c + CHUNK : vocab;
+            float s = 0.0f;
+            for (int64_t i = c; i < e; i++) s += sample_weight(z[i], m);
+            if (acc + s <= target) {
+                acc += s;
+                if (s > 0.0f) last = e - 1;
+                continue;
+            }
+            for (int64_t i = c; i < e; i++) { /* the chunk that crosses: token by token */
+                const float w = sample_weight(z[i], m);
+                if (w <= 0.0f) continue;
+                last = i;
+                acc += w;
+                if (acc > target) {
+                    pick = i;
+                    break;
+                }
+            }
+        }
+        if (pick < 0) { /* rounding left target at the very end: the last token with mass */
+            pick = last;
+            while (pick > 0 && sample_weight(z[pick], m) <= 0.0f) pick--;
+        }
+        out[r] = pick;
+    }
+}

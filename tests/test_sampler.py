@@ -352,7 +352,27 @@ def test_float32_logits_not_modified_by_filters() -> None:
     assert torch.equal(logits, before)
 
 
-def test_top_p_mask_matches_full_sort_for_peaked_and_flat_rows() -> None:
+@pytest.fixture(params=["native", "torch"])
+def top_p_path(request, monkeypatch):
+    """Run a top_p test on the C kernel and on the torch path (top-k candidates, then sort)."""
+    if request.param == "native" and cpu_kernels() is None:
+        pytest.skip("no C kernels on this machine")
+    if request.param == "torch":
+        monkeypatch.setattr("ember.engine.sampler.cpu_kernels", lambda: None)
+    return request.param
+
+
+def top_p_reference(logits: torch.Tensor, p: float, slack: float = 0.0) -> tuple[set, set]:
+    """Tokens kept by the sort-everything definition, in float64: (surely kept, at the edge),
+    where edge tokens have mass-before within `slack` of p (float32 sums may go either way)."""
+    probs = logits.double().softmax(-1)
+    sorted_probs, order = probs.sort(descending=True, stable=True)
+    before = sorted_probs.cumsum(-1) - sorted_probs
+    edge = (before - p).abs() <= slack
+    return set(order[(before < p) & ~edge].tolist()), set(order[edge].tolist())
+
+
+def test_top_p_mask_matches_full_sort_for_peaked_and_flat_rows(top_p_path: str) -> None:
     # 3000 tokens: the peaked row settles within the top-k candidates, the flat ones need
     # the full-sort fallback; both must equal the sort-everything definition.
     torch.manual_seed(14)
@@ -361,12 +381,28 @@ def test_top_p_mask_matches_full_sort_for_peaked_and_flat_rows() -> None:
     ps = torch.tensor([0.9, 0.8, 0.3])
     got = _top_p(logits, ps)
     for i in range(3):
-        probs = logits[i].softmax(-1)
-        sorted_probs, order = probs.sort(descending=True)
-        before = sorted_probs.cumsum(-1) - sorted_probs
-        want = set(order[before < ps[i]].tolist())
-        assert set(torch.isfinite(got[i]).nonzero().squeeze(1).tolist()) == want
+        sure, edge = top_p_reference(logits[i], float(ps[i]))
+        assert set(torch.isfinite(got[i]).nonzero().squeeze(1).tolist()) - edge == sure
     assert torch.isfinite(got[1]).sum() > 1024  # really took the fallback
+
+
+def test_top_p_on_a_full_vocabulary_with_masked_and_far_tokens(top_p_path: str) -> None:
+    torch.manual_seed(15)
+    vocab = 49_152
+    rows = [torch.randn(vocab) * scale for scale in (0.5, 2.0, 8.0)]
+    far = torch.randn(vocab) - 60.0  # most tokens far below a few near the top
+    far[:5] = torch.tensor([3.0, 2.5, 2.0, 0.0, -1.0])
+    masked = torch.randn(vocab) * 2
+    masked[::3] = float("-inf")  # top_k or logit_bias already removed these
+    logits = torch.stack([*rows, far, masked])
+    for p in (0.5, 0.9, 0.99):
+        got = _top_p(logits, torch.full((len(logits),), p))
+        for i in range(len(logits)):
+            kept = set(torch.isfinite(got[i]).nonzero().squeeze(1).tolist())
+            # The kernel sums in float64 and is exact here; torch's float32 cumsum is not.
+            sure, edge = top_p_reference(logits[i], p, 0.0 if top_p_path == "native" else 1e-5)
+            assert kept - edge == sure, (i, p)
+            assert torch.equal(got[i][list(kept)], logits[i][list(kept)])  # survivors untouched
 
 
 def test_seeded_row_uses_its_generators_exponential_noise() -> None:

@@ -54,6 +54,12 @@ def _top_p_keep(probs: torch.Tensor, ps: torch.Tensor, k: int) -> tuple[torch.Te
 
 def _top_p(s: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
     """Mask all but the smallest set of most likely tokens whose probability reaches ps."""
+    lib = cpu_kernels() if s.device.type == "cpu" and s.dtype == torch.float32 else None
+    if lib is not None:  # no top-k search: ~1 ms at 32 rows of 49k instead of ~25
+        out = s.contiguous().clone()
+        p = ps.to(torch.float32).contiguous()
+        lib.top_p_mask(out.data_ptr(), out.shape[0], out.shape[1], p.data_ptr())
+        return out
     probs = s.softmax(dim=-1)
     vocab = probs.shape[1]
     keep, settled = _top_p_keep(probs, ps, min(vocab, _TOP_P_CANDIDATES))

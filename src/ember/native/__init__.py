@@ -52,6 +52,7 @@ SIGNATURES = {
     # x, rows, row stride, heads, head_dim, rot_dim, cos, sin, neox
     "rotary": [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64],
     "sample_logits": [_ptr, _i64, _i64, _ptr, _ptr],  # logits, rows, vocab, u (double), out
+    "top_p_mask": [_ptr, _i64, _i64, _ptr],  # logits (in place), rows, vocab, p (float)
 }
 
 

@@ -22,6 +22,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* e^x for x <= 0. glibc's vectorised expf falls back to a slow scalar path for lanes far below
+ * zero or at -inf (masked logits); below e^-80 nothing registers against a sum of at least 1. */
+static inline float exp_nonpositive(float x) { return expf(fmaxf(x, -80.0f)); }
+
 /* One task of decode_attention: query heads [h0 * group, (h0 + hpt) * group) of sequence s.
  * Always inlined, so the calls below with a constant head_dim get loops the compiler unrolls. */
 static inline __attribute__((always_inline)) void attend_one(
@@ -59,13 +63,13 @@ static inline __attribute__((always_inline)) void attend_one(
                 }
                 float *a = acc + i * head_dim;
                 if (bm > m[i]) { /* a new maximum: rescale what was summed so far */
-                    const float alpha = expf(m[i] - bm);
+                    const float alpha = exp_nonpositive(m[i] - bm);
                     l[i] *= alpha;
                     for (int64_t d = 0; d < head_dim; d++) a[d] *= alpha;
                     m[i] = bm;
                 }
                 for (int64_t j = 0; j < n; j++) {
-                    const float p = expf(sc[j] - m[i]);
+                    const float p = exp_nonpositive(sc[j] - m[i]);
                     const float *vh = base + (j0 + j) * slot_width + kv_width + kv_off;
                     l[i] += p;
                     for (int64_t d = 0; d < head_dim; d++) a[d] += p * vh[d];
@@ -166,7 +170,7 @@ void rotary(float *x, int64_t rows, int64_t row_stride, int64_t heads, int64_t h
  * best (masked ones are -inf) get no mass. */
 static inline float sample_weight(float z, float m) {
     const float d = z - m;
-    return d < -80.0f ? 0.0f : expf(d);
+    return d < -80.0f ? 0.0f : exp_nonpositive(d);
 }
 
 void sample_logits(const float *logits, int64_t rows, int64_t vocab, const double *u,
@@ -212,5 +216,78 @@ void sample_logits(const float *logits, int64_t rows, int64_t vocab, const doubl
             while (pick > 0 && sample_weight(z[pick], m) <= 0.0f) pick--;
         }
         out[r] = pick;
+    }
+}
+
+/* top_p_mask, in place on temperature-scaled logits (-inf = already masked): keep the smallest
+ * set of most likely tokens whose probability reaches p[r]; a token stays while the mass of
+ * the tokens before it, in descending order, is short of p. No sort of the vocabulary: one
+ * pass buckets the mass by distance below the best logit, the buckets locate the cut, and only
+ * the tokens of the bucket holding the cut are sorted. */
+typedef struct {
+    float z;
+    int64_t i;
+} scored_token;
+
+static int by_logit_desc(const void *a, const void *b) {
+    const scored_token *x = a, *y = b;
+    if (x->z != y->z) return x->z > y->z ? -1 : 1;
+    return x->i < y->i ? -1 : (x->i > y->i);
+}
+
+void top_p_mask(float *logits, int64_t rows, int64_t vocab, const float *p) {
+    enum { BUCKETS = 2048, SUM_CHUNK = 1024 };
+    const float per_unit = BUCKETS / 32.0f; /* buckets cover 32 logits below the best */
+#pragma omp parallel
+    {
+        double *mass = (double *)malloc(sizeof(double) * BUCKETS);
+        float *w = (float *)malloc(sizeof(float) * (size_t)vocab);
+        scored_token *cut = (scored_token *)malloc(sizeof(scored_token) * (size_t)vocab);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            float *z = logits + r * vocab;
+            float m = -FLT_MAX;
+            for (int64_t i = 0; i < vocab; i++) m = z[i] > m ? z[i] : m;
+            /* Weights and their total in vectorised passes; bucketing then needs no exp. */
+            double total = 0.0;
+            for (int64_t c = 0; c < vocab; c += SUM_CHUNK) {
+                const int64_t e = c + SUM_CHUNK < vocab ? c + SUM_CHUNK : vocab;
+                float s = 0.0f;
+                for (int64_t i = c; i < e; i++) {
+                    const float d = m - z[i];
+                    w[i] = d < 80.0f ? exp_nonpositive(-d) : 0.0f;
+                    s += w[i];
+                }
+                total += s;
+            }
+            memset(mass, 0, sizeof(double) * BUCKETS);
+            for (int64_t i = 0; i < vocab; i++) {
+                const float v = (m - z[i]) * per_unit;
+                if (v < BUCKETS) mass[(int64_t)v] += w[i];
+            }
+            const double target = (double)p[r] * total;
+            double before = 0.0; /* mass of the buckets above the cut */
+            int64_t cb = 0;      /* the bucket holding the cut; BUCKETS: the tail below them all */
+            while (cb < BUCKETS && before + mass[cb] < target) before += mass[cb++];
+            const float hi = cb < BUCKETS ? (float)(cb + 1) : INFINITY;
+            int64_t n = 0;
+            for (int64_t i = 0; i < vocab; i++) {
+                const float v = (m - z[i]) * per_unit;
+                if (v >= (float)cb && v < hi && w[i] > 0.0f) {
+                    cut[n].z = z[i];
+                    cut[n++].i = i;
+                }
+            }
+            for (int64_t i = 0; i < vocab; i++) /* drop the cut bucket and all below it */
+                z[i] = (m - z[i]) * per_unit >= (float)cb ? -INFINITY : z[i];
+            qsort(cut, (size_t)n, sizeof(scored_token), by_logit_desc);
+            for (int64_t j = 0; j < n && before < target; j++) { /* then restore its head */
+                before += w[cut[j].i];
+                z[cut[j].i] = cut[j].z;
+            }
+        }
+        free(mass);
+        free(w);
+        free(cut);
     }
 }

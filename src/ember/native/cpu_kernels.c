@@ -173,22 +173,39 @@ static inline float sample_weight(float z, float m) {
     return d < -80.0f ? 0.0f : exp_nonpositive(d);
 }
 
+static inline float row_max(const float *z, int64_t n) {
+    float m = -FLT_MAX;
+    for (int64_t i = 0; i < n; i++) m = z[i] > m ? z[i] : m;
+    return m;
+}
+
+/* The sum of sample_weight over z[0, n), float within chunks and double across them; the
+ * weights are also stored in w unless it is NULL (each call site compiles its own loop). */
+static inline __attribute__((always_inline)) double weight_total(const float *z, float m,
+                                                                 int64_t n, float *w) {
+    enum { SUM_CHUNK = 256 };
+    double total = 0.0;
+    for (int64_t c = 0; c < n; c += SUM_CHUNK) {
+        const int64_t e = c + SUM_CHUNK < n ? c + SUM_CHUNK : n;
+        float s = 0.0f;
+        for (int64_t i = c; i < e; i++) {
+            const float x = sample_weight(z[i], m);
+            if (w) w[i] = x;
+            s += x;
+        }
+        total += s;
+    }
+    return total;
+}
+
 void sample_logits(const float *logits, int64_t rows, int64_t vocab, const double *u,
                    int64_t *out) {
     enum { CHUNK = 256 };
 #pragma omp parallel for schedule(static) if (rows > 1)
     for (int64_t r = 0; r < rows; r++) {
         const float *z = logits + r * vocab;
-        float m = -FLT_MAX;
-        for (int64_t i = 0; i < vocab; i++) m = z[i] > m ? z[i] : m;
-        double total = 0.0;
-        for (int64_t c = 0; c < vocab; c += CHUNK) {
-            const int64_t e = c + CHUNK < vocab ? c + CHUNK : vocab;
-            float s = 0.0f;
-            for (int64_t i = c; i < e; i++) s += sample_weight(z[i], m);
-            total += s;
-        }
-        const double target = u[r] * total;
+        const float m = row_max(z, vocab);
+        const double target = u[r] * weight_total(z, m, vocab, NULL);
         int64_t pick = -1, last = 0;
         double acc = 0.0;
         for (int64_t c = 0; c < vocab && pick < 0; c += CHUNK) {
@@ -236,7 +253,7 @@ static int by_logit_desc(const void *a, const void *b) {
 }
 
 void top_p_mask(float *logits, int64_t rows, int64_t vocab, const float *p) {
-    enum { BUCKETS = 2048, SUM_CHUNK = 1024 };
+    enum { BUCKETS = 2048 };
     const float per_unit = BUCKETS / 32.0f; /* buckets cover 32 logits below the best */
 #pragma omp parallel
     {
@@ -246,20 +263,9 @@ void top_p_mask(float *logits, int64_t rows, int64_t vocab, const float *p) {
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             float *z = logits + r * vocab;
-            float m = -FLT_MAX;
-            for (int64_t i = 0; i < vocab; i++) m = z[i] > m ? z[i] : m;
+            const float m = row_max(z, vocab);
             /* Weights and their total in vectorised passes; bucketing then needs no exp. */
-            double total = 0.0;
-            for (int64_t c = 0; c < vocab; c += SUM_CHUNK) {
-                const int64_t e = c + SUM_CHUNK < vocab ? c + SUM_CHUNK : vocab;
-                float s = 0.0f;
-                for (int64_t i = c; i < e; i++) {
-                    const float d = m - z[i];
-                    w[i] = d < 80.0f ? exp_nonpositive(-d) : 0.0f;
-                    s += w[i];
-                }
-                total += s;
-            }
+            const double total = weight_total(z, m, vocab, w);
             memset(mass, 0, sizeof(double) * BUCKETS);
             for (int64_t i = 0; i < vocab; i++) {
                 const float v = (m - z[i]) * per_unit;

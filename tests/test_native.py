@@ -69,7 +69,7 @@ def test_rotary_in_place_matches_out_of_place(kernels, neox: bool, rotary_dim: i
     qk = qkv[:, : heads * 64].view(tokens, heads, 64)
     want = rope(qk.clone(), cos_sin)
     v_before = qkv[:, heads * 64 :].clone()
-    assert rope.rotate_(qk, cos_sin).data_ptr() == qkv.data_ptr()
+    assert rope.rotate(qk, cos_sin).data_ptr() == qkv.data_ptr()  # in place
     torch.testing.assert_close(qk, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(qkv[:, heads * 64 :], v_before)  # the rest of the row is untouched
     if rotary_dim < 64:

@@ -169,9 +169,10 @@ class RotaryEmbedding(nn.Module):
             self.sin[positions].unsqueeze(1).to(dtype),
         )
 
-    def rotate_(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """`forward`, written back into x: [tokens, heads, head_dim], whose rows may be strided
-        (Q and K inside a fused QKV output), so no copy is made on the CPU."""
+    def rotate(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """`forward` for x: [tokens, heads, head_dim], whose rows may be strided (Q and K inside
+        a fused QKV output). The CPU kernel rotates x in place and returns it, so no copy is
+        made; elsewhere the result is a new tensor and x is left as it was."""
         cos, sin = cos_sin
         lib = cpu_kernels() if x.device.type == "cpu" else None
         if (
@@ -195,7 +196,7 @@ class RotaryEmbedding(nn.Module):
                 int(self.neox_style),
             )
             return x
-        return x.copy_(self.forward(x, cos_sin))
+        return self.forward(x, cos_sin)
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x: [tokens, heads, head_dim]."""
@@ -241,7 +242,7 @@ class FusedQKVAttention(nn.Module):
         heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
         # Q and K rotate by the same positions: one rotary call over all their heads.
         qk = qkv[:, : self.q_size + self.kv_size].view(-1, heads + kv_heads, d)
-        q, k = rotary.rotate_(qk, cos_sin).split([heads, kv_heads], dim=1)
+        q, k = rotary.rotate(qk, cos_sin).split([heads, kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(-1, kv_heads, d)
         out = self.backend.forward(self.layer, q, k, v, meta)
         return out.reshape(-1, self.q_size)

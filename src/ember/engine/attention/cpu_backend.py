@@ -3,8 +3,8 @@
 A decode step's attention is mostly memory traffic: the torch path first gathers every
 sequence's context out of the cache into a padded copy, then reads that copy again. The C
 kernel (`ember.native`, float32) walks each sequence's block table and reads keys and values
-where they lie, in one pass with a running softmax, a sequence per task across the cores. Prefill chunks keep
-the torch path, where SDPA's matrix products dominate.
+where they lie, in one pass with a running softmax, a sequence per task across the cores.
+Prefill chunks keep the torch path, where SDPA's matrix products dominate.
 """
 
 from __future__ import annotations

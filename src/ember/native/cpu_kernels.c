@@ -3,9 +3,9 @@
  * decode_attention: one new query token per sequence attends over its paged KV cache in place,
  * so no per-step gather copies the context out of the cache. One pass with a running softmax
  * (as flash-decoding does) reads each block once, keys and values together, while the next
- * block is prefetched: measured 2x faster than a pass for scores and another for values. The cache of a layer is laid out
- * [slots, 2 (key, value), kv_heads, head_dim]; a sequence's position p lives in slot
- * block_table[p / block_size] * block_size + p % block_size.
+ * block is prefetched: measured 2x faster than a pass for scores and another for values. The
+ * cache of a layer is laid out [slots, 2 (key, value), kv_heads, head_dim]; a sequence's
+ * position p lives in slot block_table[p / block_size] * block_size + p % block_size.
  *
  * silu_and_mul: out = silu(x[:, :n]) * x[:, n:], the gated MLP activation in one pass.
  *
@@ -14,6 +14,9 @@
  *
  * rotary: rotates the first rot_dim dims of each head in place, from per-token cos/sin tables;
  * rows may be strided, so Q and K rotate inside the fused QKV projection's output.
+ *
+ * sample_logits, top_p_mask: the sampler's inverse-CDF draw and top_p cut, straight from
+ * logits (described where they are defined).
  */
 #include <float.h>
 #include <math.h>
@@ -200,7 +203,7 @@ static inline __attribute__((always_inline)) double weight_total(const float *z,
 
 void sample_logits(const float *logits, int64_t rows, int64_t vocab, const double *u,
                    int64_t *out) {
-    enum { CHUNK = 256 };
+    enum { CHUNK = 256 }; /* the scan skips whole chunks by their sums */
 #pragma omp parallel for schedule(static) if (rows > 1)
     for (int64_t r = 0; r < rows; r++) {
         const float *z = logits + r * vocab;
@@ -210,11 +213,10 @@ void sample_logits(const float *logits, int64_t rows, int64_t vocab, const doubl
         double acc = 0.0;
         for (int64_t c = 0; c < vocab && pick < 0; c += CHUNK) {
             const int64_t e = c + CHUNK < vocab ? c + CHUNK : vocab;
-            float s = 0.0f;
-            for (int64_t i = c; i < e; i++) s += sample_weight(z[i], m);
+            const double s = weight_total(z + c, m, e - c, NULL);
             if (acc + s <= target) {
                 acc += s;
-                if (s > 0.0f) last = e - 1;
+                if (s > 0.0) last = e - 1;
                 continue;
             }
             for (int64_t i = c; i < e; i++) { /* the chunk that crosses: token by token */

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 
 from deploy_manifests import (
     CHART,
     KSERVE,
+    ROOT,
     T9K,
     as_pod,
     chart,
@@ -429,3 +431,43 @@ def test_gpu_image_has_a_cuda_runtime_and_cpu_image_pins_cpu_torch():
     assert "nvidia/cuda" in dockerfile("Dockerfile")["from"][-1]
     cpu = (CHART.parent.parent / "docker" / "Dockerfile.cpu").read_text()
     assert "ARG TORCH_VERSION=2.13.0" in cpu and "/whl/cpu" in cpu
+
+
+# ---------------------------------------------------------------- the walk-through
+
+
+DOCS = [ROOT / "README.md", ROOT / "docs" / "zh-CN" / "deploy.md"]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_walkthrough_commands_match_the_manifests(doc):
+    """Each file the walk-through names exists, and each `helm` command line renders valid objects."""
+    import helm_python
+
+    text = doc.read_text()
+    for path in set(re.findall(r"deploy/[\w./-]+\w", text)):
+        assert (ROOT / path).exists(), f"{doc.name} names {path}, which does not exist"
+    commands = re.findall(
+        r"helm (?:install|upgrade) (\w+) deploy/helm/ember((?:\\\n|[^\n])*)", text
+    )
+    assert len(commands) >= 2
+    for release, rest in commands:
+        values: dict = {}
+        for expr in re.findall(r"--set (\S+)", rest):
+            expr = expr.replace("$REGISTRY", "registry.local")
+            merge(values, helm_python.parse_set_string(expr))
+        docs = render(values, name=release)
+        for obj in docs:
+            validate(obj)
+    # The Service the port-forward line names is the one the chart creates.
+    (release, _), *_ = commands
+    forwarded = re.search(r"kubectl port-forward svc/([\w-]+) ", text)[1]
+    assert forwarded == one(render(name=release), "Service")["metadata"]["name"]
+
+
+def merge(into: dict, extra: dict) -> None:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            merge(into[k], v)
+        else:
+            into[k] = v

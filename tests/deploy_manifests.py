@@ -47,6 +47,25 @@ def chart():
     return helm_python.Chart.load(str(CHART))
 
 
+class StrictLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (kubectl refuses it too)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.load_all(text, Loader=StrictLoader) if d]
+
+
 def render(values: dict[str, Any] | None = None, name: str = "chat") -> list[dict[str, Any]]:
     """The chart's objects for these values, as `helm install NAME` would create them."""
     out = chart().render(values or {}, name=name, namespace="llm")
@@ -54,7 +73,7 @@ def render(values: dict[str, Any] | None = None, name: str = "chat") -> list[dic
     for path, text in sorted(out.items()):
         if path.endswith(".txt"):
             continue
-        docs.extend(d for d in yaml.safe_load_all(text) if d)
+        docs.extend(parse(text))
     return docs
 
 
@@ -108,7 +127,7 @@ def validate(obj: dict[str, Any]) -> None:
 
 
 def load_yaml(path: Path) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return parse(path.read_text())
 
 
 def kubectl() -> str | None:
@@ -129,7 +148,7 @@ def kustomize(overlay: str) -> list[dict[str, Any]]:
         text=True,
         env={**os.environ, "KUBECONFIG": os.devnull},
     ).stdout
-    return [d for d in yaml.safe_load_all(out) if d]
+    return parse(out)
 
 
 def container(pod_spec: dict[str, Any], name: str, init: bool = False) -> dict[str, Any]:

@@ -12,11 +12,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: server
 {{- end -}}
 
-{{- define "ember.labels" -}}
-{{ include "ember.selectorLabels" . }}
+{{/* Labels of every object, less app.kubernetes.io/component, which each object adds. */}}
+{{- define "ember.commonLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "ember.labels" -}}
+{{ include "ember.commonLabels" . }}
+app.kubernetes.io/component: server
 {{- end -}}
 
 {{/* The model after the preset is applied: name, dir, source, repoId, revision (YAML). */}}

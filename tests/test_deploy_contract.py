@@ -74,6 +74,7 @@ def test_gauges_have_the_picker_semantics_under_load(server):
     running = wanted["--total-running-requests-metric"]
     waiting = wanted["--total-queued-requests-metric"]
     kv = wanted["--kv-cache-usage-percentage-metric"]
+    wait_idle(server, running, kv)  # nothing left over from earlier tests
     body = {
         "model": "smol",
         "prompt": "Count slowly to one thousand: one, two,",
@@ -89,14 +90,17 @@ def test_gauges_have_the_picker_semantics_under_load(server):
         assert gauge(busy, running) == 1
         assert gauge(busy, waiting) == 0
         assert 0 < gauge(busy, kv) <= 1
+    wait_idle(server, running, kv)
+
+
+def wait_idle(server: str, running: str, kv: str) -> None:
     deadline = time.time() + 30
     while time.time() < deadline:
         idle = scrape(server)
         if gauge(idle, running) == 0 and gauge(idle, kv) == 0:
-            break
+            return
         time.sleep(0.2)
-    else:
-        pytest.fail("the gauges did not return to idle after the stream ended")
+    pytest.fail("the gauges did not return to idle (running 0, KV usage 0)")
 
 
 # ---------------------------------------------------------------- the image's install, the pod's command

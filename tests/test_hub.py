@@ -83,6 +83,7 @@ def _env(hub: Hub, home: Path, **extra: str) -> dict[str, str]:
         MODELSCOPE_CACHE=str(home / "ms"),
         MODELSCOPE_HOME=str(home / "ms-home"),
         MODELSCOPE_API_MAX_RETRIES="1",  # the errors below come sooner
+        MODELSCOPE_REPO_TREE_PAGE_MAX_ATTEMPTS="1",
         MODELSCOPE_DOWNLOAD_RETRY_MAX_DELAY_SECONDS="0.2",
     )
     env.update(extra)

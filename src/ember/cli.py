@@ -70,16 +70,18 @@ def _embedding_name(args: argparse.Namespace) -> str | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from ember.hub import model_for_serve
-    from ember.models.loader import served_name
-    from ember.server.app import build_app
-    from ember.server.state import ServerConfig
 
     # A hub id (ORG/NAME, not a local path) is pulled into the cache first and served under that
     # id, as vLLM does; a local directory is checked so a wrong one fails now, with its reason.
     model = model_for_serve(args.model, args.source, args.revision, args.load_format)
+
+    import uvicorn
+
+    from ember.models.loader import served_name
+    from ember.server.app import build_app
+    from ember.server.state import ServerConfig
+
     cfg = from_namespace(EngineConfig, args, model=model)
     server_cfg = ServerConfig(
         served_model_names=args.served_model_name

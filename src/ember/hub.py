@@ -1,11 +1,13 @@
 """`ember pull` and `ember models`: models from the Hugging Face Hub and ModelScope, and what is
 on disk already.
 
-Downloads go through the hubs' own clients (`huggingface_hub`, `modelscope`), so their settings
-apply unchanged: HF_ENDPOINT, HF_TOKEN, HF_HOME / HF_HUB_CACHE for Hugging Face, and
-MODELSCOPE_ENDPOINT (or the older MODELSCOPE_DOMAIN), MODELSCOPE_API_TOKEN and MODELSCOPE_CACHE
-for ModelScope. Both clients keep partial files and resume them with HTTP Range requests, within
-one run (a dropped connection) and across runs (an interrupted `ember pull`).
+Downloads go through the hubs' own clients: `huggingface_hub`, and `modelscope-hub` (the client
+the `modelscope` package delegates its downloads to), so their settings apply unchanged:
+HF_ENDPOINT, HF_TOKEN, HF_HOME / HF_HUB_CACHE for Hugging Face, and MODELSCOPE_ENDPOINT (or the
+older MODELSCOPE_DOMAIN), MODELSCOPE_API_TOKEN and MODELSCOPE_CACHE for ModelScope. A dropped
+connection is resumed with an HTTP Range request within the run. A rerun after an interrupted
+`ember pull` keeps every finished file; ModelScope also continues the unfinished one, while
+huggingface_hub 2 fetches that one again (it downloads into a fresh temporary file per process).
 
 Only what the server reads is fetched: config, tokenizer and weight files, with safetensors
 preferred over `.bin`/`.pt` copies of the same weights. Python files are skipped too: Ember never
@@ -250,9 +252,11 @@ def _ms_cache() -> str:
 
 def _ms_pull(repo_id: str, revision: str | None, local_dir: str | None, include: list[str]) -> Path:
     try:
-        from modelscope.hub.snapshot_download import snapshot_download
+        # ModelScope's hub client; the `modelscope` package delegates its downloads to it, and
+        # takes seconds to import besides.
         from modelscope_hub import HubApi
         from modelscope_hub import errors as ms_errors
+        from modelscope_hub.compat.snapshot_download import snapshot_download
     except ImportError as e:
         raise HubError(
             "pulling from ModelScope needs its client: pip install 'ember[modelscope]'"

@@ -152,7 +152,8 @@ def test_pull_downloads_what_the_server_reads_and_prints_the_path_last(
 ):
     r = ember(["pull", "org/tiny", "--source", source], _env(hub, tmp_path))
     assert r.returncode == 0, r.stderr
-    path = Path(r.stdout.strip().splitlines()[-1])
+    (line,) = r.stdout.strip().splitlines()  # progress and logs go to stderr
+    path = Path(line)
     cache = tmp_path / ("hf" if source == "huggingface" else "ms")
     assert path.is_dir() and cache in path.parents
     assert _files(path) == SERVED

@@ -74,7 +74,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # A hub id (ORG/NAME, not a local path) is pulled into the cache first and served under that
     # id, as vLLM does; a local directory is checked so a wrong one fails now, with its reason.
-    model = model_for_serve(args.model, args.source, args.revision, args.load_format)
+    model = model_for_serve(
+        args.model, args.source, args.revision, args.load_format, args.tokenizer
+    )
 
     import uvicorn
 

@@ -327,19 +327,28 @@ def is_hub_id(model: str) -> bool:
 
 
 def model_for_serve(
-    model: str | None, source: str, revision: str | None, load_format: str = "auto"
+    model: str | None,
+    source: str,
+    revision: str | None,
+    load_format: str = "auto",
+    tokenizer: str | None = None,
 ) -> str | None:
     """The local model `ember serve MODEL` runs: a hub id is pulled first; a directory is
     checked, so that a wrong one fails at once with its reason."""
     if model is None:
         return None
     if is_hub_id(model):
-        return str(pull(model, source, revision))
+        try:
+            return str(pull(model, source, revision))
+        except HubError as e:
+            raise HubError(f"{model} is no local path, and pulling it failed: {e}") from e
     path = Path(model)
     if not path.exists():
         raise HubError(f"no model at {model}: give a model directory, a .gguf file or ORG/NAME")
     if path.is_dir():
-        reason = unservable_reason(path, need_weights=load_format != "dummy")
+        reason = unservable_reason(
+            path, need_weights=load_format != "dummy", need_tokenizer=tokenizer is None
+        )
         if reason is not None:
             raise HubError(f"cannot serve {model}: {reason}")
     return model
@@ -378,7 +387,9 @@ def _weight_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
 
 
-def unservable_reason(path: Path, need_weights: bool = True) -> str | None:
+def unservable_reason(
+    path: Path, need_weights: bool = True, need_tokenizer: bool = True
+) -> str | None:
     """Why Ember cannot serve the model at `path`, or None when it can (from file headers)."""
     from ember.models.registry import supported_architectures
 
@@ -404,7 +415,7 @@ def unservable_reason(path: Path, need_weights: bool = True) -> str | None:
         missing = [w.name for w in weights if not w.exists()]
         if missing:
             return f"missing weight file {missing[0]} (an unfinished download?)"
-    if not any(
+    if need_tokenizer and not any(
         (path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
     ):
         return "no tokenizer files"

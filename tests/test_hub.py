@@ -240,7 +240,10 @@ def test_an_interrupted_pull_resumes_on_the_next_run(hub, repo_dir, tmp_path, so
 
 @pytest.mark.parametrize("source", ["huggingface", "modelscope"])
 def test_unknown_repository(hub, tmp_path, source):
-    r = ember(["pull", "org/nope", "--source", source], _env(hub, tmp_path))
+    env = _env(hub, tmp_path)
+    if source == "modelscope":  # the older name of ModelScope's endpoint setting works too
+        env["MODELSCOPE_DOMAIN"] = env.pop("MODELSCOPE_ENDPOINT")
+    r = ember(["pull", "org/nope", "--source", source], env)
     _fails_with_one_line(r, "ember pull:", "no model org/nope", hub.base)
 
 

@@ -7,10 +7,8 @@ kernels compiled for a GPU are checked by the `gpu`-marked tests in test_gpu.py.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
-import sys
 
 import pytest
 import torch
@@ -21,43 +19,17 @@ if importlib.util.find_spec("triton") is None:  # found, not imported: see `inte
 from ember.engine.attention import torch_backend  # noqa: E402
 from test_attention import BLOCK, HEAD_DIM, HEADS, KV_HEADS, STEPS, reference, run_step  # noqa: E402
 
-_MODULES = (
-    "ember.engine.attention.triton_kernels",
-    "ember.models.triton_ops",
-    "ember.engine.attention.triton_backend",
-)
-
-
 # On a machine with CUDA the kernels are compiled and run there; elsewhere interpreted.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def interpreted():
-    """Without CUDA: TRITON_INTERPRET=1 while this module runs, set before Triton and the
-    kernels are imported (Triton reads it when `@triton.jit` wraps a function, its own
-    library's included). Afterwards the variable is restored and the kernel modules dropped,
-    so a later import defines them as the environment then says."""
-    if DEVICE.type == "cuda":
-        yield
-        return
-    old = os.environ.get("TRITON_INTERPRET")
-    if "triton" in sys.modules and old != "1":
-        _drop_modules(with_triton=True)  # imported compiled: define it all again
-    os.environ["TRITON_INTERPRET"] = "1"
-    _drop_modules()
+    """Without CUDA the kernels must run interpreted: conftest.py sets TRITON_INTERPRET=1
+    before anything imports triton."""
+    if DEVICE.type == "cpu":
+        assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before triton"
     yield
-    _drop_modules()
-    if old is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = old
-
-
-def _drop_modules(with_triton: bool = False) -> None:
-    for name in list(sys.modules):
-        if name in _MODULES or (with_triton and (name == "triton" or name.startswith("triton."))):
-            del sys.modules[name]
 
 
 def kernels_on_device(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -279,3 +251,41 @@ def test_silu_and_mul_matches_the_torch_path(dtype: torch.dtype) -> None:
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     out = ops().silu_and_mul(x.to(DEVICE), block=16).cpu()
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+
+
+@cpu_only
+def test_engine_on_the_triton_backend_generates_what_transformers_does(tiny_llama) -> None:
+    """The backend inside the engine (slots, block tables, chunked and cached prefills), then
+    the fixed-buffer decode steps that CUDA graphs replay on a GPU (here run without graphs),
+    padded up to their batch bucket: greedy tokens equal transformers' own."""
+    import ember
+    from ember.engine.cuda_graphs import DecodeGraphs
+
+    from checkpoints import reference_greedy
+
+    llm = ember.LLM(
+        str(tiny_llama),
+        device="cpu",
+        dtype="float32",
+        attention_backend="triton",
+        block_size=4,
+        kv_cache_memory="2MiB",
+        max_num_batched_tokens=16,  # the 21-token prompt is prefilled in two chunks
+    )
+    prompts = [[5, 9, 23, 7, 100, 3, 44], list(range(30, 51)), [17, 2, 8]]
+    params = ember.SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    expected = [reference_greedy(tiny_llama, p, 5) for p in prompts]
+    assert [r.outputs[0].token_ids for r in llm.generate(prompts, params)] == expected
+
+    runner = llm.engine.runner
+    graphs = DecodeGraphs(
+        runner.model, runner.backend, runner.kv_caches, 4, 64, 4, runner.device, capture=False
+    )
+    assert graphs.buckets == [1, 2, 4]
+    runner.graphs = graphs
+    calls = []
+    run = graphs.run
+    graphs.run = lambda batch, fill: calls.append(len(batch)) or run(batch, fill)  # type: ignore[method-assign]
+    # Three sequences decode in bucket 4 with a padding row; prompts now hit the prefix cache.
+    assert [r.outputs[0].token_ids for r in llm.generate(prompts, params)] == expected
+    assert 3 in calls

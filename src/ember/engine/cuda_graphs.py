@@ -46,20 +46,28 @@ class DecodeGraphs:
         max_model_len: int,
         block_size: int,
         device: torch.device,
+        capture: bool = True,
     ) -> None:
+        """capture=False runs the same fixed-buffer steps without graphs (the CPU tests use
+        it to check the inputs, padding and metadata that the graphs replay)."""
         self.model = model
         self.block_size = block_size
         self.max_blocks = -(-max_model_len // block_size)
         self.max_model_len = max_model_len
         self.buckets = batch_buckets(max_batch)
         width = _TABLE + self.max_blocks
-        self.host = torch.zeros(max_batch, width, dtype=torch.int64, pin_memory=True)
+        pinned = device.type == "cuda"  # the host-to-device copy then runs asynchronously
+        self.host = torch.zeros(max_batch, width, dtype=torch.int64, pin_memory=pinned)
         self.host_np = self.host.numpy()
         self.dev = torch.zeros(max_batch, width, dtype=torch.int64, device=device)
         # Per bucket: the graph, its output logits, and its metadata (which owns the split
         # workspace the graph writes into: it must live as long as the graph).
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, AttentionMetadata]] = {}
-        self._capture(backend, kv_caches)
+        self.graphs: dict[int, tuple[Any, torch.Tensor | None, AttentionMetadata]] = {}
+        if capture:
+            self._capture(backend, kv_caches)
+        else:
+            for b in self.buckets:
+                self.graphs[b] = (None, None, self._metadata(backend, kv_caches, b))
 
     @property
     def max_batch(self) -> int:
@@ -121,8 +129,13 @@ class DecodeGraphs:
         if b > n:
             rows[n:, :_TABLE] = (0, 0, -1, 0)
         self.dev[:b].copy_(self.host[:b], non_blocking=True)
-        graph, logits, _ = self.graphs[b]
-        graph.replay()
+        graph, logits, meta = self.graphs[b]
+        if graph is None:
+            with torch.inference_mode():
+                logits = self._forward(meta, b)
+        else:
+            graph.replay()
+        assert logits is not None
         return logits[:n]
 
 

@@ -41,3 +41,37 @@ def test_gpu_benchmark_dry_run_reports_every_figure(tmp_path) -> None:
         assert row[key] > 0, key
     assert row["serve_completed"] == report["requests"] and row["serve_errors"] == 0
     assert (tmp_path / "serve-llama-2-7b.log").exists()
+
+
+# What the GPU image has (benchmarks/gpu_run.sh's machine) and the wheels brought for it.
+GPU_IMAGE = {
+    "torch", "triton", "transformers", "tokenizers", "safetensors", "sentencepiece", "jinja2",
+    "prometheus_client", "psutil", "rich", "httpx", "numpy", "pytest",
+}  # fmt: skip
+
+
+def _wheel_modules() -> set[str]:
+    lines = (ROOT / "benchmarks" / "gpu-wheels.txt").read_text().splitlines()
+    names = [ln.split("==")[0].strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    return {n.replace("-", "_") for n in names} | {"opentelemetry"}
+
+
+def test_ember_imports_only_what_the_gpu_run_brings() -> None:
+    """Every third-party module Ember's code imports is on the GPU image or among the wheels
+    gpu_run.sh installs there (a new dependency must be added to benchmarks/gpu-wheels.txt)."""
+    import ast
+
+    allowed = GPU_IMAGE | _wheel_modules() | set(sys.stdlib_module_names) | {"ember"}
+    found: dict[str, str] = {}
+    for path in (ROOT / "src" / "ember").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                found.setdefault(name.split(".")[0], str(path.relative_to(ROOT)))
+    missing = {m: where for m, where in found.items() if m not in allowed}
+    assert not missing, f"not on the GPU image nor in benchmarks/gpu-wheels.txt: {missing}"

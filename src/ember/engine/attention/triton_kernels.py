@@ -121,7 +121,7 @@ def _decode_split_kernel(
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    ctx = tl.load(lens_ptr + b * lens_stride)
+    ctx = tl.load(lens_ptr + b * lens_stride).to(tl.int32)  # int64 in the graphs' rows
     # Each split takes a whole number of key tiles; trailing splits of a short context are
     # empty and report a log-sum-exp of -inf, which the merge ignores.
     tiles_per_split = tl.cdiv(tl.cdiv(ctx, BLOCK_N), SPLITS)

@@ -9,7 +9,8 @@
 #   gpu.json            the benchmark's JSON (commit it as benchmarks/results/gpu-<card>-<date>.json)
 #   bench.log           its progress; serve-*.log, bench-*.log: the served runs
 # Usage: OUT=/some/dir bash benchmarks/gpu_run.sh [extra benchmarks/gpu.py args]
-# GPU_RUN_STEPS=tests,bench (default) picks what runs after the install.
+# GPU_RUN_STEPS=tests,bench (default) picks what runs after the install; GPU_TESTS_TIMEOUT (180)
+# and GPU_BENCH_TIMEOUT (400) bound the two, so the whole run fits one 600 s device command.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/.out}"
@@ -45,13 +46,13 @@ fi
 
 if [[ ",$STEPS," == *",tests,"* ]]; then
   # The kernel tests run compiled on CUDA here (no interpreter); -m gpu adds the engine tests.
-  timeout 900 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" \
+  timeout "${GPU_TESTS_TIMEOUT:-180}" "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" \
     tests/test_gpu.py tests/test_triton_kernels.py > "$OUT/tests.log" 2>&1 || status=1
   tail -3 "$OUT/tests.log"
 fi
 
 if [[ ",$STEPS," == *",bench,"* ]]; then
-  timeout 2400 "$PY" benchmarks/gpu.py --out "$OUT/gpu.json" --log-dir "$OUT" "$@" \
+  timeout "${GPU_BENCH_TIMEOUT:-400}" "$PY" benchmarks/gpu.py --out "$OUT/gpu.json" --log-dir "$OUT" "$@" \
     > "$OUT/bench.stdout" 2> "$OUT/bench.log" || status=1
   tail -20 "$OUT/bench.log"
 fi

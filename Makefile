@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ember-installed
 
-.PHONY: install serve test test-fast lint format bench clean
+.PHONY: install serve test test-fast lint format bench gpu-wheels clean
 
 install: $(STAMP)
 
@@ -40,6 +40,13 @@ format: install
 
 bench: install
 	$(BIN)/python benchmarks/offline_cpu.py
+
+# Wheels for the GPU machine, which reaches no package index (benchmarks/gpu_run.sh installs them).
+gpu-wheels: install
+	$(BIN)/python -m pip download -q --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+		--no-deps -d benchmarks/wheels -r benchmarks/gpu-wheels.txt
+	du -sh benchmarks/wheels
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

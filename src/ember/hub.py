@@ -311,10 +311,19 @@ def pull(
         raise HubError(f"unknown source {source!r}: use {' or '.join(SOURCES)}")
     if not _REPO_ID.fullmatch(repo_id):
         raise HubError(f"{repo_id!r} is not a repository id (ORG/NAME)")
-    if local_dir is not None:
-        Path(local_dir).mkdir(parents=True, exist_ok=True)
     fetch = _hf_pull if source == "huggingface" else _ms_pull
-    path = fetch(repo_id, revision, local_dir, include or [])
+    try:
+        if local_dir is not None:
+            try:
+                Path(local_dir).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise HubError(f"cannot create {local_dir}: {e.strerror}") from e
+        path = fetch(repo_id, revision, local_dir, include or [])
+    except OSError as e:  # a read-only volume, no permission, ...
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = e.filename or local_dir or "the cache"
+        raise HubError(f"cannot write {where}: {e.strerror}") from e
     reason = unservable_reason(path)
     if reason is not None and not any(f.endswith(".gguf") for f in include or []):
         raise HubError(f"downloaded {repo_id} to {path}, but Ember cannot serve it: {reason}")

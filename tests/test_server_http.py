@@ -173,7 +173,7 @@ def test_client_disconnect_mid_stream_frees_the_request(server):
         "ignore_eos": True,
         "stream": True,
     }
-    with httpx.stream("POST", server + "/v1/completions", json=body, headers=AUTH) as r:
+    with httpx.stream("POST", server + "/v1/completions", json=body, headers=AUTH, timeout=60) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 break  # one chunk, then hang up

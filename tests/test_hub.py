@@ -193,6 +193,16 @@ def test_a_dropped_connection_resumes_where_it_stopped(hub, repo_dir, tmp_path, 
     assert 0 < resumed_at <= cut
 
 
+def _wait_for_partial_file(root: Path, timeout: float = 30) -> None:
+    """Until the client has written part of the stalled file to disk (the `.incomplete` file)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(p.stat().st_size >= 1 << 20 for p in root.rglob("*incomplete*") if p.is_file()):
+            return
+        time.sleep(0.2)
+    raise AssertionError("no partial file appeared")
+
+
 @pytest.mark.parametrize("source", ["huggingface", "modelscope"])
 def test_an_interrupted_pull_resumes_on_the_next_run(hub, repo_dir, tmp_path, source):
     cut = 11 << 20
@@ -206,7 +216,7 @@ def test_an_interrupted_pull_resumes_on_the_next_run(hub, repo_dir, tmp_path, so
     )
     try:
         assert hub.stalled.wait(60), "the download never started"
-        time.sleep(1.0)  # let the client write what it has received
+        _wait_for_partial_file(tmp_path)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     finally:

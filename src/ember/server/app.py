@@ -22,6 +22,7 @@ from ember.engine.async_engine import AsyncEngine
 from ember.engine.core import EngineCore
 from ember.engine.request import SamplingParams
 from ember.server import routes_admin, routes_openai
+from ember.server.chat_page import install_chat_page
 from ember.server.errors import error_response, install_error_handlers
 from ember.server.metrics import ServerMetrics
 from ember.server.state import ServerConfig, ServerState
@@ -139,6 +140,7 @@ def build_app(
     )
     app.include_router(routes_openai.router)
     app.include_router(routes_admin.router)
+    install_chat_page(app)
     return app
 
 

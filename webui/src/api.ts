@@ -73,7 +73,10 @@ export async function listModels(apiKey: string): Promise<string[]> {
   const res = await request("v1/models", { headers: headers(apiKey) });
   if (!res.ok) throw await failure(res);
   const body = await res.json();
-  return (body.data ?? []).map((m: { id: string }) => m.id);
+  const cards: { id: string; root?: string | null }[] = body.data ?? [];
+  // Ember names the chat model's root on its cards; the embedding encoder's card has none.
+  const chat = cards.filter((m) => m.root);
+  return (chat.length ? chat : cards).map((m) => m.id);
 }
 
 /** Streams one chat completion; onDelta gets each piece of reply text as it arrives. */

@@ -59,10 +59,20 @@ def _new_page(browser, server, **context_args):
     ctx = browser.new_context(**{**defaults, **context_args})
     page = ctx.new_page()
     page.errors = []
+    page.answers = []  # what to answer the page's next prompt()/confirm() dialogs
     page.on("pageerror", lambda e: page.errors.append(str(e)))
-    page.on("dialog", lambda d: (page.errors.append(f"dialog: {d.message}"), d.dismiss()))
+    page.on("dialog", lambda d: _answer(page, d))
     page.goto(server + "/")
     return page
+
+
+def _answer(page, dialog) -> None:
+    if dialog.type == "alert" or not page.answers:
+        page.errors.append(f"unexpected {dialog.type}: {dialog.message}")
+        dialog.dismiss()
+    else:
+        answer = page.answers.pop(0)
+        dialog.accept(answer) if isinstance(answer, str) else dialog.accept()
 
 
 def _enter_key(page, key: str = API_KEY) -> None:
@@ -138,7 +148,7 @@ def test_first_visit_asks_for_the_key_then_a_reply_streams(page, server):
     ]
     assert page.evaluate("localStorage.getItem('ember.apiKey')") == API_KEY
     _set(page, "#temperature", "0")
-    _set(page, "#max-tokens", "12")
+    _set(page, "#max-tokens", "8")
     # Record every length the reply passes through while it streams.
     page.evaluate(
         """() => {
@@ -163,7 +173,7 @@ def test_first_visit_asks_for_the_key_then_a_reply_streams(page, server):
     assert page.inner_text(".msg.assistant .content").strip() == reply["content"].strip()
     stats = page.inner_text(".msg.assistant .stats")
     assert re.fullmatch(r"first token \d+ ms · [\d.]+ tokens/s · \d+ tokens · smol", stats), stats
-    assert 1 <= reply["stats"]["completionTokens"] <= 12
+    assert 1 <= reply["stats"]["completionTokens"] <= 8
     assert conv["title"] == "Say hello. 你好 👋"
     page.screenshot(path=str(ARTIFACTS / "desktop-light.png"))
 
@@ -177,7 +187,7 @@ def test_reload_finds_the_conversation(page):
     assert page.inner_text(".msg.assistant .content").strip() == (
         before[0]["messages"][1]["content"].strip()
     )
-    assert page.input_value("#max-tokens") == "12"
+    assert page.input_value("#max-tokens") == "8"
 
 
 def test_switch_models(page):
@@ -194,6 +204,55 @@ def test_switch_models(page):
     page.wait_for_selector("#model option[value='smol']", state="attached")
     assert page.input_value("#model") == "gpt-3.5-turbo"
     page.select_option("#model", "smol")
+
+
+def test_edit_and_resend(page):
+    first = page.locator(".msg.user").last
+    first.locator("button.edit").click()
+    page.fill(".edit-area", "And good night?")
+    with page.expect_request("**/v1/chat/completions") as req:
+        page.press(".edit-area", "Enter")
+    _wait_done(page)
+    body = req.value.post_data_json
+    assert body["messages"][-1] == {"role": "user", "content": "And good night?"}
+    assert len(body["messages"]) == 3
+    msgs = _stored(page)[0]["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+    assert msgs[2]["content"] == "And good night?"
+
+
+def test_rename_export_and_delete(page):
+    page.answers.append("Greetings")
+    page.click("#conv-list li.current >> text=Rename")
+    page.wait_for_selector("#conv-list li.current >> text=Greetings")
+    assert page.inner_text("#conv-title") == "Greetings"
+    with page.expect_download() as dl:
+        page.click("#conv-list li.current >> text=Export JSON")
+    exported = json.loads(Path(dl.value.path()).read_text())
+    assert exported == _stored(page)[0]
+    with page.expect_download() as dl:
+        page.click("#conv-list li.current >> text=Export Markdown")
+    assert dl.value.suggested_filename == "Greetings.md"
+    markdown = Path(dl.value.path()).read_text()
+    assert markdown.startswith("# Greetings\n") and "## You\n\nSay hello. 你好 👋" in markdown
+    # A copy to delete: import the export, then delete it.
+    _import(page, exported)
+    page.wait_for_selector("#conv-list li:nth-child(2) >> text=Greetings")
+    assert len(_stored(page)) == 2
+    page.answers.append(None)  # OK
+    page.click("#conv-list li.current >> text=Delete")
+    page.wait_for_selector("#conv-list li:nth-child(2)", state="detached")
+    assert [c["title"] for c in _stored(page)] == ["Greetings"]
+
+
+def test_server_refusal_is_shown(page):
+    _set(page, "#max-tokens", "100000")  # more than the server's 2048-token context
+    _send(page, "Hi")
+    error = page.wait_for_selector(".msg.assistant >> nth=-1 >> .error")
+    assert "The server answered with an error:" in error.inner_text()
+    assert "maximum context length is 2048 tokens" in error.inner_text()
+    assert error.query_selector("button.retry") is not None
+    _set(page, "#max-tokens", "8")
 
 
 def test_stop_mid_stream_frees_the_server_slot(page, server):
@@ -217,7 +276,7 @@ def test_stop_mid_stream_frees_the_server_slot(page, server):
     text = page.inner_text(".msg.assistant .content")
     time.sleep(1)
     assert page.inner_text(".msg.assistant .content") == text
-    _set(page, "#max-tokens", "12")
+    _set(page, "#max-tokens", "8")
 
 
 def test_dropped_connection_offers_retry(page):
@@ -261,7 +320,7 @@ def test_model_reply_with_markup_renders_as_text(page):
     assert "<img src=x onerror=" in shown and "<script>" in shown
     assert reply.locator("img, script").count() == 0
     assert page.locator(".msg.user").last.locator(".content").inner_text() == payload
-    _set(page, "#max-tokens", "12")
+    _set(page, "#max-tokens", "8")
 
 
 def test_stored_reply_renders_markdown_code_and_math_but_no_script(browser, server):

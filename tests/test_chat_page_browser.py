@@ -195,6 +195,7 @@ def test_switch_models(page):
     with page.expect_request("**/v1/chat/completions") as req:
         _send(page, "And goodbye?")
     _wait_done(page)
+    assert req.value.headers["authorization"] == f"Bearer {API_KEY}"
     body = req.value.post_data_json
     assert body["model"] == "gpt-3.5-turbo"
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}

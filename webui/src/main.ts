@@ -590,6 +590,8 @@ function initComposer(): void {
       return;
     }
     showNotice("");
+    // An empty conversation (a fresh page) gives way to the imported one.
+    if (current.messages.length === 0) conversations = conversations.filter((x) => x !== current);
     conversations.unshift(c);
     current = c;
     persist();

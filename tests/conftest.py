@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,29 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from checkpoints import write_checkpoint  # noqa: E402
+
+
+def pytest_configure(config) -> None:
+    """Without CUDA, Triton kernels run in Triton's interpreter (test_triton_kernels.py).
+    Triton reads TRITON_INTERPRET when a kernel is defined, its own library's included, so it
+    is set here, before anything (transformers among others) imports triton; nothing but
+    Triton reads it, and no CPU code path of Ember runs Triton."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """`gpu`-marked tests need CUDA: without it they are skipped, with the reason shown."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (gpu marker)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

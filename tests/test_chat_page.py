@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from ember.config import EngineConfig
 from ember.server.app import build_app
-from ember.server.chat_page import WEBUI_DIR
+from ember.server.routes.chat_page import WEBUI_DIR
 from ember.server.state import ServerConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """The hash of the chat page's source, by content: every file under webui/ except node_modules/,
 dist/ and dotfiles, in sorted path order. `make webui` writes it beside the built files
-(src/ember/server/webui/source.sha256); tests/test_webui_build.py checks that the two agree."""
+(src/ember/server/webui/source.sha256); tests/test_chat_page.py checks that the two agree."""
 
 from __future__ import annotations
 

@@ -70,34 +70,62 @@ def _embedding_name(args: argparse.Namespace) -> str | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from ember.hub import model_for_serve
+
+    # A hub id (ORG/NAME, not a local path) is pulled into the cache first and served under that
+    # id, as vLLM does; a local directory is checked so a wrong one fails now, with its reason.
+    model = model_for_serve(
+        args.model, args.source, args.revision, args.load_format, args.tokenizer
+    )
+
     import uvicorn
 
     from ember.models.loader import served_name
     from ember.server.app import build_app
     from ember.server.state import ServerConfig
 
-    cfg = from_namespace(EngineConfig, args)
+    cfg = from_namespace(EngineConfig, args, model=model)
     server_cfg = ServerConfig(
-        served_model_names=args.served_model_name or [served_name(cfg.model)],
+        served_model_names=args.served_model_name
+        or [args.model if model != args.model else served_name(cfg.model)],
         api_keys=args.api_key or [],
         allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
         default_max_tokens=args.default_max_tokens,
         embedding_model=args.embedding_model,
         embedding_model_name=_embedding_name(args),
     )
-    app = build_app(cfg, server_cfg)
+    server: uvicorn.Server | None = None
+
+    def stop(_error: BaseException) -> None:
+        # A model that cannot load must end the process (non-zero), not leave it unready forever.
+        if server is not None:
+            server.should_exit = True
+
+    app = build_app(cfg, server_cfg, on_load_error=stop)
     # The engine thread takes the GIL back after every torch op; with the default 5 ms switch
     # interval a busy event loop (a burst of requests, 32 streams writing) makes it wait that
     # long each time. 0.5 ms measured 3-5% more tokens/s at 32 streams on 2 cores.
     sys.setswitchinterval(0.0005)
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level.lower(),
-        timeout_keep_alive=30,
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level.lower(),
+            timeout_keep_alive=30,
+        )
     )
+    server.run()
+    error = app.state.ember.load_error
+    if error is not None:
+        print(f"ember serve: model failed to load: {_one_line(error)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: {text}"
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -175,7 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("EMBER_EMBEDDING_MODEL_NAME"),
         help="Its name in `model`; default: the directory name. [env EMBER_EMBEDDING_MODEL_NAME]",
     )
+    from ember import hub
+
+    hub.add_source_arguments(s)
     s.set_defaults(func=cmd_serve)
+    hub.add_parsers(sub)
 
     from ember import bench
 
@@ -194,9 +226,15 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     # Per-request client logs would drown the bench's progress bar and the server's own log.
-    for noisy in ("httpx", "httpcore"):
+    for noisy in ("httpx", "httpcore", "httpx2"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-    return args.func(args)
+    from ember.hub import HubError
+
+    try:
+        return args.func(args)
+    except HubError as e:
+        print(f"ember {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

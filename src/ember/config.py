@@ -64,10 +64,16 @@ class EngineConfig:
         "Split long prompts across steps, mixed with decodes.", default=True
     )
     attention_backend: str = _opt(
-        "Attention implementation: auto (cpu for float32 on the CPU when the C kernels build, "
-        "else torch), cpu, or torch.",
+        "Attention implementation: auto (triton on CUDA in bfloat16/float16 when Triton is "
+        "installed; cpu for float32 on the CPU when the C kernels build; else torch), cpu, "
+        "torch, or triton.",
         default="auto",
-        choices=["auto", "cpu", "torch"],
+        choices=["auto", "cpu", "torch", "triton"],
+    )
+    enforce_eager: bool = _opt(
+        "Run every step eagerly: no CUDA graphs for decode steps on the GPU (they are "
+        "captured at start-up for batch sizes 1, 2, 4, 8, then every 16 up to --max-num-seqs).",
+        default=False,
     )
     chat_template: str | None = _opt(
         "Chat template: a Jinja file, or a built-in name (chatml, llama-2, chatglm3); "

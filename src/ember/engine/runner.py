@@ -1,7 +1,8 @@
 """Turns a scheduled batch into tensors, runs the model, returns logits for sampling rows.
 
 Owns the model, the device, the dtype and the KV cache tensors; the scheduler and the block
-allocator only ever see block numbers.
+allocator only ever see block numbers. On CUDA, decode-only steps replay a captured CUDA graph
+(`cuda_graphs.py`) unless --enforce-eager; prefill and mixed steps run eagerly.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from ember.config import EngineConfig, parse_bytes
 from ember.engine.attention import AttentionBackend, SeqSpan, get_backend
+from ember.engine.cuda_graphs import DecodeGraphs, fill_decode_rows
 from ember.engine.scheduler import ScheduledSeq
 from ember.models import loader
 from ember.models.registry import model_class
@@ -102,9 +104,33 @@ class ModelRunner:
             self.block_size,
             self.num_blocks * kv_bytes_per_block / 2**20,
         )
+        self.graphs: DecodeGraphs | None = None
+        if (
+            self.device.type == "cuda"
+            and not cfg.enforce_eager
+            and getattr(self.backend, "supports_cuda_graphs", False)
+        ):
+            model_len = min(
+                cfg.max_model_len or self.model.max_model_len, self.num_blocks * self.block_size
+            )
+            self.graphs = DecodeGraphs(
+                self.model,
+                self.backend,
+                self.kv_caches,
+                max(1, cfg.max_num_seqs),
+                model_len,
+                self.block_size,
+                self.device,
+            )
 
     def _auto_backend(self, num_heads: int, num_kv_heads: int) -> str:
         from ember.engine.attention.cpu_backend import CpuAttentionBackend
+
+        if self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16):
+            from ember.engine.attention.triton_backend import triton_available
+
+            if triton_available():
+                return "triton"
 
         on_cpu = self.device.type == "cpu" and self.dtype == torch.float32
         if on_cpu and CpuAttentionBackend.available(num_heads, num_kv_heads):
@@ -187,6 +213,17 @@ class ModelRunner:
         the batch positions in `prompt_logits_for`, the logits at each of their new prompt
         tokens that predict a later prompt token (for prompt logprobs).
         """
+        if (
+            self.graphs is not None
+            and not prompt_logits_for
+            and all(
+                item.num_new_tokens == 1 and item.seq.num_computed_tokens > 0 and item.samples
+                for item in batch
+            )
+            and self.graphs.can_run(batch)
+        ):
+            logits = self.graphs.run(batch, self._fill_decode_rows)
+            return logits.float(), {}
         inputs, spans, num_decodes = self._prepare(batch)
         meta = self.backend.build_metadata(spans, num_decodes, self.kv_caches, self.device)
         hidden = self.model(inputs.input_ids, inputs.positions, meta)
@@ -201,6 +238,9 @@ class ModelRunner:
                 rows = hidden[span.query_start : span.query_start + n]
                 prompt[i] = self.model.compute_logits(rows).float()
         return sample, prompt
+
+    def _fill_decode_rows(self, rows, batch: list[ScheduledSeq]) -> None:
+        fill_decode_rows(rows, batch, self.block_size)
 
     @torch.inference_mode()
     def embed(self, token_ids: list[int], blocks: list[int]) -> list[float]:

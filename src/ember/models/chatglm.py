@@ -131,12 +131,20 @@ class GLMBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         rotary: RotaryEmbedding,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        x = x + self.self_attention(self.input_layernorm(x), cos_sin, rotary, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this block's MLP output, the residual stream before it is added): the
+        add happens in the next norm, fused with it on the GPU."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attention(h, cos_sin, rotary, meta)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
 
 
 class Embedding(nn.Module):
@@ -191,9 +199,10 @@ class ChatGLMForCausalLM(nn.Module):
         # Embeddings are not scaled; positions run 0..n-1 from the first token ([gMASK]).
         x = self.transformer.embedding.word_embeddings(input_ids)
         cos_sin = self.rotary.cos_sin(positions, x.dtype)
+        residual = None
         for layer in self.transformer.encoder.layers:
-            x = layer(x, cos_sin, self.rotary, meta)
-        return self.transformer.encoder.final_layernorm(x)
+            x, residual = layer(x, residual, cos_sin, self.rotary, meta)
+        return self.transformer.encoder.final_layernorm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.transformer.output_layer(hidden)

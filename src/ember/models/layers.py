@@ -57,13 +57,46 @@ class Linear(nn.Linear):
         return True
 
 
+_FUSED_DTYPES = (torch.bfloat16, torch.float16)
+_triton_ops: Any = None
+
+
+def fused_ops(x: torch.Tensor) -> Any:
+    """The Triton kernels of `triton_ops` when x is a CUDA tensor in bfloat16/float16 and
+    Triton is installed, else None (the torch code below runs)."""
+    global _triton_ops
+    if not x.is_cuda or x.dtype not in _FUSED_DTYPES:
+        return None
+    if _triton_ops is None:
+        try:
+            from ember.models import triton_ops
+        except ImportError:
+            triton_ops = False  # type: ignore[assignment]
+        _triton_ops = triton_ops
+    return _triton_ops or None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual add fused into the norm on CUDA,
+        where the sum is written back into `residual`."""
+        ops = fused_ops(x)
+        if ops is not None and x.is_contiguous() and residual.is_contiguous():
+            return ops.rms_norm(x, self.weight, self.eps, residual), residual
+        s = x + residual
+        return self(s), s
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = fused_ops(x)
+        if ops is not None and x.stride(-1) == 1:
+            return ops.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32:
             lib = cpu_kernels() if x.device.type == "cpu" and x.is_contiguous() else None
             if lib is not None and self.weight.dtype == torch.float32:
@@ -90,6 +123,9 @@ class RMSNorm(nn.Module):
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for x = [gate | up] along the last dimension."""
     n = x.shape[-1] // 2
+    ops = fused_ops(x)
+    if ops is not None and x.stride(-1) == 1:
+        return ops.silu_and_mul(x)
     if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():
         lib = cpu_kernels()
         if lib is not None:  # one pass over x instead of three, and no temporaries
@@ -171,9 +207,16 @@ class RotaryEmbedding(nn.Module):
 
     def rotate(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """`forward` for x: [tokens, heads, head_dim], whose rows may be strided (Q and K inside
-        a fused QKV output). The CPU kernel rotates x in place and returns it, so no copy is
-        made; elsewhere the result is a new tensor and x is left as it was."""
+        a fused QKV output). The CPU kernel and the Triton one (CUDA, bf16/fp16) rotate x in
+        place and return it, so no copy is made; elsewhere the result is a new tensor and x
+        is left as it was."""
         cos, sin = cos_sin
+        ops = fused_ops(x)
+        if ops is not None and x.stride(2) == 1 and cos.dtype == x.dtype:
+            tokens = x.shape[0]
+            return ops.rotary_(
+                x, cos.view(tokens, -1), sin.view(tokens, -1), self.rotary_dim, self.neox_style
+            )
         lib = cpu_kernels() if x.device.type == "cpu" else None
         if (
             lib is not None

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # `ember pull` / `ember models` read this list without importing torch
+    from torch import nn
 
 _ARCHITECTURES: dict[str, tuple[str, str]] = {
     # ChatGLM2/3 and GLM-4 name their base class; both carry the same weights.

@@ -10,6 +10,7 @@ import logging
 import secrets
 import threading
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 
@@ -21,10 +22,10 @@ from ember.config import EngineConfig
 from ember.engine.async_engine import AsyncEngine
 from ember.engine.core import EngineCore
 from ember.engine.request import SamplingParams
-from ember.server import routes_admin, routes_openai
-from ember.server.chat_page import install_chat_page
 from ember.server.errors import error_response, install_error_handlers
 from ember.server.metrics import ServerMetrics
+from ember.server.routes import admin, chat, completions, embeddings, models
+from ember.server.routes.chat_page import install_chat_page
 from ember.server.state import ServerConfig, ServerState
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,11 @@ GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition
 PROTECTED_PREFIXES = ("/v1/", "/dashboard/", "/tokenize", "/detokenize")
 
 
-def load_engine(state: ServerState, engine_cfg: EngineConfig) -> None:
+def load_engine(
+    state: ServerState,
+    engine_cfg: EngineConfig,
+    on_error: Callable[[BaseException], None] | None = None,
+) -> None:
     """Build the engine, then produce one token so that "ready" means it really works."""
     try:
         core = EngineCore(engine_cfg)
@@ -55,8 +60,12 @@ def load_engine(state: ServerState, engine_cfg: EngineConfig) -> None:
         state.ready.set()
         log.info("model ready: %s (loaded in %.1fs)", state.model_name, core.load_seconds)
     except BaseException as e:  # noqa: BLE001 (reported by /health and every route)
-        log.exception("model failed to load")
+        # One line for the log; the traceback only when asked for (--log-level DEBUG).
+        log.error("model failed to load: %s: %s", type(e).__name__, " ".join(str(e).split()))
+        log.debug("model load traceback", exc_info=True)
         state.load_error = e
+        if on_error is not None:
+            on_error(e)
 
 
 async def _warm_up(engine: AsyncEngine, tokenizer) -> None:
@@ -110,14 +119,20 @@ class AuthAndRequestId:
 
 
 def build_app(
-    engine_cfg: EngineConfig, server_cfg: ServerConfig, load_in_background: bool = True
+    engine_cfg: EngineConfig,
+    server_cfg: ServerConfig,
+    load_in_background: bool = True,
+    on_load_error: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
     state = ServerState(server_cfg)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loader = threading.Thread(
-            target=load_engine, args=(state, engine_cfg), name="ember-load", daemon=True
+            target=load_engine,
+            args=(state, engine_cfg, on_load_error),
+            name="ember-load",
+            daemon=True,
         )
         loader.start()
         if not load_in_background:
@@ -138,8 +153,11 @@ def build_app(
         allow_headers=["*"],
         expose_headers=["x-request-id"],
     )
-    app.include_router(routes_openai.router)
-    app.include_router(routes_admin.router)
+    app.include_router(models.router)
+    app.include_router(chat.router)
+    app.include_router(completions.router)
+    app.include_router(embeddings.router)
+    app.include_router(admin.router)
     install_chat_page(app)
     return app
 

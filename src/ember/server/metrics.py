@@ -37,6 +37,15 @@ class EngineCollector:
             g = GaugeMetricFamily(name, doc, labels=["model_name"])
             g.add_metric([model], value)
             yield g
+        # The endpoint picker's prefix-cache scorer reads the block size from this info gauge.
+        runner = engine.core.runner
+        info = GaugeMetricFamily(
+            "ember:cache_config_info",
+            "KV cache configuration (value 1; the settings are labels).",
+            labels=["model_name", "block_size", "num_gpu_blocks"],
+        )
+        info.add_metric([model, str(runner.block_size), str(runner.num_blocks)], 1)
+        yield info
         for name, doc, value in (
             (
                 "ember:prefix_cache_queries",

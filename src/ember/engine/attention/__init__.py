@@ -19,7 +19,11 @@ def get_backend(name: str) -> type[AttentionBackend]:
         from ember.engine.attention.cpu_backend import CpuAttentionBackend
 
         return CpuAttentionBackend
-    raise ValueError(f"unknown attention backend {name!r} (available: torch, cpu)")
+    if name == "triton":
+        from ember.engine.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend
+    raise ValueError(f"unknown attention backend {name!r} (available: torch, cpu, triton)")
 
 
 __all__ = ["AttentionBackend", "AttentionMetadata", "SeqSpan", "get_backend"]

@@ -15,7 +15,7 @@ from starlette.staticfiles import StaticFiles
 
 log = logging.getLogger(__name__)
 
-WEBUI_DIR = Path(__file__).parent / "webui"
+WEBUI_DIR = Path(__file__).resolve().parents[1] / "webui"
 
 # No inline or remote script, whatever a reply contains. Styles may be inline because KaTeX
 # sizes its boxes with style attributes; images only from here (a reply's remote image would

@@ -1,0 +1,122 @@
+{{- define "ember.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ember.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: server
+{{- end -}}
+
+{{/* Labels of every object, less app.kubernetes.io/component, which each object adds. */}}
+{{- define "ember.commonLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "ember.labels" -}}
+{{ include "ember.commonLabels" . }}
+app.kubernetes.io/component: server
+{{- end -}}
+
+{{/* The model after the preset is applied: name, dir, source, repoId, revision (YAML). */}}
+{{- define "ember.model" -}}
+{{- $m := .Values.model -}}
+{{- $p := dict -}}
+{{- if ne $m.preset "custom" -}}
+{{- $p = index .Values.presets $m.preset | default dict -}}
+{{- if not $p -}}
+{{- fail (printf "model.preset %q is not in presets (known: %s, or custom)" $m.preset (keys .Values.presets | sortAlpha | join ", ")) -}}
+{{- end -}}
+{{- end -}}
+{{- $name := $m.name | default $p.name -}}
+{{- $dir := $m.dir | default $p.dir | default $name -}}
+{{- $repo := $m.repoId | default (index $p $m.source) -}}
+{{- if not $name -}}{{- fail "model.name is required when model.preset is custom" -}}{{- end -}}
+{{- if and (not $repo) (ne .Values.pull.mode "none") -}}
+{{- fail (printf "model.repoId is required: pull.mode is %s and there is no repository to pull" .Values.pull.mode) -}}
+{{- end -}}
+name: {{ $name | quote }}
+dir: {{ $dir | quote }}
+source: {{ $m.source | quote }}
+repoId: {{ $repo | default "" | quote }}
+revision: {{ $m.revision | default "" | quote }}
+path: {{ printf "%s/%s" (trimSuffix "/" .Values.storage.mountPath) $dir | quote }}
+{{- end -}}
+
+{{- define "ember.claimName" -}}
+{{- .Values.storage.existingClaim | default (printf "%s-models" (include "ember.fullname" .)) -}}
+{{- end -}}
+
+{{- define "ember.image" -}}
+{{- $tag := .Values.image.tag | default .Chart.AppVersion -}}
+{{- if eq (int .Values.gpu) 0 -}}{{- $tag = printf "%s-cpu" $tag -}}{{- end -}}
+{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- end -}}
+
+{{- define "ember.apiKeySecret" -}}
+{{- .Values.apiKey.existingSecret | default (printf "%s-api-key" (include "ember.fullname" .)) -}}
+{{- end -}}
+
+{{/* The `ember pull` container (initContainer or Job), writing into the model volume. */}}
+{{- define "ember.pullContainer" -}}
+{{- $model := include "ember.model" . | fromYaml -}}
+- name: pull
+  image: {{ include "ember.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command: ["ember"]
+  args:
+    - pull
+    - {{ $model.repoId | quote }}
+    - --source
+    - {{ $model.source | quote }}
+    {{- if $model.revision }}
+    - --revision
+    - {{ $model.revision | quote }}
+    {{- end }}
+    - --dir
+    - {{ $model.path | quote }}
+  env:
+    {{- if .Values.pull.tokenSecret.name }}
+    - name: {{ ternary "HF_TOKEN" "MODELSCOPE_API_TOKEN" (eq $model.source "huggingface") }}
+      valueFrom:
+        secretKeyRef:
+          name: {{ .Values.pull.tokenSecret.name }}
+          key: {{ .Values.pull.tokenSecret.key }}
+    {{- end }}
+    {{- with .Values.pull.env }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+    - name: HF_HUB_DISABLE_TELEMETRY
+      value: "1"
+  resources:
+    {{- toYaml .Values.pull.resources | nindent 4 }}
+  securityContext:
+    {{- include "ember.containerSecurity" . | nindent 4 }}
+  volumeMounts:
+    - name: models
+      mountPath: {{ .Values.storage.mountPath }}
+      {{- with .Values.storage.subPath }}
+      subPath: {{ . }}
+      {{- end }}
+{{- end -}}
+
+{{- define "ember.podSecurity" -}}
+runAsNonRoot: true
+runAsUser: 1000
+runAsGroup: 1000
+fsGroup: 1000
+{{- end -}}
+
+{{- define "ember.containerSecurity" -}}
+allowPrivilegeEscalation: false
+capabilities:
+  drop: [ALL]
+{{- end -}}

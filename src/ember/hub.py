@@ -1,0 +1,677 @@
+"""`ember pull` and `ember models`: models from the Hugging Face Hub and ModelScope, and what is
+on disk already.
+
+Downloads go through the hubs' own clients: `huggingface_hub`, and `modelscope-hub` (the client
+the `modelscope` package delegates its downloads to), so their settings apply unchanged:
+HF_ENDPOINT, HF_TOKEN, HF_HOME / HF_HUB_CACHE for Hugging Face, and MODELSCOPE_ENDPOINT (or the
+older MODELSCOPE_DOMAIN), MODELSCOPE_API_TOKEN and MODELSCOPE_CACHE for ModelScope. A dropped
+connection is resumed with an HTTP Range request within the run. A rerun after an interrupted
+`ember pull` keeps every finished file; ModelScope also continues the unfinished one, while
+huggingface_hub 2 fetches that one again (it downloads into a fresh temporary file per process).
+
+Only what the server reads is fetched: config, tokenizer and weight files, with safetensors
+preferred over `.bin`/`.pt` copies of the same weights. Python files are skipped too: Ember never
+runs a checkpoint's remote code (it has its own model and tokenizer classes).
+
+Every failure a user can cause or fix is a `HubError` whose message fits on one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fnmatch
+import glob
+import json
+import os
+import re
+import signal
+import struct
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SOURCES = ("huggingface", "modelscope")
+
+# Files no Ember server reads: other frameworks' weights, exports, images, repository plumbing,
+# remote code, and the duplicate original-format checkpoints some repositories carry.
+_SKIP = (
+    ".git*",
+    "*/.git*",
+    "*.h5",
+    "*.msgpack",
+    "*.ot",
+    "*.onnx",
+    "*.onnx_data",
+    "*.tflite",
+    "*.mlmodel",
+    "*.mlpackage/*",
+    "onnx/*",
+    "openvino/*",
+    "coreml/*",
+    "original/*",
+    "*.png",
+    "*.jpg",
+    "*.jpeg",
+    "*.gif",
+    "*.webp",
+    "*.svg",
+    "*.py",
+    "*.gguf",  # one of many quantizations: taken only when asked for with --include
+    "*.ggml",
+)
+# PyTorch pickles duplicate the safetensors weights whenever both are present.
+_PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class HubError(Exception):
+    """A problem the user can fix, said in one line."""
+
+
+# ---------------------------------------------------------------- file selection
+
+
+def _matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
+    return any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def select_files(files: list[str], include: list[str] | None = None) -> list[str]:
+    """The files of a repository that a server reads (see the module docstring).
+
+    `include` patterns are always taken (e.g. one GGUF quantization out of many).
+    """
+    include = include or []
+    has_safetensors = any(f.endswith(".safetensors") for f in files)
+    # Mistral-style repositories hold both sharded HF weights and one consolidated file.
+    has_hf_safetensors = any(
+        f.endswith(".safetensors") and not Path(f).name.startswith("consolidated") for f in files
+    )
+    chosen = []
+    for f in files:
+        if _matches(f, include):
+            chosen.append(f)
+        elif (
+            _matches(f, _SKIP)
+            or has_safetensors
+            and _matches(f, _PICKLE_WEIGHTS)
+            or has_hf_safetensors
+            and fnmatch.fnmatch(Path(f).name, "consolidated*")
+        ):
+            continue
+        else:
+            chosen.append(f)
+    if not any(_is_weight(f) for f in chosen):
+        ggufs = [f for f in files if f.endswith(".gguf")]
+        if ggufs:
+            raise HubError(
+                f"the repository holds only GGUF files ({len(ggufs)}); choose one with "
+                f"--include, e.g. --include '*{_quant_hint(ggufs)}.gguf'"
+            )
+    return chosen
+
+
+def _is_weight(name: str) -> bool:
+    return name.endswith((".safetensors", ".bin", ".pt", ".pth", ".gguf"))
+
+
+def _quant_hint(ggufs: list[str]) -> str:
+    for q in ("Q4_K_M", "Q4_0", "Q8_0"):
+        if any(q in f for f in ggufs):
+            return q
+    return Path(sorted(ggufs)[0]).stem.rsplit(".", 1)[-1]
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _causes(e: BaseException | None) -> Iterator[BaseException]:
+    """The error, what caused it, and (ModelScope) the per-file errors it collects."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        for inner in (getattr(e, "failed_files", None) or {}).values():
+            yield from _causes(inner)
+        e = e.__cause__ or e.__context__
+
+
+def _disk_full(e: BaseException, target: str) -> HubError | None:
+    for c in _causes(e):
+        if isinstance(c, OSError) and c.errno in (errno.ENOSPC, errno.EDQUOT):
+            return HubError(f"no space left on the device holding {target}")
+    return None
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    kinds: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module in ("httpx", "httpx2"):  # huggingface_hub 2 speaks httpx2
+        try:
+            mod = __import__(module)
+            kinds += [mod.ConnectError, mod.TimeoutException]
+        except (ImportError, AttributeError):
+            pass
+    try:
+        import requests  # the ModelScope client
+
+        kinds += [requests.ConnectionError, requests.Timeout]
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+def _connection_error(e: BaseException, endpoint: str) -> HubError | None:
+    kinds = _connection_errors()
+    for c in _causes(e):
+        if isinstance(c, kinds):
+            return HubError(f"cannot reach {endpoint}: {_first_line(c)}")
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+# ---------------------------------------------------------------- Hugging Face
+
+
+def _hf_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _hf_pull(repo_id: str, revision: str | None, local_dir: str | None, include: list[str]) -> Path:
+    import huggingface_hub
+    from huggingface_hub import errors as hf_errors
+
+    endpoint = _hf_endpoint()
+    token = huggingface_hub.get_token()
+    try:
+        api = huggingface_hub.HfApi()
+        info = api.model_info(repo_id, revision=revision)
+        files = [s.rfilename for s in info.siblings or []]
+        chosen = set(select_files(files, include))
+        skipped = [glob.escape(f) for f in files if f not in chosen]
+        path = huggingface_hub.snapshot_download(
+            repo_id,
+            revision=info.sha or revision,
+            local_dir=local_dir,
+            ignore_patterns=skipped or None,
+        )
+    except hf_errors.GatedRepoError as e:
+        if token:
+            raise HubError(
+                f"{repo_id} is gated and the token in HF_TOKEN has no access: accept the "
+                f"model's terms on its page at {endpoint}/{repo_id}"
+            ) from e
+        raise HubError(
+            f"{repo_id} is gated: accept its terms at {endpoint}/{repo_id}, then set HF_TOKEN"
+        ) from e
+    except hf_errors.RepositoryNotFoundError as e:
+        hint = "" if token else " (if it is private, set HF_TOKEN)"
+        raise HubError(f"no model {repo_id} on {endpoint}{hint}") from e
+    except hf_errors.RevisionNotFoundError as e:
+        raise HubError(f"{repo_id} has no revision {revision!r} on {endpoint}") from e
+    except hf_errors.HfHubHTTPError as e:
+        raise _disk_full(e, local_dir or _hf_cache()) or HubError(
+            f"{endpoint} answered: {_first_line(e)}"
+        ) from e
+    except Exception as e:
+        err = _disk_full(e, local_dir or _hf_cache()) or _connection_error(e, endpoint)
+        if err is None:
+            raise
+        raise err from e
+    return Path(path)
+
+
+def _hf_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+# ---------------------------------------------------------------- ModelScope
+
+
+def _ms_endpoint() -> str:
+    from modelscope_hub import get_default_config
+
+    return get_default_config().endpoint
+
+
+def _ms_cache() -> str:
+    from modelscope_hub import get_default_config
+
+    return str(get_default_config().cache_dir)
+
+
+def _ms_pull(repo_id: str, revision: str | None, local_dir: str | None, include: list[str]) -> Path:
+    try:
+        # ModelScope's hub client; the `modelscope` package delegates its downloads to it, and
+        # takes seconds to import besides.
+        from modelscope_hub import HubApi
+        from modelscope_hub import errors as ms_errors
+        from modelscope_hub.compat.snapshot_download import snapshot_download
+    except ImportError as e:
+        raise HubError(
+            "pulling from ModelScope needs its client: pip install 'ember[modelscope]'"
+        ) from e
+
+    endpoint = _ms_endpoint()
+    token = os.environ.get("MODELSCOPE_API_TOKEN")
+    try:
+        listing = HubApi().list_repo_files(repo_id, "model", revision=revision, recursive=True)
+        files = [f.path for f in listing if f.type != "tree"]
+        chosen = set(select_files(files, include))
+        skipped = [glob.escape(f) for f in files if f not in chosen]
+        path = snapshot_download(
+            repo_id, revision=revision, local_dir=local_dir, ignore_patterns=skipped or None
+        )
+    except HubError:
+        raise
+    except Exception as e:
+        for c in _causes(e):
+            if isinstance(c, ms_errors.NotExistError):
+                raise HubError(
+                    f"no model {repo_id} (revision {revision or 'master'}) on {endpoint}"
+                ) from e
+            if isinstance(c, ms_errors.AuthenticationError | ms_errors.PermissionDeniedError):
+                who = (
+                    "the token in MODELSCOPE_API_TOKEN has no access"
+                    if token
+                    else "set MODELSCOPE_API_TOKEN"
+                )
+                raise HubError(f"{repo_id} needs authorisation on {endpoint}: {who}") from e
+        err = _disk_full(e, local_dir or _ms_cache()) or _connection_error(e, endpoint)
+        if err is None and isinstance(e, ms_errors.HubError):
+            err = HubError(f"{endpoint}: {_first_line(e)}")
+        if err is None:
+            raise
+        raise err from e
+    return Path(path)
+
+
+# ---------------------------------------------------------------- pull
+
+
+def pull(
+    repo_id: str,
+    source: str = "huggingface",
+    revision: str | None = None,
+    local_dir: str | None = None,
+    include: list[str] | None = None,
+) -> Path:
+    """Download a snapshot (or finish an interrupted one); returns its local directory."""
+    if source not in SOURCES:
+        raise HubError(f"unknown source {source!r}: use {' or '.join(SOURCES)}")
+    if not _REPO_ID.fullmatch(repo_id):
+        raise HubError(f"{repo_id!r} is not a repository id (ORG/NAME)")
+    if local_dir is not None:
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
+    fetch = _hf_pull if source == "huggingface" else _ms_pull
+    path = fetch(repo_id, revision, local_dir, include or [])
+    reason = unservable_reason(path)
+    if reason is not None and not any(f.endswith(".gguf") for f in include or []):
+        raise HubError(f"downloaded {repo_id} to {path}, but Ember cannot serve it: {reason}")
+    return path
+
+
+def is_hub_id(model: str) -> bool:
+    """ORG/NAME that is not a path on this machine (as vLLM decides it)."""
+    return bool(_REPO_ID.fullmatch(model)) and not Path(model).exists()
+
+
+def model_for_serve(
+    model: str | None,
+    source: str,
+    revision: str | None,
+    load_format: str = "auto",
+    tokenizer: str | None = None,
+) -> str | None:
+    """The local model `ember serve MODEL` runs: a hub id is pulled first; a directory is
+    checked, so that a wrong one fails at once with its reason."""
+    if model is None:
+        return None
+    if is_hub_id(model):
+        try:
+            return str(pull(model, source, revision))
+        except HubError as e:
+            raise HubError(f"{model} is no local path, and pulling it failed: {e}") from e
+    path = Path(model)
+    if not path.exists():
+        raise HubError(f"no model at {model}: give a model directory, a .gguf file or ORG/NAME")
+    if path.is_dir():
+        reason = unservable_reason(
+            path, need_weights=load_format != "dummy", need_tokenizer=tokenizer is None
+        )
+        if reason is not None:
+            raise HubError(f"cannot serve {model}: {reason}")
+    return model
+
+
+# ---------------------------------------------------------------- local models
+
+
+@dataclass
+class LocalModel:
+    name: str
+    path: Path
+    architecture: str
+    parameters: int | None
+    dtype: str
+    size_bytes: int
+    reason: str | None  # why Ember cannot serve it; None when it can
+
+    @property
+    def servable(self) -> bool:
+        return self.reason is None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = _read_json(path / "model.safetensors.index.json")
+    if index.get("weight_map"):
+        return [path / n for n in sorted(set(index["weight_map"].values()))]
+    return sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+
+
+def unservable_reason(
+    path: Path, need_weights: bool = True, need_tokenizer: bool = True
+) -> str | None:
+    """Why Ember cannot serve the model at `path`, or None when it can (from file headers)."""
+    from ember.models.registry import supported_architectures
+
+    if path.is_file():
+        return None if path.suffix == ".gguf" else "not a model directory or .gguf file"
+    if not path.is_dir():
+        return "no such directory"
+    if not (path / "config.json").exists():
+        ggufs = list(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return None
+        if ggufs:
+            return f"{len(ggufs)} .gguf files and no config.json: name one file"
+        return "no config.json (not a model directory)"
+    config = _read_json(path / "config.json")
+    archs = config.get("architectures") or []
+    if not any(a in supported_architectures() for a in archs):
+        return f"architecture {','.join(archs) or 'unknown'} is not one Ember runs"
+    if need_weights:
+        weights = _weight_files(path)
+        if not weights:
+            return "no weights (*.safetensors or *.bin)"
+        missing = [w.name for w in weights if not w.exists()]
+        if missing:
+            return f"missing weight file {missing[0]} (an unfinished download?)"
+    if need_tokenizer and not any(
+        (path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    ):
+        return "no tokenizer files"
+    return None
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file: names, dtypes, shapes (no tensor data read)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+def _count(shape: list[int]) -> int:
+    total = 1
+    for d in shape:
+        total *= int(d)
+    return total
+
+
+def _dir_size(path: Path) -> int:
+    # Hugging Face cache snapshots are symlinks into blobs/: count the files they point to.
+    total = 0
+    for p in path.rglob("*"):
+        try:
+            if p.is_file():
+                total += p.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
+def describe(path: Path, name: str | None = None) -> LocalModel:
+    """What `ember models` shows for one model directory or .gguf file."""
+    reason = unservable_reason(path)
+    name = name or (path.stem if path.suffix == ".gguf" else path.name)
+    if path.is_file() or not (path / "config.json").exists():
+        ggufs = [path] if path.is_file() else list(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _describe_gguf(ggufs[0], name, reason)
+        return LocalModel(name, path, "?", None, "?", _dir_size(path), reason)
+    config = _read_json(path / "config.json")
+    arch = ",".join(config.get("architectures") or []) or "?"
+    params: int | None = None
+    dtypes: dict[str, int] = {}
+    files = [w for w in _weight_files(path) if w.exists()]
+    if files and all(w.suffix == ".safetensors" for w in files):
+        params = 0
+        for w in files:
+            try:
+                header = _safetensors_header(w)
+            except (OSError, ValueError, struct.error):
+                params = None
+                break
+            for key, t in header.items():
+                if key == "__metadata__":
+                    continue
+                n = _count(t["shape"])
+                params += n
+                dtypes[t["dtype"]] = dtypes.get(t["dtype"], 0) + n
+    dtype = max(dtypes, key=dtypes.get).lower() if dtypes else None
+    dtype = dtype or str(config.get("torch_dtype") or config.get("dtype") or "?")
+    dtype = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}.get(dtype, dtype)
+    return LocalModel(name, path, arch, params, dtype, _dir_size(path), reason)
+
+
+def _describe_gguf(path: Path, name: str, reason: str | None) -> LocalModel:
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        arch_field = reader.fields.get("general.architecture")
+        arch = arch_field.contents() if arch_field is not None else "?"
+        params = sum(int(t.n_elements) for t in reader.tensors)
+        types: dict[str, int] = {}
+        for t in reader.tensors:
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_elements)
+        dtype = max(types, key=types.get) if types else "?"
+    except Exception as e:  # noqa: BLE001 (a broken file is listed, with its reason)
+        return LocalModel(name, path, "?", None, "?", path.stat().st_size, f"unreadable GGUF: {e}")
+    if reason is None and arch not in ("llama", "qwen2", "mistral"):
+        reason = f"GGUF architecture {arch} is not one Ember converts (llama, qwen2, mistral)"
+    return LocalModel(name, path, f"gguf:{arch}", params, dtype, path.stat().st_size, reason)
+
+
+def default_model_dirs() -> list[Path]:
+    """Where `ember models` looks without --dir: /models, then the hubs' caches."""
+    dirs = [Path("/models"), Path(_hf_cache())]
+    with contextlib.suppress(ImportError):  # the ModelScope client is an optional extra
+        dirs.append(Path(_ms_cache()))
+    return [d for d in dirs if d.is_dir()]
+
+
+def find_models(root: Path) -> Iterator[tuple[str, Path]]:
+    """(name, path) of each model under `root`: the directory itself, its children, a Hugging
+    Face cache (models--ORG--NAME/snapshots/REV) or a ModelScope cache (models/...)."""
+    if root.is_file() or (root / "config.json").exists():
+        yield (root.stem if root.is_file() else root.name), root
+        return
+    hf_repos = sorted(root.glob("models--*--*"))
+    for repo in hf_repos:
+        repo_id = repo.name[len("models--") :].replace("--", "/")
+        for snap in sorted((repo / "snapshots").glob("*")):
+            yield repo_id, snap
+    ms_root = root / "models" if (root / "models").is_dir() else None
+    for repo in sorted(ms_root.iterdir()) if ms_root is not None else []:
+        if (repo / "snapshots").is_dir():  # modelscope-hub: models/ORG--NAME/snapshots/REV
+            for snap in sorted((repo / "snapshots").iterdir()):
+                yield repo.name.replace("--", "/", 1), snap
+        elif repo.is_dir():  # older clients: models/ORG/NAME holds the files
+            for sub in sorted(p for p in repo.iterdir() if p.is_dir()):
+                yield f"{repo.name}/{sub.name}", sub
+    if hf_repos or ms_root is not None:
+        return
+    for child in sorted(root.iterdir()):
+        if child.suffix == ".gguf" and child.is_file():
+            yield child.stem, child
+        elif child.is_dir() and not child.name.startswith(".") and _looks_like_model(child):
+            yield child.name, child
+
+
+def _looks_like_model(path: Path) -> bool:
+    """A model, or one on its way (a download into it has begun): worth a line, servable or not."""
+    return (
+        (path / "config.json").exists()
+        or (path / ".cache" / "huggingface").is_dir()
+        or any(next(path.glob(g), None) for g in ("*.gguf", "*.safetensors", "*.bin"))
+    )
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_source_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--source",
+        default=os.environ.get("EMBER_SOURCE", "huggingface"),
+        choices=SOURCES,
+        help="The hub a repository id is pulled from. [env EMBER_SOURCE; default huggingface]",
+    )
+    p.add_argument(
+        "--revision",
+        default=os.environ.get("EMBER_REVISION"),
+        help="Branch, tag or commit of the repository; default: the hub's main branch. "
+        "[env EMBER_REVISION]",
+    )
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pull",
+        help="Download a model from the Hugging Face Hub or ModelScope.",
+        description="Download a model snapshot (config, tokenizer, safetensors weights; resumes "
+        "an interrupted download) and print its local directory last. Hugging Face honours "
+        "HF_ENDPOINT, HF_TOKEN and HF_HOME; ModelScope honours MODELSCOPE_ENDPOINT, "
+        "MODELSCOPE_API_TOKEN and MODELSCOPE_CACHE.",
+    )
+    p.add_argument("repo_id", help="ORG/NAME, e.g. THUDM/chatglm3-6b")
+    add_source_arguments(p)
+    p.add_argument(
+        "--dir",
+        default=None,
+        help="Put the files in this directory (e.g. /models/chatglm3-6b); default: the hub's "
+        "cache, where `ember serve ORG/NAME` finds them.",
+    )
+    p.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        help="Also download files matching this glob (repeatable), e.g. one '*Q4_K_M.gguf'.",
+    )
+    p.set_defaults(func=cmd_pull)
+
+    m = sub.add_parser(
+        "models",
+        help="List local models and whether Ember can serve them.",
+        description="List the models in a directory (default: /models and the Hugging Face and "
+        "ModelScope caches), with architecture, parameters, dtype, size and servability.",
+    )
+    m.add_argument(
+        "--dir",
+        action="append",
+        default=None,
+        help="A models directory, a cache or one model (repeatable). [env EMBER_MODELS_DIR, "
+        "comma-separated]",
+    )
+    m.add_argument("--json", action="store_true", help="One JSON object per model.")
+    m.set_defaults(func=cmd_models)
+
+
+def _stop_now(signum: int, _frame: Any) -> None:
+    # Stop at once rather than let the download threads finish (Ctrl-C, a Job's pod deleted):
+    # the partial files stay where the next run resumes them.
+    # (on a line of its own: a progress bar may be half drawn)
+    print("\nember pull: interrupted; run it again to resume", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGINT, _stop_now)
+    signal.signal(signal.SIGTERM, _stop_now)
+    path = pull(args.repo_id, args.source, args.revision, args.dir, args.include)
+    print(path, flush=True)
+    return 0
+
+
+def _human(n: float, units: tuple[str, ...], step: float) -> str:
+    for unit in units[:-1]:
+        if abs(n) < step:
+            return f"{n:.1f}{unit}" if unit != units[0] else f"{int(n)}{unit}"
+        n /= step
+    return f"{n:.1f}{units[-1]}"
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    env_dirs = [d for d in os.environ.get("EMBER_MODELS_DIR", "").split(",") if d.strip()]
+    dirs = [Path(d) for d in (args.dir or env_dirs)] or default_model_dirs()
+    for d in dirs:
+        if not d.exists():
+            raise HubError(f"no such directory: {d}")
+    rows = [describe(path, name) for d in dirs for name, path in find_models(d)]
+    if args.json:
+        for r in rows:
+            print(
+                json.dumps(
+                    {
+                        "name": r.name,
+                        "path": str(r.path),
+                        "architecture": r.architecture,
+                        "parameters": r.parameters,
+                        "dtype": r.dtype,
+                        "size_bytes": r.size_bytes,
+                        "servable": r.servable,
+                        "reason": r.reason,
+                    }
+                )
+            )
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for col in ("NAME", "ARCHITECTURE", "PARAMS", "DTYPE", "SIZE", "SERVABLE", "PATH"):
+        table.add_column(col, justify="right" if col in ("PARAMS", "SIZE") else "left")
+    for r in rows:
+        table.add_row(
+            r.name,
+            r.architecture,
+            "?" if r.parameters is None else _human(r.parameters, ("", "K", "M", "B"), 1000),
+            r.dtype,
+            _human(r.size_bytes, ("B", "KiB", "MiB", "GiB", "TiB"), 1024),
+            "yes" if r.servable else f"no: {r.reason}",
+            str(r.path),
+        )
+    if not rows:
+        print(f"no models in {', '.join(str(d) for d in dirs) or 'the default places'}")
+        return 0
+    Console(width=max(120, os.get_terminal_size(1).columns if os.isatty(1) else 200)).print(table)
+    return 0

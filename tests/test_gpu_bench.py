@@ -1,0 +1,77 @@
+"""benchmarks/gpu.py runs end to end: every measurement on tiny shapes on the CPU (a dry run
+of the GPU benchmark, which is otherwise run only where a GPU is at hand)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRED = [
+    "model",
+    "roofline_steps_per_s",
+    "hf_batch1_tok_per_s",
+    "batch1_tok_per_s",
+    "batch1_roofline_fraction",
+    "offline_tok_per_s",
+    "serve_tok_per_s",
+    "serve_ttft_p50_ms",
+]
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_dry_run_reports_every_figure(tmp_path) -> None:
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--tiny"]
+    cmd += ["--dtype", "float32", "--models", "llama-2-7b", "--out", str(out)]
+    cmd += ["--log-dir", str(tmp_path)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert json.loads(run.stdout) == report
+    (row,) = report["models"]
+    for key in REQUIRED:
+        assert row[key] is not None, key
+    assert row["model"] == "llama-2-7b"
+    for key in REQUIRED[1:]:
+        assert row[key] > 0, key
+    assert row["serve_completed"] == report["requests"] and row["serve_errors"] == 0
+    assert (tmp_path / "serve-llama-2-7b.log").exists()
+
+
+# What the GPU image has (benchmarks/gpu_run.sh's machine) and the wheels brought for it.
+GPU_IMAGE = {
+    "torch", "triton", "transformers", "tokenizers", "safetensors", "sentencepiece", "jinja2",
+    "prometheus_client", "psutil", "rich", "httpx", "numpy", "pytest",
+}  # fmt: skip
+
+
+def _wheel_modules() -> set[str]:
+    lines = (ROOT / "benchmarks" / "gpu-wheels.txt").read_text().splitlines()
+    names = [ln.split("==")[0].strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    return {n.replace("-", "_") for n in names} | {"opentelemetry"}
+
+
+def test_ember_imports_only_what_the_gpu_run_brings() -> None:
+    """Every third-party module Ember's code imports is on the GPU image or among the wheels
+    gpu_run.sh installs there (a new dependency must be added to benchmarks/gpu-wheels.txt)."""
+    import ast
+
+    allowed = GPU_IMAGE | _wheel_modules() | set(sys.stdlib_module_names) | {"ember"}
+    found: dict[str, str] = {}
+    for path in (ROOT / "src" / "ember").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                found.setdefault(name.split(".")[0], str(path.relative_to(ROOT)))
+    missing = {m: where for m, where in found.items() if m not in allowed}
+    assert not missing, f"not on the GPU image nor in benchmarks/gpu-wheels.txt: {missing}"

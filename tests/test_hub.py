@@ -1,0 +1,397 @@
+"""`ember pull`, `ember models` and hub ids in `ember serve`, against a local hub that answers in
+the Hugging Face and ModelScope URL layouts, with the real client libraries pointed at it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ember.hub import HubError, select_files
+
+from checkpoints import write_checkpoint
+from conftest import ember_serve
+from hub_server import COMMIT, Hub, HubServer, Repo
+
+# Weights over huggingface_hub's 10 MiB read chunk, so a dropped transfer leaves bytes to resume.
+BIG = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2)
+SERVED = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+}
+NEVER_READ = {
+    ".gitattributes",
+    "pytorch_model.bin",
+    "flax_model.msgpack",
+    "onnx/model.onnx",
+    "modeling_llama.py",
+    "assets/logo.png",
+}
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def repo_dir(tmp_path_factory) -> Path:
+    root = write_checkpoint(tmp_path_factory.mktemp("hub") / "tiny", "llama", seed=5, **BIG)
+    for name in NEVER_READ:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"never read by Ember\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def hub(repo_dir, tmp_path_factory) -> Hub:
+    not_model = tmp_path_factory.mktemp("hub") / "data"
+    not_model.mkdir()
+    (not_model / "README.md").write_text("# a data set\n")
+    (not_model / "data.csv").write_text("a,b\n1,2\n")
+    repos = {
+        "org/tiny": Repo(repo_dir),
+        "org/gated": Repo(repo_dir, gated=True),
+        "org/data": Repo(not_model),
+    }
+    with HubServer(Hub(repos=repos)) as srv:
+        srv.hub.base = srv.base
+        yield srv.hub
+
+
+def _env(hub: Hub, home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MODELSCOPE_"))}
+    env.update(
+        HF_ENDPOINT=hub.base,
+        HF_HOME=str(home / "hf"),
+        HF_HUB_OFFLINE="0",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_XET="1",
+        HF_HUB_ETAG_TIMEOUT="5",
+        MODELSCOPE_ENDPOINT=hub.base,
+        MODELSCOPE_CACHE=str(home / "ms"),
+        MODELSCOPE_HOME=str(home / "ms-home"),
+        MODELSCOPE_API_MAX_RETRIES="1",  # the errors below come sooner
+        MODELSCOPE_REPO_TREE_PAGE_MAX_ATTEMPTS="1",
+        MODELSCOPE_DOWNLOAD_RETRY_MAX_DELAY_SECONDS="0.2",
+    )
+    env.update(extra)
+    return env
+
+
+def ember(args: list[str], env: dict[str, str], timeout: float = 120):
+    return subprocess.run(
+        [sys.executable, "-m", "ember.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _fails_with_one_line(r, *words: str) -> str:
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    for w in words:
+        assert w in last, r.stderr
+    assert r.stdout.strip() == "", r.stdout
+    return last
+
+
+def _files(path: Path) -> set[str]:
+    return {
+        str(p.relative_to(path))
+        for p in path.rglob("*")
+        if p.is_file() and ".cache" not in p.relative_to(path).parts
+    }
+
+
+# ---------------------------------------------------------------- the file filter
+
+
+def test_safetensors_are_preferred_and_other_formats_skipped():
+    files = sorted(SERVED | NEVER_READ | {"tokenizer.model", "original/consolidated.00.pth"})
+    assert set(select_files(files)) == SERVED | {"tokenizer.model"}
+
+
+def test_bin_weights_are_taken_when_there_are_no_safetensors():
+    files = ["config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"]
+    assert select_files(files) == files
+
+
+def test_consolidated_copy_is_skipped_beside_sharded_weights():
+    files = ["config.json", "consolidated.safetensors", "model-00001-of-00001.safetensors"]
+    assert select_files(files) == ["config.json", "model-00001-of-00001.safetensors"]
+
+
+def test_a_gguf_only_repository_asks_which_file():
+    files = ["README.md", "m.Q4_K_M.gguf", "m.Q8_0.gguf"]
+    with pytest.raises(HubError, match=r"--include '\*Q4_K_M.gguf'"):
+        select_files(files)
+    assert select_files(files, include=["*Q8_0.gguf"]) == ["README.md", "m.Q8_0.gguf"]
+
+
+# ---------------------------------------------------------------- full pulls
+
+
+@pytest.mark.parametrize("source", ["huggingface", "modelscope"])
+def test_pull_downloads_what_the_server_reads_and_prints_the_path_last(
+    hub, repo_dir, tmp_path, source
+):
+    r = ember(["pull", "org/tiny", "--source", source], _env(hub, tmp_path))
+    assert r.returncode == 0, r.stderr
+    (line,) = r.stdout.strip().splitlines()  # progress and logs go to stderr
+    path = Path(line)
+    cache = tmp_path / ("hf" if source == "huggingface" else "ms")
+    assert path.is_dir() and cache in path.parents
+    assert _files(path) == SERVED
+    for name in SERVED:
+        assert _sha(path / name) == _sha(repo_dir / name)
+    assert "%" in r.stderr  # a progress bar
+    # The listing tells `ember models` what it is, under its repository id.
+    listed = ember(["models", "--json"], _env(hub, tmp_path))
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [(m["name"], m["path"], m["servable"]) for m in rows] == [("org/tiny", str(path), True)]
+
+
+def test_pull_into_a_directory_with_a_revision(hub, tmp_path):
+    target = tmp_path / "models" / "tiny"
+    r = ember(["pull", "org/tiny", "--dir", str(target), "--revision", COMMIT], _env(hub, tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == str(target)
+    assert _files(target) == SERVED
+    assert not (tmp_path / "hf" / "hub" / "models--org--tiny").exists()
+
+
+# ---------------------------------------------------------------- interruptions
+
+
+@pytest.mark.parametrize("source", ["huggingface", "modelscope"])
+def test_a_dropped_connection_resumes_where_it_stopped(hub, repo_dir, tmp_path, source):
+    cut = 11 << 20
+    hub.drop_after["model.safetensors"] = cut
+    before = len(hub.requests_for("model.safetensors"))
+    r = ember(["pull", "org/tiny", "--source", source], _env(hub, tmp_path))
+    assert r.returncode == 0, r.stderr
+    path = Path(r.stdout.strip().splitlines()[-1])
+    assert _sha(path / "model.safetensors") == _sha(repo_dir / "model.safetensors")
+    gets = hub.requests_for("model.safetensors")[before:]
+    assert len(gets) == 2
+    resumed_at = int(gets[1]["range"].removeprefix("bytes=").split("-")[0])
+    assert 0 < resumed_at <= cut
+
+
+@pytest.mark.parametrize("source", ["huggingface", "modelscope"])
+def test_an_interrupted_pull_resumes_on_the_next_run(hub, repo_dir, tmp_path, source):
+    cut = 11 << 20
+    hub.stalled.clear()
+    hub.release.clear()
+    hub.stall_after["model.safetensors"] = cut
+    env = _env(hub, tmp_path)
+    args = [sys.executable, "-m", "ember.cli", "pull", "org/tiny", "--source", source]
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert hub.stalled.wait(60), "the download never started"
+        time.sleep(1.0)  # let the client write what it has received
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        hub.release.set()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "ember pull: interrupted; run it again to resume"
+    assert out == ""
+    seen = len(hub.log)
+    r = ember(["pull", "org/tiny", "--source", source], env)
+    assert r.returncode == 0, r.stderr
+    path = Path(r.stdout.strip().splitlines()[-1])
+    assert _sha(path / "model.safetensors") == _sha(repo_dir / "model.safetensors")
+    again = [
+        (p, h) for m, p, h in hub.log[seen:] if m == "GET" and ("resolve" in p or "FilePath" in p)
+    ]
+    (weights,) = [h for p, h in again if p.endswith("model.safetensors")]
+    if source == "modelscope":
+        # The partial file is continued where it stopped.
+        assert 0 < int(weights["range"].removeprefix("bytes=").split("-")[0]) <= cut
+    else:
+        # huggingface_hub 2 downloads each file into a fresh temporary file (one per process),
+        # so a rerun keeps every finished file and fetches the unfinished one again.
+        assert "range" not in weights
+    assert len(again) == 1, [p for p, _ in again]  # finished files are not fetched again
+
+
+# ---------------------------------------------------------------- errors, one line each
+
+
+@pytest.mark.parametrize("source", ["huggingface", "modelscope"])
+def test_unknown_repository(hub, tmp_path, source):
+    env = _env(hub, tmp_path)
+    if source == "modelscope":  # the older name of ModelScope's endpoint setting works too
+        env["MODELSCOPE_DOMAIN"] = env.pop("MODELSCOPE_ENDPOINT")
+    r = ember(["pull", "org/nope", "--source", source], env)
+    _fails_with_one_line(r, "ember pull:", "no model org/nope", hub.base)
+
+
+@pytest.mark.parametrize("source", ["huggingface", "modelscope"])
+def test_gated_repository_needs_a_token_and_takes_it_from_the_environment(hub, tmp_path, source):
+    token_var = "HF_TOKEN" if source == "huggingface" else "MODELSCOPE_API_TOKEN"
+    r = ember(["pull", "org/gated", "--source", source], _env(hub, tmp_path))
+    _fails_with_one_line(r, "org/gated", token_var)
+    r = ember(["pull", "org/gated", "--source", source], _env(hub, tmp_path, **{token_var: "bad"}))
+    _fails_with_one_line(r, "org/gated", "no access")
+    r = ember(
+        ["pull", "org/gated", "--source", source], _env(hub, tmp_path, **{token_var: hub.token})
+    )
+    assert r.returncode == 0, r.stderr
+    assert _files(Path(r.stdout.strip().splitlines()[-1])) == SERVED
+
+
+@pytest.mark.parametrize("source", ["huggingface", "modelscope"])
+def test_no_network(hub, tmp_path, source):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = _env(hub, tmp_path, HF_ENDPOINT=dead, MODELSCOPE_ENDPOINT=dead)
+    r = ember(["pull", "org/tiny", "--source", source], env)
+    _fails_with_one_line(r, "cannot reach", dead)
+
+
+def test_a_repository_that_is_not_a_model(hub, tmp_path):
+    r = ember(["pull", "org/data"], _env(hub, tmp_path))
+    _fails_with_one_line(r, "Ember cannot serve it", "no config.json")
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs: writing a bigger file there fails with ENOSPC, as a full disk does."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mnt)], capture_output=True
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("source", ["huggingface", "modelscope"])
+def test_disk_full(hub, tmp_path, tiny_disk, source):
+    r = ember(
+        ["pull", "org/tiny", "--source", source, "--dir", str(tiny_disk / "m")], _env(hub, tmp_path)
+    )
+    _fails_with_one_line(r, "no space left", str(tiny_disk / "m"))
+
+
+def test_bad_arguments_are_one_line(hub, tmp_path):
+    _fails_with_one_line(ember(["pull", "not-a-repo-id"], _env(hub, tmp_path)), "ORG/NAME")
+    _fails_with_one_line(
+        ember(["models", "--dir", str(tmp_path / "nowhere")], _env(hub, tmp_path)),
+        "no such directory",
+    )
+
+
+# ---------------------------------------------------------------- ember models
+
+
+def test_models_lists_each_model_with_its_facts_and_why_not(repo_dir, tmp_path):
+    from safetensors import safe_open
+
+    models = tmp_path / "models"
+    shutil.copytree(repo_dir, models / "tiny")
+    bert = models / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    (bert / "model.safetensors").write_bytes((repo_dir / "model.safetensors").read_bytes())
+    half = models / "half"
+    shutil.copytree(repo_dir, half)
+    index = {
+        "weight_map": {
+            "a": "model-00001-of-00002.safetensors",
+            "b": "model-00002-of-00002.safetensors",
+        }
+    }
+    (half / "model.safetensors.index.json").write_text(json.dumps(index))
+    (models / "notes").mkdir()  # not a model: not listed
+    (models / "notes" / "todo.txt").write_text("x")
+
+    r = ember(["models", "--dir", str(models), "--json"], dict(os.environ))
+    assert r.returncode == 0, r.stderr
+    rows = {m["name"]: m for m in map(json.loads, r.stdout.splitlines())}
+    assert set(rows) == {"tiny", "bert", "half"}
+    with safe_open(str(repo_dir / "model.safetensors"), "pt") as f:
+        expected = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+    tiny = rows["tiny"]
+    assert tiny["architecture"] == "LlamaForCausalLM"
+    assert tiny["parameters"] == expected
+    assert tiny["dtype"] == "float32"
+    assert tiny["size_bytes"] == sum((repo_dir / f).stat().st_size for f in _files(repo_dir))
+    assert tiny["servable"] and tiny["reason"] is None
+    assert not rows["bert"]["servable"] and "BertModel" in rows["bert"]["reason"]
+    assert not rows["half"]["servable"] and "model-00001-of-00002" in rows["half"]["reason"]
+    table = ember(["models", "--dir", str(models)], dict(os.environ))
+    assert "tiny" in table.stdout and "no: architecture BertModel" in table.stdout
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# ---------------------------------------------------------------- ember serve
+
+
+def test_serve_refuses_a_directory_without_a_model(tmp_path):
+    (tmp_path / "README.md").write_text("nothing here\n")
+    r = ember(["serve", str(tmp_path), "--port", "0"], dict(os.environ), timeout=60)
+    _fails_with_one_line(r, "ember serve:", "no config.json")
+
+
+def test_serve_exits_when_the_model_fails_to_load(repo_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(repo_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    r = ember(
+        ["serve", str(broken), "--host", "127.0.0.1", "--port", "0"], dict(os.environ), timeout=120
+    )
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("ember serve: model failed to load:")
+
+
+def test_serve_pulls_a_hub_id_then_answers_a_chat(hub, tmp_path, monkeypatch):
+    import openai
+
+    for k, v in _env(hub, tmp_path).items():
+        monkeypatch.setenv(k, v)
+    with ember_serve(["org/tiny", "--dtype", "float32", "--kv-cache-memory", "8MiB"]) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["org/tiny"]
+        r = client.chat.completions.create(
+            model="org/tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8
+        )
+        assert r.choices[0].message.content
+        assert r.usage.completion_tokens > 0
+    snapshot = tmp_path / "hf" / "hub" / "models--org--tiny" / "snapshots" / COMMIT
+    assert _files(snapshot) == SERVED

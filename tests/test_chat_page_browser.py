@@ -294,10 +294,11 @@ def test_dropped_connection_offers_retry(page):
     assert page.inner_text(".msg.assistant .stats").endswith("· smol")
 
 
-def test_model_reply_with_markup_renders_as_text(page):
+def test_model_reply_with_markup_renders_as_text(browser, server):
     """A real reply from the model holding an <img onerror> and a <script>: the model is shown a
     conversation (imported, so it can hold an example turn) in which it repeats the user, so
     greedy decoding echoes the markup, which then streams through the page's renderer."""
+    page = _ready_page(browser, server)
     _import(
         page,
         {
@@ -311,6 +312,7 @@ def test_model_reply_with_markup_renders_as_text(page):
         },
     )
     page.wait_for_selector("#conv-list li.current >> text=Echo")
+    _set(page, "#temperature", "0")
     _set(page, "#max-tokens", "24")  # the echo is 16 tokens
     payload = "<img src=x onerror=alert(1)><script>alert(2)</script>"
     _send(page, payload)
@@ -322,7 +324,8 @@ def test_model_reply_with_markup_renders_as_text(page):
     assert "<img src=x onerror=" in shown and "<script>" in shown
     assert reply.locator("img, script").count() == 0
     assert page.locator(".msg.user").last.locator(".content").inner_text() == payload
-    _set(page, "#max-tokens", "8")
+    assert page.title() != "pwned" and page.errors == []
+    page.context.close()
 
 
 def test_stored_reply_renders_markdown_code_and_math_but_no_script(browser, server):

@@ -377,7 +377,11 @@ function setBusy(busy: boolean): void {
 function requestMessages(): ChatMessage[] {
   const msgs: ChatMessage[] = [];
   if (current.system.trim()) msgs.push({ role: "system", content: current.system });
-  for (const m of current.messages) msgs.push({ role: m.role, content: m.content });
+  for (const m of current.messages) {
+    // A reply that failed before any text (a refusal, a lost connection) is not history.
+    if (m.role === "assistant" && !m.content) continue;
+    msgs.push({ role: m.role, content: m.content });
+  }
   return msgs;
 }
 

@@ -1,4 +1,4 @@
-"""The chat page in headless Chromium (Debian's), against the session's real `ember serve`.
+"""The chat page in headless Chromium (Debian's), against the real `ember serve` the tests share.
 
 Screenshots (desktop and phone width, light and dark) go to test-artifacts/chat-page/.
 """

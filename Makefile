@@ -50,3 +50,13 @@ gpu-wheels: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# The chat page: build webui/ with Node, copy the result into the package, and record the hash
+# of the source it was built from (tests/test_chat_page.py fails when they disagree).
+.PHONY: webui
+WEBUI_OUT := src/ember/server/webui
+webui:
+	cd webui && npm ci --no-audit --no-fund && npm run build
+	rm -rf $(WEBUI_OUT)
+	cp -r webui/dist $(WEBUI_OUT)
+	$(PYTHON) webui/source_hash.py > $(WEBUI_OUT)/source.sha256

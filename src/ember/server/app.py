@@ -25,6 +25,7 @@ from ember.engine.request import SamplingParams
 from ember.server.errors import error_response, install_error_handlers
 from ember.server.metrics import ServerMetrics
 from ember.server.routes import admin, chat, completions, embeddings, models
+from ember.server.routes.chat_page import install_chat_page
 from ember.server.state import ServerConfig, ServerState
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,7 @@ def build_app(
     app.include_router(completions.router)
     app.include_router(embeddings.router)
     app.include_router(admin.router)
+    install_chat_page(app)
     return app
 
 

@@ -1,0 +1,406 @@
+"""The chat page in headless Chromium (Debian's), against the real `ember serve` the tests share.
+
+Screenshots (desktop and phone width, light and dark) go to test-artifacts/chat-page/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import API_KEY
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "chat-page"
+DESKTOP = {"width": 1200, "height": 800}
+PHONE = {"width": 390, "height": 844}
+# Generous: a loaded CI machine can be many times slower than an idle one.
+STREAM_TIMEOUT_MS = 300_000
+
+# A stored conversation whose reply holds Markdown, code, math and markup that must stay inert.
+HOSTILE_REPLY = (
+    "Here is **bold**, `code` and $e^{i\\pi}+1=0$.\n\n"
+    "```python\ndef add(a, b):\n    return a + b\n```\n\n"
+    "<img src=x onerror=\"document.title='pwned'\"> <script>document.title='pwned'</script>\n\n"
+    "[a link](javascript:document.title='pwned') 你好 👋"
+)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        message = "Debian's chromium is missing: apt-get install -y chromium"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        yield b
+        b.close()
+
+
+def _new_page(browser, server, **context_args):
+    """A fresh browser profile on the page: it asks for the key first, as on a first visit."""
+    # Reduced motion: the phone sidebar appears at once, so screenshots do not catch it sliding.
+    defaults = {"viewport": DESKTOP, "locale": "en-US", "reduced_motion": "reduce"}
+    ctx = browser.new_context(**{**defaults, **context_args})
+    page = ctx.new_page()
+    page.errors = []
+    page.answers = []  # what to answer the page's next prompt()/confirm() dialogs
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    page.on("dialog", lambda d: _answer(page, d))
+    page.goto(server + "/")
+    return page
+
+
+def _answer(page, dialog) -> None:
+    if dialog.type == "alert" or not page.answers:
+        page.errors.append(f"unexpected {dialog.type}: {dialog.message}")
+        dialog.dismiss()
+    else:
+        answer = page.answers.pop(0)
+        dialog.accept(answer) if isinstance(answer, str) else dialog.accept()
+
+
+def _enter_key(page, key: str = API_KEY) -> None:
+    page.wait_for_selector("#key-dialog[open]")
+    page.fill("#key-input", key)
+    page.press("#key-input", "Enter")
+
+
+def _ready_page(browser, server, **context_args):
+    page = _new_page(browser, server, **context_args)
+    _enter_key(page)
+    page.wait_for_selector("#model option[value='smol']", state="attached")
+    return page
+
+
+def _set(page, selector: str, value: str) -> None:
+    if page.is_hidden("#settings"):
+        page.click("#settings-toggle")
+    page.fill(selector, value)
+    page.press(selector, "Tab")  # the settings are saved on change
+
+
+def _send(page, text: str) -> None:
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def _wait_done(page) -> None:
+    page.wait_for_selector("#send.stop", timeout=5_000, state="attached")
+    page.wait_for_selector("#send:not(.stop)", timeout=STREAM_TIMEOUT_MS, state="attached")
+
+
+def _stored(page) -> list[dict]:
+    return json.loads(page.evaluate("localStorage.getItem('ember.conversations')"))
+
+
+def _import(page, conversation: dict) -> None:
+    page.set_input_files(
+        "#import-file",
+        files=[
+            {
+                "name": "conversation.json",
+                "mimeType": "application/json",
+                "buffer": json.dumps(conversation).encode(),
+            }
+        ],
+    )
+
+
+def _running(server: str) -> float:
+    text = httpx.get(server + "/metrics", timeout=10).text
+    return float(re.search(r"^ember:num_requests_running\{[^}]*\} (\S+)", text, re.M).group(1))
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    """One profile shared by the tests that build on each other's conversation."""
+    p = _new_page(browser, server)
+    yield p
+    assert p.errors == []
+    p.context.close()
+
+
+def test_first_visit_asks_for_the_key_then_a_reply_streams(page, server):
+    # The model list answers 401 without a key: the page asks for one; a wrong one is refused.
+    _enter_key(page, "wrong-key")
+    page.wait_for_selector("#key-wrong:not([hidden])")
+    _enter_key(page)
+    page.wait_for_selector("#key-dialog:not([open])", state="attached")
+    assert page.eval_on_selector_all("#model option", "os => os.map(o => o.value)") == [
+        "smol",
+        "gpt-3.5-turbo",
+    ]
+    assert page.evaluate("localStorage.getItem('ember.apiKey')") == API_KEY
+    _set(page, "#temperature", "0")
+    _set(page, "#max-tokens", "8")
+    # Record every length the reply passes through while it streams.
+    page.evaluate(
+        """() => {
+          window.lengths = [];
+          new MutationObserver(() => {
+            const c = document.querySelector('#messages .msg.assistant:last-of-type .content');
+            if (c) window.lengths.push(c.textContent.length);
+          }).observe(document.querySelector('#messages'),
+                     {childList: true, subtree: true, characterData: true});
+        }"""
+    )
+    _send(page, "Say hello. 你好 👋")
+    _wait_done(page)
+    lengths = [n for n in page.evaluate("window.lengths") if n > 0]
+    assert len(set(lengths)) >= 2, f"the reply did not arrive in pieces: {lengths}"
+
+    user = page.inner_text(".msg.user .content")
+    assert user == "Say hello. 你好 👋"
+    [conv] = _stored(page)
+    reply = conv["messages"][1]
+    assert reply["role"] == "assistant" and reply["content"].strip()
+    assert page.inner_text(".msg.assistant .content").strip() == reply["content"].strip()
+    stats = page.inner_text(".msg.assistant .stats")
+    assert re.fullmatch(r"first token \d+ ms · [\d.]+ tokens/s · \d+ tokens · smol", stats), stats
+    assert 1 <= reply["stats"]["completionTokens"] <= 8
+    assert conv["title"] == "Say hello. 你好 👋"
+    page.screenshot(path=str(ARTIFACTS / "desktop-light.png"))
+
+
+def test_reload_finds_the_conversation(page):
+    before = _stored(page)
+    page.reload()
+    page.wait_for_selector(".msg.assistant .stats")
+    assert page.inner_text("#conv-list li.current .open") == "Say hello. 你好 👋"
+    assert page.inner_text(".msg.user .content") == "Say hello. 你好 👋"
+    assert page.inner_text(".msg.assistant .content").strip() == (
+        before[0]["messages"][1]["content"].strip()
+    )
+    assert page.input_value("#max-tokens") == "8"
+
+
+def test_switch_models(page):
+    page.select_option("#model", "gpt-3.5-turbo")
+    with page.expect_request("**/v1/chat/completions") as req:
+        _send(page, "And goodbye?")
+    _wait_done(page)
+    assert req.value.headers["authorization"] == f"Bearer {API_KEY}"
+    body = req.value.post_data_json
+    assert body["model"] == "gpt-3.5-turbo"
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert [m["role"] for m in body["messages"]] == ["user", "assistant", "user"]
+    assert page.inner_text(".msg.assistant >> nth=-1 >> .stats").endswith("· gpt-3.5-turbo")
+    page.reload()
+    page.wait_for_selector("#model option[value='smol']", state="attached")
+    assert page.input_value("#model") == "gpt-3.5-turbo"
+    page.select_option("#model", "smol")
+
+
+def test_edit_and_resend(page):
+    first = page.locator(".msg.user").last
+    first.locator("button.edit").click()
+    page.fill(".edit-area", "And good night?")
+    with page.expect_request("**/v1/chat/completions") as req:
+        page.press(".edit-area", "Enter")
+    _wait_done(page)
+    body = req.value.post_data_json
+    assert body["messages"][-1] == {"role": "user", "content": "And good night?"}
+    assert len(body["messages"]) == 3
+    msgs = _stored(page)[0]["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+    assert msgs[2]["content"] == "And good night?"
+
+
+def test_rename_export_and_delete(page):
+    page.answers.append("Greetings")
+    page.click("#conv-list li.current >> text=Rename")
+    page.wait_for_selector("#conv-list li.current >> text=Greetings")
+    assert page.inner_text("#conv-title") == "Greetings"
+    with page.expect_download() as dl:
+        page.click("#conv-list li.current >> text=Export JSON")
+    exported = json.loads(Path(dl.value.path()).read_text())
+    assert exported == _stored(page)[0]
+    with page.expect_download() as dl:
+        page.click("#conv-list li.current >> text=Export Markdown")
+    assert dl.value.suggested_filename == "Greetings.md"
+    markdown = Path(dl.value.path()).read_text()
+    assert markdown.startswith("# Greetings\n") and "## You\n\nSay hello. 你好 👋" in markdown
+    # A copy to delete: import the export, then delete it.
+    _import(page, exported)
+    page.wait_for_selector("#conv-list li:nth-child(2) >> text=Greetings")
+    assert len(_stored(page)) == 2
+    page.answers.append(None)  # OK
+    page.click("#conv-list li.current >> text=Delete")
+    page.wait_for_selector("#conv-list li:nth-child(2)", state="detached")
+    assert [c["title"] for c in _stored(page)] == ["Greetings"]
+
+
+def test_server_refusal_is_shown(page):
+    _set(page, "#max-tokens", "100000")  # more than the server's 2048-token context
+    _send(page, "Hi")
+    error = page.wait_for_selector(".msg.assistant >> nth=-1 >> .error")
+    assert "The server answered with an error:" in error.inner_text()
+    assert "maximum context length is 2048 tokens" in error.inner_text()
+    assert error.query_selector("button.retry") is not None
+    _set(page, "#max-tokens", "8")
+
+
+def test_stop_mid_stream_frees_the_server_slot(page, server):
+    page.click("#new-chat")
+    _set(page, "#max-tokens", "1500")
+    _send(page, "Count from 1 to 1000, one number per line.")
+    page.wait_for_selector(
+        "#messages .msg.assistant .content:not(:empty)", timeout=STREAM_TIMEOUT_MS
+    )
+    page.wait_for_selector("#send.stop", state="attached")
+    assert _running(server) >= 1
+    page.focus("#input")
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#send:not(.stop)", state="attached", timeout=5_000)
+    assert page.inner_text("#send") == "Send"
+    assert page.inner_text(".msg.assistant .stats").endswith("stopped")
+    deadline = time.time() + 20
+    while _running(server) > 0 and time.time() < deadline:
+        time.sleep(0.25)
+    assert _running(server) == 0
+    text = page.inner_text(".msg.assistant .content")
+    time.sleep(1)
+    assert page.inner_text(".msg.assistant .content") == text
+    _set(page, "#max-tokens", "8")
+
+
+def test_dropped_connection_offers_retry(page):
+    page.click("#new-chat")
+    page.context.set_offline(True)
+    _send(page, "Hi")
+    page.wait_for_selector(".msg.assistant .error button.retry")
+    assert "connection was lost" in page.inner_text(".msg.assistant .error")
+    page.context.set_offline(False)
+    page.click(".msg.assistant .error button.retry")
+    _wait_done(page)
+    assert page.query_selector(".msg.assistant .error") is None
+    assert page.inner_text(".msg.assistant .stats").endswith("· smol")
+
+
+def test_model_reply_with_markup_renders_as_text(browser, server):
+    """A real reply from the model holding an <img onerror> and a <script>: the model is shown a
+    conversation (imported, so it can hold an example turn) in which it repeats the user, so
+    greedy decoding echoes the markup, which then streams through the page's renderer."""
+    page = _ready_page(browser, server)
+    _import(
+        page,
+        {
+            "id": "x",
+            "title": "Echo",
+            "system": "You repeat the user's message exactly, character for character, and say nothing else.",
+            "messages": [
+                {"role": "user", "content": "Hello there"},
+                {"role": "assistant", "content": "Hello there"},
+            ],
+        },
+    )
+    page.wait_for_selector("#conv-list li.current >> text=Echo")
+    _set(page, "#temperature", "0")
+    _set(page, "#max-tokens", "24")  # the echo is 16 tokens
+    payload = "<img src=x onerror=alert(1)><script>alert(2)</script>"
+    _send(page, payload)
+    _wait_done(page)
+    reply = page.locator(".msg.assistant").last
+    content = _stored(page)[0]["messages"][-1]["content"]
+    assert "<img src=x onerror=" in content and "<script>" in content, content
+    shown = reply.locator(".content").inner_text()
+    assert "<img src=x onerror=" in shown and "<script>" in shown
+    assert reply.locator("img, script").count() == 0
+    assert page.locator(".msg.user").last.locator(".content").inner_text() == payload
+    assert page.title() != "pwned" and page.errors == []
+    page.context.close()
+
+
+def test_stored_reply_renders_markdown_code_and_math_but_no_script(browser, server):
+    page = _ready_page(browser, server)
+    _import(
+        page,
+        {
+            "id": "x",
+            "title": "Markup",
+            "system": "",
+            "messages": [
+                {"role": "user", "content": "<b>not bold</b> and <script>x</script>"},
+                {"role": "assistant", "content": HOSTILE_REPLY},
+            ],
+        },
+    )
+    reply = page.locator(".msg.assistant .content")
+    reply.locator(".katex").first.wait_for()
+    assert reply.locator("strong").inner_text() == "bold"
+    assert reply.locator("pre code.hljs .hljs-keyword").first.inner_text() == "def"
+    assert reply.locator("pre .copy-code").count() == 1
+    assert reply.locator("img, script, [onerror]").count() == 0
+    assert reply.locator("a[href^='javascript']").count() == 0
+    text = reply.inner_text()
+    assert "<img src=x onerror=" in text and "<script>" in text and "你好 👋" in text
+    assert page.inner_text(".msg.user .content") == "<b>not bold</b> and <script>x</script>"
+    assert page.title() != "pwned" and page.errors == []
+    page.screenshot(path=str(ARTIFACTS / "desktop-markup-light.png"))
+    page.context.close()
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_phone_width_in_chinese(browser, server, scheme):
+    page = _ready_page(browser, server, viewport=PHONE, locale="zh-CN", color_scheme=scheme)
+    assert page.evaluate("document.documentElement.lang") == "zh-CN"
+    assert page.inner_text("#send") == "发送"
+    _import(
+        page,
+        {
+            "id": "x",
+            "title": "手机上的对话",
+            "system": "",
+            "messages": [
+                {"role": "user", "content": "用一句话介绍你自己 🙂"},
+                {"role": "assistant", "content": HOSTILE_REPLY},
+            ],
+        },
+    )
+    page.wait_for_selector(".msg.assistant .katex")
+    assert page.is_hidden("#sidebar")
+    assert page.is_visible("#menu-toggle") and page.is_visible("#send")
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= PHONE["width"], "the page scrolls sideways on a phone"
+    page.screenshot(path=str(ARTIFACTS / f"phone-{scheme}.png"))
+    page.click("#menu-toggle")
+    page.wait_for_selector("#sidebar.open")
+    page.screenshot(path=str(ARTIFACTS / f"phone-{scheme}-sidebar.png"))
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#sidebar:not(.open)", state="attached")
+    if scheme == "dark":
+        page.set_viewport_size(DESKTOP)
+        page.screenshot(path=str(ARTIFACTS / "desktop-dark.png"))
+    assert page.errors == []
+    page.context.close()
+
+
+def test_keyboard_only(browser, server):
+    page = _ready_page(browser, server)
+    # After the key dialog, focus is back in the message box.
+    assert page.evaluate("document.activeElement.id") == "input"
+    page.keyboard.type("first line")
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.type("second line")
+    assert page.input_value("#input") == "first line\nsecond line"
+    # Tab order: the composer's send button follows the message box.
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "send"
+    page.context.close()

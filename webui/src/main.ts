@@ -1,0 +1,612 @@
+// The chat page: conversations on the left, the current one on the right, a composer below.
+// Replies stream from the server that served the page; everything is kept in localStorage.
+
+import "katex/dist/katex.min.css";
+import "./style.css";
+
+import { AuthError, type ChatMessage, ConnectionError, listModels, streamChat } from "./api";
+import { lang, type Strings, t } from "./i18n";
+import { renderMarkdown } from "./render";
+import {
+  type Conversation,
+  importConversation,
+  loadApiKey,
+  loadConversations,
+  loadCurrentId,
+  loadSettings,
+  type Message,
+  newConversation,
+  saveApiKey,
+  saveConversations,
+  saveCurrentId,
+  saveSettings,
+  toMarkdown,
+} from "./store";
+
+const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
+
+const ui = {
+  sidebar: $<HTMLElement>("sidebar"),
+  backdrop: $<HTMLElement>("backdrop"),
+  newChat: $<HTMLButtonElement>("new-chat"),
+  convList: $<HTMLUListElement>("conv-list"),
+  importFile: $<HTMLInputElement>("import-file"),
+  menuToggle: $<HTMLButtonElement>("menu-toggle"),
+  title: $<HTMLHeadingElement>("conv-title"),
+  model: $<HTMLSelectElement>("model"),
+  settingsToggle: $<HTMLButtonElement>("settings-toggle"),
+  settings: $<HTMLElement>("settings"),
+  system: $<HTMLTextAreaElement>("system"),
+  temperature: $<HTMLInputElement>("temperature"),
+  topP: $<HTMLInputElement>("top-p"),
+  maxTokens: $<HTMLInputElement>("max-tokens"),
+  setKey: $<HTMLButtonElement>("set-key"),
+  notice: $<HTMLElement>("notice"),
+  messages: $<HTMLElement>("messages"),
+  composer: $<HTMLFormElement>("composer"),
+  input: $<HTMLTextAreaElement>("input"),
+  send: $<HTMLButtonElement>("send"),
+  keyDialog: $<HTMLDialogElement>("key-dialog"),
+  keyForm: $<HTMLFormElement>("key-form"),
+  keyWrong: $<HTMLElement>("key-wrong"),
+  keyInput: $<HTMLInputElement>("key-input"),
+  keyCancel: $<HTMLButtonElement>("key-cancel"),
+};
+
+let conversations = loadConversations();
+let current: Conversation = pickCurrent();
+const settings = loadSettings();
+let apiKey = loadApiKey();
+let controller: AbortController | null = null;
+let streamingEl: HTMLElement | null = null;
+let renderQueued = false;
+// A conversation whose reply was refused for want of a key: resent once a key is entered.
+let resendAfterKey: Conversation | null = null;
+
+function pickCurrent(): Conversation {
+  const id = loadCurrentId();
+  const found = conversations.find((c) => c.id === id) ?? conversations[0];
+  if (found) return found;
+  const c = newConversation(t.untitled);
+  conversations.unshift(c);
+  return c;
+}
+
+function persist(): void {
+  current.updated = Date.now();
+  saveConversations(conversations);
+  saveCurrentId(current.id);
+}
+
+// ---- static text -------------------------------------------------------------------------
+
+function applyStrings(): void {
+  document.documentElement.lang = lang;
+  document.title = t.title;
+  for (const el of document.querySelectorAll<HTMLElement>("[data-t]")) {
+    el.textContent = t[el.dataset.t as keyof Strings];
+  }
+  for (const el of document.querySelectorAll<HTMLElement>("[data-t-placeholder]")) {
+    el.setAttribute("placeholder", t[el.dataset.tPlaceholder as keyof Strings]);
+  }
+  for (const el of document.querySelectorAll<HTMLElement>("[data-t-label]")) {
+    const text = t[el.dataset.tLabel as keyof Strings];
+    el.setAttribute("aria-label", text);
+    el.title = text;
+  }
+}
+
+// ---- small DOM helpers -------------------------------------------------------------------
+
+function button(label: string, onClick: () => void, cls = ""): HTMLButtonElement {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = label;
+  if (cls) b.className = cls;
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+function el<K extends keyof HTMLElementTagNameMap>(tag: K, cls = "", text = ""): HTMLElementTagNameMap[K] {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text) e.textContent = text;
+  return e;
+}
+
+// navigator.clipboard needs a secure context; plain http on a cluster is not one.
+async function copyText(text: string, b: HTMLButtonElement): Promise<void> {
+  try {
+    await navigator.clipboard.writeText(text);
+  } catch {
+    const area = el("textarea");
+    area.value = text;
+    area.style.position = "fixed";
+    area.style.opacity = "0";
+    document.body.append(area);
+    area.select();
+    document.execCommand("copy");
+    area.remove();
+  }
+  const label = b.textContent;
+  b.textContent = t.copied;
+  setTimeout(() => (b.textContent = label), 1200);
+}
+
+function download(name: string, type: string, text: string): void {
+  const url = URL.createObjectURL(new Blob([text], { type }));
+  const a = el("a");
+  a.href = url;
+  a.download = name;
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+}
+
+function fileName(c: Conversation, ext: string): string {
+  const base = c.title.replace(/[\\/:*?"<>|\s]+/g, "_").slice(0, 60) || "conversation";
+  return `${base}.${ext}`;
+}
+
+function showNotice(text: string): void {
+  ui.notice.textContent = text;
+  ui.notice.hidden = !text;
+}
+
+// ---- sidebar ------------------------------------------------------------------------------
+
+function renderSidebar(): void {
+  ui.convList.replaceChildren();
+  for (const c of conversations) {
+    const li = el("li", c.id === current.id ? "current" : "");
+    const open = button(c.title || t.untitled, () => switchTo(c), "open");
+    if (c.id === current.id) open.setAttribute("aria-current", "true");
+    li.append(open);
+    if (c.id === current.id) {
+      const actions = el("div", "conv-actions");
+      actions.append(
+        button(t.rename, () => rename(c)),
+        button(t.delete, () => remove(c)),
+        button(t.exportJson, () =>
+          download(fileName(c, "json"), "application/json", JSON.stringify(c, null, 2)),
+        ),
+        button(t.exportMarkdown, () =>
+          download(
+            fileName(c, "md"),
+            "text/markdown",
+            toMarkdown(c, { you: t.you, assistant: t.assistant, system: t.system }),
+          ),
+        ),
+      );
+      li.append(actions);
+    }
+    ui.convList.append(li);
+  }
+}
+
+function switchTo(c: Conversation): void {
+  if (controller) return;
+  current = c;
+  persist();
+  closeSidebar();
+  renderAll();
+  ui.input.focus();
+}
+
+function rename(c: Conversation): void {
+  const name = prompt(t.renamePrompt, c.title);
+  if (name === null || !name.trim()) return;
+  c.title = name.trim();
+  persist();
+  renderAll();
+}
+
+function remove(c: Conversation): void {
+  if (controller || !confirm(t.deleteConfirm)) return;
+  conversations = conversations.filter((x) => x !== c);
+  current = conversations[0] ?? newConversation(t.untitled);
+  if (!conversations.includes(current)) conversations.unshift(current);
+  persist();
+  renderAll();
+}
+
+function startNew(): void {
+  if (controller) return;
+  // An empty conversation is reused rather than piling up.
+  const empty = conversations.find((c) => c.messages.length === 0);
+  current = empty ?? newConversation(t.untitled);
+  if (!empty) conversations.unshift(current);
+  persist();
+  closeSidebar();
+  renderAll();
+  ui.input.focus();
+}
+
+function openSidebar(): void {
+  ui.sidebar.classList.add("open");
+  ui.backdrop.hidden = false;
+  ui.menuToggle.setAttribute("aria-expanded", "true");
+  ui.newChat.focus();
+}
+
+function closeSidebar(): void {
+  if (!ui.sidebar.classList.contains("open")) return;
+  ui.sidebar.classList.remove("open");
+  ui.backdrop.hidden = true;
+  ui.menuToggle.setAttribute("aria-expanded", "false");
+}
+
+// ---- messages -----------------------------------------------------------------------------
+
+function renderAll(): void {
+  renderSidebar();
+  ui.title.textContent = current.title || t.untitled;
+  ui.system.value = current.system;
+  renderMessages();
+}
+
+function renderMessages(): void {
+  ui.messages.replaceChildren();
+  streamingEl = null;
+  if (current.messages.length === 0) {
+    ui.messages.append(el("p", "empty", t.empty));
+    return;
+  }
+  current.messages.forEach((m, i) => ui.messages.append(messageView(m, i)));
+  scrollToEnd(true);
+}
+
+function fillContent(box: HTMLElement, m: Message): void {
+  if (m.role === "user") {
+    box.textContent = m.content;
+    return;
+  }
+  box.innerHTML = renderMarkdown(m.content);
+  for (const pre of box.querySelectorAll("pre")) {
+    const code = pre.querySelector("code");
+    if (!code) continue;
+    const copy = button(t.copyCode, () => copyText(code.textContent ?? "", copy), "copy-code");
+    pre.prepend(copy);
+  }
+}
+
+function statsText(m: Message): string {
+  const parts: string[] = [];
+  const s = m.stats;
+  if (s) {
+    if (s.ttftMs !== null) parts.push(`${t.ttft} ${Math.round(s.ttftMs)} ms`);
+    if (s.tokensPerSecond !== null) parts.push(`${s.tokensPerSecond.toFixed(1)} ${t.tokensPerSecond}`);
+    if (s.completionTokens !== null) parts.push(`${s.completionTokens} ${t.tokens}`);
+    if (s.model) parts.push(s.model);
+  }
+  if (m.stopped) parts.push(t.stopped);
+  return parts.join(" · ");
+}
+
+function messageView(m: Message, index: number): HTMLElement {
+  const art = el("article", `msg ${m.role}`);
+  art.dataset.index = String(index);
+  art.append(el("div", "role", m.role === "user" ? t.you : t.assistant));
+  const box = el("div", "content");
+  fillContent(box, m);
+  art.append(box);
+  const last = index === current.messages.length - 1;
+  if (m.role === "assistant") {
+    const stats = el("div", "stats", statsText(m));
+    art.append(stats);
+  }
+  if (m.error) {
+    const err = el("div", "error");
+    err.setAttribute("role", "alert");
+    err.append(el("span", "", m.error));
+    if (last) err.append(button(t.retry, () => regenerate(), "retry"));
+    art.append(err);
+  }
+  const actions = el("div", "actions");
+  const copy = button(t.copy, () => copyText(m.content, copy), "copy");
+  actions.append(copy);
+  if (m.role === "user") actions.append(button(t.edit, () => startEdit(art, box, index), "edit"));
+  if (m.role === "assistant" && last) actions.append(button(t.regenerate, () => regenerate(), "regenerate"));
+  art.append(actions);
+  return art;
+}
+
+function startEdit(art: HTMLElement, box: HTMLElement, index: number): void {
+  if (controller) return;
+  const m = current.messages[index];
+  const area = el("textarea", "edit-area");
+  area.value = m.content;
+  area.rows = Math.min(12, m.content.split("\n").length + 1);
+  const row = el("div", "row");
+  const submit = () => {
+    const text = area.value.trim();
+    if (!text) return;
+    current.messages = current.messages.slice(0, index);
+    current.messages.push({ role: "user", content: text });
+    persist();
+    renderMessages();
+    void generate();
+  };
+  area.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      submit();
+    } else if (e.key === "Escape") {
+      e.stopPropagation();
+      renderMessages();
+    }
+  });
+  row.append(button(t.cancel, () => renderMessages()), button(t.save, submit, "primary"));
+  box.replaceChildren(area, row);
+  art.querySelector(".actions")?.remove();
+  area.focus();
+}
+
+function nearBottom(): boolean {
+  const m = ui.messages;
+  return m.scrollHeight - m.scrollTop - m.clientHeight < 80;
+}
+
+function scrollToEnd(force = false): void {
+  if (force || nearBottom()) ui.messages.scrollTop = ui.messages.scrollHeight;
+}
+
+/** Re-renders the streaming reply at most once per frame. */
+function queueRender(m: Message): void {
+  if (renderQueued) return;
+  renderQueued = true;
+  requestAnimationFrame(() => {
+    renderQueued = false;
+    if (!streamingEl) return;
+    const stick = nearBottom();
+    fillContent(streamingEl, m);
+    if (stick) scrollToEnd(true);
+  });
+}
+
+// ---- generation ---------------------------------------------------------------------------
+
+function setBusy(busy: boolean): void {
+  ui.send.textContent = busy ? t.stop : t.send;
+  ui.send.classList.toggle("stop", busy);
+  ui.newChat.disabled = busy;
+  document.body.classList.toggle("busy", busy);
+}
+
+function requestMessages(): ChatMessage[] {
+  const msgs: ChatMessage[] = [];
+  if (current.system.trim()) msgs.push({ role: "system", content: current.system });
+  for (const m of current.messages) {
+    // A reply that failed before any text (a refusal, a lost connection) is not history.
+    if (m.role === "assistant" && !m.content) continue;
+    msgs.push({ role: m.role, content: m.content });
+  }
+  return msgs;
+}
+
+async function generate(): Promise<void> {
+  const conv = current;
+  const messages = requestMessages();
+  const reply: Message = { role: "assistant", content: "" };
+  conv.messages.push(reply);
+  persist();
+  renderAll();
+  streamingEl = ui.messages.lastElementChild?.querySelector(".content") ?? null;
+  streamingEl?.classList.add("streaming");
+  controller = new AbortController();
+  setBusy(true);
+  const started = performance.now();
+  let first: number | null = null;
+  let last = started;
+  const model = settings.model || ui.model.value;
+  try {
+    const result = await streamChat(
+      {
+        model,
+        messages,
+        temperature: settings.temperature,
+        top_p: settings.topP,
+        ...(settings.maxTokens ? { max_tokens: settings.maxTokens } : {}),
+      },
+      apiKey,
+      controller.signal,
+      (text) => {
+        last = performance.now();
+        first ??= last;
+        reply.content += text;
+        queueRender(reply);
+      },
+    );
+    const n = result.completionTokens;
+    // Decode speed: the tokens after the first, over the time from first to last.
+    const rate = n !== null && n > 1 && first !== null && last > first ? ((n - 1) * 1000) / (last - first) : null;
+    reply.stats = {
+      model: result.model,
+      ttftMs: first === null ? null : first - started,
+      tokensPerSecond: rate,
+      completionTokens: n,
+    };
+  } catch (e) {
+    if (controller.signal.aborted) {
+      reply.stopped = true;
+      reply.stats = { model, ttftMs: first === null ? null : first - started, tokensPerSecond: null, completionTokens: null };
+    } else if (e instanceof AuthError) {
+      conv.messages.pop();
+      resendAfterKey = conv;
+      askForKey(Boolean(apiKey));
+    } else if (e instanceof ConnectionError) {
+      reply.error = t.connectionLost;
+    } else {
+      reply.error = `${t.serverError} ${(e as Error).message}`;
+    }
+  } finally {
+    controller = null;
+    setBusy(false);
+    persist();
+    renderAll();
+  }
+}
+
+async function generateAgain(conv: Conversation): Promise<void> {
+  if (conv !== current || controller) return;
+  await generate();
+}
+
+function regenerate(): void {
+  if (controller) return;
+  const msgs = current.messages;
+  if (msgs.length && msgs[msgs.length - 1].role === "assistant") msgs.pop();
+  if (!msgs.length) return;
+  persist();
+  void generate();
+}
+
+function send(): void {
+  if (controller) {
+    controller.abort();
+    return;
+  }
+  const text = ui.input.value.trim();
+  if (!text) return;
+  ui.input.value = "";
+  current.messages.push({ role: "user", content: text });
+  if (current.title === t.untitled) current.title = text.split("\n")[0].slice(0, 40);
+  persist();
+  void generate();
+}
+
+// ---- models and the API key --------------------------------------------------------------
+
+/** Fills the model picker; false when the server wants a key first. */
+async function loadModels(): Promise<boolean> {
+  try {
+    const ids = await listModels(apiKey);
+    ui.model.replaceChildren(...ids.map((id) => new Option(id, id)));
+    if (!ids.length) ui.model.append(new Option(t.noModels, ""));
+    if (!ids.includes(settings.model)) settings.model = ids[0] ?? "";
+    ui.model.value = settings.model;
+    saveSettings(settings);
+    showNotice("");
+    return true;
+  } catch (e) {
+    if (e instanceof AuthError) {
+      askForKey(Boolean(apiKey));
+      return false;
+    }
+    showNotice(`${t.modelsFailed} ${(e as Error).message}`);
+    return true;
+  }
+}
+
+function askForKey(wrong: boolean): void {
+  ui.keyWrong.hidden = !wrong;
+  ui.keyInput.value = apiKey;
+  if (!ui.keyDialog.open) ui.keyDialog.showModal();
+  ui.keyInput.focus();
+  ui.keyInput.select();
+}
+
+// The dialog's form closes it on submit; a refused key opens it again.
+ui.keyForm.addEventListener("submit", async () => {
+  apiKey = ui.keyInput.value.trim();
+  saveApiKey(apiKey);
+  if (!(await loadModels())) return;
+  const conv = resendAfterKey;
+  resendAfterKey = null;
+  if (conv) void generateAgain(conv);
+});
+
+ui.keyCancel.addEventListener("click", () => {
+  ui.keyDialog.close();
+  resendAfterKey = null;
+  showNotice(t.keyTitle);
+});
+
+// ---- wiring -------------------------------------------------------------------------------
+
+function numberOr(input: HTMLInputElement, fallback: number | null): number | null {
+  const v = input.valueAsNumber;
+  return Number.isFinite(v) ? v : fallback;
+}
+
+function initSettings(): void {
+  ui.temperature.value = String(settings.temperature);
+  ui.topP.value = String(settings.topP);
+  ui.maxTokens.value = settings.maxTokens === null ? "" : String(settings.maxTokens);
+  const update = () => {
+    settings.temperature = numberOr(ui.temperature, 0.7) ?? 0.7;
+    settings.topP = numberOr(ui.topP, 1) ?? 1;
+    const max = numberOr(ui.maxTokens, null);
+    settings.maxTokens = max !== null && max >= 1 ? Math.floor(max) : null;
+    saveSettings(settings);
+  };
+  for (const input of [ui.temperature, ui.topP, ui.maxTokens]) input.addEventListener("change", update);
+  ui.system.addEventListener("input", () => {
+    current.system = ui.system.value;
+    persist();
+  });
+  ui.model.addEventListener("change", () => {
+    settings.model = ui.model.value;
+    saveSettings(settings);
+  });
+  ui.settingsToggle.addEventListener("click", () => {
+    const open = ui.settings.hidden;
+    ui.settings.hidden = !open;
+    ui.settingsToggle.setAttribute("aria-expanded", String(open));
+  });
+  ui.setKey.addEventListener("click", () => askForKey(false));
+}
+
+function initComposer(): void {
+  ui.composer.addEventListener("submit", (e) => {
+    e.preventDefault();
+    send();
+  });
+  ui.input.addEventListener("keydown", (e) => {
+    // isComposing: Enter that confirms a Chinese/Japanese IME candidate must not send.
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      send();
+    }
+  });
+  document.addEventListener("keydown", (e) => {
+    if (e.key !== "Escape" || ui.keyDialog.open) return;
+    if (controller) {
+      e.preventDefault();
+      controller.abort();
+    } else {
+      closeSidebar();
+    }
+  });
+  ui.newChat.addEventListener("click", startNew);
+  ui.menuToggle.addEventListener("click", () =>
+    ui.sidebar.classList.contains("open") ? closeSidebar() : openSidebar(),
+  );
+  ui.backdrop.addEventListener("click", closeSidebar);
+  ui.importFile.addEventListener("change", async () => {
+    const file = ui.importFile.files?.[0];
+    ui.importFile.value = "";
+    if (!file || controller) return;
+    const c = importConversation(await file.text());
+    if (!c) {
+      showNotice(t.importFailed);
+      return;
+    }
+    showNotice("");
+    // An empty conversation (a fresh page) gives way to the imported one.
+    if (current.messages.length === 0) conversations = conversations.filter((x) => x !== current);
+    conversations.unshift(c);
+    current = c;
+    persist();
+    closeSidebar();
+    renderAll();
+  });
+}
+
+applyStrings();
+initSettings();
+initComposer();
+renderAll();
+ui.input.focus();
+void loadModels();

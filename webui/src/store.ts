@@ -1,0 +1,139 @@
+// Conversations and settings, kept in the browser's localStorage.
+
+export interface ReplyStats {
+  model: string;
+  ttftMs: number | null;
+  tokensPerSecond: number | null;
+  completionTokens: number | null;
+}
+
+export interface Message {
+  role: "user" | "assistant";
+  content: string;
+  stats?: ReplyStats;
+  /** Set when the reply ended early: "stopped", "connection" or a server message. */
+  error?: string;
+  stopped?: boolean;
+}
+
+export interface Conversation {
+  id: string;
+  title: string;
+  created: number;
+  updated: number;
+  system: string;
+  messages: Message[];
+}
+
+export interface Settings {
+  model: string;
+  temperature: number;
+  topP: number;
+  maxTokens: number | null;
+}
+
+const CONVERSATIONS = "ember.conversations";
+const CURRENT = "ember.current";
+const SETTINGS = "ember.settings";
+const API_KEY = "ember.apiKey";
+
+const DEFAULT_SETTINGS: Settings = { model: "", temperature: 0.7, topP: 1, maxTokens: 512 };
+
+function read<T>(key: string, fallback: T): T {
+  try {
+    const raw = localStorage.getItem(key);
+    return raw === null ? fallback : (JSON.parse(raw) as T);
+  } catch {
+    return fallback;
+  }
+}
+
+export function loadConversations(): Conversation[] {
+  const list = read<unknown>(CONVERSATIONS, []);
+  return Array.isArray(list) ? list.filter(isConversation) : [];
+}
+
+export function saveConversations(list: Conversation[]): void {
+  localStorage.setItem(CONVERSATIONS, JSON.stringify(list));
+}
+
+export function loadCurrentId(): string | null {
+  return localStorage.getItem(CURRENT);
+}
+
+export function saveCurrentId(id: string): void {
+  localStorage.setItem(CURRENT, id);
+}
+
+export function loadSettings(): Settings {
+  return { ...DEFAULT_SETTINGS, ...read<Partial<Settings>>(SETTINGS, {}) };
+}
+
+export function saveSettings(s: Settings): void {
+  localStorage.setItem(SETTINGS, JSON.stringify(s));
+}
+
+export function loadApiKey(): string {
+  return localStorage.getItem(API_KEY) ?? "";
+}
+
+export function saveApiKey(key: string): void {
+  localStorage.setItem(API_KEY, key);
+}
+
+// crypto.randomUUID() exists only in secure contexts; the page is often served over plain http.
+function newId(): string {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+export function newConversation(title: string): Conversation {
+  const now = Date.now();
+  return { id: newId(), title, created: now, updated: now, system: "", messages: [] };
+}
+
+export function isConversation(x: unknown): x is Conversation {
+  if (typeof x !== "object" || x === null) return false;
+  const c = x as Record<string, unknown>;
+  return (
+    typeof c.id === "string" &&
+    typeof c.title === "string" &&
+    Array.isArray(c.messages) &&
+    c.messages.every(
+      (m) =>
+        typeof m === "object" &&
+        m !== null &&
+        (m.role === "user" || m.role === "assistant") &&
+        typeof m.content === "string",
+    )
+  );
+}
+
+/** A conversation read from an exported JSON file, with fresh id and times. */
+export function importConversation(text: string): Conversation | null {
+  let data: unknown;
+  try {
+    data = JSON.parse(text);
+  } catch {
+    return null;
+  }
+  if (!isConversation(data)) return null;
+  const now = Date.now();
+  return {
+    id: newId(),
+    title: data.title,
+    created: now,
+    updated: now,
+    system: typeof data.system === "string" ? data.system : "",
+    messages: data.messages.map((m) => ({ role: m.role, content: m.content, stats: m.stats })),
+  };
+}
+
+export function toMarkdown(c: Conversation, names: { you: string; assistant: string; system: string }): string {
+  const parts = [`# ${c.title}`];
+  if (c.system) parts.push(`## ${names.system}\n\n${c.system}`);
+  for (const m of c.messages) {
+    parts.push(`## ${m.role === "user" ? names.you : names.assistant}\n\n${m.content}`);
+  }
+  return parts.join("\n\n") + "\n";
+}

@@ -223,7 +223,7 @@ class LocalBackend:
 # ------------------------------------------------------------------ rendering
 
 
-def _complete_blocks(text: str) -> int:
+def finished_length(text: str) -> int:
     """Length of the leading part of `text` made of finished Markdown blocks: everything up to
     its last blank line outside a code fence (0 when there is none)."""
     cut, pos, fenced = 0, 0, False
@@ -270,7 +270,7 @@ class ReplyView:
             self.console.file.write(delta)
             self.console.file.flush()
             return
-        cut = self.shown + _complete_blocks(self.text[self.shown :])
+        cut = self.shown + finished_length(self.text[self.shown :])
         if cut > self.shown:
             self.live.console.print(Markdown(self.text[self.shown : cut]))
             self.console.print()

@@ -25,6 +25,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.live import Live
 from rich.markdown import Markdown
 from rich.segment import Segment
+from rich.text import Text
 
 HELP = """\
 Commands:
@@ -178,7 +179,10 @@ class LocalBackend:
         from ember.engine.core import PromptError
         from ember.engine.request import SamplingParams, SamplingParamsError
 
-        ids = self.formatter.encode(messages, add_generation_prompt=True)
+        try:
+            ids = self.formatter.encode(messages, add_generation_prompt=True)
+        except ValueError as e:  # the chat template refused the conversation
+            raise ChatError(str(e)) from e
         room = self.max_model_len - len(ids)
         max_tokens = min(self.max_tokens or room, room)
         if max_tokens <= 0:
@@ -340,7 +344,10 @@ class Chat:
         """Run a /command; False means leave."""
         name, _, arg = line.partition(" ")
         arg = arg.strip()
-        say = self.console.print
+
+        def say(text: str) -> None:
+            self.console.print(text, markup=False, highlight=False)  # names, paths, prompts
+
         if name in ("/exit", "/quit"):
             return False
         if name == "/reset":
@@ -364,7 +371,7 @@ class Chat:
             except OSError as e:
                 raise ChatError(f"Cannot write {arg}: {e.strerror or e}") from e
         elif name == "/help":
-            say(HELP, markup=False, highlight=False)
+            say(HELP)
         else:
             raise ChatError(f"Unknown command {name}; /help lists them.")
         return True
@@ -381,6 +388,10 @@ def _read_line() -> str | None:
             print()  # Ctrl-C at the prompt drops the line, as in a shell
 
 
+def _report(console: Console, e: ChatError) -> None:
+    console.print(Text.assemble(("error: ", "red"), str(e)))  # plain text: no markup inside
+
+
 def run(args: argparse.Namespace) -> int:
     console = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
@@ -393,11 +404,15 @@ def run(args: argparse.Namespace) -> int:
             with err.status("Loading the model…"):
                 backend = LocalBackend(args)
     except ChatError as e:
-        err.print(f"[red]error:[/red] {e}", markup=True)
+        _report(err, e)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C while loading or connecting
+        return 130
     chat = Chat(backend, args.system, console)
-    where = args.url or "in-process engine"
-    console.print(f"[dim]{backend.model} at {where}. /help for commands, Ctrl-D to leave.[/dim]")
+    where = f"at {args.url}" if args.url else "in this process"
+    console.print(
+        Text(f"{backend.model} {where}. /help for commands, Ctrl-D to leave.", style="dim")
+    )
     while True:
         line = _read_line()
         if line is None:
@@ -413,7 +428,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 chat.ask(line)
         except ChatError as e:
-            err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+            _report(err, e)
             if e.fatal:
                 return 1
 

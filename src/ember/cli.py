@@ -213,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench.add_parser(sub)
 
+    from ember import terminal_chat
+
+    terminal_chat.add_parser(sub)
+
     p = sub.add_parser("prepare", help="Convert a GGUF model into the cache ahead of time.")
     p.add_argument("model", nargs="?", default=None)
     p.set_defaults(func=cmd_prepare)

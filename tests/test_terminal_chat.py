@@ -1,0 +1,215 @@
+"""`ember chat` driven as a user would: the real program in a pseudo-terminal (pexpect), against
+the session's real `ember serve`, and once with the engine in-process."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pexpect
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ember.terminal_chat import finished_length
+
+from conftest import API_KEY
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+PROMPT = ">>> "
+CHAT_ENV = ("URL", "MODEL", "API_KEY", "SYSTEM", "MAX_TOKENS", "TEMPERATURE")
+
+
+def _spawn(*args: str, env: dict[str, str] | None = None) -> pexpect.spawn:
+    clean = {k: v for k, v in os.environ.items() if k.removeprefix("EMBER_") not in CHAT_ENV}
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "ember.cli", "chat", *args],
+        env={**clean, "TERM": "xterm-256color", **(env or {})},
+        encoding="utf-8",
+        timeout=90,
+        dimensions=(40, 120),
+    )
+    child.logfile_read = io.StringIO()  # everything the terminal showed
+    return child
+
+
+def _plain(text: str) -> str:
+    """Terminal output without colours and cursor moves."""
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+
+
+def _screen(child: pexpect.spawn) -> str:
+    return _plain(child.logfile_read.getvalue())
+
+
+def _read(child: pexpect.spawn) -> str:
+    """What the program wrote since the last read or expect (pexpect reads only when asked)."""
+    got = ""
+    with contextlib.suppress(pexpect.TIMEOUT):
+        while True:
+            got += child.read_nonblocking(65536, timeout=0.05)
+    return _plain(got)
+
+
+def _leave(child: pexpect.spawn) -> int:
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    return child.exitstatus
+
+
+def _save(child: pexpect.spawn, path: Path) -> list[dict[str, str]]:
+    child.sendline(f"/save {path}")
+    child.expect_exact(f"to {path}")
+    child.expect_exact(PROMPT)
+    return json.loads(path.read_text())["messages"]
+
+
+def _usage(server: str) -> dict:
+    return httpx.get(server + "/dashboard/billing/usage", headers=AUTH).json()
+
+
+def _running(server: str) -> float:
+    text = httpx.get(server + "/metrics").text
+    for family in text_string_to_metric_families(text):
+        if family.name == "ember:num_requests_running":
+            return sum(s.value for s in family.samples)
+    raise AssertionError("no ember:num_requests_running in /metrics")
+
+
+def _wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[A-Za-z]{3,}", text)
+
+
+@pytest.mark.slow
+def test_two_turns_carry_the_history(server, tmp_path):
+    chat = _spawn("--url", server, "--api-key", API_KEY, "--model", "smol", "--max-tokens", "12")
+    chat.expect_exact(PROMPT)
+    chat.sendline("My name is Ada. Greet me.")
+    chat.expect_exact(PROMPT)
+    before = _usage(server)
+    chat.sendline("What is my name?")
+    chat.expect_exact(PROMPT)
+    after = _usage(server)
+    messages = _save(chat, tmp_path / "chat.json")
+    assert _leave(chat) == 0
+
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert messages[0]["content"] == "My name is Ada. Greet me."
+    assert messages[2]["content"] == "What is my name?"
+    assert messages[1]["content"] and messages[3]["content"]
+    # The second request's prompt was the whole conversation so far, token for token.
+    count = httpx.post(
+        server + "/tokenize", json={"model": "smol", "messages": messages[:3]}, headers=AUTH
+    ).json()["count"]
+    assert after["prompt_tokens"] - before["prompt_tokens"] == count
+    # Both replies were shown (rendered as Markdown, so compare words, not layout).
+    screen = _screen(chat)
+    for reply in (messages[1]["content"], messages[3]["content"]):
+        assert all(w in screen for w in _words(reply)), (reply, screen)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_reply_and_frees_the_slot(server, tmp_path):
+    # Env twins instead of flags, for once.
+    env = {
+        "EMBER_URL": server,
+        "EMBER_API_KEY": API_KEY,
+        "EMBER_MAX_TOKENS": "150",
+        "EMBER_TEMPERATURE": "0",
+    }
+    chat = _spawn(env=env)
+    chat.expect_exact(PROMPT)
+    before = _usage(server)
+    chat.sendline("Write a very long story about a dragon who learns to bake bread.")
+    chat.expect_exact("bread.\r\n")  # the echoed question; what follows is the reply
+    _wait_for(lambda: _running(server) == 1, 30, "the reply to start")
+    shown = ""
+
+    def reply_on_screen() -> bool:
+        nonlocal shown
+        shown += _read(chat)
+        return len(_words(shown)) >= 3
+
+    _wait_for(reply_on_screen, 30, "reply text")
+    chat.sendintr()
+    chat.expect_exact("[stopped]")
+    chat.expect_exact(PROMPT)
+    # The request was closed, so the server aborted the sequence rather than finishing it.
+    _wait_for(lambda: _running(server) == 0, 30, "the server to free the sequence")
+    _wait_for(lambda: _usage(server) != before, 30, "the stopped request's usage")
+    messages = _save(chat, tmp_path / "stopped.json")
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    partial = messages[1]["content"]
+    assert partial, "the stopped reply is kept as far as it got"
+    # The server generated little beyond what was shown: a few tokens in flight, not the
+    # rest of a 150-token story (far longer than what is shown before Ctrl-C).
+    shown = httpx.post(
+        server + "/tokenize",
+        json={"model": "smol", "prompt": partial, "add_special_tokens": False},
+        headers=AUTH,
+    ).json()["count"]
+    generated = _usage(server)["completion_tokens"] - before["completion_tokens"]
+    assert shown <= generated + 2 and generated <= shown + 50, (shown, generated)
+
+    chat.sendline("/reset")
+    chat.expect_exact("Conversation cleared.")
+    chat.sendline("Reply with the single word OK.")
+    chat.expect_exact(PROMPT)
+    messages = _save(chat, tmp_path / "after.json")
+    assert _leave(chat) == 0
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert messages[1]["content"]
+    assert "Traceback" not in chat.logfile_read.getvalue()
+
+
+@pytest.mark.slow
+def test_refused_key_says_so_and_exits(server):
+    chat = _spawn("--url", server, "--api-key", "not-the-key")
+    chat.expect_exact("refused the API key (401)")
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 1
+    screen = _screen(chat)
+    assert "Traceback" not in screen and PROMPT not in screen
+
+
+@pytest.mark.slow
+def test_in_process_engine_matches_the_server(server, tmp_path):
+    """Without --url the default model runs in-process, and answers as the server does."""
+    chat = _spawn("--max-tokens", "8", "--temperature", "0", "--system", "Be brief.")
+    chat.expect_exact(PROMPT, timeout=180)
+    chat.sendline("Name a colour.")
+    chat.expect_exact(PROMPT)
+    messages = _save(chat, tmp_path / "chat.json")
+    assert _leave(chat) == 0
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+    body = {"model": "smol", "messages": messages[:2], "max_tokens": 8, "temperature": 0}
+    served = httpx.post(server + "/v1/chat/completions", json=body, headers=AUTH, timeout=60)
+    assert messages[2]["content"] == served.json()["choices"][0]["message"]["content"]
+
+
+def test_finished_blocks_are_those_before_a_blank_line_outside_code():
+    """What the reply view prints for good while the rest is still being written."""
+    assert finished_length("Hello wor") == 0
+    assert finished_length("# Title\n\nSome text") == len("# Title\n\n")
+    fenced = "Code:\n\n```py\na = 1\n\nb = 2"
+    assert finished_length(fenced) == len("Code:\n\n")  # the blank line inside stays open
+    closed = fenced + "\n```\n\nAfter"
+    assert finished_length(closed) == len(closed) - len("After")

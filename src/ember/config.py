@@ -199,3 +199,20 @@ def from_env(cls: type, **kwargs: Any) -> Any:
         elif env_name(name) in os.environ:
             values[name] = _convert(hints[name], os.environ[env_name(name)])
     return cls(**values)
+
+
+def add_env_twins(parser: argparse.ArgumentParser, prefix: str = "EMBER_") -> None:
+    """Give every optional flag of a hand-written parser that has none an environment twin,
+    PREFIX + its name (`--max-tokens` of `bench`: EMBER_BENCH_MAX_TOKENS), and say so in --help."""
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help" or "[env " in (action.help or ""):
+            continue
+        env = prefix + action.dest.upper()
+        if env in os.environ:
+            raw = os.environ[env]
+            if action.nargs == 0:  # store_true / store_false
+                action.default = raw.strip().lower() in ("1", "true", "yes", "on")
+            else:
+                action.default = action.type(raw) if callable(action.type) else raw
+            action.required = False
+        action.help = f"{action.help or ''} [env {env}; default {action.default!r}]".lstrip()

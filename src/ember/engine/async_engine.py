@@ -14,6 +14,7 @@ import math
 import queue
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,24 @@ class Admission:
             capacity = core.allocator.num_blocks * core.allocator.block_size
             max_waiting_tokens = min(capacity, 64 * core.scheduler.max_num_batched_tokens)
         return cls(max(max_waiting_requests, 0), max(max_waiting_tokens, 0))
+
+
+class AdmissionTicket:
+    """Work admitted by `check_admission`, counted as waiting from that moment (so a burst of
+    requests cannot all pass the check before any of them is counted) until `generate()` takes
+    its share over. What no generate() takes is given back when the ticket is dropped."""
+
+    def __init__(self, engine: AsyncEngine, seqs: int, tokens: int) -> None:
+        self._left = [seqs, tokens]  # already counted by the engine
+        weakref.finalize(self, engine._give_back, self._left)
+
+    def take(self, engine: AsyncEngine, tokens: int) -> bool:
+        with engine._admit_lock:
+            if self._left[0] <= 0:
+                return False
+            self._left[0] -= 1
+            self._left[1] -= min(tokens, self._left[1])
+            return True
 
 
 @dataclass
@@ -130,8 +149,9 @@ class AsyncEngine:
         """Raise PromptError / SamplingParamsError now, before a stream is opened."""
         self.core.validate(prompt_token_ids, params)
 
-    def check_admission(self, num_seqs: int, num_tokens: int) -> None:
-        """Raise EngineOverloadedError if admitting this much work would exceed a bound.
+    def check_admission(self, num_seqs: int, num_tokens: int) -> AdmissionTicket:
+        """Admit this much work (pass the ticket to each generate() of it), or raise
+        EngineOverloadedError if that would exceed a bound.
 
         A request alone in an empty queue is always admitted, however big, so that no
         request the engine can run is refused forever.
@@ -141,16 +161,19 @@ class AsyncEngine:
         a = self.admission
         with self._admit_lock:
             seqs, tokens = self.waiting_seqs, self.waiting_tokens
-        over = None
-        if a.max_waiting_requests and seqs and seqs + num_seqs > a.max_waiting_requests:
-            over = f"{seqs} sequences are waiting (bound {a.max_waiting_requests})"
-        elif a.max_waiting_tokens and tokens and tokens + num_tokens > a.max_waiting_tokens:
-            over = f"{tokens} prompt tokens are waiting (bound {a.max_waiting_tokens})"
-        if over:
-            raise EngineOverloadedError(
-                f"The server is overloaded: {over}. Retry after a short wait.",
-                self.retry_after(tokens),
-            )
+            over = None
+            if a.max_waiting_requests and seqs and seqs + num_seqs > a.max_waiting_requests:
+                over = f"{seqs} sequences are waiting (bound {a.max_waiting_requests})"
+            elif a.max_waiting_tokens and tokens and tokens + num_tokens > a.max_waiting_tokens:
+                over = f"{tokens} prompt tokens are waiting (bound {a.max_waiting_tokens})"
+            if not over:
+                self.waiting_seqs += num_seqs  # counted now, under the same lock as the check
+                self.waiting_tokens += num_tokens
+                return AdmissionTicket(self, num_seqs, num_tokens)
+        raise EngineOverloadedError(
+            f"The server is overloaded: {over}. Retry after a short wait.",
+            self.retry_after(tokens),
+        )
 
     def retry_after(self, waiting_tokens: int) -> int:
         """Seconds until the work waiting now has likely started, from the measured rate."""
@@ -164,8 +187,18 @@ class AsyncEngine:
             self.waiting_seqs += seqs
             self.waiting_tokens += tokens
 
+    def _give_back(self, left: list[int]) -> None:
+        with self._admit_lock:
+            self.waiting_seqs -= left[0]
+            self.waiting_tokens -= left[1]
+            left[0] = left[1] = 0
+
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        ticket: AdmissionTicket | None = None,
     ) -> AsyncIterator[RequestOutput]:
         if self.error is not None:
             raise EngineDeadError(str(self.error))
@@ -173,7 +206,8 @@ class AsyncEngine:
         stream: asyncio.Queue = asyncio.Queue()
         deadline = time.monotonic() + self.request_timeout if self.request_timeout > 0 else None
         n_prompt = len(prompt_token_ids)
-        self._count_waiting(1, n_prompt)
+        if ticket is None or not ticket.take(self, n_prompt):
+            self._count_waiting(1, n_prompt)
         waiting = True
         self._inbox.put(
             _Add(

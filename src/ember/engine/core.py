@@ -261,7 +261,9 @@ class EngineCore:
                 failed[i] = e
         return token_ids, logprobs, failed
 
-    def _emit(self, seq: Sequence, token: int, logprob: Logprob | None, now: float) -> RequestOutput:
+    def _emit(
+        self, seq: Sequence, token: int, logprob: Logprob | None, now: float
+    ) -> RequestOutput:
         """Append a sampled token, detokenize it, check the stops: one sequence's share."""
         live = self.live[seq.request_id]
         seq.token_ids.append(token)

@@ -104,7 +104,13 @@ def get_state(request: Request) -> ServerState:
     if state.load_error is not None:
         raise APIError(f"The model failed to load: {state.load_error}", 503, "server_error")
     if state.engine is None or not state.ready.is_set():
-        raise APIError("The model is still loading; try again shortly.", 503, "server_error")
+        raise APIError(
+            "The model is still loading; try again shortly.",
+            503,
+            "server_error",
+            code="loading",
+            headers={"Retry-After": "5"},
+        )
     if state.engine.error is not None:
         raise APIError("The engine has stopped after an internal error.", 503, "server_error")
     return state

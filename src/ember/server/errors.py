@@ -112,7 +112,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-        return error_response(exc.status_code, message, kind)
+        return error_response(exc.status_code, message, kind, headers=exc.headers)
 
     async def _client_error(_: Request, exc: Exception) -> JSONResponse:
         err = to_api_error(exc)

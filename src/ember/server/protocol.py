@@ -35,6 +35,18 @@ MAX_MESSAGES = 2048  # messages in one chat request
 MAX_CONTENT_PARTS = 256  # content parts in one message
 MAX_TOOLS = 128
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+TokenId = Annotated[int, Field(ge=0)]
+Text = Annotated[str, Field(min_length=1)]
+# A prompt or embedding input: text, texts, token ids, or lists of token ids; never empty.
+Inputs = (
+    Text
+    | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)]
+    | Annotated[list[TokenId], Field(min_length=1)]
+    | Annotated[
+        list[Annotated[list[TokenId], Field(min_length=1)]],
+        Field(min_length=1, max_length=MAX_PROMPTS),
+    ]
+)
 
 
 # ------------------------------------------------------------------ shared pieces
@@ -234,12 +246,7 @@ class ChatCompletionChunk(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: (
-        str
-        | Annotated[list[str], Field(max_length=MAX_PROMPTS)]
-        | list[int]
-        | Annotated[list[list[int]], Field(max_length=MAX_PROMPTS)]
-    )
+    prompt: Inputs
     suffix: str | None = None
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
@@ -277,12 +284,7 @@ class CompletionResponse(BaseModel):
 
 class EmbeddingRequest(OpenAIBase):
     model: str | None = None
-    input: (
-        str
-        | Annotated[list[str], Field(max_length=MAX_PROMPTS)]
-        | list[int]
-        | Annotated[list[list[int]], Field(max_length=MAX_PROMPTS)]
-    )
+    input: Inputs
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
@@ -331,4 +333,4 @@ class TokenizeRequest(OpenAIBase):
 
 class DetokenizeRequest(OpenAIBase):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]

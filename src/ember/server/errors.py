@@ -7,6 +7,7 @@ from http import HTTPStatus
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ember.chat.templates import ChatTemplateError
@@ -97,8 +98,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
+    @app.exception_handler(ValidationError)  # a model built from request fields in a handler
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(
+        _: Request, exc: RequestValidationError | ValidationError
+    ) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
         param = _loc_param(tuple(first.get("loc", ())))

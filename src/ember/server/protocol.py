@@ -323,8 +323,8 @@ class ModelList(BaseModel):
 class TokenizeRequest(OpenAIBase):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    tools: list[ToolDefinition] | None = None  # with messages: rendered as chat would
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    tools: list[ToolDefinition] | None = Field(None, max_length=MAX_TOOLS)  # rendered as chat
     tool_choice: str | dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = True

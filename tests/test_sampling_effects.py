@@ -24,11 +24,13 @@ def client(server):
 
 
 def _sample(client, k: int = 5, **kw):
-    args = dict(model=MODEL, prompt=PROMPT, max_tokens=8, ignore_eos=True, logprobs=k)
-    extra = {
-        key: kw.pop(key) for key in ("top_k", "min_p", "min_tokens", "stop_token_ids") if key in kw
-    }
-    return client.completions.create(**args, **kw, extra_body=extra or None).choices[0]
+    """A completion of PROMPT with logprobs k; Ember's own fields go in the extra body."""
+    extra = {"ignore_eos": True}
+    for key in ("top_k", "min_p", "min_tokens", "stop_token_ids", "ignore_eos"):
+        if key in kw:
+            extra[key] = kw.pop(key)
+    args = {"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "logprobs": k, **kw}
+    return client.completions.create(**args, extra_body=extra).choices[0]
 
 
 def test_best_of_keeps_the_best_scoring_sample(client):
@@ -80,9 +82,11 @@ def test_min_tokens_holds_back_the_stop_token(client, server):
     body = {"prompt": first.text, "add_special_tokens": False}
     headers = {"Authorization": f"Bearer {API_KEY}"}
     stop_id = httpx.post(server + "/tokenize", json=body, headers=headers).json()["tokens"][0]
-    stopped = _sample(client, k=0, temperature=0, stop_token_ids=[stop_id])
+    stopped = _sample(client, k=0, temperature=0, stop_token_ids=[stop_id], ignore_eos=False)
     assert stopped.finish_reason == "stop" and stopped.text == ""
-    held = _sample(client, k=0, temperature=0, stop_token_ids=[stop_id], min_tokens=3)
+    held = _sample(
+        client, k=0, temperature=0, stop_token_ids=[stop_id], min_tokens=3, ignore_eos=False
+    )
     assert len(held.logprobs.tokens) >= 3 and first.text not in held.logprobs.tokens[:3]
 
 

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ember.config import EngineConfig
 from ember.engine.core import EngineCore
 from ember.engine.request import RequestOutput, SamplingParams
 
@@ -127,7 +126,6 @@ class AsyncEngine:
         self._deadlines: list[tuple[float, str]] = []  # heap, engine thread only
         self._stopping = False
         self.error: BaseException | None = None
-        self.tokens_generated = 0  # read by /health and metrics; written by the loop only
         # Admitted sequences that have not produced their first token yet, and their prompt
         # tokens: the work a newcomer waits behind.
         self._admit_lock = threading.Lock()
@@ -136,10 +134,6 @@ class AsyncEngine:
         self._tokens_per_s = 0.0  # measured: tokens the model processes per second (EMA)
         self._thread = threading.Thread(target=self._run, name="ember-engine", daemon=True)
         self._thread.start()
-
-    @classmethod
-    def from_config(cls, cfg: EngineConfig) -> AsyncEngine:
-        return cls(EngineCore(cfg))
 
     @property
     def tokenizer(self):
@@ -266,10 +260,6 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout=10)
 
-    @property
-    def is_alive(self) -> bool:
-        return self._thread.is_alive()
-
     # ------------------------------------------------------------------ engine thread
 
     def _drain_inbox(self) -> None:
@@ -364,7 +354,6 @@ class AsyncEngine:
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         for out in outputs:
-            self.tokens_generated += len(out.new_token_ids)
             entry = self._streams.get(out.request_id)
             if entry is None:
                 continue

@@ -54,7 +54,6 @@ Inputs = (
 
 class StreamOptions(OpenAIBase):
     include_usage: bool = False
-    continuous_usage_stats: bool = False
 
 
 class ResponseFormat(OpenAIBase):

@@ -78,3 +78,36 @@ def test_default_model_answers_a_chat_question(llm):
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}], params)[0]
     assert "Paris" in out.outputs[0].text
     assert out.outputs[0].finish_reason == "stop"
+
+
+def test_greedy_matches_transformers_on_a_prompt_of_thousands_of_tokens(llm, reference):
+    """Chunked prefill over many steps, hundreds of KV blocks, positions deep into RoPE."""
+    words = [
+        "the",
+        "river",
+        "carries",
+        "stones",
+        "from",
+        "the",
+        "mountains",
+        "down",
+        "to",
+        "the",
+        "quiet",
+        "sea",
+        "and",
+    ]
+    text = " ".join(words[i % len(words)] + (f" {i}" if i % 7 == 0 else "") for i in range(2200))
+    ids = llm.tokenizer.encode(text)
+    assert len(ids) > 2500
+    params = ember.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    got = llm.generate([ids], params)[0].outputs[0].token_ids
+    with torch.no_grad():
+        out = reference.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=8,
+            pad_token_id=2,
+        )
+    assert got == out[0, len(ids) :].tolist()

@@ -78,3 +78,23 @@ def test_dimensions_and_empty_input_are_400(client):
         client.embeddings.create(model=ENCODER, input="")
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="nope", input="hi")
+
+
+def test_served_model_embeddings_equal_a_mean_pooling_reference(client):
+    """The served LLM's vector: its final hidden states (after the last norm), mean-pooled over
+    the input's tokens and L2-normalised, as transformers computes them from the same GGUF."""
+    from transformers import AutoModelForCausalLM
+
+    from ember.models.loader import default_model_path
+
+    path = default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    inputs = [[504, 2088, 30, 1147, 314], [19556, 665, 2437]]
+    got = np.array([d.embedding for d in client.embeddings.create(model="smol", input=inputs).data])
+    for ids, vec in zip(inputs, got):
+        with torch.no_grad():
+            hidden = model.model(torch.tensor([ids])).last_hidden_state[0]
+        want = torch.nn.functional.normalize(hidden.mean(0), dim=-1).numpy()
+        np.testing.assert_allclose(vec, want, atol=2e-4)

@@ -87,7 +87,47 @@ class EngineConfig:
         choices=["auto", "hermes", "llama3_json", "chatglm3", "none"],
     )
     num_threads: int | None = _opt("CPU threads for torch; default: all cores.")
-    seed: int = _opt("Seed for dummy weights and for unseeded sampling.", default=0)
+    seed: int = _opt(
+        "Seed for the random weights of --load-format dummy. Requests without a seed of their "
+        "own are sampled from an unseeded generator; give `seed` in a request to reproduce it.",
+        default=0,
+    )
+
+
+@dataclass
+class ServingLimits:
+    """How `ember serve` holds up under load, faults and shutdown; each field is a flag."""
+
+    max_waiting_requests: int | None = _opt(
+        "Most sequences admitted but not yet generating; beyond it a request gets 503 with "
+        "Retry-After at once. Default: --max-num-seqs (one more full batch). 0: no bound."
+    )
+    max_waiting_tokens: int | None = _opt(
+        "Most prompt tokens admitted but not yet generating, so one huge prompt counts for what "
+        "it costs. Default: what the KV cache holds, at most 64 steps of --max-num-batched-tokens. "
+        "0: no bound."
+    )
+    request_timeout: float = _opt(
+        "Seconds after which a request is aborted (its KV blocks freed) with a 504 error; "
+        "0: no limit.",
+        default=0.0,
+    )
+    shutdown_grace: float = _opt(
+        "Seconds after SIGTERM during which the server keeps accepting connections, /health is "
+        "503 and new work gets 503, while endpoints drop the pod.",
+        default=5.0,
+    )
+    drain_timeout: float = _opt(
+        "Seconds, after the grace, that in-flight requests get to finish before the server exits.",
+        default=30.0,
+    )
+    api_key_file: str | None = _opt(
+        "File with API keys, one per line (a mounted Secret); re-read when it changes."
+    )
+    metrics_require_key: bool = _opt("Require an API key on /metrics too.", default=False)
+    max_request_body: str = _opt(
+        "Largest request body, e.g. 8MiB; a bigger one gets 413.", default="8MiB"
+    )
 
 
 def parse_bytes(text: str) -> int:
@@ -165,3 +205,20 @@ def from_env(cls: type, **kwargs: Any) -> Any:
         elif env_name(name) in os.environ:
             values[name] = _convert(hints[name], os.environ[env_name(name)])
     return cls(**values)
+
+
+def add_env_twins(parser: argparse.ArgumentParser, prefix: str = "EMBER_") -> None:
+    """Give every optional flag of a hand-written parser that has none an environment twin,
+    PREFIX + its name (`--max-tokens` of `bench`: EMBER_BENCH_MAX_TOKENS), and say so in --help."""
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help" or "[env " in (action.help or ""):
+            continue
+        env = prefix + action.dest.upper()
+        if env in os.environ:
+            raw = os.environ[env]
+            if action.nargs == 0:  # store_true / store_false
+                action.default = raw.strip().lower() in ("1", "true", "yes", "on")
+            else:
+                action.default = action.type(raw) if callable(action.type) else raw
+            action.required = False
+        action.help = f"{action.help or ''} [env {env}; default {action.default!r}]".lstrip()

@@ -8,14 +8,17 @@ step. Only plain data crosses it, so the loop could move to another process unch
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
+import math
 import queue
 import threading
+import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ember.config import EngineConfig
 from ember.engine.core import EngineCore
 from ember.engine.request import RequestOutput, SamplingParams
 
@@ -26,6 +29,61 @@ class EngineDeadError(RuntimeError):
     """The engine loop stopped on an internal error; the server should report unhealthy."""
 
 
+class EngineOverloadedError(RuntimeError):
+    """Admitting the request would exceed the bound on waiting work; retry after a while."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestTimeoutError(RuntimeError):
+    """The request ran past its deadline and was aborted; its KV blocks are free."""
+
+
+class RequestFailedError(RuntimeError):
+    """Handling this one request failed inside the engine (the others go on)."""
+
+
+@dataclass
+class Admission:
+    """Bounds on work admitted but not yet generating (0: no bound)."""
+
+    max_waiting_requests: int = 0
+    max_waiting_tokens: int = 0
+
+    @classmethod
+    def sized_for(
+        cls, core: EngineCore, max_waiting_requests: int | None, max_waiting_tokens: int | None
+    ) -> Admission:
+        """Defaults from the engine's shape: one more full batch of sequences, and no more
+        prompt tokens than the KV cache holds or 64 steps of the token budget prefill."""
+        if max_waiting_requests is None:
+            max_waiting_requests = core.scheduler.max_num_seqs
+        if max_waiting_tokens is None:
+            capacity = core.allocator.num_blocks * core.allocator.block_size
+            max_waiting_tokens = min(capacity, 64 * core.scheduler.max_num_batched_tokens)
+        return cls(max(max_waiting_requests, 0), max(max_waiting_tokens, 0))
+
+
+class AdmissionTicket:
+    """Work admitted by `check_admission`, counted as waiting from that moment (so a burst of
+    requests cannot all pass the check before any of them is counted) until `generate()` takes
+    its share over. What no generate() takes is given back when the ticket is dropped."""
+
+    def __init__(self, engine: AsyncEngine, seqs: int, tokens: int) -> None:
+        self._left = [seqs, tokens]  # already counted by the engine
+        weakref.finalize(self, engine._give_back, self._left)
+
+    def take(self, engine: AsyncEngine, tokens: int) -> bool:
+        with engine._admit_lock:
+            if self._left[0] <= 0:
+                return False
+            self._left[0] -= 1
+            self._left[1] -= min(tokens, self._left[1])
+            return True
+
+
 @dataclass
 class _Add:
     request_id: str
@@ -33,6 +91,7 @@ class _Add:
     params: SamplingParams
     stream: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    deadline: float | None = None  # time.monotonic() after which the request is aborted
 
 
 @dataclass
@@ -50,20 +109,31 @@ class _Call:
 
 
 class AsyncEngine:
-    def __init__(self, core: EngineCore) -> None:
+    def __init__(
+        self,
+        core: EngineCore,
+        admission: Admission | None = None,
+        request_timeout: float = 0.0,
+        on_death: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self.core = core
+        self.admission = admission or Admission()
+        self.request_timeout = request_timeout  # seconds; 0: none
+        self.on_death = on_death  # called on the engine thread once the loop has died
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._deadlines: list[tuple[float, str]] = []  # heap, engine thread only
         self._stopping = False
         self.error: BaseException | None = None
-        self.tokens_generated = 0  # read by /health and metrics; written by the loop only
+        # Admitted sequences that have not produced their first token yet, and their prompt
+        # tokens: the work a newcomer waits behind.
+        self._admit_lock = threading.Lock()
+        self.waiting_seqs = 0
+        self.waiting_tokens = 0
+        self._tokens_per_s = 0.0  # measured: tokens the model processes per second (EMA)
         self._thread = threading.Thread(target=self._run, name="ember-engine", daemon=True)
         self._thread.start()
-
-    @classmethod
-    def from_config(cls, cfg: EngineConfig) -> AsyncEngine:
-        return cls(EngineCore(cfg))
 
     @property
     def tokenizer(self):
@@ -73,28 +143,99 @@ class AsyncEngine:
         """Raise PromptError / SamplingParamsError now, before a stream is opened."""
         self.core.validate(prompt_token_ids, params)
 
+    def check_admission(self, num_seqs: int, num_tokens: int) -> AdmissionTicket:
+        """Admit this much work (pass the ticket to each generate() of it), or raise
+        EngineOverloadedError if that would exceed a bound.
+
+        A request alone in an empty queue is always admitted, however big, so that no
+        request the engine can run is refused forever.
+        """
+        if self.error is not None:
+            raise EngineDeadError(str(self.error))
+        a = self.admission
+        with self._admit_lock:
+            seqs, tokens = self.waiting_seqs, self.waiting_tokens
+            over = None
+            if a.max_waiting_requests and seqs and seqs + num_seqs > a.max_waiting_requests:
+                over = f"{seqs} sequences are waiting (bound {a.max_waiting_requests})"
+            elif a.max_waiting_tokens and tokens and tokens + num_tokens > a.max_waiting_tokens:
+                over = f"{tokens} prompt tokens are waiting (bound {a.max_waiting_tokens})"
+            if not over:
+                self.waiting_seqs += num_seqs  # counted now, under the same lock as the check
+                self.waiting_tokens += num_tokens
+                return AdmissionTicket(self, num_seqs, num_tokens)
+        raise EngineOverloadedError(
+            f"The server is overloaded: {over}. Retry after a short wait.",
+            self.retry_after(tokens),
+        )
+
+    def retry_after(self, waiting_tokens: int) -> int:
+        """Seconds until the work waiting now has likely started, from the measured rate."""
+        rate = self._tokens_per_s
+        if rate <= 0:
+            return 1
+        return max(1, min(60, math.ceil(waiting_tokens / rate)))
+
+    def _count_waiting(self, seqs: int, tokens: int) -> None:
+        with self._admit_lock:
+            self.waiting_seqs += seqs
+            self.waiting_tokens += tokens
+
+    def _give_back(self, left: list[int]) -> None:
+        with self._admit_lock:
+            self.waiting_seqs -= left[0]
+            self.waiting_tokens -= left[1]
+            left[0] = left[1] = 0
+
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        ticket: AdmissionTicket | None = None,
     ) -> AsyncIterator[RequestOutput]:
         if self.error is not None:
             raise EngineDeadError(str(self.error))
         self.validate(prompt_token_ids, params)
         stream: asyncio.Queue = asyncio.Queue()
+        deadline = time.monotonic() + self.request_timeout if self.request_timeout > 0 else None
+        n_prompt = len(prompt_token_ids)
+        if ticket is None or not ticket.take(self, n_prompt):
+            self._count_waiting(1, n_prompt)
+        waiting = True
         self._inbox.put(
-            _Add(request_id, list(prompt_token_ids), params, stream, asyncio.get_running_loop())
+            _Add(
+                request_id,
+                list(prompt_token_ids),
+                params,
+                stream,
+                asyncio.get_running_loop(),
+                deadline,
+            )
         )
         self._wake.set()
         finished = False
         try:
+            if self.error is not None:  # the loop died before it could take the request
+                raise EngineDeadError(str(self.error))
             while True:
                 item = await stream.get()
+                if waiting:
+                    waiting = False
+                    self._count_waiting(-1, -n_prompt)
                 if isinstance(item, BaseException):
+                    finished = True  # the engine has already let go of it
                     raise item
+                if item.error is not None:
+                    finished = True
+                    raise RequestFailedError(item.error)
                 yield item
                 if item.finished:
                     finished = True
                     return
         finally:
+            if waiting:
+                self._count_waiting(-1, -n_prompt)
             if not finished:  # the consumer went away (client disconnect, cancel)
                 self.abort(request_id)
 
@@ -106,6 +247,8 @@ class AsyncEngine:
         future = loop.create_future()
         self._inbox.put(_Call(fn, future, loop))
         self._wake.set()
+        if self.error is not None:  # the loop died before it could take the call
+            raise EngineDeadError(str(self.error))
         return await future
 
     def abort(self, request_id: str) -> None:
@@ -139,31 +282,78 @@ class AsyncEngine:
                     msg.loop.call_soon_threadsafe(msg.stream.put_nowait, e)
                     continue
                 self._streams[msg.request_id] = (msg.stream, msg.loop)
+                if msg.deadline is not None:
+                    heapq.heappush(self._deadlines, (msg.deadline, msg.request_id))
             else:
                 self.core.abort(msg.request_id)
                 self._streams.pop(msg.request_id, None)
+
+    def _expire(self) -> None:
+        """Abort requests past their deadline and tell their streams why."""
+        now = time.monotonic()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, rid = heapq.heappop(self._deadlines)
+            entry = self._streams.pop(rid, None)
+            if entry is None:
+                continue  # finished or aborted already
+            self.core.abort(rid)
+            stream, loop = entry
+            err = RequestTimeoutError(
+                f"The request ran past the server's request timeout of {self.request_timeout:g} "
+                "seconds and was aborted."
+            )
+            loop.call_soon_threadsafe(stream.put_nowait, err)
 
     def _run(self) -> None:
         try:
             while not self._stopping:
                 self._drain_inbox()
+                self._expire()
                 if not self.core.has_work():
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
                     continue
+                t0 = time.perf_counter()
                 outputs = self.core.step()
+                self._measure(time.perf_counter() - t0)
                 self._deliver(outputs)
         except BaseException as e:  # noqa: BLE001 (the loop must report, not vanish)
             log.exception("engine loop died")
-            self.error = e
-            for stream, loop in self._streams.values():
-                loop.call_soon_threadsafe(stream.put_nowait, EngineDeadError(str(e)))
-            self._streams.clear()
+            self._die(e)
+
+    def _measure(self, seconds: float) -> None:
+        """Track the tokens the model gets through per second, for Retry-After."""
+        tokens = self.core.last_step_tokens
+        if tokens and seconds > 0:
+            rate = tokens / seconds
+            r = self._tokens_per_s
+            self._tokens_per_s = rate if r == 0 else 0.9 * r + 0.1 * rate
+
+    def _die(self, e: BaseException) -> None:
+        """Every open and queued request gets an error (never a hang); then tell the owner."""
+        self.error = e  # first: a generate() that enqueues after the drain below sees it
+        dead = EngineDeadError(f"The engine stopped after an internal error: {e}")
+        for stream, loop in self._streams.values():
+            loop.call_soon_threadsafe(stream.put_nowait, dead)
+        self._streams.clear()
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(msg, _Add):
+                msg.loop.call_soon_threadsafe(msg.stream.put_nowait, dead)
+            elif isinstance(msg, _Call):
+                msg.loop.call_soon_threadsafe(_resolve, msg.future, None, dead)
+        if self.on_death is not None:
+            try:
+                self.on_death(e)
+            except Exception:  # noqa: BLE001
+                log.exception("engine death handler failed")
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         for out in outputs:
-            self.tokens_generated += len(out.new_token_ids)
             entry = self._streams.get(out.request_id)
             if entry is None:
                 continue
@@ -171,6 +361,8 @@ class AsyncEngine:
             by_loop.setdefault(loop, []).append((stream, out))
             if out.finished:
                 del self._streams[out.request_id]
+                if out.error is not None:
+                    log.warning("request %s failed: %s", out.request_id, out.error)
         # One hop to each event loop per step, not one per token.
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)

@@ -15,6 +15,7 @@ import torch
 from ember.chat.detokenizer import IncrementalDetokenizer
 from ember.chat.tokenizer import Tokenizer
 from ember.config import EngineConfig
+from ember.engine.faults import Faults
 from ember.engine.kv_cache import BlockAllocator
 from ember.engine.request import (
     Logprob,
@@ -97,6 +98,8 @@ class EngineCore:
         )
         self.sampler = Sampler()
         self.live: dict[str, _Live] = {}
+        self.faults = Faults.from_env()
+        self.last_step_tokens = 0  # tokens the model processed in the last step
         self.load_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ requests
@@ -179,6 +182,7 @@ class EngineCore:
 
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        self.last_step_tokens = sum(s.num_new_tokens for s in out.scheduled)
         if not out.scheduled:
             return []
         # Decodes first, as the runner's attention metadata expects.
@@ -197,6 +201,7 @@ class EngineCore:
             # Exactly where scoring left off (a recompute after preemption catches up first).
             and len(pl) - 1 == item.seq.num_computed_tokens < item.seq.num_prompt_tokens - 1
         )
+        self.faults.on_step([item.seq.prompt_token_ids for item in batch])
         logits, prompt_logits = self.runner.execute(batch, wants_prompt)
         for i, rows in prompt_logits.items():
             self._add_prompt_logprobs(batch[i].seq, rows)
@@ -214,52 +219,103 @@ class EngineCore:
                     stop_ids=live.stop_ids,
                 )
             )
-        token_ids, logprobs = self.sampler(logits, rows) if rows else ([], [])
+        token_ids, logprobs, failed = self._sample(logits, rows)
 
         for item in batch:
             item.seq.num_computed_tokens += item.num_new_tokens
 
         outputs = []
         now = time.monotonic()
-        for item, token, logprob in zip(sampling, token_ids, logprobs):
-            seq = item.seq
-            live = self.live[seq.request_id]
-            seq.token_ids.append(token)
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            reason, stop_reason = self._check_stop(seq, token)
-            if reason == "stop":  # a stop token: its text is not part of the output
-                text = live.detok.flush()
-            else:
-                text, stop_str = live.detok.add_tokens([token])
-                if stop_str is not None:
-                    reason, stop_reason = "stop", stop_str
-                elif reason is not None:
-                    text += live.detok.flush()
-            if reason is not None:
-                self.scheduler.finish(seq, reason, stop_reason)
-                del self.live[seq.request_id]
-            outputs.append(
-                RequestOutput(
-                    request_id=seq.request_id,
-                    prompt_token_ids=seq.prompt_token_ids,
-                    new_token_ids=[token],
-                    new_text=text,
-                    finished=reason is not None,
-                    finish_reason=reason,
-                    stop_reason=stop_reason,
-                    new_logprobs=None if logprob is None else [logprob],
-                    num_cached_tokens=seq.num_cached_tokens,
-                    num_output_tokens=seq.num_output_tokens,
-                    prompt_logprobs=self._take_prompt_logprobs(live),
-                    queue_seconds=(
-                        seq.first_scheduled_time - seq.arrival_time
-                        if seq.num_output_tokens == 1 and seq.first_scheduled_time
-                        else None
-                    ),
-                )
-            )
+        for i, (item, token, logprob) in enumerate(zip(sampling, token_ids, logprobs)):
+            if i in failed:
+                outputs.append(self._fail(item.seq, failed[i]))
+                continue
+            try:
+                outputs.append(self._emit(item.seq, token, logprob, now))
+            except Exception as e:  # noqa: BLE001 (one request's fault fails that request only)
+                log.exception("request %s failed after sampling", item.seq.request_id)
+                outputs.append(self._fail(item.seq, e))
         return outputs
+
+    def _sample(
+        self, logits: torch.Tensor, rows: list[SamplingRow]
+    ) -> tuple[list[int], list[Logprob | None], dict[int, Exception]]:
+        """The batch's tokens; if sampling the batch fails, each row alone, so one request's
+        corner case fails that request only. Failed rows get token -1 and their exception."""
+        if not rows:
+            return [], [], {}
+        try:
+            token_ids, logprobs = self.sampler(logits, rows)
+            return list(token_ids), list(logprobs), {}
+        except Exception:  # noqa: BLE001 (find the row at fault below)
+            log.exception("batched sampling failed; sampling row by row")
+        token_ids, logprobs, failed = [], [], {}
+        for i, row in enumerate(rows):
+            try:
+                t, lp = self.sampler(logits[i : i + 1], [row])
+                token_ids.append(t[0])
+                logprobs.append(lp[0])
+            except Exception as e:  # noqa: BLE001
+                token_ids.append(-1)
+                logprobs.append(None)
+                failed[i] = e
+        return token_ids, logprobs, failed
+
+    def _emit(
+        self, seq: Sequence, token: int, logprob: Logprob | None, now: float
+    ) -> RequestOutput:
+        """Append a sampled token, detokenize it, check the stops: one sequence's share."""
+        live = self.live[seq.request_id]
+        seq.token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        reason, stop_reason = self._check_stop(seq, token)
+        self.faults.on_detokenize(token)
+        if reason == "stop":  # a stop token: its text is not part of the output
+            text = live.detok.flush()
+        else:
+            text, stop_str = live.detok.add_tokens([token])
+            if stop_str is not None:
+                reason, stop_reason = "stop", stop_str
+            elif reason is not None:
+                text += live.detok.flush()
+        if reason is not None:
+            self.scheduler.finish(seq, reason, stop_reason)
+            del self.live[seq.request_id]
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            new_token_ids=[token],
+            new_text=text,
+            finished=reason is not None,
+            finish_reason=reason,
+            stop_reason=stop_reason,
+            new_logprobs=None if logprob is None else [logprob],
+            num_cached_tokens=seq.num_cached_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            prompt_logprobs=self._take_prompt_logprobs(live),
+            queue_seconds=(
+                seq.first_scheduled_time - seq.arrival_time
+                if seq.num_output_tokens == 1 and seq.first_scheduled_time
+                else None
+            ),
+        )
+
+    def _fail(self, seq: Sequence, exc: BaseException) -> RequestOutput:
+        """End one sequence with an error and free its blocks; the step goes on."""
+        self.live.pop(seq.request_id, None)
+        self.scheduler.finish(seq, "error")
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            new_token_ids=[],
+            new_text="",
+            finished=True,
+            finish_reason="error",
+            num_cached_tokens=seq.num_cached_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            error=f"{type(exc).__name__}: {exc}",
+        )
 
     def _add_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Logprobs of prompt tokens start+1 .. start+n from the logits at start .. start+n-1."""

@@ -222,3 +222,6 @@ class RequestOutput:
     # With SamplingParams.prompt_logprobs: one entry per prompt token (None for the first),
     # on the first output only.
     prompt_logprobs: list[Logprob | None] | None = None
+    # Set (with finished and finish_reason "error") when handling this sequence failed; the
+    # other sequences of the step are not affected.
+    error: str | None = None

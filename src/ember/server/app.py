@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import secrets
 import threading
 import uuid
 from collections.abc import Callable
@@ -16,14 +15,16 @@ from dataclasses import asdict
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
 
 from ember.chat.templates import ChatFormatter, resolve_chat_template
-from ember.config import EngineConfig
-from ember.engine.async_engine import AsyncEngine
+from ember.config import EngineConfig, parse_bytes
+from ember.engine.async_engine import Admission, AsyncEngine
 from ember.engine.core import EngineCore
 from ember.engine.request import SamplingParams
-from ember.server.errors import error_response, install_error_handlers
+from ember.server.errors import count_rejected, error_response, install_error_handlers
 from ember.server.metrics import ServerMetrics
+from ember.server.openapi import install_openapi
 from ember.server.routes import admin, chat, completions, embeddings, models
 from ember.server.routes.chat_page import install_chat_page
 from ember.server.state import ServerConfig, ServerState
@@ -43,7 +44,18 @@ def load_engine(
     """Build the engine, then produce one token so that "ready" means it really works."""
     try:
         core = EngineCore(engine_cfg)
-        state.engine = AsyncEngine(core)
+        limits = state.config.limits
+        admission = Admission.sized_for(
+            core, limits.max_waiting_requests, limits.max_waiting_tokens
+        )
+        state.engine = AsyncEngine(
+            core, admission, limits.request_timeout, on_death=state.lifecycle.engine_died
+        )
+        log.info(
+            "admission: at most %s waiting sequences and %s waiting prompt tokens (0: no bound)",
+            admission.max_waiting_requests,
+            admission.max_waiting_tokens,
+        )
         template = resolve_chat_template(engine_cfg.chat_template, core.tokenizer, core.hf_config)
         state.formatter = ChatFormatter(core.tokenizer, template)
         gen = core.generation_config
@@ -77,35 +89,76 @@ async def _warm_up(engine: AsyncEngine, tokenizer) -> None:
 
 class AuthAndRequestId:
     """Pure ASGI middleware (streams and disconnects pass through untouched): Bearer auth on
-    the API paths when keys are set, and an x-request-id header on every response."""
+    the API paths when keys are set, 503 for new work while shutting down, 413 for a body over
+    the limit, and an x-request-id header on every response."""
 
-    def __init__(self, app, api_keys: list[str]) -> None:
+    def __init__(self, app, state: ServerState) -> None:
         self.app = app
-        self.api_keys = api_keys
+        self.state = state
+        self.max_body = parse_bytes(state.config.limits.max_request_body)
+
+    def _protected(self, path: str) -> bool:
+        if path == "/metrics":
+            return self.state.config.limits.metrics_require_key
+        return path.startswith(PROTECTED_PREFIXES)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         request_id = headers.get("x-request-id") or uuid.uuid4().hex
-        if (
-            self.api_keys
-            and scope["method"] != "OPTIONS"
-            and scope["path"].startswith(PROTECTED_PREFIXES)
-        ):
+        path = scope["path"]
+
+        async def reply(resp) -> None:
+            resp.headers["x-request-id"] = request_id
+            await resp(scope, receive, send)
+
+        if self.state.lifecycle.draining and path != "/metrics":
+            if path == "/health":
+                await reply(JSONResponse({"status": "shutting down"}, status_code=503))
+                return
+            count_rejected(self.state, "shutting_down")
+            resp = error_response(
+                503,
+                "The server is shutting down; send the request again (to another replica).",
+                "server_error",
+                code="shutting_down",
+                headers={"Retry-After": "1", "Connection": "close"},
+            )
+            await reply(resp)
+            return
+        keys = self.state.keys
+        if keys.enabled and scope["method"] != "OPTIONS" and self._protected(path):
             auth = headers.get("authorization", "")
             token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-            if not any(secrets.compare_digest(token.encode(), k.encode()) for k in self.api_keys):
-                resp = error_response(
-                    401,
-                    "Incorrect API key provided." if token else "Missing API key (Bearer).",
-                    "authentication_error",
-                    code="invalid_api_key",
+            if not keys.check(token):
+                await reply(
+                    error_response(
+                        401,
+                        "Incorrect API key provided." if token else "Missing API key (Bearer).",
+                        "authentication_error",
+                        code="invalid_api_key",
+                    )
                 )
-                resp.headers["x-request-id"] = request_id
-                await resp(scope, receive, send)
                 return
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            await reply(self._too_large())
+            return
+        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            # A chunked body: read it here, up to the limit, and hand it on as one piece.
+            body, more = b"", True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > self.max_body:
+                    await reply(self._too_large())
+                    return
+            receive = _replay(body, receive)
 
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
@@ -116,6 +169,28 @@ class AuthAndRequestId:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+    def _too_large(self):
+        return error_response(
+            413,
+            f"The request body is larger than this server's limit of {self.max_body} bytes.",
+            "invalid_request_error",
+            code="request_too_large",
+        )
+
+
+def _replay(body: bytes, receive):
+    """A receive() that gives the already-read body once, then waits on the real one."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def build_app(
@@ -144,7 +219,8 @@ def build_app(
     app = FastAPI(title="Ember", version=_version(), lifespan=lifespan)
     app.state.ember = state
     install_error_handlers(app)
-    app.add_middleware(AuthAndRequestId, api_keys=server_cfg.api_keys)
+    install_openapi(app, state)
+    app.add_middleware(AuthAndRequestId, state=state)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=server_cfg.allowed_origins,

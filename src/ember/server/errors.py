@@ -7,9 +7,16 @@ from http import HTTPStatus
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ember.chat.templates import ChatTemplateError
+from ember.engine.async_engine import (
+    EngineDeadError,
+    EngineOverloadedError,
+    RequestFailedError,
+    RequestTimeoutError,
+)
 from ember.engine.core import PromptError
 from ember.engine.request import SamplingParamsError
 
@@ -22,6 +29,7 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message, self.status, self.type, self.param, self.code = (
@@ -31,6 +39,7 @@ class APIError(Exception):
             param,
             code,
         )
+        self.headers = headers
 
 
 def error_body(
@@ -40,9 +49,14 @@ def error_body(
 
 
 def error_response(
-    status: int, message: str, type: str, param: str | None = None, code: str | None = None
+    status: int,
+    message: str,
+    type: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    return JSONResponse(error_body(message, type, param, code), status_code=status)
+    return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
 
 
 def to_api_error(exc: Exception) -> APIError:
@@ -55,6 +69,22 @@ def to_api_error(exc: Exception) -> APIError:
         return APIError(str(exc), param=exc.param)
     if isinstance(exc, ChatTemplateError):
         return APIError(str(exc), param="messages")
+    if isinstance(exc, EngineOverloadedError):
+        return APIError(
+            str(exc),
+            503,
+            "server_error",
+            code="overloaded",
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+    if isinstance(exc, RequestTimeoutError):
+        return APIError(str(exc), 504, "server_error", code="timeout")
+    if isinstance(exc, EngineDeadError):
+        return APIError(str(exc), 503, "server_error", code="engine_dead")
+    if isinstance(exc, RequestFailedError):
+        return APIError(
+            f"Internal error while handling this request: {exc}", 500, "internal_server_error"
+        )
     return APIError("Internal server error.", 500, "internal_server_error")
 
 
@@ -66,10 +96,13 @@ def _loc_param(loc: tuple) -> str | None:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
+    @app.exception_handler(ValidationError)  # a model built from request fields in a handler
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(
+        _: Request, exc: RequestValidationError | ValidationError
+    ) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
         param = _loc_param(tuple(first.get("loc", ())))
@@ -83,15 +116,29 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-        return error_response(exc.status_code, message, kind)
+        return error_response(exc.status_code, message, kind, headers=exc.headers)
 
     async def _client_error(_: Request, exc: Exception) -> JSONResponse:
         err = to_api_error(exc)
-        return error_response(err.status, err.message, err.type, err.param, err.code)
+        return error_response(err.status, err.message, err.type, err.param, err.code, err.headers)
 
     for kind in (SamplingParamsError, PromptError, ChatTemplateError):
         app.add_exception_handler(kind, _client_error)
 
+    async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, EngineOverloadedError):
+            count_rejected(request.app.state.ember, "overloaded")
+        return await _client_error(request, exc)
+
+    for kind in (EngineOverloadedError, RequestTimeoutError, EngineDeadError, RequestFailedError):
+        app.add_exception_handler(kind, _engine_error)
+
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
         return error_response(500, "Internal server error.", "internal_server_error")
+
+
+def count_rejected(state, reason: str) -> None:
+    """ember:num_requests_rejected, by reason (overloaded, shutting_down)."""
+    if state.metrics is not None:
+        state.metrics.rejected.labels(state.model_name, reason).inc()

@@ -106,6 +106,12 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.rejected = Counter(
+            "ember:num_requests_rejected",
+            "Requests refused with 503 at once: overloaded (admission bound) or shutting_down.",
+            labels + ["reason"],
+            registry=self.registry,
+        )
         self.queue_time = Histogram(
             "ember:request_queue_time_seconds",
             "Time waiting before the first schedule.",

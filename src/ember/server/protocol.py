@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -22,12 +22,38 @@ class OpenAIBase(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+# Limits on what one request may ask for, so that a single request cannot tie up the server;
+# beyond them a request gets 400 naming the field (they are also in /openapi.json).
+MAX_N = 128  # n, best_of
+MAX_SEQUENCES = 256  # prompts x best_of in one /v1/completions request
+MAX_PROMPTS = 256  # prompts in one /v1/completions or /v1/embeddings request
+MAX_STOP = 16  # stop strings
+MAX_STOP_CHARS = 256  # characters per stop string
+MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS = 1024  # logit_bias entries
+MAX_MESSAGES = 2048  # messages in one chat request
+MAX_CONTENT_PARTS = 256  # content parts in one message
+MAX_TOOLS = 128
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+TokenId = Annotated[int, Field(ge=0)]
+Text = Annotated[str, Field(min_length=1)]
+# A prompt or embedding input: text, texts, token ids, or lists of token ids; never empty.
+Inputs = (
+    Text
+    | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)]
+    | Annotated[list[TokenId], Field(min_length=1)]
+    | Annotated[
+        list[Annotated[list[TokenId], Field(min_length=1)]],
+        Field(min_length=1, max_length=MAX_PROMPTS),
+    ]
+)
+
+
 # ------------------------------------------------------------------ shared pieces
 
 
 class StreamOptions(OpenAIBase):
     include_usage: bool = False
-    continuous_usage_stats: bool = False
 
 
 class ResponseFormat(OpenAIBase):
@@ -38,34 +64,46 @@ class SamplingFields(OpenAIBase):
     """Sampling fields shared by chat and text completions (OpenAI's plus vLLM's extensions)."""
 
     model: str | None = None
-    n: int = Field(1, ge=1, le=128)
+    n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    stop: str | list[str] | None = None
+    stop: StopString | list[StopString] | None = Field(None, max_length=MAX_STOP)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS
+    )
     seed: int | None = None
     user: str | None = None
     # extensions
-    top_k: int | None = None
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    min_tokens: int = Field(0, ge=0)
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
+    top_k: int | None = Field(None, description="Keep the k most likely tokens; 0 or -1: all.")
+    min_p: float | None = Field(
+        None, ge=0, le=1, description="Drop tokens less likely than min_p times the top token."
+    )
+    repetition_penalty: float | None = Field(
+        None,
+        gt=0,
+        description="Over prompt and output, shrink the logits of tokens seen (>1 penalises).",
+    )
+    min_tokens: int = Field(0, ge=0, description="Tokens generated before eos or stops count.")
+    ignore_eos: bool = Field(False, description="Keep generating past the end-of-text token.")
+    stop_token_ids: list[int] | None = Field(
+        None, max_length=MAX_STOP_TOKEN_IDS, description="Token ids that end the output."
+    )
+    skip_special_tokens: bool = Field(True, description="Leave special tokens out of the text.")
+    include_stop_str_in_output: bool = Field(
+        False, description="Keep the stop string that ended the output in its text."
+    )
 
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, v: str | list[str] | None) -> list[str] | None:
         if isinstance(v, str):
             return [v]
-        if v is not None and len(v) > 16:
-            raise ValueError("at most 16 stop sequences")
+        if v is not None and len(v) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences")
         return v
 
 
@@ -108,20 +146,20 @@ class ContentPart(OpenAIBase):
 
 class ChatMessage(OpenAIBase):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = None
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS)] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list[ToolDefinition] | None = None
+    tools: list[ToolDefinition] | None = Field(None, max_length=MAX_TOOLS)
     # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}; checked
     # by the route against `tools`, so a bad value gets a message that names the problem
     tool_choice: str | dict[str, Any] | None = None
@@ -207,12 +245,12 @@ class ChatCompletionChunk(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Inputs
     suffix: str | None = None
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    best_of: int | None = Field(None, ge=1, le=128)
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
 
 
 class CompletionLogprobs(BaseModel):
@@ -245,7 +283,7 @@ class CompletionResponse(BaseModel):
 
 class EmbeddingRequest(OpenAIBase):
     model: str | None = None
-    input: str | list[str] | list[int] | list[list[int]]
+    input: Inputs
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
@@ -284,8 +322,8 @@ class ModelList(BaseModel):
 class TokenizeRequest(OpenAIBase):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    tools: list[ToolDefinition] | None = None  # with messages: rendered as chat would
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    tools: list[ToolDefinition] | None = Field(None, max_length=MAX_TOOLS)  # rendered as chat
     tool_choice: str | dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = True
@@ -294,4 +332,4 @@ class TokenizeRequest(OpenAIBase):
 
 class DetokenizeRequest(OpenAIBase):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]

@@ -15,8 +15,11 @@ from fastapi import Request
 
 from ember.chat.templates import ChatFormatter
 from ember.chat.tokenizer import BaseTokenizer
+from ember.config import ServingLimits
 from ember.engine.async_engine import AsyncEngine
 from ember.server.errors import APIError
+from ember.server.keys import KeyStore
+from ember.server.lifecycle import Lifecycle
 
 
 @dataclass
@@ -27,6 +30,7 @@ class ServerConfig:
     default_max_tokens: int | None = None  # None: up to the context length
     embedding_model: str | None = None  # a BERT-family encoder directory
     embedding_model_name: str | None = None
+    limits: ServingLimits = field(default_factory=ServingLimits)
 
 
 @dataclass
@@ -56,6 +60,8 @@ class ServerState:
         self.metrics: Any = None
         self.fingerprint: str | None = None  # model + settings digest, set once loaded
         self.encoder: Any = None  # SentenceEncoder when --embedding-model is given
+        self.keys = KeyStore(config.api_keys, config.limits.api_key_file)
+        self.lifecycle = Lifecycle(config.limits.shutdown_grace, config.limits.drain_timeout)
 
     @property
     def tokenizer(self) -> BaseTokenizer:
@@ -98,7 +104,13 @@ def get_state(request: Request) -> ServerState:
     if state.load_error is not None:
         raise APIError(f"The model failed to load: {state.load_error}", 503, "server_error")
     if state.engine is None or not state.ready.is_set():
-        raise APIError("The model is still loading; try again shortly.", 503, "server_error")
+        raise APIError(
+            "The model is still loading; try again shortly.",
+            503,
+            "server_error",
+            code="loading",
+            headers={"Retry-After": "5"},
+        )
     if state.engine.error is not None:
         raise APIError("The engine has stopped after an internal error.", 503, "server_error")
     return state

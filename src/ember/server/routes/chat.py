@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from ember.chat.templates import ChatFormatter
 from ember.chat.tool_parsers import PARSERS, ToolParser, chatml_tools_template, make_parser
 from ember.chat.tool_parsers import parser_for_template as template_parser
+from ember.engine.async_engine import AdmissionTicket
 from ember.engine.request import Logprob, SamplingParams
 from ember.server import protocol as P
 from ember.server.errors import APIError
@@ -291,18 +292,18 @@ async def chat_completions(
             stop_strings_after=gate,
         )
     jobs = [(prompt_ids, p) for p in fan_out(params, req.n)]
-    validate_jobs(state, jobs)
+    ticket = validate_jobs(state, jobs)
     request_id = P.random_id("chatcmpl")
     created = int(time.time())
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         gen = _chat_stream(
-            state, plan, jobs, request_id, created, model, include_usage, req.logprobs
+            state, plan, jobs, request_id, created, model, include_usage, req.logprobs, ticket
         )
         return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
 
-    results = await until_disconnected(request, collect(state, jobs, request_id))
+    results = await until_disconnected(request, collect(state, jobs, request_id, ticket))
     completion_tokens = sum(len(r.token_ids) for r in results)
     record(state, len(prompt_ids), completion_tokens)
     choices = []
@@ -336,6 +337,7 @@ async def _chat_stream(
     model: str,
     include_usage: bool,
     want_logprobs: bool,
+    ticket: AdmissionTicket | None = None,
 ) -> AsyncIterator[str]:
     def chunk(choices: list[P.ChatChunkChoice], usage_info: P.UsageInfo | None = None) -> str:
         return sse_chunk(
@@ -352,7 +354,7 @@ async def _chat_stream(
             yield chunk(
                 [P.ChatChunkChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))]
             )
-        async for i, out in merged_streams(state, jobs, request_id):
+        async for i, out in merged_streams(state, jobs, request_id, ticket):
             completion_tokens += len(out.new_token_ids)
             text, calls = out.new_text, []
             parser = parsers[i]

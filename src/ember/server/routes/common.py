@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import Request
 
+from ember.engine.async_engine import AdmissionTicket
 from ember.engine.request import Logprob, RequestOutput, SamplingParams
 from ember.server import protocol as P
 from ember.server.errors import APIError, error_body, to_api_error
@@ -108,7 +109,11 @@ def fan_out(params: SamplingParams, count: int) -> list[SamplingParams]:
 
 
 async def tracked(
-    state: ServerState, ids: list[int], params: SamplingParams, request_id: str
+    state: ServerState,
+    ids: list[int],
+    params: SamplingParams,
+    request_id: str,
+    ticket: AdmissionTicket | None = None,
 ) -> AsyncIterator[RequestOutput]:
     """engine.generate(), observed for the Prometheus histograms and counters."""
     assert state.engine is not None
@@ -116,7 +121,7 @@ async def tracked(
     start = time.monotonic()
     first: float | None = None
     n_out = 0
-    async for out in state.engine.generate(ids, params, request_id):
+    async for out in state.engine.generate(ids, params, request_id, ticket):
         now = time.monotonic()
         if first is None and out.new_token_ids:
             first = now
@@ -135,18 +140,21 @@ async def tracked(
 
 
 async def merged_streams(
-    state: ServerState, jobs: list[tuple[list[int], SamplingParams]], base_id: str
+    state: ServerState,
+    jobs: list[tuple[list[int], SamplingParams]],
+    base_id: str,
+    ticket: AdmissionTicket | None = None,
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Run several sequences at once and yield (index, output) as each step arrives."""
     if len(jobs) == 1:
-        async for out in tracked(state, jobs[0][0], jobs[0][1], base_id):
+        async for out in tracked(state, jobs[0][0], jobs[0][1], base_id, ticket):
             yield 0, out
         return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, ids: list[int], params: SamplingParams) -> None:
         try:
-            async for out in tracked(state, ids, params, f"{base_id}-{i}"):
+            async for out in tracked(state, ids, params, f"{base_id}-{i}", ticket):
                 await queue.put((i, out))
         except BaseException as e:  # noqa: BLE001 (handed to the consumer)
             await queue.put((i, e))
@@ -167,10 +175,13 @@ async def merged_streams(
 
 
 async def collect(
-    state: ServerState, jobs: list[tuple[list[int], SamplingParams]], base_id: str
+    state: ServerState,
+    jobs: list[tuple[list[int], SamplingParams]],
+    base_id: str,
+    ticket: AdmissionTicket | None = None,
 ) -> list[SeqResult]:
     results = [SeqResult() for _ in jobs]
-    async for i, out in merged_streams(state, jobs, base_id):
+    async for i, out in merged_streams(state, jobs, base_id, ticket):
         r = results[i]
         r.token_ids += out.new_token_ids
         r.text += out.new_text
@@ -194,11 +205,15 @@ async def until_disconnected(request: Request, coro: Any) -> Any:
             raise APIError("Client disconnected.", 499, "client_closed_request")
 
 
-def validate_jobs(state: ServerState, jobs: list[tuple[list[int], SamplingParams]]) -> None:
-    """Refuse bad input with a 4xx before any response (or stream) starts."""
+def validate_jobs(
+    state: ServerState, jobs: list[tuple[list[int], SamplingParams]]
+) -> AdmissionTicket:
+    """Refuse bad input with a 4xx, and work beyond the admission bounds with a 503, before
+    any response (or stream) starts."""
     assert state.engine is not None
     for ids, params in jobs:
         state.engine.validate(ids, params)
+    return state.engine.check_admission(len(jobs), sum(len(ids) for ids, _ in jobs))
 
 
 def sse(data: Any) -> str:

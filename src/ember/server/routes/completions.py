@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from ember.engine.async_engine import AdmissionTicket
 from ember.engine.request import Logprob, SamplingParams
 from ember.server import protocol as P
 from ember.server.errors import APIError
@@ -109,6 +110,12 @@ async def completions(
         raise APIError("best_of greater than n cannot be streamed.", param="best_of")
     given = _prompt_list(state, req.prompt)
     prompts = [ids for ids, _ in given]
+    if len(prompts) * best_of > P.MAX_SEQUENCES:
+        raise APIError(
+            f"{len(prompts)} prompts x {best_of} samples each is more than the "
+            f"{P.MAX_SEQUENCES} sequences one request may run.",
+            param="best_of" if req.best_of else "n",
+        )
     # best_of ranks by cumulative logprob, so each token's logprob is needed.
     lp = req.logprobs if req.logprobs is not None else (0 if best_of > req.n else None)
     jobs, owners = [], []
@@ -120,7 +127,7 @@ async def completions(
         for p in fan_out(params, best_of):
             jobs.append((ids, p))
             owners.append(pi)
-    validate_jobs(state, jobs)
+    ticket = validate_jobs(state, jobs)
     # Echo gives a text prompt back as sent. Token ids come back decoded, and so does every
     # prompt echoed with logprobs, whose tokens and text offsets must spell the echoed text.
     prompt_texts = [
@@ -149,10 +156,11 @@ async def completions(
             req.n,
             include_usage,
             req.logprobs is not None,
+            ticket,
         )
         return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
 
-    results = await until_disconnected(request, collect(state, jobs, request_id))
+    results = await until_disconnected(request, collect(state, jobs, request_id, ticket))
     choices = []
     for pi in range(len(prompts)):
         mine = [r for r, o in zip(results, owners) if o == pi]
@@ -199,6 +207,7 @@ async def _completion_stream(
     n: int,
     include_usage: bool,
     want_logprobs: bool,
+    ticket: AdmissionTicket | None = None,
 ) -> AsyncIterator[str]:
     def chunk(choices: list[P.CompletionChoice], usage_info: P.UsageInfo | None = None) -> str:
         return sse_chunk(
@@ -209,7 +218,7 @@ async def _completion_stream(
     offsets = [len(prompt_texts[o]) for o in owners]
     echoed = [False] * len(jobs)
     try:
-        async for i, out in merged_streams(state, jobs, request_id):
+        async for i, out in merged_streams(state, jobs, request_id, ticket):
             completion_tokens += len(out.new_token_ids)
             text = out.new_text
             if not echoed[i]:
@@ -221,8 +230,8 @@ async def _completion_stream(
                 logprobs = _completion_logprobs(state, out.new_logprobs or [], offsets[i])
                 offsets[i] += sum(len(t) for t in logprobs.tokens)
                 if out.prompt_logprobs is not None:
-                    echoed = _echo_logprobs(state, jobs[i][0], out.prompt_logprobs)
-                    logprobs = _join(echoed, logprobs)
+                    prompt_part = _echo_logprobs(state, jobs[i][0], out.prompt_logprobs)
+                    logprobs = _join(prompt_part, logprobs)
             yield chunk(
                 [
                     P.CompletionChoice(

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from ember.engine.core import PromptError
 from ember.server import protocol as P
 from ember.server.errors import APIError
-from ember.server.routes.common import usage
+from ember.server.routes.common import until_disconnected, usage
 from ember.server.state import ServerState, get_state
 
 router = APIRouter()
@@ -48,13 +48,18 @@ async def embeddings(
         vectors = (await asyncio.to_thread(enc.encode, ids)).tolist()
     else:
         ids = [state.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in inputs]
-        dims = None
-        vectors = []
-        for seq in ids:
-            try:
-                vectors.append(await state.engine.call(lambda core, seq=seq: core.embed(seq)))
-            except PromptError as e:
-                raise APIError(str(e), param="input") from e
+
+        async def embed_all() -> list[list[float]]:
+            out = []
+            for seq in ids:
+                try:
+                    out.append(await state.engine.call(lambda core, seq=seq: core.embed(seq)))
+                except PromptError as e:
+                    raise APIError(str(e), param="input") from e
+            return out
+
+        # Many inputs take many forward passes: stop between them if the client went away.
+        vectors = await until_disconnected(request, embed_all())
         dims = len(vectors[0])
     if req.dimensions is not None and req.dimensions != dims:
         raise APIError(

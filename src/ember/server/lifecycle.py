@@ -1,0 +1,84 @@
+"""Shutdown as Kubernetes expects it, and a process that exits when its engine has died.
+
+On SIGTERM (or SIGINT) the pod is being removed from its Service's endpoints, which takes a
+few seconds to reach every proxy. So: /health turns 503 at once; for `--shutdown-grace` seconds
+the listener keeps accepting and answers new work with 503 (a refused connection would be an
+error for the client; a 503 is retried elsewhere); then it stops listening and in-flight
+requests get up to `--drain-timeout` seconds to finish; then the process exits 0.
+
+If the engine loop dies, the same path runs without waiting for anything to drain, and the
+process exits 1 so that Kubernetes restarts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+
+import uvicorn
+
+log = logging.getLogger(__name__)
+
+
+class Lifecycle:
+    """What the middleware and /health read: is the server going away, and why."""
+
+    def __init__(self, shutdown_grace: float, drain_timeout: float) -> None:
+        self.shutdown_grace = max(shutdown_grace, 0.0)
+        self.drain_timeout = max(drain_timeout, 0.0)
+        self.draining = False  # set on SIGTERM or engine death: /health 503, new work 503
+        self.exit_code = 0
+        self.began: float | None = None
+        self._server: uvicorn.Server | None = None
+        self._lock = threading.Lock()
+
+    def attach(self, server: uvicorn.Server) -> None:
+        self._server = server
+
+    def begin(self, reason: str, exit_code: int = 0, grace: float | None = None) -> None:
+        """Start going away (once): 503 for new work now, stop listening after the grace."""
+        with self._lock:
+            if self.draining:
+                self.exit_code = max(self.exit_code, exit_code)
+                return
+            self.draining, self.exit_code, self.began = True, exit_code, time.monotonic()
+        grace = self.shutdown_grace if grace is None else grace
+        log.warning(
+            "%s: /health is 503 and new requests get 503; stopping in %.1fs, then up to %.1fs "
+            "for requests in flight",
+            reason,
+            grace,
+            self.drain_timeout,
+        )
+        timer = threading.Timer(grace, self._stop)
+        timer.daemon = True
+        timer.start()
+
+    def _stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+
+    def engine_died(self, exc: BaseException) -> None:
+        """Called on the engine thread: every open request has had its error by now."""
+        self.begin(f"engine loop died ({type(exc).__name__})", exit_code=1)
+
+
+class EmberServer(uvicorn.Server):
+    """uvicorn, with SIGTERM handled by the Lifecycle instead of an immediate close."""
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle) -> None:
+        super().__init__(config)
+        self.lifecycle = lifecycle
+        lifecycle.attach(self)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # uvicorn would re-raise the signal after shutting down (exit status -15): not added to
+        # _captured_signals, so the process exits with the Lifecycle's status instead.
+        if self.lifecycle.draining:
+            if sig == signal.SIGINT:  # a second Ctrl-C: quit now
+                self.force_exit = self.should_exit = True
+            return
+        self.lifecycle.begin(f"received {signal.Signals(sig).name}")

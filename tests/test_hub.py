@@ -236,13 +236,14 @@ def test_an_interrupted_pull_resumes_on_the_next_run(hub, repo_dir, tmp_path, so
     ]
     (weights,) = [h for p, h in again if p.endswith("model.safetensors")]
     if source == "modelscope":
-        # The partial file is continued where it stopped.
+        # The partial file is continued where it stopped. (ModelScope's client may ask for the
+        # small files again on a rerun; the weights are what a resume must not fetch twice.)
         assert 0 < int(weights["range"].removeprefix("bytes=").split("-")[0]) <= cut
     else:
         # huggingface_hub 2 downloads each file into a fresh temporary file (one per process),
         # so a rerun keeps every finished file and fetches the unfinished one again.
         assert "range" not in weights
-    assert len(again) == 1, [p for p, _ in again]  # finished files are not fetched again
+        assert len(again) == 1, [p for p, _ in again]  # finished files are not fetched again
 
 
 # ---------------------------------------------------------------- errors, one line each

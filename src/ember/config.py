@@ -82,6 +82,14 @@ class EngineConfig:
     )
     num_threads: int | None = _opt("CPU threads for torch; default: all cores.")
     seed: int = _opt("Seed for dummy weights and for unseeded sampling.", default=0)
+    structured_outputs_threads: int = _opt(
+        "Threads that compile JSON Schemas and grammars for structured outputs, off the engine "
+        "thread.",
+        default=2,
+    )
+    structured_outputs_cache_size: int = _opt(
+        "Compiled schemas and grammars kept for reuse (least recently used dropped).", default=256
+    )
 
 
 def parse_bytes(text: str) -> int:

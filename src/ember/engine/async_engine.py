@@ -79,6 +79,7 @@ class AsyncEngine:
         if self.error is not None:
             raise EngineDeadError(str(self.error))
         self.validate(prompt_token_ids, params)
+        await self.prepare_structured(params)  # compiled off the engine thread (cached)
         stream: asyncio.Queue = asyncio.Queue()
         self._inbox.put(
             _Add(request_id, list(prompt_token_ids), params, stream, asyncio.get_running_loop())
@@ -97,6 +98,12 @@ class AsyncEngine:
         finally:
             if not finished:  # the consumer went away (client disconnect, cancel)
                 self.abort(request_id)
+
+    async def prepare_structured(self, params: SamplingParams) -> None:
+        """Compile params.structured_outputs on the grammar pool, so the engine thread only
+        copies a cached matcher; raises StructuredOutputsError (a 400) if it cannot compile."""
+        if params.structured_outputs is not None:
+            await asyncio.wrap_future(self.core.structured.compile_async(params.structured_outputs))
 
     async def call(self, fn: Callable[[EngineCore], Any]) -> Any:
         """Run `fn(core)` between engine steps, e.g. an embedding forward pass."""

@@ -209,6 +209,9 @@ class GrammarBackend:
         with self._lock:
             if self._lltok is None:
                 self._lltok = lltokenizer(self._tokenizer_source, self.vocab_size)
+                # Masks have one bit per id llguidance knows; ids past those stay banned.
+                self.words = (self._lltok.vocab_size + 31) // 32
+                self.vocab_size = min(self.vocab_size, self._lltok.vocab_size)
             return self._lltok
 
     def compile(self, spec: StructuredOutputsParams) -> _Compiled:
@@ -283,18 +286,19 @@ class GrammarBackend:
     def apply_bitmask(self, logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
         """logits[rows] = -inf wherever the row's bit is 0 (in place, only those rows)."""
         t0 = time.perf_counter()
-        vocab = logits.shape[1]
-        words = min(self.words, (vocab + 31) // 32)
+        width = logits.shape[1]
+        n = min(self.vocab_size, width)  # ids past the grammar's vocabulary are always banned
+        words = (n + 31) // 32
         if logits.device.type == "cpu" and logits.dtype == torch.float32:
             # numpy, one row at a time: unpacking the bits and a masked write cost ~0.1 ms a
             # row of 49k, where torch's small ops cost 10x that waking its thread pool.
             out = logits.numpy()
             banned = np.unpackbits(
                 np.invert(bitmask[:, :words].numpy()).view(np.uint8), axis=1, bitorder="little"
-            ).view(np.bool_)
+            ).view(np.bool_)[:, :n]
             for i, row in enumerate(rows):
-                np.copyto(out[row, : banned.shape[1]], -np.inf, where=banned[i, :vocab])
-                out[row, banned.shape[1] :] = -np.inf  # logits wider than the bitmask
+                np.copyto(out[row, :n], -np.inf, where=banned[i])
+                out[row, n:] = -np.inf
         else:
             device = logits.device
             shifts = self._shifts.get(device)
@@ -302,10 +306,10 @@ class GrammarBackend:
                 shifts = torch.arange(32, dtype=torch.int32, device=device)
                 self._shifts[device] = shifts
             bits = bitmask[:, :words].to(device, non_blocking=True)
-            banned = (((bits.unsqueeze(-1) >> shifts) & 1) == 0).view(len(rows), -1)[:, :vocab]
-            if banned.shape[1] < vocab:  # logits wider than the bitmask: the rest is banned
-                pad = torch.ones(len(rows), vocab - banned.shape[1], dtype=torch.bool)
-                banned = torch.cat([banned, pad.to(device)], dim=1)
+            banned = (((bits.unsqueeze(-1) >> shifts) & 1) == 0).view(len(rows), -1)[:, :n]
+            if n < width:
+                pad = torch.ones(len(rows), width - n, dtype=torch.bool, device=device)
+                banned = torch.cat([banned, pad], dim=1)
             idx = torch.tensor(rows, dtype=torch.long, device=device)
             logits[idx] = logits[idx].masked_fill(banned, float("-inf"))
         self.mask_seconds += time.perf_counter() - t0
@@ -333,7 +337,7 @@ def lltokenizer(tokenizer: Any, vocab_size: int) -> Any:
     sp = getattr(tokenizer, "sp", None)
     if sp is not None:  # ChatGLM3: SentencePiece pieces plus special tokens after them
         return llg.LLTokenizer(
-            llg.TokenizerWrapper(_SentencePieceVocab(tokenizer)), n_vocab=vocab_size
+            llg.TokenizerWrapper(_SentencePieceVocab(tokenizer, vocab_size)), n_vocab=vocab_size
         )
     hf = getattr(tokenizer, "hf", tokenizer)
     import llguidance.hf
@@ -344,7 +348,7 @@ def lltokenizer(tokenizer: Any, vocab_size: int) -> Any:
 class _SentencePieceVocab:
     """The face llguidance.TokenizerWrapper reads: each id's bytes, specials, eos, encode."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         sp = tokenizer.sp
         tokens: list[bytes] = []
         special: list[int] = []
@@ -361,13 +365,29 @@ class _SentencePieceVocab:
                 tokens.append(bytes([int(piece[3:-1], 16)]))
             else:
                 tokens.append(piece.replace("\u2581", " ").encode())
+        for i in range(len(tokens), vocab_size):  # the model's padded logit rows: never allowed
+            tokens.append(f"<|unused_{i}|>".encode())
+            special.append(i)
         self.tokens = tokens
         self.special_token_ids = special
         self.eos_token_id = tokenizer.eos_token_id
         self.bos_token_id = tokenizer.bos_token_id
-        self._tokenizer = tokenizer
+        banned = set(special)
+        self._ids = {t: i for i, t in enumerate(tokens) if i not in banned and t}
+        self._longest = max(len(t) for t in self._ids)
 
     def __call__(self, text: str | bytes) -> list[int]:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", errors="replace")
-        return self._tokenizer.encode_plain(text)
+        """Greedy longest-match ids of exactly these bytes. SentencePiece's own encode would
+        put its dummy-prefix space first, which llguidance would take for part of the text."""
+        data = text.encode() if isinstance(text, str) else text
+        ids, i = [], 0
+        while i < len(data):
+            for k in range(min(self._longest, len(data) - i), 0, -1):
+                token_id = self._ids.get(data[i : i + k])
+                if token_id is not None:
+                    ids.append(token_id)
+                    i += k
+                    break
+            else:  # no byte piece for it (a model trained without byte fallback): skip
+                i += 1
+        return ids

@@ -343,3 +343,57 @@ def test_the_prefix_cache_does_not_change_structured_output(tiny_llm):
 def test_vocab_sized_prompt_ids_are_fine(tiny_llm):
     # The tiny model's logits are exactly TINY_VOCAB wide: masks cover every row.
     assert tiny_llm.engine.structured.vocab_size == TINY_VOCAB
+
+
+# ------------------------------------------------------------------ forced tool calls
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "pattern": "^[A-Z][a-z]{0,6}$"},
+                    "unit": {"enum": ["c", "f"]},
+                    "days": {"type": "integer", "minimum": 1, "maximum": 9},
+                },
+                "required": ["city", "unit"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "set.flag",
+            "parameters": {
+                "type": "object",
+                "properties": {"on": {"type": "boolean"}, "note": {"type": "null"}},
+                "additionalProperties": False,
+            },
+        },
+    },
+]
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "llama3_json", "chatglm3"])
+@pytest.mark.parametrize("function", [None, "get_weather", "set.flag"])
+def test_forced_call_grammar_always_gives_a_call_that_parses_and_validates(fmt, function):
+    from ember.chat.tool_parsers import PARSERS, make_parser
+
+    parser_cls = PARSERS[fmt]
+    backend = _byte_backend()
+    spec = StructuredOutputsParams(grammar=parser_cls.call_grammar(TOOLS, function))
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    seen = set()
+    for seed in range(6):
+        text = bytes(_walk(backend, spec, seed)).decode()
+        res = make_parser(fmt, list(schemas)).parse(parser_cls.forced_prefix(function) + text)
+        assert len(res.tool_calls) == 1, text
+        call = res.tool_calls[0]
+        assert function is None or call.name == function
+        jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+        seen.add(call.name)
+    assert function is not None or len(seen) == 2  # "required" may pick any of the tools

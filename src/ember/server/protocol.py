@@ -30,8 +30,16 @@ class StreamOptions(OpenAIBase):
     continuous_usage_stats: bool = False
 
 
+class JsonSchemaFormat(OpenAIBase):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(OpenAIBase):
     type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
 
 
 class SamplingFields(OpenAIBase):
@@ -58,6 +66,8 @@ class SamplingFields(OpenAIBase):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
+    structured_outputs: dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -213,6 +223,7 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=128)
+    response_format: ResponseFormat | None = None
 
 
 class CompletionLogprobs(BaseModel):

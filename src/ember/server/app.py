@@ -23,7 +23,7 @@ from ember.engine.core import EngineCore
 from ember.engine.request import SamplingParams
 from ember.server.errors import error_response, install_error_handlers
 from ember.server.metrics import ServerMetrics
-from ember.server.routes import admin, chat, completions, embeddings, models
+from ember.server.routes import admin, chat, completions, embeddings, models, responses
 from ember.server.state import ServerConfig, ServerState
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,7 @@ def build_app(
     app.include_router(models.router)
     app.include_router(chat.router)
     app.include_router(completions.router)
+    app.include_router(responses.router)
     app.include_router(embeddings.router)
     app.include_router(admin.router)
     return app

@@ -213,6 +213,31 @@ class ChatCompletionChunk(BaseModel):
     usage: UsageInfo | None = None
 
 
+# ------------------------------------------------------------------ responses
+
+
+class ResponsesRequest(OpenAIBase):
+    """/v1/responses, stateless: items are checked by the route, so a bad one gets a message
+    that names it."""
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None
+    stream: bool = False
+    previous_response_id: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    seed: int | None = None
+
+
 # ------------------------------------------------------------------ completions
 
 

@@ -272,19 +272,17 @@ def chat_prompt(req: P.ChatCompletionRequest, state: ServerState) -> tuple[ChatP
     return plan, prompt_ids
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(
-    req: P.ChatCompletionRequest, request: Request, state: ServerState = Depends(get_state)
-):
-    model = state.check_model(req.model)
-    plan, prompt_ids = chat_prompt(req, state)
-    top = req.top_logprobs if req.logprobs else None
-    if req.top_logprobs is not None and not req.logprobs:
-        raise APIError("top_logprobs needs logprobs set to true.", param="top_logprobs")
-    max_tokens = req.max_completion_tokens or req.max_tokens
-    params = sampling_params(
-        req, state, len(prompt_ids), max_tokens, (top or 0) if req.logprobs else None
-    )
+def chat_params(
+    req: P.ChatCompletionRequest,
+    state: ServerState,
+    plan: ChatPlan,
+    prompt_len: int,
+    max_tokens: int | None,
+    logprobs: int | None,
+) -> SamplingParams:
+    """A chat request's sampling parameters, as its plan reads replies (shared with
+    /v1/responses)."""
+    params = sampling_params(req, state, prompt_len, max_tokens, logprobs)
     if plan.parser == "chatglm3":
         # Its segments are separated by <|assistant|>: the parser must see it (and drops it).
         # Stop tokens (<|user|>, <|observation|>, eos) never reach the text either way.
@@ -299,6 +297,22 @@ async def chat_completions(
     if plan.call_grammar is not None:  # a forced call outranks any response_format
         forced = StructuredOutputsParams(grammar=plan.call_grammar, param="tools")
         params = dataclasses.replace(params, structured_outputs=forced)
+    return params
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(
+    req: P.ChatCompletionRequest, request: Request, state: ServerState = Depends(get_state)
+):
+    model = state.check_model(req.model)
+    plan, prompt_ids = chat_prompt(req, state)
+    top = req.top_logprobs if req.logprobs else None
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError("top_logprobs needs logprobs set to true.", param="top_logprobs")
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    params = chat_params(
+        req, state, plan, len(prompt_ids), max_tokens, (top or 0) if req.logprobs else None
+    )
     jobs = [(prompt_ids, p) for p in fan_out(params, req.n)]
     validate_jobs(state, jobs)
     await compile_structured(state, jobs)

@@ -190,6 +190,21 @@ def test_apply_bitmask_bans_exactly_the_zero_bits():
     assert torch.equal(logits, want)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_apply_bitmask_on_the_gpu_matches_the_cpu():
+    backend = GrammarBackend("byte", 250)
+    gen = torch.Generator().manual_seed(1)
+    bitmask = torch.randint(
+        -(2**31), 2**31 - 1, (4, backend.words), dtype=torch.int32, generator=gen
+    )
+    logits = torch.randn(6, 256, generator=gen)
+    on_gpu = logits.cuda()
+    backend.apply_bitmask(logits, [0, 1, 3, 5], bitmask)
+    backend.apply_bitmask(on_gpu, [0, 1, 3, 5], bitmask)
+    assert torch.equal(on_gpu.cpu(), logits)
+
+
 def test_chatglm3_sentencepiece_bridge(tmp_path):
     from ember.chat.tokenizer import ChatGLM3Tokenizer
 

@@ -20,7 +20,7 @@ MODEL = "smol"
 class City(BaseModel):
     name: str = Field(max_length=24)
     country: str = Field(max_length=24)
-    population: int
+    population: int = Field(ge=0, le=100_000_000)  # bounded: a finite number of digits
 
 
 CITY_SCHEMA = {

@@ -128,7 +128,9 @@ class StructuredOutputsParams:
             raise StructuredOutputsError(f"Invalid {self._what()}: {e}", self.param) from e
 
     def _what(self) -> str:
-        return "JSON Schema" if self.json is not None else (self.grammar and "grammar") or "spec"
+        if self.json is not None:
+            return "JSON Schema"
+        return "regex" if self.regex is not None else "grammar" if self.grammar else "choice"
 
 
 def lark_string(text: str) -> str:

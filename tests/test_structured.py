@@ -412,3 +412,11 @@ def test_forced_call_grammar_always_gives_a_call_that_parses_and_validates(fmt, 
         jsonschema.validate(json.loads(call.arguments), schemas[call.name])
         seen.add(call.name)
     assert function is not None or len(seen) == 2  # "required" may pick any of the tools
+
+
+def test_logprobs_of_masked_alternatives_are_finite(tiny_llm):
+    p = SamplingParams(max_tokens=8, temperature=0, logprobs=5, structured_outputs={"json": SCHEMA})
+    out = tiny_llm.generate([[5, 6]], p)[0].outputs[0]
+    first = out.logprobs[0]  # only "{" is allowed: every alternative is masked
+    assert first.logprob == pytest.approx(0.0, abs=1e-5)
+    assert all(np.isfinite(v) and v >= -9999.0 for _, v in first.top)

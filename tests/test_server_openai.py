@@ -178,7 +178,7 @@ def test_completion_stream(client):
         (dict(n=0), "n"),
         (dict(max_tokens=0), "max_tokens"),
         (dict(max_tokens=100000), "max_tokens"),
-        (dict(response_format={"type": "json_object"}), "response_format"),
+        (dict(response_format={"type": "json_schema"}), "response_format"),  # no schema
         (dict(logit_bias={"999999": 1}), "logit_bias"),
         (dict(top_logprobs=50, logprobs=True), "top_logprobs"),
     ],

@@ -92,6 +92,14 @@ class EngineConfig:
         "own are sampled from an unseeded generator; give `seed` in a request to reproduce it.",
         default=0,
     )
+    structured_outputs_threads: int = _opt(
+        "Threads that compile JSON Schemas and grammars for structured outputs, off the engine "
+        "thread.",
+        default=2,
+    )
+    structured_outputs_cache_size: int = _opt(
+        "Compiled schemas and grammars kept for reuse (least recently used dropped).", default=256
+    )
 
 
 @dataclass

@@ -88,6 +88,43 @@ def _call_from_object(obj: Any, args_required: bool) -> tuple[str, str] | None:
     return None if args is None else (obj["name"], args)
 
 
+# ---------------------------------------------------------------- grammars of forced calls
+#
+# With tool_choice "required" or a named function, the reply is decoded under a grammar (Lark,
+# llguidance's dialect, with the tools' parameter schemas embedded as %json) of the format's
+# call, starting right after the forced prefix, so the call always parses and validates.
+
+# Arguments as json.dumps writes them; no "\/" escape, which Python literals (ChatGLM3) lack.
+_JSON_STYLE = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+    "json_allowed_escapes": 'nrbtfu"\\',
+}
+
+
+def _lit(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _json_rule(schema: Any, defs: Any = None) -> str:
+    """%json of a schema; with no schema, a call's arguments are any object."""
+    schema = dict(schema) if isinstance(schema, dict) else {"type": "object"}
+    if defs and "$defs" not in schema:  # a property that refers to its tool's $defs
+        schema["$defs"] = defs
+    schema["x-guidance"] = _JSON_STYLE
+    return "%json " + json.dumps(schema, ensure_ascii=False)
+
+
+def _tool_functions(tools: list[dict[str, Any]], function: str | None) -> list[dict[str, Any]]:
+    fns = [t.get("function") or {} for t in tools]
+    return [f for f in fns if function is None or f.get("name") == function]
+
+
+def _lark(start: str, rules: dict[str, str]) -> str:
+    return "\n".join([f"start: {start}"] + [f"{k}: {v}" for k, v in rules.items()]) + "\n"
+
+
 class ToolParser:
     """Base of the streaming parsers: a text buffer, content and call helpers.
 
@@ -131,6 +168,12 @@ class ToolParser:
     @classmethod
     def forced_prefix(cls, function: str | None) -> str:
         """Text appended to the prompt to force a call: `function` named, or any (None)."""
+        raise NotImplementedError
+
+    @classmethod
+    def call_grammar(cls, tools: list[dict[str, Any]], function: str | None) -> str:
+        """A Lark grammar of the reply after `forced_prefix(function)`: exactly one call to
+        `function` (or any of the tools) whose arguments match its parameter schema."""
         raise NotImplementedError
 
     # ---- for subclasses
@@ -192,6 +235,20 @@ class HermesParser(ToolParser):
             cls.OPEN + '\n{"name": ' + json.dumps(function, ensure_ascii=False) + ', "arguments": '
         )
 
+    @classmethod
+    def call_grammar(cls, tools: list[dict[str, Any]], function: str | None) -> str:
+        end = _lit("}\n" + cls.CLOSE)
+        fns = _tool_functions(tools, function)
+        if function is not None:
+            return _lark(f"args_0 {end}", {"args_0": _json_rule(fns[0].get("parameters"))})
+        rules = {}
+        for i, f in enumerate(fns):
+            head = _lit('{"name": ' + json.dumps(f["name"], ensure_ascii=False) + ', "arguments": ')
+            rules[f"call_{i}"] = f"{head} args_{i}"
+            rules[f"args_{i}"] = _json_rule(f.get("parameters"))
+        calls = " | ".join(f"call_{i}" for i in range(len(fns)))
+        return _lark(f"({calls}) {end}", rules)
+
     def _scan(self, out: ParseResult, final: bool) -> None:
         while True:
             if not self._in_call:
@@ -249,6 +306,21 @@ class Llama3JsonParser(ToolParser):
         if function is None:
             return '{"name": "'
         return '{"name": ' + json.dumps(function, ensure_ascii=False) + ', "parameters": '
+
+    @classmethod
+    def call_grammar(cls, tools: list[dict[str, Any]], function: str | None) -> str:
+        fns = _tool_functions(tools, function)
+        if function is not None:
+            return _lark('args_0 "}"', {"args_0": _json_rule(fns[0].get("parameters"))})
+        rules = {}
+        for i, f in enumerate(fns):
+            # After the prefix '{"name": "': the rest of the name, then the parameters.
+            name = json.dumps(f["name"], ensure_ascii=False)[1:]
+            rules[f"call_{i}"] = (
+                f'{_lit(name + ", " + chr(34) + "parameters" + chr(34) + ": ")} args_{i} "}}"'
+            )
+            rules[f"args_{i}"] = _json_rule(f.get("parameters"))
+        return _lark(" | ".join(f"call_{i}" for i in range(len(fns))), rules)
 
     def _scan(self, out: ParseResult, final: bool) -> None:
         if self._mode == "start":
@@ -339,6 +411,11 @@ def chatglm3_arguments(code: str) -> str | None:
         return None
 
 
+def k_index(props: dict[str, Any], key: str) -> int:
+    """A property's position: rule names must be identifiers, property names need not be."""
+    return list(props).index(key)
+
+
 class ChatGLM3Parser(ToolParser):
     """``[metadata]\\ncontent<|assistant|>name\\n```python\\ntool_call(k=v)\\n``` ``
 
@@ -363,6 +440,32 @@ class ChatGLM3Parser(ToolParser):
         # The prompt ends with <|assistant|>: the metadata line names the tool. ChatGLM3 has no
         # way to force "some tool", so "required" behaves as "auto".
         return "" if function is None else function + "\n"
+
+    @classmethod
+    def call_grammar(cls, tools: list[dict[str, Any]], function: str | None) -> str:
+        """``name\n```python\ntool_call(k=v, ...)\n``` `` with each value a JSON value of its
+        property's schema (the parser reads true/false/null as Python's)."""
+        rules: dict[str, str] = {}
+        calls = []
+        for i, f in enumerate(_tool_functions(tools, function)):
+            params = f.get("parameters") if isinstance(f.get("parameters"), dict) else {}
+            props = params.get("properties") or {}
+            required = [k for k in params.get("required") or [] if k in props]
+            optional = [k for k in props if k not in required]
+            if not required:  # every property, in order: no optional comma to place
+                required, optional = list(props), []
+            parts = []
+            for j, k in enumerate(required):
+                rules[f"v_{i}_{k_index(props, k)}"] = _json_rule(props[k], params.get("$defs"))
+                sep = ", " if j else ""
+                parts.append(f"{_lit(sep + k + '=')} v_{i}_{k_index(props, k)}")
+            for k in optional:
+                rules[f"v_{i}_{k_index(props, k)}"] = _json_rule(props[k], params.get("$defs"))
+                parts.append(f"({_lit(', ' + k + '=')} v_{i}_{k_index(props, k)})?")
+            head = ("" if function is not None else f["name"] + "\n") + "```python\ntool_call("
+            rules[f"call_{i}"] = " ".join([_lit(head), *parts, _lit(")\n```")])
+            calls.append(f"call_{i}")
+        return _lark(" | ".join(calls), rules)
 
     def _may_be_metadata(self, line: str) -> bool:
         """Whether an unfinished first line could still become an empty or tool metadata line."""

@@ -197,6 +197,7 @@ class AsyncEngine:
         if self.error is not None:
             raise EngineDeadError(str(self.error))
         self.validate(prompt_token_ids, params)
+        await self.prepare_structured(params)  # compiled off the engine thread (cached)
         stream: asyncio.Queue = asyncio.Queue()
         deadline = time.monotonic() + self.request_timeout if self.request_timeout > 0 else None
         n_prompt = len(prompt_token_ids)
@@ -238,6 +239,12 @@ class AsyncEngine:
                 self._count_waiting(-1, -n_prompt)
             if not finished:  # the consumer went away (client disconnect, cancel)
                 self.abort(request_id)
+
+    async def prepare_structured(self, params: SamplingParams) -> None:
+        """Compile params.structured_outputs on the grammar pool, so the engine thread only
+        copies a cached matcher; raises StructuredOutputsError (a 400) if it cannot compile."""
+        if params.structured_outputs is not None:
+            await asyncio.wrap_future(self.core.structured.compile_async(params.structured_outputs))
 
     async def call(self, fn: Callable[[EngineCore], Any]) -> Any:
         """Run `fn(core)` between engine steps, e.g. an embedding forward pass."""

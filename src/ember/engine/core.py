@@ -26,6 +26,7 @@ from ember.engine.request import (
 from ember.engine.runner import ModelRunner
 from ember.engine.sampler import Sampler, SamplingRow
 from ember.engine.scheduler import Scheduler
+from ember.engine.structured import GrammarBackend, GrammarMatcher
 from ember.models import loader
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class _Live:
     stop_ids: frozenset[int]
     prompt_logprobs: list[Logprob | None] | None = None
     prompt_logprobs_sent: bool = False
+    matcher: GrammarMatcher | None = None  # with structured_outputs: where the output stands
 
 
 @dataclass
@@ -97,6 +99,12 @@ class EngineCore:
             cfg.enable_chunked_prefill,
         )
         self.sampler = Sampler()
+        self.structured = GrammarBackend(
+            self.tokenizer,
+            self.runner.vocab_size,
+            cfg.structured_outputs_threads,
+            cfg.structured_outputs_cache_size,
+        )
         self.live: dict[str, _Live] = {}
         self.faults = Faults.from_env()
         self.last_step_tokens = 0  # tokens the model processed in the last step
@@ -135,6 +143,9 @@ class EngineCore:
         stop_ids = frozenset(params.stop_token_ids or ()) | self.eos_token_ids
         detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params)
         live = _Live(seq, detok, generator, stop_ids)
+        if params.structured_outputs is not None:
+            # The server compiled it already (off this thread); offline callers compile here.
+            live.matcher = self.structured.matcher(params.structured_outputs)
         if params.prompt_logprobs is not None:
             live.prompt_logprobs = [None]  # nothing predicts the first prompt token
         self.live[request_id] = live
@@ -219,6 +230,16 @@ class EngineCore:
                     stop_ids=live.stop_ids,
                 )
             )
+        constrained = [
+            (j, m)
+            for j, item in enumerate(sampling)
+            if (m := self.live[item.seq.request_id].matcher) is not None
+        ]
+        if constrained:  # only these rows pay: fill their bitmask rows, mask their logits
+            bitmask = self.structured.fill_bitmasks(
+                [m for _, m in constrained], [rows[j].stop_ids for j, _ in constrained]
+            )
+            self.structured.apply_bitmask(logits, [j for j, _ in constrained], bitmask)
         token_ids, logprobs, failed = self._sample(logits, rows)
 
         for item in batch:
@@ -274,6 +295,8 @@ class EngineCore:
         if reason == "stop":  # a stop token: its text is not part of the output
             text = live.detok.flush()
         else:
+            if reason is None and live.matcher is not None and self._grammar_done(live, token):
+                reason = "stop"  # the grammar allows nothing more: the output is complete
             text, stop_str = live.detok.add_tokens([token])
             if stop_str is not None:
                 reason, stop_reason = "stop", stop_str
@@ -340,6 +363,23 @@ class EngineCore:
             return None
         live.prompt_logprobs_sent = True
         return live.prompt_logprobs
+
+    @staticmethod
+    def _grammar_done(live: _Live, token: int) -> bool:
+        """Advance the sequence's grammar by its new token; True when nothing more may follow."""
+        matcher = live.matcher
+        assert matcher is not None
+        if token in live.stop_ids:  # only sampled where the grammar accepts (min_tokens aside)
+            return False
+        if not matcher.accept(token):  # masked out, so only a bug gets here: end, don't garble
+            log.warning(
+                "request %s: token %d is outside its grammar: %s",
+                live.seq.request_id,
+                token,
+                matcher.error(),
+            )
+            return True
+        return matcher.is_terminated()
 
     def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
         params = seq.params

@@ -6,6 +6,7 @@ import enum
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class SamplingParamsError(ValueError):
@@ -48,8 +49,15 @@ class SamplingParams:
     # Special tokens still written out when the others are skipped (ChatGLM3's <|assistant|>,
     # which separates the segments of a reply that a tool-call parser has to see).
     keep_special_token_ids: list[int] | None = None
+    # Constrained decoding: a StructuredOutputsParams (engine/structured.py) or a dict with one
+    # of json, regex, choice, grammar, json_object, as vLLM takes it.
+    structured_outputs: Any = None
 
     def __post_init__(self) -> None:
+        if self.structured_outputs is not None:
+            from ember.engine.structured import StructuredOutputsParams
+
+            self.structured_outputs = StructuredOutputsParams.of(self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]  # an empty stop string would stop at once

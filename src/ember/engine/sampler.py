@@ -303,7 +303,8 @@ class Sampler:
             return out
         device = logits.device
         idx = _long(want, device)
-        lp = torch.log_softmax(logits[idx].float(), dim=-1)
+        # Masked tokens (structured outputs) have -inf, which JSON cannot carry: -9999 as vLLM.
+        lp = torch.log_softmax(logits[idx].float(), dim=-1).clamp_(min=-9999.0)
         chosen = lp.gather(1, tokens[idx].unsqueeze(1))
         ranks = ((lp > chosen).sum(dim=-1) + 1).tolist()
         chosen_list = chosen.squeeze(1).tolist()

@@ -25,7 +25,7 @@ from ember.engine.request import SamplingParams
 from ember.server.errors import count_rejected, error_response, install_error_handlers
 from ember.server.metrics import ServerMetrics
 from ember.server.openapi import install_openapi
-from ember.server.routes import admin, chat, completions, embeddings, models
+from ember.server.routes import admin, chat, completions, embeddings, models, responses
 from ember.server.routes.chat_page import install_chat_page
 from ember.server.state import ServerConfig, ServerState
 
@@ -232,6 +232,7 @@ def build_app(
     app.include_router(models.router)
     app.include_router(chat.router)
     app.include_router(completions.router)
+    app.include_router(responses.router)
     app.include_router(embeddings.router)
     app.include_router(admin.router)
     install_chat_page(app)

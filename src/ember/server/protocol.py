@@ -56,8 +56,16 @@ class StreamOptions(OpenAIBase):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(OpenAIBase):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(OpenAIBase):
     type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
 
 
 class SamplingFields(OpenAIBase):
@@ -95,6 +103,11 @@ class SamplingFields(OpenAIBase):
     skip_special_tokens: bool = Field(True, description="Leave special tokens out of the text.")
     include_stop_str_in_output: bool = Field(
         False, description="Keep the stop string that ended the output in its text."
+    )
+    structured_outputs: dict[str, Any] | None = Field(
+        None,
+        description='Constrain the output as vLLM does: {"json": schema}, {"regex": ...}, '
+        '{"choice": [...]}, {"grammar": lark} or {"json_object": true}.',
     )
 
     @field_validator("stop")
@@ -241,6 +254,31 @@ class ChatCompletionChunk(BaseModel):
     usage: UsageInfo | None = None
 
 
+# ------------------------------------------------------------------ responses
+
+
+class ResponsesRequest(OpenAIBase):
+    """/v1/responses, stateless: items are checked by the route, so a bad one gets a message
+    that names it."""
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None
+    stream: bool = False
+    previous_response_id: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    seed: int | None = None
+
+
 # ------------------------------------------------------------------ completions
 
 
@@ -251,6 +289,7 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=MAX_N)
+    response_format: ResponseFormat | None = None
 
 
 class CompletionLogprobs(BaseModel):

@@ -18,12 +18,14 @@ from ember.chat.tool_parsers import PARSERS, ToolParser, chatml_tools_template, 
 from ember.chat.tool_parsers import parser_for_template as template_parser
 from ember.engine.async_engine import AdmissionTicket
 from ember.engine.request import Logprob, SamplingParams
+from ember.engine.structured import StructuredOutputsParams
 from ember.server import protocol as P
 from ember.server.errors import APIError
 from ember.server.routes.common import (
     SSE_HEADERS,
     SeqResult,
     collect,
+    compile_structured,
     fan_out,
     merged_streams,
     record,
@@ -168,6 +170,8 @@ class ChatPlan:
     tool_names: list[str] = field(default_factory=list)  # empty: no calls, only content
     prefix: str = ""  # forced call opener: appended to the prompt, read before the reply
     max_calls: int | None = None
+    # With a forced call: the grammar of the rest of the call, so it always parses.
+    call_grammar: str | None = None
 
     def new_parser(self) -> ToolParser | None:
         """A parser per choice: each keeps its own streaming state."""
@@ -227,6 +231,13 @@ def _chat_plan(req: P.ChatCompletionRequest, state: ServerState) -> ChatPlan:
             tool_names=[t.function.name for t in req.tools or []],
             prefix=PARSERS[support.parser].forced_prefix(function) if forced else "",
             max_calls=1 if req.parallel_tool_calls is False else None,
+            call_grammar=(
+                PARSERS[support.parser].call_grammar(
+                    [t.model_dump(exclude_none=True) for t in req.tools or []], function
+                )
+                if forced
+                else None
+            ),
         )
     if support.chatglm3:  # no tools, but the metadata line still has to go
         return ChatPlan(formatter, parser="chatglm3")
@@ -262,24 +273,17 @@ def chat_prompt(req: P.ChatCompletionRequest, state: ServerState) -> tuple[ChatP
     return plan, prompt_ids
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(
-    req: P.ChatCompletionRequest, request: Request, state: ServerState = Depends(get_state)
-):
-    model = state.check_model(req.model)
-    if req.response_format is not None and req.response_format.type != "text":
-        raise APIError(
-            f"response_format {req.response_format.type!r} is not supported yet; use 'text'.",
-            param="response_format",
-        )
-    plan, prompt_ids = chat_prompt(req, state)
-    top = req.top_logprobs if req.logprobs else None
-    if req.top_logprobs is not None and not req.logprobs:
-        raise APIError("top_logprobs needs logprobs set to true.", param="top_logprobs")
-    max_tokens = req.max_completion_tokens or req.max_tokens
-    params = sampling_params(
-        req, state, len(prompt_ids), max_tokens, (top or 0) if req.logprobs else None
-    )
+def chat_params(
+    req: P.ChatCompletionRequest,
+    state: ServerState,
+    plan: ChatPlan,
+    prompt_len: int,
+    max_tokens: int | None,
+    logprobs: int | None,
+) -> SamplingParams:
+    """A chat request's sampling parameters, as its plan reads replies (shared with
+    /v1/responses)."""
+    params = sampling_params(req, state, prompt_len, max_tokens, logprobs)
     if plan.parser == "chatglm3":
         # Its segments are separated by <|assistant|>: the parser must see it (and drops it).
         # Stop tokens (<|user|>, <|observation|>, eos) never reach the text either way.
@@ -291,8 +295,28 @@ async def chat_completions(
             keep_special_token_ids=[t for t in keep if t is not None],
             stop_strings_after=gate,
         )
+    if plan.call_grammar is not None:  # a forced call outranks any response_format
+        forced = StructuredOutputsParams(grammar=plan.call_grammar, param="tools")
+        params = dataclasses.replace(params, structured_outputs=forced)
+    return params
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(
+    req: P.ChatCompletionRequest, request: Request, state: ServerState = Depends(get_state)
+):
+    model = state.check_model(req.model)
+    plan, prompt_ids = chat_prompt(req, state)
+    top = req.top_logprobs if req.logprobs else None
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError("top_logprobs needs logprobs set to true.", param="top_logprobs")
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    params = chat_params(
+        req, state, plan, len(prompt_ids), max_tokens, (top or 0) if req.logprobs else None
+    )
     jobs = [(prompt_ids, p) for p in fan_out(params, req.n)]
     ticket = validate_jobs(state, jobs)
+    await compile_structured(state, jobs)
     request_id = P.random_id("chatcmpl")
     created = int(time.time())
 

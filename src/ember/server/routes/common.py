@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from fastapi import Request
 
 from ember.engine.async_engine import AdmissionTicket
 from ember.engine.request import Logprob, RequestOutput, SamplingParams
+from ember.engine.structured import StructuredOutputsParams
 from ember.server import protocol as P
 from ember.server.errors import APIError, error_body, to_api_error
 from ember.server.state import ServerState
@@ -95,7 +97,56 @@ def sampling_params(
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
+        structured_outputs=structured_outputs(req),
     )
+
+
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# vLLM's options of its structured_outputs field that pick among its backends: nothing to pick.
+_BACKEND_OPTIONS = {"backend", "disable_fallback", "disable_any_whitespace", "whitespace_pattern"}
+_BACKEND_OPTIONS |= {"disable_additional_properties"}
+
+
+def structured_outputs(req: Any) -> StructuredOutputsParams | None:
+    """The constraint a request asks for: `structured_outputs`, else `response_format`."""
+    extra = getattr(req, "structured_outputs", None)
+    if extra is not None:
+        spec = {k: v for k, v in extra.items() if k not in _BACKEND_OPTIONS}
+        return StructuredOutputsParams.of(spec)
+    fmt = getattr(req, "response_format", None)
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return StructuredOutputsParams(json_object=True, param="response_format")
+    js = fmt.json_schema
+    if js is None:
+        raise APIError(
+            "response_format of type json_schema needs json_schema: {name, schema, strict}.",
+            param="response_format.json_schema",
+        )
+    if not _SCHEMA_NAME.fullmatch(js.name):
+        raise APIError(
+            "response_format.json_schema.name must be 1 to 64 of a-z, A-Z, 0-9, _ and -; "
+            f"got {js.name!r}.",
+            param="response_format.json_schema.name",
+        )
+    # strict or not, the schema is enforced (as vLLM does): a guarantee costs nothing extra.
+    schema = js.schema_ if js.schema_ is not None else {"type": "object"}
+    return StructuredOutputsParams(json=schema, param="response_format")
+
+
+async def compile_structured(
+    state: ServerState, jobs: list[tuple[list[int], SamplingParams]]
+) -> None:
+    """Compile each job's schema or grammar off the engine thread, before any response (or
+    stream) starts, so one that cannot compile is a 400 naming the problem."""
+    assert state.engine is not None
+    seen: set[str] = set()
+    for _, params in jobs:
+        spec = params.structured_outputs
+        if spec is not None and spec.key not in seen:
+            seen.add(spec.key)
+            await state.engine.prepare_structured(params)
 
 
 def fan_out(params: SamplingParams, count: int) -> list[SamplingParams]:

@@ -17,6 +17,7 @@ from ember.server.errors import APIError
 from ember.server.routes.common import (
     SSE_HEADERS,
     collect,
+    compile_structured,
     fan_out,
     merged_streams,
     record,
@@ -128,6 +129,7 @@ async def completions(
             jobs.append((ids, p))
             owners.append(pi)
     ticket = validate_jobs(state, jobs)
+    await compile_structured(state, jobs)
     # Echo gives a text prompt back as sent. Token ids come back decoded, and so does every
     # prompt echoed with logprobs, whose tokens and text offsets must spell the echoed text.
     prompt_texts = [

@@ -1,0 +1,359 @@
+"""/v1/responses: OpenAI's Responses API, stateless (nothing is stored, as with store=false).
+
+A request becomes a chat request (input items → messages, instructions → a system message,
+function tools and tool_choice → their chat forms, text.format → response_format) and runs
+through the chat route's own prompt, tool-call and sampling code; its reply comes back as
+output items (a message with output_text, function_call items), streamed as the Responses
+events when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from ember.chat.tool_parsers import ParsedToolCall
+from ember.engine.async_engine import AdmissionTicket
+from ember.server import protocol as P
+from ember.server.errors import APIError, error_body, to_api_error
+from ember.server.routes.chat import ChatPlan, chat_message, chat_params, chat_prompt
+from ember.server.routes.common import (
+    SSE_HEADERS,
+    collect,
+    compile_structured,
+    merged_streams,
+    record,
+    until_disconnected,
+    validate_jobs,
+)
+from ember.server.state import ServerState, get_state
+
+router = APIRouter()
+
+
+def _item_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+# ------------------------------------------------------------------ request → chat request
+
+
+def _text_of(content: Any, param: str) -> str:
+    """A message's content: a string, or parts of type input_text / output_text / text."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise APIError("Message content must be a string or a list of parts.", param=param)
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("input_text", "output_text", "text"):
+            raise APIError(
+                f"Content parts of type {kind!r} are not supported; send input_text.", param=param
+            )
+        texts.append(str(part.get("text") or ""))
+    return "".join(texts)
+
+
+def _messages(req: P.ResponsesRequest) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    if req.instructions:
+        messages.append({"role": "system", "content": req.instructions})
+    if isinstance(req.input, str):
+        messages.append({"role": "user", "content": req.input})
+        return messages
+    for i, item in enumerate(req.input):
+        param = f"input.{i}"
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "system", "developer", "assistant"):
+                raise APIError(f"Unknown message role {role!r}.", param=param + ".role")
+            messages.append({"role": role, "content": _text_of(item.get("content"), param)})
+        elif kind == "function_call":
+            call = {
+                "id": item.get("call_id") or item.get("id") or _item_id("call"),
+                "type": "function",
+                "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"},
+            }
+            last = messages[-1] if messages else None
+            if last and last["role"] == "assistant" and last.get("tool_calls"):
+                last["tool_calls"].append(call)  # parallel calls: one assistant turn
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            text = output if isinstance(output, str) else _text_of(output, param)
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": text})
+        elif kind == "reasoning":
+            continue  # nothing of it reaches the model
+        else:
+            raise APIError(f"Input items of type {kind!r} are not supported.", param=param)
+    if not messages:
+        raise APIError("input is empty.", param="input")
+    return messages
+
+
+def _chat_request(req: P.ResponsesRequest) -> P.ChatCompletionRequest:
+    if req.previous_response_id:
+        raise APIError(
+            "previous_response_id is not supported: this server stores no responses. Send the "
+            "whole conversation in input instead.",
+            param="previous_response_id",
+        )
+    tools = []
+    for i, tool in enumerate(req.tools or []):
+        if tool.get("type") != "function":
+            raise APIError(
+                f"Only function tools are supported; tools[{i}] is {tool.get('type')!r}.",
+                param=f"tools.{i}",
+            )
+        fn = {k: tool[k] for k in ("name", "description", "parameters") if tool.get(k)}
+        tools.append({"type": "function", "function": fn})
+    choice = req.tool_choice
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or not choice.get("name"):
+            raise APIError(
+                'A named tool_choice is {"type": "function", "name": ...}.', param="tool_choice"
+            )
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    fmt = (req.text or {}).get("format")
+    response_format = None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        schema = {k: fmt.get(k) for k in ("name", "schema", "strict", "description")}
+        response_format = {"type": "json_schema", "json_schema": schema}
+    elif isinstance(fmt, dict) and fmt.get("type") in ("json_object", "text"):
+        response_format = {"type": fmt["type"]}
+    elif fmt is not None:
+        raise APIError("text.format must be text, json_object or json_schema.", param="text")
+    body: dict[str, Any] = {
+        "model": req.model,
+        "messages": _messages(req),
+        "tools": tools or None,
+        "tool_choice": choice if tools else None,
+        "parallel_tool_calls": req.parallel_tool_calls,
+        "response_format": response_format,
+        "max_tokens": req.max_output_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "seed": req.seed,
+        "stream": req.stream,
+    }
+    try:
+        return P.ChatCompletionRequest.model_validate(body)
+    except ValueError as e:
+        raise APIError(f"Invalid request: {e}", param="input") from e
+
+
+# ------------------------------------------------------------------ output items
+
+
+def _message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+    return {
+        "id": item_id,
+        "type": "message",
+        "role": "assistant",
+        "status": status,
+        "content": content if status == "completed" else [],
+    }
+
+
+def _call_item(call: ParsedToolCall, status: str = "completed") -> dict[str, Any]:
+    return {
+        "id": "fc_" + call.id.removeprefix("call_"),
+        "type": "function_call",
+        "call_id": call.id,
+        "name": call.name,
+        "arguments": call.arguments if status == "completed" else "",
+        "status": status,
+    }
+
+
+def _usage(prompt_tokens: int, output_tokens: int, cached: int = 0) -> dict[str, Any]:
+    return {
+        "input_tokens": prompt_tokens,
+        "input_tokens_details": {"cached_tokens": cached},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prompt_tokens + output_tokens,
+    }
+
+
+class _Shell:
+    """The response object around the output: what every event that carries it repeats."""
+
+    def __init__(self, req: P.ResponsesRequest, model: str) -> None:
+        self.req, self.model = req, model
+        self.id = _item_id("resp")
+        self.created = int(time.time())
+
+    def build(
+        self,
+        status: str,
+        output: list[dict[str, Any]],
+        usage_info: dict[str, Any] | None = None,
+        finish_reason: str | None = None,
+    ) -> dict[str, Any]:
+        req = self.req
+        incomplete = status == "incomplete"
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "model": self.model,
+            "output": output,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "instructions": req.instructions,
+            "max_output_tokens": req.max_output_tokens,
+            "metadata": req.metadata or {},
+            "parallel_tool_calls": req.parallel_tool_calls is not False,
+            "previous_response_id": None,
+            "store": False,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "text": req.text or {"format": {"type": "text"}},
+            "tool_choice": req.tool_choice or "auto",
+            "tools": req.tools or [],
+            "truncation": "disabled",
+            "usage": usage_info,
+            "user": req.user,
+        }
+
+
+def _status(finish_reason: str | None) -> str:
+    return "incomplete" if finish_reason == "length" else "completed"
+
+
+@router.post("/v1/responses")
+async def create_response(
+    req: P.ResponsesRequest, request: Request, state: ServerState = Depends(get_state)
+):
+    model = state.check_model(req.model)
+    chat = _chat_request(req)
+    plan, prompt_ids = chat_prompt(chat, state)
+    params = chat_params(chat, state, plan, len(prompt_ids), chat.max_tokens, None)
+    jobs = [(prompt_ids, params)]
+    ticket = validate_jobs(state, jobs)
+    await compile_structured(state, jobs)
+    shell = _Shell(req, model)
+    if req.stream:
+        gen = _stream(state, plan, jobs, shell, ticket)
+        return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
+
+    [r] = await until_disconnected(request, collect(state, jobs, shell.id, ticket))
+    record(state, len(prompt_ids), len(r.token_ids))
+    message, _ = chat_message(plan, r)
+    output = []
+    if message.content:
+        output.append(_message_item(_item_id("msg"), message.content))
+    for call in message.tool_calls or []:
+        parsed = ParsedToolCall(call.function.name, call.function.arguments, call.id)
+        output.append(_call_item(parsed))
+    usage_info = _usage(len(prompt_ids), len(r.token_ids))
+    return shell.build(_status(r.finish_reason), output, usage_info)
+
+
+async def _stream(
+    state: ServerState,
+    plan: ChatPlan,
+    jobs: list,
+    shell: _Shell,
+    ticket: AdmissionTicket | None = None,
+) -> AsyncIterator[str]:
+    seq = 0
+
+    def event(kind: str, **fields: Any) -> str:
+        nonlocal seq
+        seq += 1
+        body = {"type": kind, "sequence_number": seq - 1, **fields}
+        return f"event: {kind}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    prompt_len = len(jobs[0][0])
+    output: list[dict[str, Any]] = []
+    text_item: dict[str, Any] | None = None  # the message being written, once text arrives
+    text = ""
+    completion_tokens = 0
+    parser = plan.new_parser()
+    started = False
+    finish_reason = None
+
+    def close_text() -> list[str]:
+        nonlocal text_item
+        if text_item is None:
+            return []
+        done = _message_item(text_item["id"], text)
+        index = output.index(text_item)
+        output[index] = done
+        part = done["content"][0]
+        ids = {"item_id": done["id"], "output_index": index}
+        text_item = None
+        return [
+            event("response.output_text.done", **ids, content_index=0, text=text, logprobs=[]),
+            event("response.content_part.done", **ids, content_index=0, part=part),
+            event("response.output_item.done", output_index=index, item=done),
+        ]
+
+    try:
+        yield event("response.created", response=shell.build("in_progress", []))
+        yield event("response.in_progress", response=shell.build("in_progress", []))
+        async for _, out in merged_streams(state, jobs, shell.id, ticket):
+            completion_tokens += len(out.new_token_ids)
+            delta, calls = out.new_text, []
+            if parser is not None:
+                # The forced opener was part of the prompt; the parser reads it first.
+                res = parser.feed(out.new_text if started else plan.prefix + out.new_text)
+                if out.finished:
+                    res.merge(parser.finish())
+                delta, calls = res.content, res.tool_calls
+            started = True
+            if delta:
+                if text_item is None:
+                    text_item = _message_item(_item_id("msg"), "", "in_progress")
+                    output.append(text_item)
+                    index = len(output) - 1
+                    yield event("response.output_item.added", output_index=index, item=text_item)
+                    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+                    ids = {"item_id": text_item["id"], "output_index": index}
+                    yield event("response.content_part.added", **ids, content_index=0, part=part)
+                text += delta
+                ids = {"item_id": text_item["id"], "output_index": output.index(text_item)}
+                yield event(
+                    "response.output_text.delta", **ids, content_index=0, delta=delta, logprobs=[]
+                )
+            for call in calls:
+                for e in close_text():
+                    yield e
+                index = len(output)
+                added = _call_item(call, "in_progress")
+                output.append(added)
+                ids = {"item_id": added["id"], "output_index": index}
+                yield event("response.output_item.added", output_index=index, item=added)
+                yield event("response.function_call_arguments.delta", **ids, delta=call.arguments)
+                yield event(
+                    "response.function_call_arguments.done", **ids, arguments=call.arguments
+                )
+                output[index] = _call_item(call)
+                yield event("response.output_item.done", output_index=index, item=output[index])
+            if out.finished:
+                finish_reason = out.finish_reason
+        for e in close_text():
+            yield e
+        status = _status(finish_reason)
+        final = shell.build(status, output, _usage(prompt_len, completion_tokens))
+        kind = "response.completed" if status == "completed" else "response.incomplete"
+        yield event(kind, response=final)
+    except Exception as e:  # noqa: BLE001 (a stream that fails midway reports, then ends)
+        err = to_api_error(e)
+        body = error_body(err.message, err.type, err.param, err.code)["error"]
+        yield event("error", code=body["code"], message=body["message"], param=body["param"])
+    finally:
+        record(state, prompt_len, completion_tokens)

@@ -1,0 +1,136 @@
+"""/v1/responses and response_format in process, on the tiny random Llama: fast checks of the
+shapes the openai SDK reads (its own parsers and stream accumulator), and of schema guarantees
+under a model that writes noise."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import openai
+import pytest
+import torch
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "n": {"type": "integer", "minimum": 0, "maximum": 99},
+        "word": {"enum": ["red", "green"]},
+    },
+    "required": ["ok", "n", "word"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def sdk(tiny_llama):
+    from fastapi.testclient import TestClient
+
+    from ember.config import EngineConfig
+    from ember.server.app import build_app
+    from ember.server.state import ServerConfig
+
+    threads = torch.get_num_threads()
+    cfg = EngineConfig(
+        model=str(tiny_llama),
+        dtype="float32",
+        device="cpu",
+        kv_cache_memory="8MiB",
+        block_size=4,
+        num_threads=1,
+    )
+    app = build_app(cfg, ServerConfig(["tiny"]), load_in_background=False)
+    with TestClient(app) as http:
+        yield openai.OpenAI(
+            base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0
+        )
+    torch.set_num_threads(threads)
+
+
+def test_response_from_a_string(sdk):
+    r = sdk.responses.create(
+        model="tiny", input="hello", instructions="be brief", max_output_tokens=5
+    )
+    assert r.object == "response" and r.status == "incomplete"
+    assert r.incomplete_details.reason == "max_output_tokens"
+    assert r.output[0].type == "message" and r.output[0].content[0].type == "output_text"
+    assert r.usage.output_tokens == 5 and r.usage.total_tokens > 5
+
+
+def test_response_text_format_always_validates(sdk):
+    fmt = {"format": {"type": "json_schema", "name": "thing", "schema": SCHEMA, "strict": True}}
+    for seed in range(3):
+        r = sdk.responses.create(
+            model="tiny",
+            input="x",
+            text=fmt,
+            temperature=1.0,
+            max_output_tokens=60,
+            extra_body={"seed": seed},
+        )
+        assert r.status == "completed"
+        jsonschema.validate(json.loads(r.output_text), SCHEMA)
+
+
+def test_response_stream_events_and_final_response(sdk):
+    kw = dict(model="tiny", input=[{"role": "user", "content": "count"}], max_output_tokens=6)
+    with sdk.responses.stream(temperature=0, **kw) as stream:
+        events = list(stream)
+    final = events[-1].response  # the SDK's accumulator only finishes on response.completed
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert final.output_text == deltas
+    assert sdk.responses.create(temperature=0, **kw).output_text == deltas
+
+
+def test_chat_response_format_json_schema_streams_what_it_returns(sdk):
+    fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}}
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "x"}], response_format=fmt)
+    whole = sdk.chat.completions.create(temperature=0, max_tokens=60, **kw)
+    text = whole.choices[0].message.content
+    jsonschema.validate(json.loads(text), SCHEMA)
+    chunks = sdk.chat.completions.create(stream=True, temperature=0, max_tokens=60, **kw)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"tools": [{"type": "web_search"}]}, "tools.0"),
+        ({"input": [{"type": "image_generation_call"}]}, "input.0"),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "frob"}}}},
+            "response_format",
+        ),
+    ],
+)
+def test_responses_bad_requests_are_400(sdk, body, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        sdk.responses.create(**{"model": "tiny", "input": "x", **body})
+    assert e.value.body["param"] == param
+
+
+def test_a_completed_stream_is_accumulated_by_the_sdk(sdk):
+    fmt = {"format": {"type": "json_schema", "name": "thing", "schema": SCHEMA}}
+    kw = dict(model="tiny", input="x", text=fmt, max_output_tokens=60, temperature=0)
+    with sdk.responses.stream(**kw) as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert kinds[-1] == "response.completed" and final.status == "completed"
+    jsonschema.validate(json.loads(final.output_text), SCHEMA)
+    assert final.output_text == sdk.responses.create(**kw).output_text

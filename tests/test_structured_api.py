@@ -1,0 +1,278 @@
+"""Structured outputs and /v1/responses over HTTP: the official openai client against a real
+`ember serve` on the default model (the session `server` fixture)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+from conftest import API_KEY
+
+pytestmark = pytest.mark.slow
+MODEL = "smol"
+
+
+class City(BaseModel):
+    name: str = Field(max_length=24)
+    country: str = Field(max_length=24)
+    population: int = Field(ge=0, le=100_000_000)  # bounded: a finite number of digits
+
+
+CITY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "rank": {"type": "integer", "minimum": 1, "maximum": 100},
+        "sunny": {"type": "boolean"},
+    },
+    "required": ["name", "rank", "sunny"],
+    "additionalProperties": False,
+}
+ASK_CITY = [{"role": "user", "content": "Name a large city, as JSON."}]
+WEATHER_TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Get the current weather in a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 30}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0)
+
+
+def _post(server: str, path: str, body: dict) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    return httpx.post(server + path, json=body, headers=headers, timeout=120)
+
+
+# ------------------------------------------------------------------ chat and completions
+
+
+def test_parse_with_a_pydantic_model_gives_a_typed_result(client):
+    for seed in range(1):
+        r = client.chat.completions.parse(
+            model=MODEL,
+            messages=ASK_CITY,
+            response_format=City,
+            temperature=0.8,
+            seed=seed,
+            max_tokens=120,
+        )
+        choice = r.choices[0]
+        assert choice.finish_reason == "stop"
+        assert isinstance(choice.message.parsed, City)
+
+
+def test_json_schema_streamed_and_whole_are_the_same_valid_json(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY_SCHEMA}}
+    kw = dict(model=MODEL, messages=ASK_CITY, response_format=fmt, temperature=0, max_tokens=80)
+    whole = client.chat.completions.create(**kw).choices[0].message.content
+    jsonschema.validate(json.loads(whole), CITY_SCHEMA)
+    chunks = client.chat.completions.create(stream=True, **kw)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+
+
+def test_json_object_mode_gives_an_object(client):
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Describe a cat in JSON."}],
+        response_format={"type": "json_object"},
+        temperature=0,
+        max_tokens=40,
+    )
+    choice = r.choices[0]
+    if choice.finish_reason == "stop":
+        assert isinstance(json.loads(choice.message.content), dict)
+    else:  # cut by max_tokens: still the start of an object
+        assert choice.finish_reason == "length" and choice.message.content.startswith("{")
+
+
+def test_structured_outputs_extra_field_on_completions(client):
+    r = client.completions.create(
+        model=MODEL,
+        prompt="The best colour is",
+        max_tokens=10,
+        n=3,
+        temperature=1.0,
+        extra_body={"structured_outputs": {"choice": ["red", "green", "deep blue"]}},
+    )
+    assert {c.text for c in r.choices} <= {"red", "green", "deep blue"}
+    r = client.completions.create(
+        model=MODEL,
+        prompt="Today's date:",
+        max_tokens=12,
+        extra_body={"structured_outputs": {"regex": "2[0-9]{3}-[01][0-9]-[0-3][0-9]"}},
+    )
+    text = r.choices[0].text
+    assert len(text) == 10 and text[4] == text[7] == "-"
+
+
+def test_a_short_max_tokens_is_length(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY_SCHEMA}}
+    r = client.chat.completions.create(
+        model=MODEL, messages=ASK_CITY, response_format=fmt, max_tokens=3
+    )
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.content.startswith("{")
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "frob"}},
+                }
+            },
+            "response_format",
+            "frob",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "a b", "schema": {}},
+                }
+            },
+            "response_format.json_schema.name",
+            "name",
+        ),
+        ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs", "regex"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "exactly"),
+    ],
+)
+def test_a_bad_schema_is_a_400_naming_the_problem(server, body, param, words):
+    for stream in (False, True):
+        r = _post(
+            server,
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": ASK_CITY, "stream": stream, **body},
+        )
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == param and words in err["message"]
+        assert err["type"] == "invalid_request_error"
+
+
+# ------------------------------------------------------------------ /v1/responses
+
+
+def test_responses_create_with_a_string(client):
+    r = client.responses.create(
+        model=MODEL, input="Say hello.", instructions="Be brief.", max_output_tokens=16
+    )
+    assert r.object == "response" and r.status in ("completed", "incomplete")
+    assert r.output_text and r.output[0].type == "message"
+    assert r.usage.output_tokens > 0 and r.usage.input_tokens > 0
+    if r.status == "incomplete":
+        assert r.incomplete_details.reason == "max_output_tokens"
+
+
+def test_responses_text_format_json_schema(client):
+    r = client.responses.create(
+        model=MODEL,
+        input=[{"role": "user", "content": [{"type": "input_text", "text": "A city as JSON."}]}],
+        text={"format": {"type": "json_schema", "name": "city", "schema": CITY_SCHEMA}},
+        temperature=0,
+        max_output_tokens=80,
+    )
+    assert r.status == "completed"
+    jsonschema.validate(json.loads(r.output_text), CITY_SCHEMA)
+
+
+def test_responses_parse_gives_a_typed_result(client):
+    r = client.responses.parse(
+        model=MODEL, input="Name a large city.", text_format=City, max_output_tokens=120
+    )
+    assert isinstance(r.output_parsed, City)
+
+
+def test_responses_stream_events_in_order(client):
+    kinds, deltas, final = [], [], None
+    with client.responses.stream(
+        model=MODEL, input="Count to five.", max_output_tokens=24, temperature=0
+    ) as stream:
+        for event in stream:
+            kinds.append(event.type)
+            if event.type == "response.output_text.delta":
+                deltas.append(event.delta)
+        # The SDK's accumulator finishes only on response.completed (not on .incomplete).
+        final = stream.get_final_response() if kinds[-1] == "response.completed" else event.response
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:-1] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+    ]
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert final.output_text == "".join(deltas)
+    whole = client.responses.create(
+        model=MODEL, input="Count to five.", max_output_tokens=24, temperature=0
+    )
+    assert whole.output_text == final.output_text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_forced_function_call_parses_and_validates(client, stream):
+    kw = dict(
+        model=MODEL,
+        input="What is the weather in Paris?",
+        tools=[WEATHER_TOOL],
+        tool_choice="required",
+        temperature=0,
+        max_output_tokens=60,
+    )
+    if stream:
+        events = list(client.responses.create(stream=True, **kw))
+        kinds = [e.type for e in events]
+        assert "response.function_call_arguments.done" in kinds
+        response = events[-1].response
+    else:
+        response = client.responses.create(**kw)
+    calls = [o for o in response.output if o.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather"
+    jsonschema.validate(json.loads(calls[0].arguments), WEATHER_TOOL["parameters"])
+    # The call's result goes back as input items; the reply is text.
+    follow = client.responses.create(
+        model=MODEL,
+        input=[
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {
+                "type": "function_call",
+                "call_id": calls[0].call_id,
+                "name": "get_weather",
+                "arguments": calls[0].arguments,
+            },
+            {"type": "function_call_output", "call_id": calls[0].call_id, "output": "21 C"},
+        ],
+        tools=[WEATHER_TOOL],
+        max_output_tokens=16,
+    )
+    assert follow.output
+
+
+def test_previous_response_id_is_a_clear_400(server):
+    r = _post(
+        server, "/v1/responses", {"model": MODEL, "input": "Hi", "previous_response_id": "resp_1"}
+    )
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "previous_response_id" and "stores no responses" in err["message"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 
@@ -82,3 +83,77 @@ def test_bad_prompt_is_refused_before_streaming(engine):
         asyncio.run(main())
     with pytest.raises(PromptError):
         asyncio.run(_collect(engine, [TINY_VOCAB + 5], SamplingParams(), "oov"))
+
+
+def test_admission_counts_work_at_the_check_and_gives_it_back(tiny_llama):
+    import gc
+
+    from ember.engine.async_engine import Admission, EngineOverloadedError
+
+    cfg = from_env(EngineConfig, model=str(tiny_llama), dtype="float32", block_size=4)
+    eng = AsyncEngine(EngineCore(cfg), Admission(max_waiting_requests=2, max_waiting_tokens=0))
+    try:
+        first = eng.check_admission(1, 5)
+        second = eng.check_admission(1, 5)  # counted at once: a burst cannot slip past
+        with pytest.raises(EngineOverloadedError) as e:
+            eng.check_admission(1, 5)
+        assert e.value.retry_after >= 1
+        del first, second  # tickets no generate() took are given back
+        gc.collect()
+        assert (eng.waiting_seqs, eng.waiting_tokens) == (0, 0)
+        ticket = eng.check_admission(1, 5)
+        params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        tokens, _, last = asyncio.run(_collect_with(eng, _ids(5, seed=3), params, "t", ticket))
+        assert len(tokens) == 3 and last.finished
+        del ticket
+        gc.collect()
+        assert (eng.waiting_seqs, eng.waiting_tokens) == (0, 0)
+    finally:
+        eng.shutdown()
+
+
+async def _collect_with(engine, ids, params, rid, ticket):
+    tokens, text, last = [], "", None
+    async for out in engine.generate(ids, params, rid, ticket):
+        tokens += out.new_token_ids
+        text += out.new_text
+        last = out
+    return tokens, text, last
+
+
+def test_engine_death_fails_every_open_request_and_reports(tiny_llama):
+    from ember.engine.async_engine import EngineDeadError
+    from ember.engine.faults import Faults
+
+    deaths = []
+    cfg = from_env(EngineConfig, model=str(tiny_llama), dtype="float32", block_size=4)
+    core = EngineCore(cfg)
+    core.faults = Faults(step_ids=frozenset({2}))  # _ids() never draws ids below 3
+    eng = AsyncEngine(core, on_death=deaths.append)
+    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+    async def main():
+        async def run(ids, rid):
+            try:
+                await _collect(eng, ids, long, rid)
+            except EngineDeadError:
+                return "dead"
+            return "finished"
+
+        others = [asyncio.create_task(run(_ids(6, seed=i), f"o{i}")) for i in range(3)]
+        await asyncio.sleep(0)  # the others are queued first
+        fatal = await run([2, 8, 9], "fatal")
+        return fatal, await asyncio.gather(*others)
+
+    try:
+        fatal, others = asyncio.run(main())
+        assert fatal == "dead" and others == ["dead"] * 3
+        for _ in range(500):  # the engine thread reports once the streams have their errors
+            if deaths:
+                break
+            time.sleep(0.01)
+        assert len(deaths) == 1 and eng.error is not None
+        with pytest.raises(EngineDeadError):
+            asyncio.run(_collect(eng, _ids(4, seed=9), long, "late"))
+    finally:
+        eng.shutdown()

@@ -25,6 +25,8 @@ from ember.models.loader import cache_root
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
+# Quantized matmuls (int8/int4 weights against int8-quantized activations) live in their own file.
+SOURCES = [SOURCE, Path(__file__).with_name("quant_kernels.c")]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
 
 _i64, _f32 = ctypes.c_int64, ctypes.c_float
@@ -53,6 +55,25 @@ SIGNATURES = {
     "rotary": [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64],
     "sample_logits": [_ptr, _i64, _i64, _ptr, _ptr],  # logits, rows, vocab, u (double), out
     "top_p_mask": [_ptr, _i64, _i64, _ptr],  # logits (in place), rows, vocab, p (float)
+    # x, rows, K, row stride, Kp, xq (int8), xd, xs
+    "quantize_rows_q8": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr],
+    # xq, xd, xs, rows, w, bits, scales, mins, N, Kp, group, bias, out, out row stride
+    "gemm_quant": [
+        _ptr,
+        _ptr,
+        _ptr,
+        _i64,
+        _ptr,
+        _i64,
+        _ptr,
+        _ptr,
+        _i64,
+        _i64,
+        _i64,
+        _ptr,
+        _ptr,
+        _i64,
+    ],
 }
 
 
@@ -74,7 +95,9 @@ def _compiler() -> str | None:
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_features()]).encode()
+        "\0".join(
+            [*(p.read_text() for p in SOURCES), " ".join(FLAGS), version, _cpu_features()]
+        ).encode()
     ).hexdigest()[:16]
     target = cache_root() / "kernels" / f"cpu_kernels-{key}.so"
     if target.exists():
@@ -84,7 +107,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"]
+        cmd = [cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")

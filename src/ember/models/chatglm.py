@@ -25,11 +25,11 @@ from ember.engine.attention import AttentionBackend, AttentionMetadata
 from ember.models.layers import (
     FusedQKVAttention,
     Linear,
-    load_into,
-    weight_targets,
     RMSNorm,
     RotaryEmbedding,
+    load_into,
     silu_and_mul,
+    weight_targets,
 )
 
 # Tensors in real checkpoints that Ember recomputes rather than loads.

@@ -332,7 +332,7 @@ CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_e
 )
 def test_tool_support_per_template_and_flag(hf_tokenizer, template, flag, parser, fallback):
     from ember.chat.templates import ChatFormatter
-    from ember.server.routes_openai import tool_support
+    from ember.server.routes.chat import tool_support
 
     formatter = ChatFormatter(hf_tokenizer, template)
     support = tool_support(formatter, flag)

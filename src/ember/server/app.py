@@ -21,9 +21,9 @@ from ember.config import EngineConfig
 from ember.engine.async_engine import AsyncEngine
 from ember.engine.core import EngineCore
 from ember.engine.request import SamplingParams
-from ember.server import routes_admin, routes_openai
 from ember.server.errors import error_response, install_error_handlers
 from ember.server.metrics import ServerMetrics
+from ember.server.routes import admin, chat, completions, embeddings, models
 from ember.server.state import ServerConfig, ServerState
 
 log = logging.getLogger(__name__)
@@ -137,8 +137,11 @@ def build_app(
         allow_headers=["*"],
         expose_headers=["x-request-id"],
     )
-    app.include_router(routes_openai.router)
-    app.include_router(routes_admin.router)
+    app.include_router(models.router)
+    app.include_router(chat.router)
+    app.include_router(completions.router)
+    app.include_router(embeddings.router)
+    app.include_router(admin.router)
     return app
 
 

@@ -51,7 +51,7 @@ async def tokenize(req: P.TokenizeRequest, state: ServerState = Depends(get_stat
     if (req.prompt is None) == (req.messages is None):
         raise APIError("Give exactly one of prompt or messages.", param="prompt")
     if req.messages is not None:
-        from ember.server.routes_openai import chat_prompt
+        from ember.server.routes.chat import chat_prompt
 
         chat = P.ChatCompletionRequest(
             messages=req.messages,

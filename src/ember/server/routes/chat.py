@@ -1,0 +1,398 @@
+"""/v1/chat/completions: messages through the chat template, replies read for tool calls."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from ember.chat.templates import ChatFormatter
+from ember.chat.tool_parsers import PARSERS, ToolParser, chatml_tools_template, make_parser
+from ember.chat.tool_parsers import parser_for_template as template_parser
+from ember.engine.request import Logprob, SamplingParams
+from ember.server import protocol as P
+from ember.server.errors import APIError
+from ember.server.routes.common import (
+    SSE_HEADERS,
+    SeqResult,
+    collect,
+    fan_out,
+    merged_streams,
+    record,
+    sampling_params,
+    sse_chunk,
+    sse_error,
+    token_text,
+    until_disconnected,
+    usage,
+    validate_jobs,
+)
+from ember.server.state import ServerState, get_state
+
+router = APIRouter()
+
+
+def message_dicts(req: P.ChatCompletionRequest) -> list[dict[str, Any]]:
+    out = []
+    for i, m in enumerate(req.messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise APIError(
+                        f"Content parts of type {part.type!r} are not supported by this model; "
+                        "send text parts.",
+                        param=f"messages.{i}.content",
+                    )
+                texts.append(part.text)
+            content = "\n".join(texts)
+        role = "system" if m.role == "developer" else m.role
+        d: dict[str, Any] = {"role": role, "content": content if content is not None else ""}
+        if m.name:
+            d["name"] = m.name
+        if m.tool_calls:
+            d["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {
+                        "name": c.function.name,
+                        "arguments": _json_or_text(c.function.arguments),
+                    },
+                }
+                for c in m.tool_calls
+            ]
+        if m.tool_call_id:
+            d["tool_call_id"] = m.tool_call_id
+        out.append(d)
+    return out
+
+
+def _json_or_text(s: str) -> Any:
+    try:
+        return json.loads(s)
+    except (TypeError, ValueError):
+        return s
+
+
+def chat_logprobs(state: ServerState, lps: list[Logprob]) -> P.ChoiceLogprobs:
+    content = []
+    for lp in lps:
+        text = token_text(state, lp.token_id)
+        content.append(
+            P.TokenLogprob(
+                token=text,
+                logprob=lp.logprob,
+                bytes=list(text.encode()),
+                top_logprobs=[
+                    P.TopLogprob(
+                        token=(t := token_text(state, tid)), logprob=v, bytes=list(t.encode())
+                    )
+                    for tid, v in lp.top
+                ],
+            )
+        )
+    return P.ChoiceLogprobs(content=content)
+
+
+# ------------------------------------------------------------------ tools
+
+
+@dataclass(frozen=True)
+class ToolSupport:
+    """How the served model does tool calling, worked out once per chat template and flag."""
+
+    parser: str | None  # the parser of replies to requests with tools; None: tools refused
+    formatter: ChatFormatter | None  # renders tools and tool history; None: the model's own
+    chatglm3: bool  # replies start with a metadata line, read with special tokens kept
+    refusal: str = ""  # why tools are refused
+
+
+def _is_chatglm3(formatter: ChatFormatter) -> bool:
+    """ChatGLM3's built-in format (chat/chatglm3.py), which builds the prompt in ids."""
+    return getattr(formatter, "name", None) == "chatglm3"
+
+
+@functools.lru_cache(maxsize=8)
+def tool_support(formatter: ChatFormatter, flag: str) -> ToolSupport:
+    template = formatter.template or ""
+    off = "Tool calling is turned off on this server (--tool-call-parser none)."
+    if _is_chatglm3(formatter):
+        parser = "chatglm3" if flag == "auto" else flag
+        if parser == "none":
+            return ToolSupport(None, None, True, off)
+        return ToolSupport(parser, formatter, True)
+    if flag == "none":
+        return ToolSupport(None, None, False, off)
+    if "tools" in template:  # the model's own template renders tools
+        parser = template_parser(template) if flag == "auto" else flag
+        if parser is not None:
+            return ToolSupport(parser, formatter, False)
+        return ToolSupport(
+            None,
+            None,
+            False,
+            "This model's chat template renders tools in a format Ember cannot read calls "
+            "from; start the server with --tool-call-parser (hermes, llama3_json or chatglm3).",
+        )
+    if "<|im_start|>" in template and flag in ("auto", "hermes"):
+        # A ChatML model whose template ignores tools: Qwen2.5's Hermes-style convention.
+        return ToolSupport(
+            "hermes", ChatFormatter(formatter.tokenizer, chatml_tools_template()), False
+        )
+    return ToolSupport(
+        None,
+        None,
+        False,
+        "This model's chat template does not support tools; start the server with a "
+        "--chat-template that renders them, or send the request without tools.",
+    )
+
+
+@dataclass
+class ChatPlan:
+    """How one chat request is rendered and how its replies are read."""
+
+    formatter: ChatFormatter
+    tools: list[dict[str, Any]] | None = None  # rendered into the prompt
+    parser: str | None = None  # None: the reply is content as generated
+    tool_names: list[str] = field(default_factory=list)  # empty: no calls, only content
+    prefix: str = ""  # forced call opener: appended to the prompt, read before the reply
+    max_calls: int | None = None
+
+    def new_parser(self) -> ToolParser | None:
+        """A parser per choice: each keeps its own streaming state."""
+        if self.parser is None:
+            return None
+        return make_parser(self.parser, self.tool_names, self.max_calls)
+
+
+def _tool_choice(req: P.ChatCompletionRequest) -> tuple[str, str | None]:
+    """("none" | "auto" | "required" | "named", function name), checked against the tools."""
+    names = [t.function.name for t in req.tools or []]
+    choice = req.tool_choice
+    if choice is None:
+        return ("auto" if names else "none"), None
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise APIError(
+                "tool_choice must be 'none', 'auto', 'required' or "
+                f'{{"type": "function", "function": {{"name": ...}}}}; got {choice!r}.',
+                param="tool_choice",
+            )
+        if choice == "required" and not names:
+            raise APIError("tool_choice 'required' needs tools.", param="tool_choice")
+        return (choice if names else "none"), None
+    function = choice.get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    if choice.get("type") != "function" or not isinstance(name, str) or not name:
+        raise APIError(
+            'A named tool_choice is {"type": "function", "function": {"name": ...}}.',
+            param="tool_choice",
+        )
+    if name not in names:
+        known = f" ({', '.join(names)})" if names else ""
+        raise APIError(
+            f"tool_choice names the function {name!r}, which is not among the tools{known}.",
+            param="tool_choice",
+        )
+    return "named", name
+
+
+def _chat_plan(req: P.ChatCompletionRequest, state: ServerState) -> ChatPlan:
+    assert state.formatter is not None and state.engine is not None
+    support = tool_support(state.formatter, state.engine.core.cfg.tool_call_parser)
+    mode, function = _tool_choice(req)
+    history = any(m.role == "tool" or m.tool_calls for m in req.messages)
+    formatter = state.formatter
+    if (mode != "none" or history) and support.formatter is not None:
+        formatter = support.formatter
+    if mode != "none":
+        if support.parser is None:
+            raise APIError(support.refusal, param="tools")
+        forced = mode in ("required", "named")
+        return ChatPlan(
+            formatter,
+            tools=[t.model_dump(exclude_none=True) for t in req.tools or []],
+            parser=support.parser,
+            tool_names=[t.function.name for t in req.tools or []],
+            prefix=PARSERS[support.parser].forced_prefix(function) if forced else "",
+            max_calls=1 if req.parallel_tool_calls is False else None,
+        )
+    if support.chatglm3:  # no tools, but the metadata line still has to go
+        return ChatPlan(formatter, parser="chatglm3")
+    return ChatPlan(formatter)
+
+
+def chat_message(plan: ChatPlan, r: SeqResult) -> tuple[P.ChatResponseMessage, str | None]:
+    """The reply as an OpenAI message (content and tool calls), and its finish reason."""
+    parser = plan.new_parser()
+    if parser is None:
+        return P.ChatResponseMessage(content=r.text), r.finish_reason
+    res = parser.parse(plan.prefix + r.text)
+    if not res.tool_calls:
+        return P.ChatResponseMessage(content=res.content), r.finish_reason
+    calls = [
+        P.ToolCall(id=c.id, function=P.FunctionCall(name=c.name, arguments=c.arguments))
+        for c in res.tool_calls
+    ]
+    return P.ChatResponseMessage(content=res.content or None, tool_calls=calls), "tool_calls"
+
+
+def chat_prompt(req: P.ChatCompletionRequest, state: ServerState) -> tuple[ChatPlan, list[int]]:
+    """The prompt ids a chat request runs on (shared with /tokenize), and how to read replies."""
+    plan = _chat_plan(req, state)
+    prompt_ids = plan.formatter.encode(
+        message_dicts(req),
+        add_generation_prompt=req.add_generation_prompt,
+        tools=plan.tools,
+        **(req.chat_template_kwargs or {}),
+    )
+    if plan.prefix:  # tool_choice required or named: the reply starts inside a call
+        prompt_ids = prompt_ids + state.tokenizer.encode(plan.prefix, add_special_tokens=False)
+    return plan, prompt_ids
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(
+    req: P.ChatCompletionRequest, request: Request, state: ServerState = Depends(get_state)
+):
+    model = state.check_model(req.model)
+    if req.response_format is not None and req.response_format.type != "text":
+        raise APIError(
+            f"response_format {req.response_format.type!r} is not supported yet; use 'text'.",
+            param="response_format",
+        )
+    plan, prompt_ids = chat_prompt(req, state)
+    top = req.top_logprobs if req.logprobs else None
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError("top_logprobs needs logprobs set to true.", param="top_logprobs")
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    params = sampling_params(
+        req, state, len(prompt_ids), max_tokens, (top or 0) if req.logprobs else None
+    )
+    if plan.parser == "chatglm3":
+        # Its segments are separated by <|assistant|>: the parser must see it (and drops it).
+        # Stop tokens (<|user|>, <|observation|>, eos) never reach the text either way.
+        # Stop strings belong to the content, not to the metadata line before the first "\n".
+        gate = None if plan.prefix else "\n"  # a forced prefix already closed that line
+        keep = [state.tokenizer.token_to_id("<|assistant|>")]
+        params = dataclasses.replace(
+            params,
+            keep_special_token_ids=[t for t in keep if t is not None],
+            stop_strings_after=gate,
+        )
+    jobs = [(prompt_ids, p) for p in fan_out(params, req.n)]
+    validate_jobs(state, jobs)
+    request_id = P.random_id("chatcmpl")
+    created = int(time.time())
+
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        gen = _chat_stream(
+            state, plan, jobs, request_id, created, model, include_usage, req.logprobs
+        )
+        return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
+
+    results = await until_disconnected(request, collect(state, jobs, request_id))
+    completion_tokens = sum(len(r.token_ids) for r in results)
+    record(state, len(prompt_ids), completion_tokens)
+    choices = []
+    for i, r in enumerate(results):
+        message, finish_reason = chat_message(plan, r)
+        choices.append(
+            P.ChatChoice(
+                index=i,
+                message=message,
+                logprobs=chat_logprobs(state, r.logprobs) if req.logprobs else None,
+                finish_reason=finish_reason,
+                stop_reason=r.stop_reason,
+            )
+        )
+    return P.ChatCompletionResponse(
+        id=request_id,
+        created=created,
+        model=model,
+        system_fingerprint=state.fingerprint,
+        choices=choices,
+        usage=usage(len(prompt_ids), completion_tokens),
+    )
+
+
+async def _chat_stream(
+    state: ServerState,
+    plan: ChatPlan,
+    jobs: list[tuple[list[int], SamplingParams]],
+    request_id: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+    want_logprobs: bool,
+) -> AsyncIterator[str]:
+    def chunk(choices: list[P.ChatChunkChoice], usage_info: P.UsageInfo | None = None) -> str:
+        return sse_chunk(
+            P.ChatCompletionChunk, state, request_id, created, model, choices, usage_info
+        )
+
+    prompt_len = len(jobs[0][0])
+    completion_tokens = 0
+    parsers = [plan.new_parser() for _ in jobs]
+    started = [False] * len(jobs)
+    num_calls = [0] * len(jobs)  # tool calls streamed so far, per choice
+    try:
+        for i in range(len(jobs)):
+            yield chunk(
+                [P.ChatChunkChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))]
+            )
+        async for i, out in merged_streams(state, jobs, request_id):
+            completion_tokens += len(out.new_token_ids)
+            text, calls = out.new_text, []
+            parser = parsers[i]
+            if parser is not None:
+                # The forced opener was part of the prompt; the parser reads it first.
+                res = parser.feed(out.new_text if started[i] else plan.prefix + out.new_text)
+                if out.finished:
+                    res.merge(parser.finish())
+                text, calls = res.content, res.tool_calls
+            started[i] = True
+            if not text and not calls and not out.finished and not want_logprobs:
+                continue  # held back (partial character, possible stop string or call)
+            choices = []
+            if text or not calls or want_logprobs:
+                choices.append(
+                    P.ChatChunkChoice(
+                        index=i,
+                        delta=P.DeltaMessage(content=text) if text else P.DeltaMessage(),
+                        logprobs=chat_logprobs(state, out.new_logprobs or [])
+                        if want_logprobs
+                        else None,
+                    )
+                )
+            for call in calls:
+                delta = P.DeltaToolCall(
+                    index=num_calls[i],
+                    id=call.id,
+                    type="function",
+                    function=P.DeltaFunctionCall(name=call.name, arguments=call.arguments),
+                )
+                choices.append(P.ChatChunkChoice(index=i, delta=P.DeltaMessage(tool_calls=[delta])))
+                num_calls[i] += 1
+            if out.finished:
+                choices[-1].finish_reason = "tool_calls" if num_calls[i] else out.finish_reason
+            for choice in choices:
+                yield chunk([choice])
+        if include_usage:
+            yield chunk([], usage(prompt_len, completion_tokens))
+    except Exception as e:  # noqa: BLE001 (a stream that fails midway reports, then ends)
+        yield sse_error(e)
+    finally:
+        record(state, prompt_len, completion_tokens)
+    yield "data: [DONE]\n\n"

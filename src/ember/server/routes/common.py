@@ -1,0 +1,254 @@
+"""What every OpenAI-style route shares: sampling parameters from a request, fan-out of n
+sequences, streams merged and collected, client disconnects, SSE events and usage."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from ember.engine.request import Logprob, RequestOutput, SamplingParams
+from ember.server import protocol as P
+from ember.server.errors import APIError, error_body, to_api_error
+from ember.server.state import ServerState
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class SeqResult:
+    """One finished sequence, gathered from its stream."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[Logprob] = field(default_factory=list)
+    prompt_logprobs: list[Logprob | None] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(lp.logprob for lp in self.logprobs)
+
+
+def sampling_params(
+    req: P.SamplingFields,
+    state: ServerState,
+    prompt_len: int,
+    max_tokens: int | None,
+    logprobs: int | None,
+) -> SamplingParams:
+    """Request values, else the model's generation_config, else OpenAI's defaults."""
+    gen = state.generation_defaults
+    room = state.max_model_len - prompt_len
+    if max_tokens is not None and max_tokens > room:
+        raise APIError(
+            f"This model's maximum context length is {state.max_model_len} tokens. However, you "
+            f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the messages, "
+            f"{max_tokens} in the completion). Please reduce the length of the messages or "
+            "completion.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    if room <= 0:
+        raise APIError(
+            f"This model's maximum context length is {state.max_model_len} tokens. However, "
+            f"your messages resulted in {prompt_len} tokens. Please reduce their length.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    if max_tokens is None:
+        max_tokens = min(room, state.config.default_max_tokens or room)
+    bias = None
+    if req.logit_bias:
+        try:
+            bias = {int(k): float(v) for k, v in req.logit_bias.items()}
+        except ValueError as e:
+            raise APIError("logit_bias keys must be token ids.", param="logit_bias") from e
+
+    def pick(name: str, default: Any) -> Any:
+        value = getattr(req, name)
+        return value if value is not None else gen.get(name, default)
+
+    return SamplingParams(
+        temperature=pick("temperature", 1.0),
+        top_p=pick("top_p", 1.0),
+        top_k=pick("top_k", 0),
+        min_p=pick("min_p", 0.0),
+        repetition_penalty=pick("repetition_penalty", 1.0),
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias=bias,
+        seed=req.seed,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        stop=req.stop,
+        stop_token_ids=req.stop_token_ids,
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+    )
+
+
+def fan_out(params: SamplingParams, count: int) -> list[SamplingParams]:
+    """`count` sequences of one prompt; with a seed, each gets its own reproducible stream."""
+    if count == 1:
+        return [params]
+    return [
+        dataclasses.replace(params, seed=None if params.seed is None else params.seed + i)
+        for i in range(count)
+    ]
+
+
+async def tracked(
+    state: ServerState, ids: list[int], params: SamplingParams, request_id: str
+) -> AsyncIterator[RequestOutput]:
+    """engine.generate(), observed for the Prometheus histograms and counters."""
+    assert state.engine is not None
+    m, model = state.metrics, state.model_name
+    start = time.monotonic()
+    first: float | None = None
+    n_out = 0
+    async for out in state.engine.generate(ids, params, request_id):
+        now = time.monotonic()
+        if first is None and out.new_token_ids:
+            first = now
+            m.ttft.labels(model).observe(now - start)
+            m.prompt_tokens.labels(model).inc(len(ids))
+        if out.queue_seconds is not None:
+            m.queue_time.labels(model).observe(out.queue_seconds)
+        n_out += len(out.new_token_ids)
+        m.generation_tokens.labels(model).inc(len(out.new_token_ids))
+        if out.finished:
+            m.e2e.labels(model).observe(now - start)
+            m.request_success.labels(model, out.finish_reason or "stop").inc()
+            if first is not None and n_out > 1:
+                m.tpot.labels(model).observe((now - first) / (n_out - 1))
+        yield out
+
+
+async def merged_streams(
+    state: ServerState, jobs: list[tuple[list[int], SamplingParams]], base_id: str
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Run several sequences at once and yield (index, output) as each step arrives."""
+    if len(jobs) == 1:
+        async for out in tracked(state, jobs[0][0], jobs[0][1], base_id):
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, ids: list[int], params: SamplingParams) -> None:
+        try:
+            async for out in tracked(state, ids, params, f"{base_id}-{i}"):
+                await queue.put((i, out))
+        except BaseException as e:  # noqa: BLE001 (handed to the consumer)
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, ids, p)) for i, (ids, p) in enumerate(jobs)]
+    try:
+        done = 0
+        while done < len(jobs):
+            i, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item.finished:
+                done += 1
+            yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def collect(
+    state: ServerState, jobs: list[tuple[list[int], SamplingParams]], base_id: str
+) -> list[SeqResult]:
+    results = [SeqResult() for _ in jobs]
+    async for i, out in merged_streams(state, jobs, base_id):
+        r = results[i]
+        r.token_ids += out.new_token_ids
+        r.text += out.new_text
+        r.logprobs += out.new_logprobs or []
+        if out.prompt_logprobs is not None:
+            r.prompt_logprobs = out.prompt_logprobs
+        if out.finished:
+            r.finish_reason, r.stop_reason = out.finish_reason, out.stop_reason
+    return results
+
+
+async def until_disconnected(request: Request, coro: Any) -> Any:
+    """Await `coro`, cancelling it (and so aborting its sequences) if the client goes away."""
+    task = asyncio.ensure_future(coro)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            raise APIError("Client disconnected.", 499, "client_closed_request")
+
+
+def validate_jobs(state: ServerState, jobs: list[tuple[list[int], SamplingParams]]) -> None:
+    """Refuse bad input with a 4xx before any response (or stream) starts."""
+    assert state.engine is not None
+    for ids, params in jobs:
+        state.engine.validate(ids, params)
+
+
+def sse(data: Any) -> str:
+    payload = (
+        data.model_dump_json(exclude_none=False)
+        if hasattr(data, "model_dump_json")
+        else json.dumps(data)
+    )
+    return f"data: {payload}\n\n"
+
+
+def sse_chunk(
+    cls: type,
+    state: ServerState,
+    request_id: str,
+    created: int,
+    model: str,
+    choices: list,
+    usage_info: P.UsageInfo | None,
+) -> str:
+    """One streamed event: every chunk of a response repeats its id, creation time and model."""
+    return sse(
+        cls(
+            id=request_id,
+            created=created,
+            model=model,
+            system_fingerprint=state.fingerprint,
+            choices=choices,
+            usage=usage_info,
+        )
+    )
+
+
+def sse_error(exc: BaseException) -> str:
+    err = to_api_error(exc) if isinstance(exc, Exception) else APIError("Server error.", 500)
+    return "data: " + json.dumps(error_body(err.message, err.type, err.param, err.code)) + "\n\n"
+
+
+def token_text(state: ServerState, token_id: int) -> str:
+    return state.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> P.UsageInfo:
+    return P.UsageInfo(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details={"cached_tokens": cached} if cached else None,
+    )
+
+
+def record(state: ServerState, prompt_tokens: int, completion_tokens: int) -> None:
+    state.usage.add(prompt_tokens, completion_tokens)

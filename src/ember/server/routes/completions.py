@@ -1,0 +1,242 @@
+"""/v1/completions: raw prompts (text or token ids), echo, best_of and logprobs."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from ember.engine.request import Logprob, SamplingParams
+from ember.server import protocol as P
+from ember.server.errors import APIError
+from ember.server.routes.common import (
+    SSE_HEADERS,
+    collect,
+    fan_out,
+    merged_streams,
+    record,
+    sampling_params,
+    sse_chunk,
+    sse_error,
+    token_text,
+    until_disconnected,
+    usage,
+    validate_jobs,
+)
+from ember.server.state import ServerState, get_state
+
+router = APIRouter()
+
+
+def _prompt_list(state: ServerState, prompt: Any) -> list[tuple[list[int], str | None]]:
+    """Each prompt's token ids, with its text when it came as a string."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError("prompt must not be empty.", param="prompt")
+    if all(isinstance(t, int) for t in prompt):
+        return [(list(prompt), None)]
+    out: list[tuple[list[int], str | None]] = []
+    for p in prompt:
+        if isinstance(p, str):
+            out.append((state.tokenizer.encode(p), p))
+        elif isinstance(p, list) and all(isinstance(t, int) for t in p):
+            out.append((list(p), None))
+        else:
+            raise APIError(
+                "prompt must be a string, a list of strings, or token ids.", param="prompt"
+            )
+    return out
+
+
+def _completion_logprobs(
+    state: ServerState, lps: list[Logprob], offset: int
+) -> P.CompletionLogprobs:
+    out = P.CompletionLogprobs()
+    for lp in lps:
+        text = token_text(state, lp.token_id)
+        out.tokens.append(text)
+        out.token_logprobs.append(lp.logprob)
+        out.text_offset.append(offset)
+        out.top_logprobs.append({token_text(state, t): v for t, v in lp.top})
+        offset += len(text)
+    return out
+
+
+def _echo_logprobs(
+    state: ServerState, prompt_ids: list[int], lps: list[Logprob | None] | None
+) -> P.CompletionLogprobs:
+    """The prompt's part of an echoed completion: the first token has no logprob."""
+    out = P.CompletionLogprobs()
+    offset = 0
+    for i, token_id in enumerate(prompt_ids):
+        lp = lps[i] if lps and i < len(lps) else None
+        text = token_text(state, token_id)
+        out.tokens.append(text)
+        out.text_offset.append(offset)
+        out.token_logprobs.append(None if lp is None else lp.logprob)
+        out.top_logprobs.append(
+            None if lp is None else {token_text(state, t): v for t, v in lp.top}
+        )
+        offset += len(text)
+    return out
+
+
+def _join(a: P.CompletionLogprobs, b: P.CompletionLogprobs) -> P.CompletionLogprobs:
+    return P.CompletionLogprobs(
+        text_offset=a.text_offset + b.text_offset,
+        token_logprobs=a.token_logprobs + b.token_logprobs,
+        tokens=a.tokens + b.tokens,
+        top_logprobs=a.top_logprobs + b.top_logprobs,
+    )
+
+
+@router.post("/v1/completions")
+async def completions(
+    req: P.CompletionRequest, request: Request, state: ServerState = Depends(get_state)
+):
+    model = state.check_model(req.model)
+    if req.suffix:
+        raise APIError("suffix is not supported by this model.", param="suffix")
+    best_of = req.best_of or req.n
+    if best_of < req.n:
+        raise APIError(f"best_of ({best_of}) must be at least n ({req.n}).", param="best_of")
+    if req.stream and best_of > req.n:
+        raise APIError("best_of greater than n cannot be streamed.", param="best_of")
+    given = _prompt_list(state, req.prompt)
+    prompts = [ids for ids, _ in given]
+    # best_of ranks by cumulative logprob, so each token's logprob is needed.
+    lp = req.logprobs if req.logprobs is not None else (0 if best_of > req.n else None)
+    jobs, owners = [], []
+    echo_logprobs = req.echo and req.logprobs is not None
+    for pi, ids in enumerate(prompts):
+        params = sampling_params(req, state, len(ids), req.max_tokens, lp)
+        if echo_logprobs:  # the echoed prompt comes with its own logprobs
+            params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
+        for p in fan_out(params, best_of):
+            jobs.append((ids, p))
+            owners.append(pi)
+    validate_jobs(state, jobs)
+    # Echo gives a text prompt back as sent. Token ids come back decoded, and so does every
+    # prompt echoed with logprobs, whose tokens and text offsets must spell the echoed text.
+    prompt_texts = [
+        ""
+        if not req.echo
+        else text
+        if text is not None and not echo_logprobs
+        else state.tokenizer.decode(ids, skip_special_tokens=False)
+        for ids, text in given
+    ]
+    request_id = P.random_id("cmpl")
+    created = int(time.time())
+    prompt_tokens = sum(len(p) for p in prompts)
+
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        gen = _completion_stream(
+            state,
+            jobs,
+            request_id,
+            created,
+            model,
+            prompt_tokens,
+            prompt_texts,
+            owners,
+            req.n,
+            include_usage,
+            req.logprobs is not None,
+        )
+        return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
+
+    results = await until_disconnected(request, collect(state, jobs, request_id))
+    choices = []
+    for pi in range(len(prompts)):
+        mine = [r for r, o in zip(results, owners) if o == pi]
+        if best_of > req.n:
+            mine = sorted(mine, key=lambda r: r.cumulative_logprob, reverse=True)[: req.n]
+        for j, r in enumerate(mine):
+            prefix = prompt_texts[pi]
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = _completion_logprobs(state, r.logprobs, len(prefix))
+                if echo_logprobs:
+                    echoed = _echo_logprobs(state, prompts[pi], r.prompt_logprobs)
+                    logprobs = _join(echoed, logprobs)
+            choices.append(
+                P.CompletionChoice(
+                    index=pi * req.n + j,
+                    text=prefix + r.text,
+                    logprobs=logprobs,
+                    finish_reason=r.finish_reason,
+                    stop_reason=r.stop_reason,
+                )
+            )
+    completion_tokens = sum(len(r.token_ids) for r in results)
+    record(state, prompt_tokens, completion_tokens)
+    return P.CompletionResponse(
+        id=request_id,
+        created=created,
+        model=model,
+        system_fingerprint=state.fingerprint,
+        choices=choices,
+        usage=usage(prompt_tokens, completion_tokens),
+    )
+
+
+async def _completion_stream(
+    state: ServerState,
+    jobs: list[tuple[list[int], SamplingParams]],
+    request_id: str,
+    created: int,
+    model: str,
+    prompt_tokens: int,
+    prompt_texts: list[str],
+    owners: list[int],
+    n: int,
+    include_usage: bool,
+    want_logprobs: bool,
+) -> AsyncIterator[str]:
+    def chunk(choices: list[P.CompletionChoice], usage_info: P.UsageInfo | None = None) -> str:
+        return sse_chunk(
+            P.CompletionResponse, state, request_id, created, model, choices, usage_info
+        )
+
+    completion_tokens = 0
+    offsets = [len(prompt_texts[o]) for o in owners]
+    echoed = [False] * len(jobs)
+    try:
+        async for i, out in merged_streams(state, jobs, request_id):
+            completion_tokens += len(out.new_token_ids)
+            text = out.new_text
+            if not echoed[i]:
+                text, echoed[i] = prompt_texts[owners[i]] + text, True
+            if not text and not out.finished and not want_logprobs:
+                continue
+            logprobs = None
+            if want_logprobs:
+                logprobs = _completion_logprobs(state, out.new_logprobs or [], offsets[i])
+                offsets[i] += sum(len(t) for t in logprobs.tokens)
+                if out.prompt_logprobs is not None:
+                    echoed = _echo_logprobs(state, jobs[i][0], out.prompt_logprobs)
+                    logprobs = _join(echoed, logprobs)
+            yield chunk(
+                [
+                    P.CompletionChoice(
+                        index=owners[i] * n + i % n,
+                        text=text,
+                        logprobs=logprobs,
+                        finish_reason=out.finish_reason if out.finished else None,
+                    )
+                ]
+            )
+        if include_usage:
+            yield chunk([], usage(prompt_tokens, completion_tokens))
+    except Exception as e:  # noqa: BLE001
+        yield sse_error(e)
+    finally:
+        record(state, prompt_tokens, completion_tokens)
+    yield "data: [DONE]\n\n"

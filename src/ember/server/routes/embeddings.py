@@ -1,0 +1,72 @@
+"""/v1/embeddings: the sentence encoder (--embedding-model) or the served model itself."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from ember.engine.core import PromptError
+from ember.server import protocol as P
+from ember.server.errors import APIError
+from ember.server.routes.common import usage
+from ember.server.state import ServerState, get_state
+
+router = APIRouter()
+
+
+def _embedding_inputs(raw: Any) -> list[str | list[int]]:
+    if isinstance(raw, str):
+        return [raw]
+    if not raw:
+        raise APIError("input must not be empty.", param="input")
+    if all(isinstance(t, int) for t in raw):
+        return [list(raw)]
+    return list(raw)
+
+
+@router.post("/v1/embeddings")
+async def embeddings(
+    req: P.EmbeddingRequest, request: Request, state: ServerState = Depends(get_state)
+) -> P.EmbeddingResponse:
+    import base64
+    import struct
+
+    model = state.check_model(req.model, allow_encoder=True)
+    inputs = _embedding_inputs(req.input)
+    if any(isinstance(x, str) and not x for x in inputs):
+        raise APIError("input strings must not be empty.", param="input")
+    use_encoder = state.encoder is not None and model == state.config.embedding_model_name
+    if use_encoder:
+        enc = state.encoder
+        ids = [enc.tokenize([x])[0] if isinstance(x, str) else list(x) for x in inputs]
+        vocab = len(enc.tokenizer)
+        if any(not 0 <= t < vocab for seq in ids for t in seq):
+            raise APIError(f"Token ids must be below {vocab} for this model.", param="input")
+        dims = enc.dimensions
+        vectors = (await asyncio.to_thread(enc.encode, ids)).tolist()
+    else:
+        ids = [state.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in inputs]
+        dims = None
+        vectors = []
+        for seq in ids:
+            try:
+                vectors.append(await state.engine.call(lambda core, seq=seq: core.embed(seq)))
+            except PromptError as e:
+                raise APIError(str(e), param="input") from e
+        dims = len(vectors[0])
+    if req.dimensions is not None and req.dimensions != dims:
+        raise APIError(
+            f"This model gives {dims}-dimensional embeddings; dimensions cannot change that.",
+            param="dimensions",
+        )
+    data = []
+    for i, vec in enumerate(vectors):
+        if req.encoding_format == "base64":
+            packed = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+            data.append(P.EmbeddingData(index=i, embedding=packed))
+        else:
+            data.append(P.EmbeddingData(index=i, embedding=vec))
+    n_tokens = sum(len(x) for x in ids)
+    return P.EmbeddingResponse(data=data, model=model, usage=usage(n_tokens, 0))

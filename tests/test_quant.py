@@ -243,3 +243,14 @@ def test_perplexity_increase_is_bounded(runs: dict) -> None:
     assert rise["int8"] < 0.01
     assert rise["int4"] < 0.05
     assert rise["auto"] < 0.01  # the same weights: only the activations' rounding differs
+
+
+@pytest.mark.slow
+def test_models_route_shows_quantization(server: str) -> None:
+    import httpx
+
+    auth = {"Authorization": "Bearer test-key"}
+    listed = httpx.get(server + "/v1/models", headers=auth).json()["data"]
+    assert {card["id"]: card["quantization"] for card in listed}["smol"] == "gguf:Q4_1,Q8_0"
+    card = httpx.get(server + "/v1/models/smol", headers=auth).json()
+    assert card["quantization"] == "gguf:Q4_1,Q8_0"

@@ -3,8 +3,8 @@ and the matmul that uses them.
 
 A quantized weight is kept as codes plus a float32 scale (and optionally a float32 minimum) per
 group of `group` weights along the input dimension: w = code * scale + min. Two layouts, both
-[out_features, Kp] with Kp = in_features rounded up to whole blocks of 32 and whole groups
-(the padding is zeros):
+[out_features, Kp] with Kp = in_features rounded up to a multiple of 64 and of the group (the
+padding is zeros):
 
 - bits 8: int8 codes. `--quantization int8` is symmetric per output channel (one group spans
   the row, no minimum); GGUF Q8_0 (group 32), Q5_K (32, with minimum) and Q6_K (16) land here.
@@ -45,8 +45,9 @@ class QuantFormat:
         return self.group or kp
 
     def padded(self, k: int) -> int:
-        """Columns stored for K inputs: K rounded up to whole blocks of 32 and whole groups."""
-        step = max(32, self.group)
+        """Columns stored for K inputs: K rounded up to whole pairs of 32-wide blocks (the
+        AVX-512 kernel takes two at a time) and whole groups."""
+        step = max(64, self.group)
         return (k + step - 1) // step * step
 
     @property
@@ -216,17 +217,11 @@ def quant_matmul(
         out = torch.empty(m, n, dtype=torch.float32)
     if m == 0:
         return out.view(*lead, n)
-    xq = torch.empty(m, kp, dtype=torch.int8)
-    xd = torch.empty(m, kp // 32)
-    xs = torch.empty(m, kp // 16)
-    lib.quantize_rows_q8(
-        x2.data_ptr(), m, in_features, x2.stride(0), kp, xq.data_ptr(), xd.data_ptr(), xs.data_ptr()
-    )
-    lib.gemm_quant(
-        xq.data_ptr(),
-        xd.data_ptr(),
-        xs.data_ptr(),
+    lib.linear_quant(
+        x2.data_ptr(),
         m,
+        in_features,
+        x2.stride(0),
         codes.data_ptr(),
         fmt.bits,
         scales.data_ptr(),
@@ -237,6 +232,7 @@ def quant_matmul(
         None if bias is None else bias.data_ptr(),
         out.data_ptr(),
         n,
+        int(fmt.group == 0),  # per-channel int8: one activation scale per row (integer sums)
     )
     return out.view(*lead, n)
 
@@ -263,6 +259,30 @@ def _q4_codes_32(qs: np.ndarray) -> np.ndarray:
 
 
 def gguf_rows(data: np.ndarray, type_name: str, n: int, k: int) -> QuantizedRows | None:
+    """Repack a GGUF tensor's raw blocks ([n, bytes per row], uint8) into Ember's layouts, with
+    every group's scale and minimum carried over exactly (see `GGUF_FORMATS`); None for a type
+    that has no such layout here (the caller dequantizes it)."""
+    rows = _gguf_rows_unpadded(data, type_name, n, k)
+    if rows is None:
+        return None
+    kp, have = rows.fmt.padded(k), rows.fmt.padded(k) - k
+    if have == 0:
+        return rows
+    # Zero codes, scales and minimums in the padding columns: they add nothing.
+    g = rows.fmt.group_for(kp)
+    cols = kp if rows.fmt.bits == 8 else kp // 2
+    pad = torch.nn.functional.pad
+    return QuantizedRows(
+        rows.fmt,
+        pad(rows.codes, (0, cols - rows.codes.shape[1])),
+        pad(rows.scales, (0, kp // g - rows.scales.shape[1])),
+        None if rows.mins is None else pad(rows.mins, (0, kp // g - rows.mins.shape[1])),
+        k,
+        rows.source,
+    )
+
+
+def _gguf_rows_unpadded(data: np.ndarray, type_name: str, n: int, k: int) -> QuantizedRows | None:
     """Repack a GGUF tensor's raw blocks ([n, bytes per row], uint8) into Ember's layouts, with
     every group's scale and minimum carried over exactly (see `GGUF_FORMATS`); None for a type
     that has no such layout here (the caller dequantizes it)."""

@@ -3,7 +3,7 @@
  * Weights stay quantized in memory and in the dot products: the activations of a call are
  * quantized once per row to int8 in 32-wide blocks (one float scale each, as llama.cpp's Q8
  * activations are), and each weight block's integer dot product with them is taken in int32,
- * then scaled in float32. Two weight layouts, both [N rows, Kp columns], Kp = K rounded up to 32:
+ * then scaled in float32. Two weight layouts, both [N rows, Kp columns], Kp = K rounded up to 64:
  *
  *   q8: int8 codes, one byte each. Groups of G weights along K (G = 16, or a multiple of 32)
  *       share a float32 scale, and optionally a float32 minimum: w = q * scale + min.
@@ -14,7 +14,9 @@
  * The minimum's part of a dot product is min * sum(x over the group), taken from the sums of
  * the quantized activations kept per 16 columns.
  *
- * On AVX2 the block product is maddubs + madd (unsigned x signed bytes; signed weights go
+ * With AVX-512 VNNI, two blocks go through one 512-bit vpdpbusd (int8 weights meet the
+ * activations offset to unsigned, and the offset's share is subtracted per lane). On AVX2 the
+ * block product is maddubs + madd (unsigned x signed bytes; signed weights go
  * through the sign trick), or one dpbusd where the CPU has AVX-VNNI or AVX512-VNNI; elsewhere
  * plain C loops compute the same integers. Output rows are split across OpenMP threads.
  */
@@ -31,11 +33,17 @@
 /* x [M, K] (row stride ldx) to xq int8 [M, Kp], xd [M, Kp/32] block scales, xs [M, Kp/16]
  * sums of the dequantized values over each 16 columns. Columns K..Kp are zeros. */
 void quantize_rows_q8(const float *x, int64_t M, int64_t K, int64_t ldx, int64_t Kp, int8_t *xq,
-                      float *xd, float *xs) {
+                      float *xd, float *xs, int64_t per_row) {
+    /* Kp is a multiple of 64 (whole pairs of blocks, for the AVX-512 path). */
     const int64_t nb = Kp / 32;
 #pragma omp parallel for schedule(static) if (M * Kp > 65536)
     for (int64_t m = 0; m < M; m++) {
         const float *xr = x + m * ldx;
+        /* per_row: one scale for the whole row (every block gets the same), which lets a
+         * per-channel int8 weight sum its products in integers across the row. */
+        float row_amax = 0.0f;
+        if (per_row)
+            for (int64_t k = 0; k < K; k++) row_amax = fmaxf(row_amax, fabsf(xr[k]));
         for (int64_t b = 0; b < nb; b++) {
             float v[32], amax = 0.0f;
             for (int64_t i = 0; i < 32; i++) {
@@ -43,6 +51,7 @@ void quantize_rows_q8(const float *x, int64_t M, int64_t K, int64_t ldx, int64_t
                 v[i] = k < K ? xr[k] : 0.0f;
                 amax = fmaxf(amax, fabsf(v[i]));
             }
+            if (per_row) amax = row_amax;
             const float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
             int32_t s0 = 0, s1 = 0;
             int8_t *q = xq + m * Kp + b * 32;
@@ -172,6 +181,87 @@ static inline __attribute__((always_inline)) void q4_row(
 #endif
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define EMBER_AVX512 1
+/* AVX-512 VNNI: two 32-wide blocks per 512-bit register, one vpdpbusd for 64 products.
+ * For each weight row the per-pair scale vectors (and, for int8 weights, the byte offset's
+ * correction) are prepared once and reused for every activation row. */
+enum { MT512 = 8 };
+
+static inline __m512 pair_scales(const float *sr, int64_t p, const int64_t G) {
+    if (G == 16)
+        return _mm512_castsi512_ps(_mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_castps_si256(_mm256_set_m128(_mm_set1_ps(sr[4 * p + 1]), _mm_set1_ps(sr[4 * p])))),
+            _mm256_castps_si256(_mm256_set_m128(_mm_set1_ps(sr[4 * p + 3]), _mm_set1_ps(sr[4 * p + 2]))), 1));
+    const float lo = sr[2 * p * 32 / G], hi = sr[(2 * p + 1) * 32 / G];
+    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(lo)), _mm256_set1_ps(hi), 1);
+}
+
+static void gemm_rows_avx512(const int8_t *xq, const __m512 *xdv, int64_t M, const uint8_t *wr,
+                             int64_t bits, const float *sr, int64_t Kp, int64_t G, __m512i *wbuf,
+                             __m512i *corr, __m512 *sv, float *acc_out) {
+    const int64_t np = Kp / 64;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    if (bits == 8 && G == Kp) {
+        /* One scale per weight row and (per_row) per activation row: the products sum in
+         * integers over the whole row and convert to float once. x is fed as unsigned
+         * (x + 128), so 128 * sum(w) comes off at the end. */
+        __m512i ctot = _mm512_setzero_si512();
+        for (int64_t m0 = 0; m0 < M; m0 += MT512) {
+            const int64_t mm = M - m0 < MT512 ? M - m0 : MT512;
+            __m512i acc[MT512];
+            for (int64_t j = 0; j < MT512; j++) acc[j] = _mm512_setzero_si512();
+            for (int64_t p = 0; p < np; p++) {
+                const __m512i w = _mm512_loadu_si512((const void *)(wr + p * 64));
+                if (m0 == 0) ctot = _mm512_dpbusd_epi32(ctot, flip, w);
+                for (int64_t j = 0; j < mm; j++) {
+                    const __m512i x = _mm512_loadu_si512((const void *)(xq + (m0 + j) * Kp + p * 64));
+                    acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_xor_si512(x, flip), w);
+                }
+            }
+            const int32_t c = _mm512_reduce_add_epi32(ctot);
+            for (int64_t j = 0; j < mm; j++) {
+                const float xd0 = _mm512_cvtss_f32(xdv[(m0 + j) * np]);
+                acc_out[m0 + j] = (float)(_mm512_reduce_add_epi32(acc[j]) - c) * sr[0] * xd0;
+            }
+        }
+        return;
+    }
+    const __m512i low4 = _mm512_set1_epi8(0x0F), perm = _mm512_set_epi64(7, 6, 3, 2, 5, 4, 1, 0);
+    for (int64_t p = 0; p < np; p++) {
+        sv[p] = pair_scales(sr, p, G);
+        if (bits == 8) {
+            /* x is fed as unsigned (x + 128): sum((x + 128) w) - 128 sum(w), per lane. */
+            wbuf[p] = _mm512_loadu_si512((const void *)(wr + p * 64));
+            corr[p] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8((char)0x80), wbuf[p]);
+        } else {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(wr + p * 32));
+            const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
+            wbuf[p] = _mm512_permutexvar_epi64(perm, _mm512_and_si512(both, low4));
+        }
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += MT512) {
+        const int64_t mm = M - m0 < MT512 ? M - m0 : MT512;
+        __m512 acc[MT512];
+        for (int64_t j = 0; j < MT512; j++) acc[j] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < np; p++) {
+            const __m512i w = wbuf[p];
+            for (int64_t j = 0; j < mm; j++) {
+                const int64_t m = m0 + j;
+                const __m512i x = _mm512_loadu_si512((const void *)(xq + m * Kp + p * 64));
+                __m512i d;
+                if (bits == 8)
+                    d = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(x, flip), w), corr[p]);
+                else
+                    d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sv[p], xdv[m * np + p]), acc[j]);
+            }
+        }
+        for (int64_t j = 0; j < mm; j++) acc_out[m0 + j] = _mm512_reduce_add_ps(acc[j]);
+    }
+}
+#endif
+
 /* out[m, n] (row stride ldo) = sum_k x[m, k] * w[n, k] + bias[n], for quantized activations
  * (quantize_rows_q8) and a q8 (bits 8) or q4 (bits 4) weight. mins and bias may be NULL. */
 void gemm_quant(const int8_t *xq, const float *xd, const float *xs, int64_t M, const void *w,
@@ -183,6 +273,40 @@ void gemm_quant(const int8_t *xq, const float *xd, const float *xs, int64_t M, c
         xg = (float *)malloc(sizeof(float) * (size_t)(M * ng));
         group_sums(xs, M, Kp, G, xg);
     }
+    const int64_t row_bytes = bits == 8 ? Kp : Kp / 2;
+#ifdef EMBER_AVX512
+    const int64_t np = Kp / 64;
+    __m512 *xdv = (__m512 *)aligned_alloc(64, sizeof(__m512) * (size_t)(M * np));
+    const int64_t nb = Kp / 32;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t p = 0; p < np; p++)
+            xdv[m * np + p] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(xd[m * nb + 2 * p])),
+                                                 _mm256_set1_ps(xd[m * nb + 2 * p + 1]), 1);
+#pragma omp parallel if (N * M * Kp > 32768)
+    {
+        __m512i *wbuf = (__m512i *)aligned_alloc(64, sizeof(__m512i) * (size_t)(2 * np));
+        __m512 *sv = (__m512 *)aligned_alloc(64, sizeof(__m512) * (size_t)np);
+        float *acc = (float *)malloc(sizeof(float) * (size_t)M);
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            gemm_rows_avx512(xq, xdv, M, (const uint8_t *)w + n * row_bytes, bits, scales + n * ng, Kp, G,
+                             wbuf, wbuf + np, sv, acc);
+            for (int64_t m = 0; m < M; m++) {
+                float v = acc[m];
+                if (mins != NULL) {
+                    const float *mr = mins + n * ng, *xr = xg + m * ng;
+                    for (int64_t g = 0; g < ng; g++) v += mr[g] * xr[g];
+                }
+                if (bias != NULL) v += bias[n];
+                out[m * ldo + n] = v;
+            }
+        }
+        free(wbuf);
+        free(sv);
+        free(acc);
+    }
+    free(xdv);
+#else
     const int64_t row_bytes = bits == 8 ? Kp : Kp / 2;
 #pragma omp parallel for schedule(static) if (N * M * Kp > 32768)
     for (int64_t n = 0; n < N; n++) {
@@ -215,5 +339,21 @@ void gemm_quant(const int8_t *xq, const float *xd, const float *xs, int64_t M, c
             }
         }
     }
+#endif
     free(xg);
+}
+
+/* quantize_rows_q8 then gemm_quant in one call, with the activation buffers on the heap:
+ * a decode step makes over a hundred of these, and each call from Python costs. */
+void linear_quant(const float *x, int64_t M, int64_t K, int64_t ldx, const void *w, int64_t bits,
+                  const float *scales, const float *mins, int64_t N, int64_t Kp, int64_t G,
+                  const float *bias, float *out, int64_t ldo, int64_t per_row) {
+    int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)(M * Kp));
+    float *xd = (float *)malloc(sizeof(float) * (size_t)(M * Kp / 32));
+    float *xs = (float *)malloc(sizeof(float) * (size_t)(M * Kp / 16));
+    quantize_rows_q8(x, M, K, ldx, Kp, xq, xd, xs, per_row);
+    gemm_quant(xq, xd, xs, M, w, bits, scales, mins, N, Kp, G, bias, out, ldo);
+    free(xq);
+    free(xd);
+    free(xs);
 }

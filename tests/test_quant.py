@@ -256,3 +256,11 @@ def test_models_route_shows_quantization(server: str) -> None:
     assert {card["id"]: card["quantization"] for card in listed}["smol"] == "gguf:Q4_1,Q8_0"
     card = httpx.get(server + "/v1/models/smol", headers=auth).json()
     assert card["quantization"] == "gguf:Q4_1,Q8_0"
+
+
+def test_default_model_quantization_is_described_without_loading() -> None:
+    from ember.models.loader import describe_quantization
+
+    assert describe_quantization(None) == "gguf:Q4_1,Q8_0"
+    assert describe_quantization(None, "none") == "none"
+    assert describe_quantization(None, "int4") == "int4-g32-min,int8-channel"

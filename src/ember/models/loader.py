@@ -309,3 +309,28 @@ def convert_gguf(path: Path, out: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     tok.save_pretrained(str(out))
+
+
+def describe_quantization(model: str | None, quantization: str = "auto") -> str:
+    """What `quant.describe` would say of `model` once loaded with --quantization, without
+    loading it (for listings such as `ember models`): "gguf:Q4_1,Q8_0" for a GGUF file at
+    auto (the types its linear weights keep; "+float" when some dequantize), "none",
+    "int8-channel", or "int4-g32-min,int8-channel" (the output layer stays at 8 bits)."""
+    from ember.models.quant import GGUF_FORMATS, INT8_CHANNEL, int4_format
+
+    if quantization == "int8":
+        return INT8_CHANNEL.name
+    if quantization == "int4":
+        return f"{int4_format(32).name},{INT8_CHANNEL.name}"
+    gguf = gguf_source(model) if quantization == "auto" else None
+    if gguf is None:
+        return "none"
+    kinds = {
+        kind
+        for name, kind in gguf_tensor_types(gguf).items()
+        if name.endswith(".weight") and "norm" not in name
+    }
+    kept = sorted(k for k in kinds if k in GGUF_FORMATS)
+    if not kept:
+        return "none"
+    return "gguf:" + ",".join(kept) + ("+float" if set(kept) != kinds else "")

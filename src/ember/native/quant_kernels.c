@@ -228,6 +228,32 @@ static void gemm_rows_avx512(const int8_t *xq, const __m512 *xdv, int64_t M, con
         return;
     }
     const __m512i low4 = _mm512_set1_epi8(0x0F), perm = _mm512_set_epi64(7, 6, 3, 2, 5, 4, 1, 0);
+    if (M <= MT512) {
+        /* A few activation rows (a decode step): one pass, each weight pair unpacked and
+         * used at once, nothing stored for reuse. */
+        __m512 acc[MT512];
+        for (int64_t j = 0; j < MT512; j++) acc[j] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < np; p++) {
+            const __m512 s = pair_scales(sr, p, G);
+            __m512i w, c = _mm512_setzero_si512();
+            if (bits == 8) {
+                w = _mm512_loadu_si512((const void *)(wr + p * 64));
+                c = _mm512_dpbusd_epi32(c, flip, w);
+            } else {
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)(wr + p * 32));
+                const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
+                w = _mm512_permutexvar_epi64(perm, _mm512_and_si512(both, low4));
+            }
+            for (int64_t m = 0; m < M; m++) {
+                const __m512i x = _mm512_loadu_si512((const void *)(xq + m * Kp + p * 64));
+                const __m512i d = bits == 8 ? _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(x, flip), w), c)
+                                            : _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
+                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s, xdv[m * np + p]), acc[m]);
+            }
+        }
+        for (int64_t m = 0; m < M; m++) acc_out[m] = _mm512_reduce_add_ps(acc[m]);
+        return;
+    }
     for (int64_t p = 0; p < np; p++) {
         sv[p] = pair_scales(sr, p, G);
         if (bits == 8) {

@@ -264,3 +264,38 @@ def test_default_model_quantization_is_described_without_loading() -> None:
     assert describe_quantization(None) == "gguf:Q4_1,Q8_0"
     assert describe_quantization(None, "none") == "none"
     assert describe_quantization(None, "int4") == "int4-g32-min,int8-channel"
+
+
+@pytest.mark.parametrize("march", ["haswell", "x86-64"], ids=["avx2", "plain-c"])
+def test_other_cpu_paths_match_float64_reference(
+    march: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The AVX2 and plain-C kernels (this machine builds the AVX-512 one), built here."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    from ember import native
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or (march == "haswell" and "avx2" not in native._cpu_features()):
+        pytest.skip("no compiler, or no AVX2 to run it")
+    so = tmp_path / f"quant-{march}.so"
+    src = Path(native.__file__).with_name("quant_kernels.c")
+    flags = ["-O3", f"-march={march}", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
+    subprocess.run([cc, *flags, "-o", str(so), str(src), "-lm"], check=True)
+    lib = ctypes.CDLL(str(so))
+    lib.linear_quant.argtypes = native.SIGNATURES["linear_quant"]
+    lib.linear_quant.restype = None
+    monkeypatch.setattr(quant, "cpu_kernels", lambda: lib)
+    for fmt in FORMATS:
+        for m, n, k in SHAPES[:3]:
+            gen = torch.Generator().manual_seed(m + n + k)
+            w, x = torch.randn(n, k, generator=gen), torch.randn(m, k, generator=gen)
+            rows = quantize(w, fmt)
+            out = torch.full((m, n), float("nan"))
+            quant_matmul(x, rows.codes, rows.scales, rows.mins, fmt, k, out=out)
+            wd = rows.dequantize().double()
+            ref = quantized_activations(x, fmt.padded(k), fmt.group == 0) @ wd.T
+            bound = (x.double().abs() @ wd.abs().T) * k * 2**-23 + 1e-6
+            assert ((out.double() - ref).abs() <= bound).all(), (fmt.name, m, n, k)

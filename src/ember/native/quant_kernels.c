@@ -333,7 +333,6 @@ void gemm_quant(const int8_t *xq, const float *xd, const float *xs, int64_t M, c
     }
     free(xdv);
 #else
-    const int64_t row_bytes = bits == 8 ? Kp : Kp / 2;
 #pragma omp parallel for schedule(static) if (N * M * Kp > 32768)
     for (int64_t n = 0; n < N; n++) {
         const float *sr = scales + n * ng;

@@ -126,7 +126,7 @@ def run_one(model_dir: str, max_tokens: int, quantization: str = "none") -> dict
         # straight into their quantized buffers, so no float copy of them ever exists.
         dtype="float32" if quantized else "bfloat16",
         max_model_len=512,
-        kv_cache_memory="64MiB" if quantized else "256MiB",
+        kv_cache_memory="256MiB",
         quantization=quantization,
     )
     load_s = time.perf_counter() - t0

@@ -232,7 +232,6 @@ def quant_matmul(
         None if bias is None else bias.data_ptr(),
         out.data_ptr(),
         n,
-        int(fmt.group == 0),  # per-channel int8: one activation scale per row (integer sums)
     )
     return out.view(*lead, n)
 

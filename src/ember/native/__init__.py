@@ -55,10 +55,9 @@ SIGNATURES = {
     "rotary": [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64],
     "sample_logits": [_ptr, _i64, _i64, _ptr, _ptr],  # logits, rows, vocab, u (double), out
     "top_p_mask": [_ptr, _i64, _i64, _ptr],  # logits (in place), rows, vocab, p (float)
-    # x, rows, K, row stride, Kp, xq (int8), xd, xs, one scale per row
-    "quantize_rows_q8": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64],
-    # xq, xd, xs, rows, w, bits, scales, mins, N, Kp, group, bias, out, out row stride
-    # x, rows, K, x row stride, w, bits, scales, mins, N, Kp, group, bias, out, out stride, per row
+    # x, rows, K, row stride, Kp, xq (int8), xd, xs
+    "quantize_rows_q8": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr],
+    # x, rows, K, x row stride, w, bits, scales, mins, N, Kp, group, bias, out, out stride
     "linear_quant": [
         _ptr,
         _i64,
@@ -74,8 +73,8 @@ SIGNATURES = {
         _ptr,
         _ptr,
         _i64,
-        _i64,
-    ],
+    ],  # fmt: skip
+    # xq, xd, xs, rows, w, bits, scales, mins, N, Kp, group, bias, out, out row stride
     "gemm_quant": [
         _ptr,
         _ptr,
@@ -91,7 +90,7 @@ SIGNATURES = {
         _ptr,
         _ptr,
         _i64,
-    ],
+    ],  # fmt: skip
 }
 
 

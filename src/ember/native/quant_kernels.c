@@ -33,17 +33,12 @@
 /* x [M, K] (row stride ldx) to xq int8 [M, Kp], xd [M, Kp/32] block scales, xs [M, Kp/16]
  * sums of the dequantized values over each 16 columns. Columns K..Kp are zeros. */
 void quantize_rows_q8(const float *x, int64_t M, int64_t K, int64_t ldx, int64_t Kp, int8_t *xq,
-                      float *xd, float *xs, int64_t per_row) {
+                      float *xd, float *xs) {
     /* Kp is a multiple of 64 (whole pairs of blocks, for the AVX-512 path). */
     const int64_t nb = Kp / 32;
 #pragma omp parallel for schedule(static) if (M * Kp > 65536)
     for (int64_t m = 0; m < M; m++) {
         const float *xr = x + m * ldx;
-        /* per_row: one scale for the whole row (every block gets the same), which lets a
-         * per-channel int8 weight sum its products in integers across the row. */
-        float row_amax = 0.0f;
-        if (per_row)
-            for (int64_t k = 0; k < K; k++) row_amax = fmaxf(row_amax, fabsf(xr[k]));
         for (int64_t b = 0; b < nb; b++) {
             float v[32], amax = 0.0f;
             for (int64_t i = 0; i < 32; i++) {
@@ -51,7 +46,6 @@ void quantize_rows_q8(const float *x, int64_t M, int64_t K, int64_t ldx, int64_t
                 v[i] = k < K ? xr[k] : 0.0f;
                 amax = fmaxf(amax, fabsf(v[i]));
             }
-            if (per_row) amax = row_amax;
             const float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
             int32_t s0 = 0, s1 = 0;
             int8_t *q = xq + m * Kp + b * 32;
@@ -202,31 +196,6 @@ static void gemm_rows_avx512(const int8_t *xq, const __m512 *xdv, int64_t M, con
                              __m512i *corr, __m512 *sv, float *acc_out) {
     const int64_t np = Kp / 64;
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    if (bits == 8 && G == Kp) {
-        /* One scale per weight row and (per_row) per activation row: the products sum in
-         * integers over the whole row and convert to float once. x is fed as unsigned
-         * (x + 128), so 128 * sum(w) comes off at the end. */
-        __m512i ctot = _mm512_setzero_si512();
-        for (int64_t m0 = 0; m0 < M; m0 += MT512) {
-            const int64_t mm = M - m0 < MT512 ? M - m0 : MT512;
-            __m512i acc[MT512];
-            for (int64_t j = 0; j < MT512; j++) acc[j] = _mm512_setzero_si512();
-            for (int64_t p = 0; p < np; p++) {
-                const __m512i w = _mm512_loadu_si512((const void *)(wr + p * 64));
-                if (m0 == 0) ctot = _mm512_dpbusd_epi32(ctot, flip, w);
-                for (int64_t j = 0; j < mm; j++) {
-                    const __m512i x = _mm512_loadu_si512((const void *)(xq + (m0 + j) * Kp + p * 64));
-                    acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_xor_si512(x, flip), w);
-                }
-            }
-            const int32_t c = _mm512_reduce_add_epi32(ctot);
-            for (int64_t j = 0; j < mm; j++) {
-                const float xd0 = _mm512_cvtss_f32(xdv[(m0 + j) * np]);
-                acc_out[m0 + j] = (float)(_mm512_reduce_add_epi32(acc[j]) - c) * sr[0] * xd0;
-            }
-        }
-        return;
-    }
     const __m512i low4 = _mm512_set1_epi8(0x0F), perm = _mm512_set_epi64(7, 6, 3, 2, 5, 4, 1, 0);
     if (M <= MT512) {
         /* A few activation rows (a decode step): one pass, each weight pair unpacked and
@@ -372,11 +341,11 @@ void gemm_quant(const int8_t *xq, const float *xd, const float *xs, int64_t M, c
  * a decode step makes over a hundred of these, and each call from Python costs. */
 void linear_quant(const float *x, int64_t M, int64_t K, int64_t ldx, const void *w, int64_t bits,
                   const float *scales, const float *mins, int64_t N, int64_t Kp, int64_t G,
-                  const float *bias, float *out, int64_t ldo, int64_t per_row) {
+                  const float *bias, float *out, int64_t ldo) {
     int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)(M * Kp));
     float *xd = (float *)malloc(sizeof(float) * (size_t)(M * Kp / 32));
     float *xs = (float *)malloc(sizeof(float) * (size_t)(M * Kp / 16));
-    quantize_rows_q8(x, M, K, ldx, Kp, xq, xd, xs, per_row);
+    quantize_rows_q8(x, M, K, ldx, Kp, xq, xd, xs);
     gemm_quant(xq, xd, xs, M, w, bits, scales, mins, N, Kp, G, bias, out, ldo);
     free(xq);
     free(xd);

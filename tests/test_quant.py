@@ -247,13 +247,31 @@ def test_perplexity_increase_is_bounded(runs: dict) -> None:
 
 @pytest.mark.slow
 def test_models_route_shows_quantization(server: str) -> None:
+    """The session server runs --quantization none; a server with no flag serves the GGUF
+    file in its own precision and says so."""
     import httpx
 
+    from conftest import ember_serve
+
     auth = {"Authorization": "Bearer test-key"}
-    listed = httpx.get(server + "/v1/models", headers=auth).json()["data"]
-    assert {card["id"]: card["quantization"] for card in listed}["smol"] == "gguf:Q4_1,Q8_0"
-    card = httpx.get(server + "/v1/models/smol", headers=auth).json()
-    assert card["quantization"] == "gguf:Q4_1,Q8_0"
+    assert httpx.get(server + "/v1/models/smol", headers=auth).json()["quantization"] == "none"
+    with ember_serve(["--api-key", "k", "--served-model-name", "smol"]) as base:
+        auth = {"Authorization": "Bearer k"}
+        listed = httpx.get(base + "/v1/models", headers=auth).json()["data"]
+        assert [card["quantization"] for card in listed] == ["gguf:Q4_1,Q8_0"]
+        card = httpx.get(base + "/v1/models/smol", headers=auth).json()
+        assert card["quantization"] == "gguf:Q4_1,Q8_0"
+        reply = httpx.post(
+            base + "/v1/chat/completions",
+            headers=auth,
+            json={
+                "model": "smol",
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 8,
+            },
+            timeout=120,
+        )
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
 
 
 def test_default_model_quantization_is_described_without_loading() -> None:

@@ -282,9 +282,7 @@ def gguf_rows(data: np.ndarray, type_name: str, n: int, k: int) -> QuantizedRows
 
 
 def _gguf_rows_unpadded(data: np.ndarray, type_name: str, n: int, k: int) -> QuantizedRows | None:
-    """Repack a GGUF tensor's raw blocks ([n, bytes per row], uint8) into Ember's layouts, with
-    every group's scale and minimum carried over exactly (see `GGUF_FORMATS`); None for a type
-    that has no such layout here (the caller dequantizes it)."""
+    """`gguf_rows` before padding K to the layout's multiple."""
     if k % 32:
         return None
     raw = np.ascontiguousarray(data).reshape(n, -1)

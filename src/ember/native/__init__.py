@@ -3,8 +3,9 @@
 `cpu_kernels()` compiles `cpu_kernels.c` and `quant_kernels.c` for the host CPU
 (`-march=native`, OpenMP) into `$EMBER_CACHE_DIR/kernels/` the first time it is needed, and
 loads it with ctypes. The name of the built library hashes the sources, the flags, the
-compiler and the CPU's features, so an edit or another machine sharing the cache builds afresh. Without a compiler, or with `EMBER_NATIVE=0`,
-it returns None and callers keep their plain torch path.
+compiler and the CPU's features, so an edit or another machine sharing the cache builds afresh.
+Without a compiler, or with `EMBER_NATIVE=0`, it returns None and callers keep their plain torch
+path.
 """
 
 from __future__ import annotations

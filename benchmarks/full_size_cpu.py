@@ -7,6 +7,11 @@ in bfloat16 (float32 would not fit in 24 GiB), runs a chat turn through the mode
 format and prints one JSON object per model: parameters, load time, peak RSS, tokens/s.
 
     python benchmarks/full_size_cpu.py [--models chatglm3-6b llama-2-7b-chat] [--max-tokens 4]
+                                       [--quantization none|int8|int4]
+
+With --quantization int4 (or int8) the model runs in float32 activations with its linear layers
+quantized at load; the JSON adds the weight bytes (quantized layers plus the float embedding
+and norms) and peak RSS over them.
 
 Each model runs in its own process so one's memory never counts against the other.
 """
@@ -106,23 +111,30 @@ def write_dir(root: Path, name: str) -> Path:
     return out
 
 
-def run_one(model_dir: str, max_tokens: int) -> dict:
+def run_one(model_dir: str, max_tokens: int, quantization: str = "none") -> dict:
     import torch
 
     from ember.engine.request import SamplingParams
     from ember.offline import LLM
 
     t0 = time.perf_counter()
+    quantized = quantization != "none"
     llm = LLM(
         model_dir,
         load_format="dummy",
-        dtype="bfloat16",
+        # Quantized layers take float32 activations (the C kernels); the weights are drawn
+        # straight into their quantized buffers, so no float copy of them ever exists.
+        dtype="float32" if quantized else "bfloat16",
         max_model_len=512,
         kv_cache_memory="256MiB",
+        quantization=quantization,
     )
     load_s = time.perf_counter() - t0
     model = llm.engine.runner.model
     params = sum(p.numel() for p in model.parameters())
+    params += sum(
+        m.in_features * m.out_features for m in model.modules() if getattr(m, "quant", None)
+    )
     messages = [
         {"role": "system", "content": "You are a helpful assistant."},
         {"role": "user", "content": "What is the capital of France?"},
@@ -131,8 +143,13 @@ def run_one(model_dir: str, max_tokens: int) -> dict:
     (result,) = llm.chat(messages, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
     gen_s = time.perf_counter() - t1
     out = result.outputs[0]
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "model": Path(model_dir).name,
+        "quantization": llm.engine.runner.quantization,
+        "weight_gib": round(weight_bytes / 2**30, 2),
+        "peak_rss_over_weights": round(peak / weight_bytes, 2),
         "parameters": params,
         "dtype": str(next(model.parameters()).dtype),
         "load_s": round(load_s, 1),
@@ -149,17 +166,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["chatglm3-6b", "llama-2-7b-chat"])
     ap.add_argument("--max-tokens", type=int, default=4)
+    ap.add_argument(
+        "--quantization", default="none", choices=["none", "int8", "int4"], help="weights"
+    )
     ap.add_argument("--run", help=argparse.SUPPRESS)  # internal: run one directory
     args = ap.parse_args()
     if args.run:
-        print(json.dumps(run_one(args.run, args.max_tokens)))
+        print(json.dumps(run_one(args.run, args.max_tokens, args.quantization)))
         return 0
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             model_dir = write_dir(Path(tmp), name)
             cmd = [sys.executable, __file__, "--run", str(model_dir)]
-            cmd += ["--max-tokens", str(args.max_tokens)]
+            cmd += ["--max-tokens", str(args.max_tokens), "--quantization", args.quantization]
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
             if proc.returncode != 0:
                 results.append({"model": name, "error": f"exit {proc.returncode}"})

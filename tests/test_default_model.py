@@ -39,7 +39,9 @@ def reference():
 
 @pytest.fixture(scope="module")
 def llm():
-    return ember.LLM(dtype="float32")
+    # Full precision: this checks the model's math against transformers' float32 reading of
+    # the same file (the quantized default is checked against it in test_quant.py).
+    return ember.LLM(dtype="float32", quantization="none")
 
 
 def _chat_ids(llm, prompt: str) -> list[int]:

@@ -100,6 +100,17 @@ class EngineConfig:
     structured_outputs_cache_size: int = _opt(
         "Compiled schemas and grammars kept for reuse (least recently used dropped).", default=256
     )
+    quantization: str = _opt(
+        "Weights in compute: auto (a GGUF file keeps its own quantization, other checkpoints "
+        "run in full precision), none (full precision), int8 (per output channel) or int4 "
+        "(groups of --quantization-group-size with scale and minimum), rounded to nearest at "
+        "load. Activations and the KV cache stay in --dtype.",
+        default="auto",
+        choices=["auto", "none", "int8", "int4"],
+    )
+    quantization_group_size: int = _opt(
+        "Weights per scale and minimum for --quantization int4: 32 or 128.", default=32
+    )
 
 
 @dataclass

@@ -27,7 +27,9 @@ from ember.models.layers import (
     Linear,
     RMSNorm,
     RotaryEmbedding,
+    load_into,
     silu_and_mul,
+    weight_targets,
 )
 
 # Tensors in real checkpoints that Ember recomputes rather than loads.
@@ -209,21 +211,13 @@ class ChatGLMForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors into parameters; returns the parameter names filled."""
-        params = dict(self.named_parameters())
+        params = weight_targets(self)
         loaded: set[str] = set()
         for name, tensor in weights:
             if name.endswith(_SKIPPED_SUFFIXES):
                 continue
             if name not in params:
                 raise KeyError(f"unexpected weight {name!r} in checkpoint")
-            param = params[name]
-            # copy_ would broadcast a wrongly shaped tensor instead of failing.
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise ValueError(
-                    f"weight {name!r} has shape {tuple(tensor.shape)}, "
-                    f"the config implies {tuple(param.shape)}"
-                )
-            with torch.no_grad():
-                param.data.copy_(tensor)
+            load_into(params[name], tensor, name)  # refuses a wrongly shaped tensor
             loaded.add(name)
         return loaded

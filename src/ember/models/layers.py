@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ember.models.quant import QuantFormat, QuantizedRows, quant_matmul, quantize
 from ember.native import cpu_kernels
 
 if TYPE_CHECKING:
@@ -30,11 +31,65 @@ _ONEDNN_CPU_LINEAR = torch.backends.mkldnn.is_available() and _onednn_linear_wor
 
 
 class Linear(nn.Linear):
-    """nn.Linear over a flat [tokens, features] batch, on the fastest CPU GEMM available."""
+    """nn.Linear over a flat [tokens, features] batch, on the fastest CPU GEMM available.
+
+    `quantize_(fmt)` turns it into a weight-only quantized layer (models/quant.py): the float
+    weight is dropped and `qweight`/`qscale`/`qmin` buffers take its place."""
 
     _packed: torch.Tensor | None = None
+    quant: QuantFormat | None = None
+    quant_source: str = ""  # GGUF types the weight came from, when it came from a GGUF file
+
+    def quantize_(self, fmt: QuantFormat) -> None:
+        """Swap the float weight for empty quantized buffers on the same device (use it on a
+        `meta` model, before `to_empty`, so the float weight never exists)."""
+        dev = self.weight.device
+        n, kp = self.out_features, fmt.padded(self.in_features)
+        groups = kp // fmt.group_for(kp)
+        self.register_parameter("weight", None)
+        dtype = torch.int8 if fmt.bits == 8 else torch.uint8
+        cols = kp if fmt.bits == 8 else kp // 2
+        self.register_buffer("qweight", torch.empty(n, cols, dtype=dtype, device=dev))
+        self.register_buffer("qscale", torch.empty(n, groups, device=dev))
+        qmin = torch.empty(n, groups, device=dev) if fmt.has_min else None
+        self.register_buffer("qmin", qmin)
+        self.quant = fmt
+
+    def load_rows(self, start: int, src: torch.Tensor | QuantizedRows) -> None:
+        """Fill output rows start.. of a quantized layer from float rows (quantized here,
+        round to nearest) or from rows already quantized (a GGUF tensor; carried over)."""
+        assert self.quant is not None
+        if isinstance(src, QuantizedRows):
+            q = src.to_format(self.quant)
+            if q.shape[1] != self.in_features:
+                raise ValueError(
+                    f"quantized rows have {q.shape[1]} columns, not {self.in_features}"
+                )
+        else:
+            if src.shape[1] != self.in_features:
+                raise ValueError(f"weight has {src.shape[1]} columns, not {self.in_features}")
+            q = quantize(src, self.quant)
+        rows = q.codes.shape[0]
+        if start + rows > self.out_features:
+            raise ValueError(f"rows {start}..{start + rows} exceed {self.out_features}")
+        with torch.no_grad():
+            self.qweight[start : start + rows].copy_(q.codes)
+            self.qscale[start : start + rows].copy_(q.scales)
+            if self.qmin is not None:
+                self.qmin[start : start + rows].copy_(q.mins)
+        if q.source and q.source not in self.quant_source.split(","):
+            self.quant_source = ",".join(filter(None, [self.quant_source, q.source]))
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        assert self.quant is not None
+        rows = QuantizedRows(self.quant, self.qweight, self.qscale, self.qmin, self.in_features)
+        return rows.dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            return quant_matmul(
+                x, self.qweight, self.qscale, self.qmin, self.quant, self.in_features, self.bias
+            )
         if self._packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         if _ONEDNN_CPU_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32:
@@ -49,7 +104,12 @@ class Linear(nn.Linear):
         lookup and spends one more copy's memory, which pays for itself many times over
         (oneDNN would otherwise reorder the whole vocabulary matrix on every step)."""
         w = self.weight
-        if not _ONEDNN_CPU_LINEAR or w.device.type != "cpu" or w.dtype != torch.float32:
+        if (
+            w is None
+            or not _ONEDNN_CPU_LINEAR
+            or w.device.type != "cpu"
+            or w.dtype != torch.float32
+        ):
             return False
         self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch_hint)
         if not shared:
@@ -289,3 +349,39 @@ class FusedQKVAttention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :].view(-1, kv_heads, d)
         out = self.backend.forward(self.layer, q, k, v, meta)
         return out.reshape(-1, self.q_size)
+
+
+def weight_targets(model: nn.Module) -> dict[str, torch.Tensor | Linear]:
+    """Checkpoint names → where they load: a parameter, or a quantized Linear (which takes the
+    tensor through `load_rows`)."""
+    targets: dict[str, torch.Tensor | Linear] = dict(model.named_parameters())
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and module.quant is not None:
+            targets[f"{name}.weight"] = module
+    return targets
+
+
+def load_into(
+    target: torch.Tensor | Linear,
+    tensor: torch.Tensor | QuantizedRows,
+    name: str,
+    start: int = 0,
+    rows: int | None = None,
+) -> None:
+    """Copy a checkpoint tensor (float, or GGUF rows still quantized) into rows start.. of a
+    parameter or a quantized Linear, refusing a shape that does not fit."""
+    shape = tuple(tensor.shape)
+    if isinstance(target, Linear):
+        full = (rows if rows is not None else target.out_features, target.in_features)
+        if shape != full:
+            raise ValueError(f"weight {name!r} has shape {list(shape)}, expected {list(full)}")
+        target.load_rows(start, tensor)
+        return
+    dest = target.data if rows is None else target.data[start : start + rows]
+    # copy_ would broadcast a wrongly shaped tensor without a word.
+    if shape != tuple(dest.shape):
+        raise ValueError(f"weight {name!r} has shape {list(shape)}, expected {list(dest.shape)}")
+    if isinstance(tensor, QuantizedRows):
+        tensor = tensor.dequantize(dest.dtype)
+    with torch.no_grad():
+        dest.copy_(tensor)

@@ -20,7 +20,9 @@ from ember.models.layers import (
     Linear,
     RMSNorm,
     RotaryEmbedding,
+    load_into,
     silu_and_mul,
+    weight_targets,
 )
 
 
@@ -172,40 +174,35 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy checkpoint tensors into parameters; returns the parameter names filled."""
-        params = dict(self.named_parameters())
+        """Copy checkpoint tensors into parameters (or quantized layers); returns the names
+        filled. A quantized output layer tied to the embeddings loads from the embedding."""
+        params = weight_targets(self)
         a = self.args
         q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
         shard_rows = {
             "qkv_proj": [(0, q), (q, kv), (q + kv, kv)],
             "gate_up_proj": [(0, a.intermediate_size), (a.intermediate_size, a.intermediate_size)],
         }
+        tied_quant = a.tie_word_embeddings and self.lm_head.quant is not None
         loaded: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
             if name == "lm_head.weight" and a.tie_word_embeddings:
                 continue
+            if name == "model.embed_tokens.weight" and tied_quant:
+                load_into(self.lm_head, tensor, name)
+                loaded.add("lm_head.weight")
             for part, (fused, idx) in self.stacked.items():
                 if f".{part}." in name:
                     target = name.replace(f".{part}.", f".{fused}.")
                     start, rows = shard_rows[fused][idx]
-                    _copy_checked(params[target].data[start : start + rows], tensor, name)
+                    load_into(params[target], tensor, name, start, rows)
                     loaded.add(target)
                     break
             else:
                 if name not in params:
                     raise KeyError(f"unexpected weight {name!r} in checkpoint")
-                _copy_checked(params[name].data, tensor, name)
+                load_into(params[name], tensor, name)
                 loaded.add(name)
         return loaded
-
-
-def _copy_checked(dest: torch.Tensor, src: torch.Tensor, name: str) -> None:
-    # copy_ would broadcast a wrongly shaped tensor without a word.
-    if dest.shape != src.shape:
-        raise ValueError(
-            f"weight {name!r} has shape {list(src.shape)}, expected {list(dest.shape)}"
-        )
-    with torch.no_grad():
-        dest.copy_(src)

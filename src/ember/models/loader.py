@@ -68,6 +68,15 @@ def resolve_model_dir(model: str | None) -> Path:
     raise FileNotFoundError(f"no model at {path}: give a model directory or a .gguf file")
 
 
+def gguf_source(model: str | None) -> Path | None:
+    """The GGUF file behind `model`, when it is one (resolved as `resolve_model_dir` does)."""
+    path = default_model_path() if model is None else Path(model)
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        path = ggufs[0] if len(ggufs) == 1 else path
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def load_config(model_dir: Path) -> dict[str, Any]:
     return json.loads((model_dir / "config.json").read_text())
 
@@ -134,6 +143,67 @@ _GGUF_LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+
+
+def _gguf_hf_name(gguf_name: str) -> str | None:
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and parts[2] in _GGUF_LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if parts[0] in _GGUF_NAMES:
+        return f"{_GGUF_NAMES[parts[0]]}.{parts[1]}"
+    return None
+
+
+def gguf_tensor_types(path: Path) -> dict[str, str]:
+    """Hugging Face tensor name → GGUF type name (Q4_1, Q8_0, F32, ...) of a GGUF file."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    types = {}
+    for t in reader.tensors:
+        name = _gguf_hf_name(t.name)
+        if name is not None:
+            types[name] = t.tensor_type.name
+    return types
+
+
+def iter_gguf_weights(path: Path, keep_quantized: set[str]) -> Iterator[tuple[str, Any]]:
+    """Tensors straight from a GGUF file, in Hugging Face names. Those in `keep_quantized`
+    come as `QuantizedRows` with their blocks repacked, not requantized; the rest, and any
+    type without an exact layout (said in the log), are dequantized to float32."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from ember.models.quant import gguf_rows
+
+    reader = GGUFReader(str(path))
+    arch = _gguf_field(reader, "general.architecture")
+    n_head = int(_gguf_field(reader, f"{arch}.attention.head_count"))
+    n_kv = int(_gguf_field(reader, f"{arch}.attention.head_count_kv", n_head))
+    for t in reader.tensors:
+        name = _gguf_hf_name(t.name)
+        if name is None:
+            log.warning("skipping GGUF tensor %s", t.name)
+            continue
+        shape = [int(d) for d in reversed(t.shape)]  # GGUF lists dims inner first
+        heads = None
+        if arch == "llama" and name.endswith("q_proj.weight"):
+            heads = n_head
+        elif arch == "llama" and name.endswith("k_proj.weight"):
+            heads = n_kv
+        kind = t.tensor_type.name
+        if name in keep_quantized and len(shape) == 2:
+            rows = gguf_rows(t.data, kind, shape[0], shape[1])
+            if rows is not None:
+                if heads is not None:
+                    rows = rows.rows(_unpermute(torch.arange(shape[0]), heads))
+                yield name, rows
+                continue
+            log.info("GGUF tensor %s (%s) has no exact quantized layout: dequantized", t.name, kind)
+        data = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float().reshape(shape)
+        if heads is not None:
+            data = _unpermute(data, heads)
+        yield name, data.contiguous()
 
 
 def _gguf_field(reader: Any, key: str, default: Any = None) -> Any:
@@ -239,3 +309,28 @@ def convert_gguf(path: Path, out: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     tok.save_pretrained(str(out))
+
+
+def describe_quantization(model: str | None, quantization: str = "auto") -> str:
+    """What `quant.describe` would say of `model` once loaded with --quantization, without
+    loading it (for listings such as `ember models`): "gguf:Q4_1,Q8_0" for a GGUF file at
+    auto (the types its linear weights keep; "+float" when some dequantize), "none",
+    "int8-channel", or "int4-g32-min,int8-channel" (the output layer stays at 8 bits)."""
+    from ember.models.quant import GGUF_FORMATS, INT8_CHANNEL, int4_format
+
+    if quantization == "int8":
+        return INT8_CHANNEL.name
+    if quantization == "int4":
+        return f"{int4_format(32).name},{INT8_CHANNEL.name}"
+    gguf = gguf_source(model) if quantization == "auto" else None
+    if gguf is None:
+        return "none"
+    kinds = {
+        kind
+        for name, kind in gguf_tensor_types(gguf).items()
+        if name.endswith(".weight") and "norm" not in name
+    }
+    kept = sorted(k for k in kinds if k in GGUF_FORMATS)
+    if not kept:
+        return "none"
+    return "gguf:" + ",".join(kept) + ("+float" if set(kept) != kinds else "")

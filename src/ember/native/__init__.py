@@ -1,10 +1,11 @@
 """Ember's C kernels for the CPU, built once per machine with the system's C compiler.
 
-`cpu_kernels()` compiles `cpu_kernels.c` for the host CPU (`-march=native`, OpenMP) into
-`$EMBER_CACHE_DIR/kernels/` the first time it is needed, and loads it with ctypes. The name of
-the built library hashes the source, the flags, the compiler and the CPU's features, so an edit
-or another machine sharing the cache builds afresh. Without a compiler, or with `EMBER_NATIVE=0`,
-it returns None and callers keep their plain torch path.
+`cpu_kernels()` compiles `cpu_kernels.c` and `quant_kernels.c` for the host CPU
+(`-march=native`, OpenMP) into `$EMBER_CACHE_DIR/kernels/` the first time it is needed, and
+loads it with ctypes. The name of the built library hashes the sources, the flags, the
+compiler and the CPU's features, so an edit or another machine sharing the cache builds afresh.
+Without a compiler, or with `EMBER_NATIVE=0`, it returns None and callers keep their plain torch
+path.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from ember.models.loader import cache_root
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
+# Quantized matmuls (int8/int4 weights against int8-quantized activations) live in their own file.
+SOURCES = [SOURCE, Path(__file__).with_name("quant_kernels.c")]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
 
 _i64, _f32 = ctypes.c_int64, ctypes.c_float
@@ -53,6 +56,42 @@ SIGNATURES = {
     "rotary": [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64],
     "sample_logits": [_ptr, _i64, _i64, _ptr, _ptr],  # logits, rows, vocab, u (double), out
     "top_p_mask": [_ptr, _i64, _i64, _ptr],  # logits (in place), rows, vocab, p (float)
+    # x, rows, K, row stride, Kp, xq (int8), xd, xs
+    "quantize_rows_q8": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr],
+    # x, rows, K, x row stride, w, bits, scales, mins, N, Kp, group, bias, out, out stride
+    "linear_quant": [
+        _ptr,
+        _i64,
+        _i64,
+        _i64,
+        _ptr,
+        _i64,
+        _ptr,
+        _ptr,
+        _i64,
+        _i64,
+        _i64,
+        _ptr,
+        _ptr,
+        _i64,
+    ],  # fmt: skip
+    # xq, xd, xs, rows, w, bits, scales, mins, N, Kp, group, bias, out, out row stride
+    "gemm_quant": [
+        _ptr,
+        _ptr,
+        _ptr,
+        _i64,
+        _ptr,
+        _i64,
+        _ptr,
+        _ptr,
+        _i64,
+        _i64,
+        _i64,
+        _ptr,
+        _ptr,
+        _i64,
+    ],  # fmt: skip
 }
 
 
@@ -74,7 +113,9 @@ def _compiler() -> str | None:
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_features()]).encode()
+        "\0".join(
+            [*(p.read_text() for p in SOURCES), " ".join(FLAGS), version, _cpu_features()]
+        ).encode()
     ).hexdigest()[:16]
     target = cache_root() / "kernels" / f"cpu_kernels-{key}.so"
     if target.exists():
@@ -84,7 +125,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"]
+        cmd = [cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")

@@ -351,6 +351,8 @@ class ModelCard(BaseModel):
     owned_by: str = "ember"
     root: str | None = None
     max_model_len: int | None = None
+    # Weights in compute: "none", "int8-channel", "int4-g32-min", "gguf:Q4_1,Q8_0", ...
+    quantization: str | None = None
 
 
 class ModelList(BaseModel):

@@ -10,6 +10,11 @@ from ember.server.state import ServerState
 router = APIRouter()
 
 
+def _quantization(state: ServerState) -> str | None:
+    """The served model's quantization (a plain string the engine keeps), once loaded."""
+    return state.engine.core.runner.quantization if state.engine is not None else None
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> P.ModelList:
     state: ServerState = request.app.state.ember
@@ -20,6 +25,7 @@ async def list_models(request: Request) -> P.ModelList:
             created=int(state.started),
             root=state.config.served_model_names[0],
             max_model_len=state.max_model_len if ready else None,
+            quantization=_quantization(state),
         )
         for name in state.config.served_model_names
     ]
@@ -37,4 +43,5 @@ async def get_model(model_id: str, request: Request) -> P.ModelCard:
         created=int(state.started),
         root=state.config.served_model_names[0],
         max_model_len=state.max_model_len if state.engine is not None else None,
+        quantization=_quantization(state) if name != state.config.embedding_model_name else None,
     )

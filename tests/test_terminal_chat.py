@@ -193,7 +193,10 @@ def test_refused_key_says_so_and_exits(server):
 @pytest.mark.slow
 def test_in_process_engine_matches_the_server(server, tmp_path):
     """Without --url the default model runs in-process, and answers as the server does."""
-    chat = _spawn("--max-tokens", "8", "--temperature", "0", "--system", "Be brief.")
+    # The session server runs the float weights (--quantization none); so does this engine.
+    chat = _spawn(
+        "--max-tokens", "8", "--temperature", "0", "--system", "Be brief.", "--quantization", "none"
+    )
     chat.expect_exact(PROMPT, timeout=180)
     chat.sendline("Name a colour.")
     chat.expect_exact(PROMPT)

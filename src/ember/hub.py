@@ -375,6 +375,7 @@ class LocalModel:
     dtype: str
     size_bytes: int
     reason: str | None  # why Ember cannot serve it; None when it can
+    quantization: str = "none"  # weights in compute at --quantization auto (loader's wording)
 
     @property
     def servable(self) -> bool:
@@ -507,7 +508,10 @@ def _describe_gguf(path: Path, name: str, reason: str | None) -> LocalModel:
         return LocalModel(name, path, "?", None, "?", path.stat().st_size, f"unreadable GGUF: {e}")
     if reason is None and arch not in ("llama", "qwen2", "mistral"):
         reason = f"GGUF architecture {arch} is not one Ember converts (llama, qwen2, mistral)"
-    return LocalModel(name, path, f"gguf:{arch}", params, dtype, path.stat().st_size, reason)
+    from ember.models.loader import describe_quantization
+
+    quant = describe_quantization(str(path)) if reason is None else "?"
+    return LocalModel(name, path, f"gguf:{arch}", params, dtype, path.stat().st_size, reason, quant)
 
 
 def default_model_dirs() -> list[Path]:
@@ -657,6 +661,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                         "parameters": r.parameters,
                         "dtype": r.dtype,
                         "size_bytes": r.size_bytes,
+                        "quantization": r.quantization,
                         "servable": r.servable,
                         "reason": r.reason,
                     }
@@ -667,7 +672,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(box=None, header_style="bold")
-    for col in ("NAME", "ARCHITECTURE", "PARAMS", "DTYPE", "SIZE", "SERVABLE", "PATH"):
+    for col in ("NAME", "ARCHITECTURE", "PARAMS", "DTYPE", "QUANT", "SIZE", "SERVABLE", "PATH"):
         table.add_column(col, justify="right" if col in ("PARAMS", "SIZE") else "left")
     for r in rows:
         table.add_row(
@@ -675,6 +680,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             r.architecture,
             "?" if r.parameters is None else _human(r.parameters, ("", "K", "M", "B"), 1000),
             r.dtype,
+            r.quantization,
             _human(r.size_bytes, ("B", "KiB", "MiB", "GiB", "TiB"), 1024),
             "yes" if r.servable else f"no: {r.reason}",
             str(r.path),

@@ -52,6 +52,18 @@ def tiny_llm(tiny_llama):
 API_KEY = "test-key"
 
 
+def metric(base: str, name: str) -> float:
+    """The sum of a Prometheus metric's samples on a server's /metrics."""
+    import httpx
+
+    text = httpx.get(base + "/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
+
+
 def _free_port() -> int:
     import socket
 

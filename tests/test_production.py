@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import API_KEY, _free_port
+from conftest import API_KEY, _free_port, metric
 
 pytestmark = pytest.mark.slow
 
@@ -68,15 +68,6 @@ def wait_healthy(proc: subprocess.Popen, base: str, log: Path, timeout: float = 
             pass
         time.sleep(0.1)
     raise RuntimeError(f"ember serve did not become healthy; see {log}")
-
-
-def metric(base: str, name: str) -> float:
-    text = httpx.get(base + "/metrics").text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name) and not line.startswith("#")
-    )
 
 
 def wait_idle(base: str, timeout: float = 60) -> None:

@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import API_KEY
+from conftest import API_KEY, metric
 
 pytestmark = pytest.mark.slow
 
@@ -36,15 +36,6 @@ def _server_process(base: str) -> psutil.Process:
         if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
             return psutil.Process(conn.pid)
     raise RuntimeError(f"no process listens on {port}")
-
-
-def _metric(base: str, name: str) -> float:
-    text = httpx.get(base + "/metrics").text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name) and not line.startswith("#")
-    )
 
 
 async def _one(client: httpx.AsyncClient, base: str, kind: str, i: int, refs: dict) -> str:
@@ -118,9 +109,9 @@ def test_soak_mixed_requests_leave_nothing_behind(server, capsys):
     deadline = time.time() + 30
     while time.time() < deadline:
         if (
-            _metric(server, "ember:num_requests_running") == 0
-            and _metric(server, "ember:num_requests_waiting") == 0
-            and _metric(server, "ember:kv_cache_usage_perc") == 0
+            metric(server, "ember:num_requests_running") == 0
+            and metric(server, "ember:num_requests_waiting") == 0
+            and metric(server, "ember:kv_cache_usage_perc") == 0
         ):
             break
         time.sleep(0.2)

@@ -12,7 +12,15 @@ import torch
 
 from ember.models import quant
 from ember.models.layers import Linear
-from ember.models.quant import QuantFormat, QuantizedRows, gguf_rows, quant_matmul, quantize
+from ember.models.quant import (
+    QuantFormat,
+    QuantizedRows,
+    gguf_rows,
+    quant_matmul,
+    quantize,
+    tile,
+    untile,
+)
 from ember.native import cpu_kernels
 
 needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="no C compiler")
@@ -25,7 +33,16 @@ FORMATS = [
     QuantFormat(8, 32, True),  # Q5_K's layout
     QuantFormat(8, 16, True),  # a fused weight mixing both
 ]
-SHAPES = [(1, 5, 40), (3, 7, 128), (33, 9, 300), (2, 64, 576)]  # M, N (odd), K (odd multiples)
+# M, N, K: odd widths, partial tiles of 16 columns, every register-tile shape (1-4 rows, 1-4 tiles)
+SHAPES = [
+    (1, 5, 40),
+    (3, 7, 128),
+    (33, 9, 300),
+    (2, 64, 576),
+    (1, 70, 256),
+    (6, 100, 512),
+    (4, 48, 64),
+]
 
 
 def quantized_activations(x: torch.Tensor, kp: int) -> torch.Tensor:
@@ -50,7 +67,7 @@ def test_kernel_matches_float64_reference(fmt: QuantFormat, shape: tuple[int, in
     bias = torch.randn(n, generator=gen)
     rows = quantize(w, fmt)
     out = torch.full((m, n), float("nan"))  # poisoned: every element must be written
-    quant_matmul(x, rows.codes, rows.scales, rows.mins, fmt, k, bias, out=out)
+    quant_matmul(x, tile(rows), bias, out=out)
     wd = rows.dequantize().double()
     ref = quantized_activations(x, fmt.padded(k)) @ wd.T + bias.double()
     # float32 rounding of sums of k products: bounded by k * eps * sum |x||w|.
@@ -72,17 +89,33 @@ def test_round_to_nearest_error_is_within_half_a_step(fmt: QuantFormat) -> None:
     assert ((rows.dequantize() - w).abs() <= step / 2 + 1e-6).all()
 
 
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("n", [1, 16, 37])
+def test_tiled_layout_gives_the_rows_back(fmt: QuantFormat, n: int) -> None:
+    rows = quantize(torch.randn(n, 200, generator=torch.Generator().manual_seed(n)), fmt)
+    back = untile(tile(rows))
+    assert torch.equal(back.codes, rows.codes) and torch.equal(back.scales, rows.scales)
+    assert (back.mins is None) == (rows.mins is None)
+    if rows.mins is not None:
+        assert torch.equal(back.mins, rows.mins)
+
+
 @needs_kernels
 def test_m_zero_and_no_kernel_path_agree() -> None:
     w, x = torch.randn(6, 64), torch.randn(3, 64)
     rows = quantize(w, quant.int4_format(32))
-    assert quant_matmul(x[:0], rows.codes, rows.scales, rows.mins, rows.fmt, 64).shape == (0, 6)
+    assert quant_matmul(x[:0], tile(rows)).shape == (0, 6)
+    layer = Linear(64, 6, bias=False, device="meta")
+    layer.quantize_(rows.fmt)
+    layer.to_empty(device="cpu")
+    layer.load_rows(0, rows)
     # bfloat16 activations take the dequantizing path; both stay near the float product.
     ref = x @ rows.dequantize().T
-    fast = quant_matmul(x, rows.codes, rows.scales, rows.mins, rows.fmt, 64)
-    slow = quant_matmul(x.bfloat16(), rows.codes, rows.scales, rows.mins, rows.fmt, 64).float()
+    slow = layer(x.bfloat16()).float()
+    fast = layer(x)
     assert (fast - ref).abs().max() < 0.02 * ref.abs().max()
     assert (slow - ref).abs().max() < 0.02 * ref.abs().max()
+    assert torch.equal(layer.dequantized_weight(), rows.dequantize())  # tiled by now
 
 
 # ---------------------------------------------------------------- GGUF blocks
@@ -310,7 +343,7 @@ def test_other_cpu_paths_match_float64_reference(
             w, x = torch.randn(n, k, generator=gen), torch.randn(m, k, generator=gen)
             rows = quantize(w, fmt)
             out = torch.full((m, n), float("nan"))
-            quant_matmul(x, rows.codes, rows.scales, rows.mins, fmt, k, out=out)
+            quant_matmul(x, tile(rows), out=out)
             wd = rows.dequantize().double()
             ref = quantized_activations(x, fmt.padded(k)) @ wd.T
             bound = (x.double().abs() @ wd.abs().T) * k * 2**-23 + 1e-6

@@ -8,7 +8,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ember.models.quant import QuantFormat, QuantizedRows, quant_matmul, quantize
+from ember.models.quant import (
+    QuantFormat,
+    QuantizedRows,
+    TiledRows,
+    quant_matmul,
+    quantize,
+    tile,
+    untile,
+)
 from ember.native import cpu_kernels
 
 if TYPE_CHECKING:
@@ -37,6 +45,7 @@ class Linear(nn.Linear):
     weight is dropped and `qweight`/`qscale`/`qmin` buffers take its place."""
 
     _packed: torch.Tensor | None = None
+    _tiled: TiledRows | None = None  # a quantized weight in the CPU kernels' layout
     quant: QuantFormat | None = None
     quant_source: str = ""  # GGUF types the weight came from, when it came from a GGUF file
 
@@ -58,7 +67,7 @@ class Linear(nn.Linear):
     def load_rows(self, start: int, src: torch.Tensor | QuantizedRows) -> None:
         """Fill output rows start.. of a quantized layer from float rows (quantized here,
         round to nearest) or from rows already quantized (a GGUF tensor; carried over)."""
-        assert self.quant is not None
+        assert self.quant is not None and self._tiled is None, "load before pack_for_cpu"
         if isinstance(src, QuantizedRows):
             q = src.to_format(self.quant)
             if q.shape[1] != self.in_features:
@@ -81,15 +90,22 @@ class Linear(nn.Linear):
             self.quant_source = ",".join(filter(None, [self.quant_source, q.source]))
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.quantized_rows().dequantize(dtype)
+
+    def quantized_rows(self) -> QuantizedRows:
         assert self.quant is not None
-        rows = QuantizedRows(self.quant, self.qweight, self.qscale, self.qmin, self.in_features)
-        return rows.dequantize(dtype)
+        if self._tiled is not None:
+            return untile(self._tiled)
+        return QuantizedRows(self.quant, self.qweight, self.qscale, self.qmin, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is not None:
-            return quant_matmul(
-                x, self.qweight, self.qscale, self.qmin, self.quant, self.in_features, self.bias
-            )
+            if x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernels() is not None:
+                if self._tiled is None:
+                    self.pack_for_cpu(0)
+                assert self._tiled is not None
+                return quant_matmul(x, self._tiled, self.bias)
+            return nn.functional.linear(x, self.dequantized_weight(x.dtype), self.bias)
         if self._packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         if _ONEDNN_CPU_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32:
@@ -103,6 +119,8 @@ class Linear(nn.Linear):
         is `shared` with another module: a tied output layer keeps it for the embedding
         lookup and spends one more copy's memory, which pays for itself many times over
         (oneDNN would otherwise reorder the whole vocabulary matrix on every step)."""
+        if self.quant is not None:
+            return self._tile_quantized()
         w = self.weight
         if (
             w is None
@@ -114,6 +132,20 @@ class Linear(nn.Linear):
         self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch_hint)
         if not shared:
             self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        return True
+
+    def _tile_quantized(self) -> bool:
+        """Re-lay a quantized weight for the CPU kernels, in place of its row layout (same
+        bytes, no second copy kept)."""
+        if self._tiled is not None:
+            return True
+        if self.qweight.device.type != "cpu" or cpu_kernels() is None:
+            return False
+        t = tile(self.quantized_rows())
+        self.register_buffer("qweight", t.codes)
+        self.register_buffer("qscale", t.scales)
+        self.register_buffer("qmin", t.mins)
+        self._tiled = t
         return True
 
 

@@ -12,10 +12,11 @@ padding is zeros):
   element j + 16 high, GGUF's own order). `--quantization int4` uses groups of 32 or 128 with
   a minimum; GGUF Q4_0, Q4_1 and Q4_K land here with group 32.
 
-On the CPU the matmul is Ember's C kernel (native/quant_kernels.c): activations are quantized
-per 32 columns to int8, the products are integer, scales apply in float32. Elsewhere (a GPU,
-or no C compiler) the weight is dequantized to the activation dtype for each call: correct and
-still small in memory, though not a fast path.
+On the CPU the matmul is Ember's C kernel (native/quant_kernels.c), over the codes re-laid
+for it once at load (`tile`): activations are quantized per 32 columns to int8, the
+products are integer, scales apply in float32. Elsewhere (a GPU, or no C compiler) the weight
+is dequantized to the activation dtype for each call: correct and still small in memory,
+though not a fast path.
 """
 
 from __future__ import annotations
@@ -190,45 +191,111 @@ def quantize(w: torch.Tensor, fmt: QuantFormat) -> QuantizedRows:
 
 # ---------------------------------------------------------------- the matmul
 
+TILE = 16  # output columns per tile of the CPU kernels' layout
+
+
+@dataclass
+class TiledRows:
+    """A quantized weight in the CPU kernels' tiled layout (native/quant_kernels.c): 16 output
+    columns x 4 inputs in each 64 bytes, so one vpdpbusd takes 64 products for 16 outputs.
+    Made once at load by `tile`; `untile` gives the rows back exactly."""
+
+    fmt: QuantFormat
+    codes: torch.Tensor  # uint8, T * Kp * 16 bytes (bits 8) or T * Kp * 8 (bits 4)
+    scales: torch.Tensor  # float32 [T, Kp / group, 16]
+    mins: torch.Tensor | None
+    out_features: int
+    in_features: int
+
+    @property
+    def kp(self) -> int:
+        return self.fmt.padded(self.in_features)
+
+
+def tile(rows: QuantizedRows) -> TiledRows:
+    """Rows [N, Kp] → the tiled layout (N padded to whole tiles with zero codes and scales)."""
+    fmt, kp = rows.fmt, rows.fmt.padded(rows.in_features)
+    n = rows.codes.shape[0]
+    t = (n + TILE - 1) // TILE
+    pad_rows = t * TILE - n
+    codes = rows.codes
+    if fmt.bits == 8:
+        u = (codes.to(torch.int16) + 128).to(torch.uint8)
+        u = torch.nn.functional.pad(u, (0, 0, 0, pad_rows), value=128)
+        tiled = u.view(t, TILE, kp // 4, 4).permute(0, 2, 1, 3)
+    else:
+        c = torch.nn.functional.pad(unpack_q4(codes), (0, 0, 0, pad_rows))
+        c = c.view(t, TILE, kp // 32, 2, 4, 4).permute(0, 2, 4, 1, 5, 3)  # t, b, v, col, i, half
+        tiled = c[..., 0] | (c[..., 1] << 4)
+    g = fmt.group_for(kp)
+
+    def per_tile(v: torch.Tensor | None) -> torch.Tensor | None:
+        if v is None:
+            return None
+        v = torch.nn.functional.pad(v.float(), (0, 0, 0, pad_rows))
+        return v.view(t, TILE, kp // g).permute(0, 2, 1).contiguous()
+
+    return TiledRows(
+        fmt,
+        tiled.contiguous().view(-1),
+        per_tile(rows.scales),
+        per_tile(rows.mins),
+        n,
+        rows.in_features,
+    )
+
+
+def untile(t: TiledRows) -> QuantizedRows:
+    fmt, kp, n = t.fmt, t.kp, t.out_features
+    nt = t.scales.shape[0]
+    if fmt.bits == 8:
+        c = t.codes.view(nt, kp // 4, TILE, 4).permute(0, 2, 1, 3).reshape(nt * TILE, kp)
+        codes = (c.to(torch.int16) - 128).to(torch.int8)[:n]
+    else:
+        b = t.codes.view(nt, kp // 32, 4, TILE, 4)
+        both = torch.stack((b & 0x0F, b >> 4), dim=-1)  # t, b, v, col, i, half
+        c = both.permute(0, 3, 1, 5, 2, 4).reshape(nt * TILE, kp)
+        codes = pack_q4(c[:n])
+
+    def rows_of(v: torch.Tensor | None) -> torch.Tensor | None:
+        return None if v is None else v.permute(0, 2, 1).reshape(nt * TILE, -1)[:n].contiguous()
+
+    return QuantizedRows(fmt, codes, rows_of(t.scales), rows_of(t.mins), t.in_features)
+
 
 def quant_matmul(
     x: torch.Tensor,
-    codes: torch.Tensor,
-    scales: torch.Tensor,
-    mins: torch.Tensor | None,
-    fmt: QuantFormat,
-    in_features: int,
+    w: TiledRows,
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [M, K] @ W.T (+ bias) for a quantized W; `out`, if given, is [M, N] float32."""
-    lib = cpu_kernels() if x.device.type == "cpu" else None
-    if lib is None or x.dtype != torch.float32:
-        w = QuantizedRows(fmt, codes, scales, mins, in_features).dequantize(x.dtype)
-        return torch.nn.functional.linear(x, w, bias)
+    """x [..., K] float32 on the CPU @ W.T (+ bias) by the C kernel; `out`, if given, is
+    [M, N] float32. Needs the kernels (`cpu_kernels()` not None)."""
+    lib = cpu_kernels()
+    assert lib is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+    k = w.in_features
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
+    x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    m = x2.shape[0]
-    n = codes.shape[0]
-    kp = codes.shape[1] * (2 if fmt.bits == 4 else 1)
+    m, n = x2.shape[0], w.out_features
     if out is None:
         out = torch.empty(m, n, dtype=torch.float32)
     if m == 0:
         return out.view(*lead, n)
+    kp = w.kp
     lib.linear_quant(
         x2.data_ptr(),
         m,
-        in_features,
+        k,
         x2.stride(0),
-        codes.data_ptr(),
-        fmt.bits,
-        scales.data_ptr(),
-        None if mins is None else mins.data_ptr(),
+        w.codes.data_ptr(),
+        w.fmt.bits,
+        w.scales.data_ptr(),
+        None if w.mins is None else w.mins.data_ptr(),
         n,
         kp,
-        fmt.group_for(kp),
+        w.fmt.group_for(kp),
         None if bias is None else bias.data_ptr(),
         out.data_ptr(),
         n,

@@ -56,30 +56,13 @@ SIGNATURES = {
     "rotary": [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64],
     "sample_logits": [_ptr, _i64, _i64, _ptr, _ptr],  # logits, rows, vocab, u (double), out
     "top_p_mask": [_ptr, _i64, _i64, _ptr],  # logits (in place), rows, vocab, p (float)
-    # x, rows, K, row stride, Kp, xq (int8), xd, xs
+    # x, rows, K, row stride, Kp, xq (int8), xd (float), xs (int32 sums per 16 columns)
     "quantize_rows_q8": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr],
-    # x, rows, K, x row stride, w, bits, scales, mins, N, Kp, group, bias, out, out stride
+    # x, rows, K, x row stride, w (tiled), bits, scales, mins, N, Kp, group, bias, out, out stride
     "linear_quant": [
         _ptr,
         _i64,
         _i64,
-        _i64,
-        _ptr,
-        _i64,
-        _ptr,
-        _ptr,
-        _i64,
-        _i64,
-        _i64,
-        _ptr,
-        _ptr,
-        _i64,
-    ],  # fmt: skip
-    # xq, xd, xs, rows, w, bits, scales, mins, N, Kp, group, bias, out, out row stride
-    "gemm_quant": [
-        _ptr,
-        _ptr,
-        _ptr,
         _i64,
         _ptr,
         _i64,

@@ -83,9 +83,9 @@ def test_gauges_have_the_picker_semantics_under_load(server):
         "stream": True,
     }
     with httpx.stream("POST", server + "/v1/completions", json=body, headers=AUTH, timeout=60) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                break  # generating now
+        assert r.status_code == 200, r.read().decode()
+        first = next((line for line in r.iter_lines() if line.startswith("data: ")), "")
+        assert '"text"' in first, f"no token streamed first: {first!r}"  # generating now
         busy = scrape(server)
         assert gauge(busy, running) == 1
         assert gauge(busy, waiting) == 0

@@ -19,6 +19,7 @@ from ember.engine.attention import AttentionBackend, SeqSpan, get_backend
 from ember.engine.cuda_graphs import DecodeGraphs, fill_decode_rows
 from ember.engine.scheduler import ScheduledSeq
 from ember.models import loader, quant
+from ember.models.cpu_decode import CpuQuantDecoder
 from ember.models.registry import model_class
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,8 @@ class ModelRunner:
             self.block_size,
             self.num_blocks * kv_bytes_per_block / 2**20,
         )
+        # Quantized models on the CPU run decode steps through every layer in one C call.
+        self.fused_decode = CpuQuantDecoder.build(self.model, self.backend, self.kv_caches)
         self.graphs: DecodeGraphs | None = None
         if (
             self.device.type == "cuda"
@@ -295,7 +298,10 @@ class ModelRunner:
             return logits.float(), {}
         inputs, spans, num_decodes = self._prepare(batch)
         meta = self.backend.build_metadata(spans, num_decodes, self.kv_caches, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, meta)
+        if self.fused_decode is not None and self.fused_decode.applies(meta):
+            hidden = self.fused_decode(inputs.input_ids, inputs.positions, meta)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, meta)
         sample = self.model.compute_logits(hidden[inputs.sample_rows]).float()
         prompt: dict[int, torch.Tensor] = {}
         for i in prompt_logits_for:

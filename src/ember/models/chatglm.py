@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ember.engine.attention import AttentionBackend, AttentionMetadata
+from ember.models.cpu_decode import DecoderParts, LayerParts
 from ember.models.layers import (
     FusedQKVAttention,
     Linear,
@@ -208,6 +209,31 @@ class ChatGLMForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.transformer.output_layer(hidden)
+
+    def decoder_parts(self) -> DecoderParts:
+        """The blocks by role, for the CPU's fused decode step (models/cpu_decode.py)."""
+        a = self.args
+        layers = [
+            LayerParts(
+                block.input_layernorm,
+                block.self_attention.query_key_value,
+                block.self_attention.dense,
+                block.post_attention_layernorm,
+                block.mlp.dense_h_to_4h,
+                block.mlp.dense_4h_to_h,
+            )
+            for block in self.transformer.encoder.layers
+        ]
+        return DecoderParts(
+            self.transformer.embedding.word_embeddings,
+            layers,
+            self.transformer.encoder.final_layernorm,
+            self.rotary,
+            a.hidden_size,
+            a.num_heads,
+            a.num_kv_heads,
+            a.head_dim,
+        )
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors into parameters; returns the parameter names filled."""

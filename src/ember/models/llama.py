@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ember.engine.attention import AttentionBackend, AttentionMetadata
+from ember.models.cpu_decode import DecoderParts, LayerParts
 from ember.models.layers import (
     FusedQKVAttention,
     Linear,
@@ -172,6 +173,31 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def decoder_parts(self) -> DecoderParts:
+        """The layers by role, for the CPU's fused decode step (models/cpu_decode.py)."""
+        a = self.args
+        layers = [
+            LayerParts(
+                layer.input_layernorm,
+                layer.self_attn.qkv_proj,
+                layer.self_attn.o_proj,
+                layer.post_attention_layernorm,
+                layer.mlp.gate_up_proj,
+                layer.mlp.down_proj,
+            )
+            for layer in self.model.layers
+        ]
+        return DecoderParts(
+            self.model.embed_tokens,
+            layers,
+            self.model.norm,
+            self.rotary,
+            a.hidden_size,
+            a.num_heads,
+            a.num_kv_heads,
+            a.head_dim,
+        )
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors into parameters (or quantized layers); returns the names

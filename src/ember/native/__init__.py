@@ -1,6 +1,6 @@
 """Ember's C kernels for the CPU, built once per machine with the system's C compiler.
 
-`cpu_kernels()` compiles `cpu_kernels.c` and `quant_kernels.c` for the host CPU
+`cpu_kernels()` compiles `cpu_kernels.c`, `quant_kernels.c` and `decode_layers.c` for the host CPU
 (`-march=native`, OpenMP) into `$EMBER_CACHE_DIR/kernels/` the first time it is needed, and
 loads it with ctypes. The name of the built library hashes the sources, the flags, the
 compiler and the CPU's features, so an edit or another machine sharing the cache builds afresh.
@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # Quantized matmuls (int8/int4 weights against int8-quantized activations) live in their own file.
-SOURCES = [SOURCE, Path(__file__).with_name("quant_kernels.c")]
+# the decode step through every layer in one call (models/cpu_decode.py) in a third.
+SOURCES = [SOURCE, *(Path(__file__).with_name(n) for n in ("quant_kernels.c", "decode_layers.c"))]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
 
 _i64, _f32 = ctypes.c_int64, ctypes.c_float
@@ -75,6 +76,9 @@ SIGNATURES = {
         _ptr,
         _i64,
     ],  # fmt: skip
+    # layers, num_layers, dims, final norm, rows, x, residual, out, cos, sin, slots,
+    # block_tables, context_lens, max_blocks (structures in models/cpu_decode.py)
+    "decode_layers": [_ptr, _i64, _ptr, _ptr, _i64, *[_ptr] * 8, _i64],
 }
 
 

@@ -98,8 +98,11 @@ static inline __attribute__((always_inline)) void tile_avx512(
     const float *ws, const float *wm, int64_t gb, const acts_t *a, int64_t m0, int64_t n0, int64_t N,
     const float *bias, float *out, int64_t ldo) {
     const int64_t Kp = a->Kp, nb = a->nb, ng = a->ng;
-    __m512 facc[MR][NT], gacc[MR][NT];
-    __m512i acc[MR][NT];
+    /* Sized by the largest tile, not by MR and NT: arrays sized by parameters would be
+     * variable-length, which GCC keeps on the stack even after inlining makes MR and NT
+     * constants (every dpbusd then loads and stores its accumulator: 3-4x slower). */
+    __m512 facc[4][4], gacc[4][4];
+    __m512i acc[4][4];
     const __m512i low4 = _mm512_set1_epi8(0x0F);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; m++)
@@ -151,7 +154,7 @@ static inline __attribute__((always_inline)) void tile_avx512(
 #pragma GCC unroll 8
             for (int j = 0; j < 8; j++) {
                 if (GK == GK16 && j == 4) EPILOGUE(2 * b, 2 * b, 1);
-                __m512i wv[NT];
+                __m512i wv[4];
 #pragma GCC unroll 8
                 for (int t = 0; t < NT; t++) wv[t] = _mm512_loadu_si512((const void *)(wb + t * tb + j * 64));
 #pragma GCC unroll 8
@@ -167,7 +170,7 @@ static inline __attribute__((always_inline)) void tile_avx512(
             const uint8_t *wb = w + b * 256;
 #pragma GCC unroll 4
             for (int v = 0; v < 4; v++) {
-                __m512i lo[NT], hi[NT];
+                __m512i lo[4], hi[4];
 #pragma GCC unroll 8
                 for (int t = 0; t < NT; t++) {
                     const __m512i raw = _mm512_loadu_si512((const void *)(wb + t * tb + v * 64));
@@ -286,8 +289,8 @@ static inline __attribute__((always_inline)) void tile_avx2(
     const acts_t *a, int64_t m0, int64_t n0, int64_t N, const float *bias, float *out, int64_t ldo) {
     /* One tile (16 columns, two halves h) against MR rows. */
     const int64_t Kp = a->Kp, nb = a->nb, ng = a->ng;
-    __m256 facc[MR][2], gacc[MR][2];
-    __m256i acc[MR][2];
+    __m256 facc[2][2], gacc[2][2]; /* fixed sizes: see tile_avx512 */
+    __m256i acc[2][2];
     const __m256i low4 = _mm256_set1_epi8(0x0F);
 #ifdef EMBER_DPBUSD
     const int corr = BITS == 8;

@@ -9,7 +9,9 @@ For each model, in one process (the served model in a child `ember serve`), it m
 3. Ember at batch 1: decode tokens/s, its fraction of the roofline, and how long the GPU sits
    idle per step (wall time per step against one replay of the batch-1 CUDA graph);
 4. Ember offline throughput: 512 requests of 128 random prompt tokens, 256 output tokens each;
-5. the same through `ember serve` and `ember bench` at concurrency 256.
+5. the same through `ember serve` and `ember bench` at concurrency 256;
+6. Ember at batch 1 with int4 and int8 weights (`--quantizations`), against the roofline of
+   the quantized bytes: <q>_batch1_tok_per_s, <q>_roofline_steps_per_s, <q>_weight_bytes.
 Weights are random (`--load-format dummy`), bf16, which runs exactly like real ones. Prints JSON
 with, per model: model, roofline_steps_per_s, hf_batch1_tok_per_s, batch1_tok_per_s,
 batch1_roofline_fraction, offline_tok_per_s, serve_tok_per_s, serve_ttft_p50_ms, and more.
@@ -187,6 +189,17 @@ def weight_bytes(cfg: dict[str, Any], dtype_bytes: int = 2) -> int:
     with torch.device("meta"):
         model = model_class(cfg)(cfg, backend=None)
     return sum(p.numel() for p in model.parameters()) * dtype_bytes
+
+
+def loaded_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a loaded model's weights as they sit in memory: float parameters plus the
+    quantized layers' codes, scales and minimums (what a batch-1 step reads)."""
+    quantized = {"qweight", "qscale", "qmin"}
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for name, b in model.named_buffers():
+        if name.rsplit(".", 1)[-1] in quantized:
+            total += b.numel() * b.element_size()
+    return total
 
 
 def free_memory() -> None:
@@ -391,6 +404,20 @@ def bench_model(name: str, args: argparse.Namespace, work: Path, log_dir: Path) 
     del llm
     free_memory()
 
+    for q in filter(None, args.quantizations.split(",")):
+        llm = ember.LLM(str(model_dir), **engine_args, quantization=q)
+        qbytes = loaded_weight_bytes(llm.engine.runner.model)
+        row[f"{q}_weight_bytes"] = qbytes
+        row[f"{q}_roofline_steps_per_s"] = bw / qbytes
+        measured = ember_batch1(llm, clock, p1, args.batch1_tokens)
+        row[f"{q}_batch1_tok_per_s"] = measured["batch1_tok_per_s"]
+        row[f"{q}_batch1_roofline_fraction"] = measured["batch1_tok_per_s"] * qbytes / bw
+        log(f"{name}: Ember {q} batch 1: {measured['batch1_tok_per_s']:.1f} tok/s "
+            f"({qbytes / 1e9:.2f} GB, {100 * row[f'{q}_batch1_roofline_fraction']:.0f}% of "
+            f"its roofline)")  # fmt: skip
+        del llm
+        free_memory()
+
     if not args.skip_serve:
         flags = ["--load-format", "dummy", "--dtype", args.dtype, "--device", args.device]
         flags += ["--max-num-seqs", str(args.concurrency)]
@@ -443,6 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch1-tokens", type=int, default=256)
     ap.add_argument("--copy-bytes", type=int, default=1 << 30)
     ap.add_argument("--enforce-eager", action="store_true", help="No CUDA graphs (to compare).")
+    ap.add_argument(
+        "--quantizations",
+        default="int4,int8",
+        help="Also measure batch-1 decode with these weight formats (comma-separated; '' for none).",
+    )
     ap.add_argument("--skip-serve", action="store_true")
     ap.add_argument("--log-dir", default=None, help="Server and bench logs; default: a temp dir.")
     ap.add_argument("--out", default=None, help="Also write the JSON here.")

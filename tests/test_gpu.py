@@ -112,3 +112,24 @@ def test_cuda_graph_replay_equals_eager(tiny_llama) -> None:
             rtol=1e-2,
             atol=1e-2,
         )
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_weights_on_cuda_match_their_dequantized_weights(
+    tiny_llama, quantization: str
+) -> None:
+    """The Triton quantized matmul inside the engine (CUDA graphs included) against the same
+    quantized weights dequantized into plain linear layers, in float32 for a tight bound."""
+    from ember.models import layers
+
+    quant = _llm(tiny_llama, dtype="float32", quantization=quantization)
+    ours = _step_logits(quant, PROMPTS)
+    assert "quant_linear" in dir(layers.quant_ops(torch.zeros(1, device="cuda")))
+    for module in quant.engine.runner.model.modules():
+        if isinstance(module, layers.Linear) and module.quant is not None:
+            weight = module.dequantized_weight(torch.float32)
+            module.quant = None
+            module.weight = torch.nn.Parameter(weight, requires_grad=False)
+    quant.engine.runner.graphs = None
+    ref = _step_logits(quant, PROMPTS)
+    torch.testing.assert_close(ours, ref, rtol=1e-3, atol=1e-3)

@@ -40,6 +40,12 @@ def test_gpu_benchmark_dry_run_reports_every_figure(tmp_path) -> None:
     for key in REQUIRED[1:]:
         assert row[key] > 0, key
     assert row["serve_completed"] == report["requests"] and row["serve_errors"] == 0
+    # int4 and int8 weights, each against the roofline of its own (smaller) bytes.
+    for q in ("int4", "int8"):
+        assert 0 < row[f"{q}_weight_bytes"] < row["weight_bytes"], q
+        assert row[f"{q}_roofline_steps_per_s"] > row["roofline_steps_per_s"], q
+        assert row[f"{q}_batch1_tok_per_s"] > 0, q
+    assert row["int4_weight_bytes"] < row["int8_weight_bytes"]
     assert (tmp_path / "serve-llama-2-7b.log").exists()
 
 

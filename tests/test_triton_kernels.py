@@ -289,3 +289,93 @@ def test_engine_on_the_triton_backend_generates_what_transformers_does(tiny_llam
     # Three sequences decode in bucket 4 with a padding row; prompts now hit the prefix cache.
     assert [r.outputs[0].token_ids for r in llm.generate(prompts, params)] == expected
     assert 3 in calls
+
+
+def quant_ops():
+    from ember.models import triton_quant
+
+    return triton_quant
+
+
+def on_device(rows):
+    """Quantized rows with their tensors where the kernels run."""
+    import dataclasses
+
+    mins = None if rows.mins is None else rows.mins.to(DEVICE)
+    return dataclasses.replace(
+        rows, codes=rows.codes.to(DEVICE), scales=rows.scales.to(DEVICE), mins=mins
+    )
+
+
+@pytest.mark.parametrize("fmt_name", ["int8-channel", "int4-g32", "int4-g128", "q8-g32", "q8-g16"])
+@pytest.mark.parametrize("m, n, k", [(1, 37, 100), (5, 64, 256), (19, 80, 64)])
+def test_quant_linear_matches_the_dequantized_weight(fmt_name: str, m: int, n: int, k: int) -> None:
+    """x @ W.T (+ bias) with W's rows still quantized equals the product with W dequantized:
+    odd widths (K padded to whole groups), partial column and row tiles, every layout."""
+    from ember.models import quant
+
+    fmt = {
+        "int8-channel": quant.INT8_CHANNEL,
+        "int4-g32": quant.int4_format(32),
+        "int4-g128": quant.int4_format(128),
+        "q8-g32": quant.QuantFormat(8, 32, False),  # GGUF Q8_0
+        "q8-g16": quant.QuantFormat(8, 16, False),  # Q6_K's layout
+    }[fmt_name]
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    w, x = torch.randn(n, k, generator=gen), torch.randn(m, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    rows = quant.quantize(w, fmt)
+    expected = x @ rows.dequantize().T + bias
+    rows_d = on_device(rows)
+    x_d, bias_d = kernels_on_device(x, bias)
+    out = quant_ops().quant_linear(x_d, rows_d, bias_d).cpu()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    no_bias = quant_ops().quant_linear(x_d.view(m, 1, k), rows_d).cpu()
+    assert no_bias.shape == (m, 1, n)
+    torch.testing.assert_close(no_bias.view(m, n), expected - bias, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quant_linear_in_half_precision_is_within_its_rounding(dtype: torch.dtype) -> None:
+    """The tensor-core path: the dequantized tile rounded to the activations' dtype."""
+    from ember.models import quant
+
+    if dtype == torch.bfloat16 and DEVICE.type == "cpu":
+        pytest.skip("the interpreter's bfloat16 tl.dot is wrong: checked where CUDA is")
+    gen = torch.Generator().manual_seed(9)
+    w, x = torch.randn(48, 128, generator=gen), torch.randn(3, 128, generator=gen)
+    rows = quant.quantize(w, quant.int4_format(32))
+    expected = x.to(dtype).float() @ rows.dequantize().T
+    out = quant_ops().quant_linear(kernels_on_device(x.to(dtype))[0], on_device(rows))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.cpu().float(), expected, rtol=2e-2, atol=5e-2)
+
+
+def test_quantized_linear_layer_runs_the_triton_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quantized `Linear` on CUDA (here: float16 activations, the kernel interpreted) takes
+    the Triton path with its own rows and bias, and answers as its dequantized weight does."""
+    from ember.models import layers, quant
+
+    linear = layers.Linear(100, 40, bias=True)
+    with torch.no_grad():
+        linear.bias.normal_()
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 100, generator=gen)
+    linear.quantize_(quant.int4_format(32))
+    linear.load_rows(0, w)
+    linear.to(DEVICE)
+    calls = []
+    real = quant_ops()
+
+    class Spy:
+        @staticmethod
+        def quant_linear(x, rows, bias):
+            calls.append(rows.fmt)
+            return real.quant_linear(x, rows, bias)
+
+    monkeypatch.setattr(layers, "quant_ops", lambda x: Spy)
+    x = torch.randn(2, 100, generator=gen).half()
+    out = linear(kernels_on_device(x)[0])
+    assert calls == [quant.int4_format(32)]
+    expected = x.float() @ linear.dequantized_weight().cpu().T + linear.bias.detach().cpu()
+    torch.testing.assert_close(out.cpu().float(), expected, rtol=2e-2, atol=5e-2)

@@ -105,6 +105,9 @@ class Linear(nn.Linear):
                     self.pack_for_cpu(0)
                 assert self._tiled is not None
                 return quant_matmul(x, self._tiled, self.bias)
+            ops = quant_ops(x)
+            if ops is not None:  # CUDA: dequantized tile by tile in registers, never whole
+                return ops.quant_linear(x, self.quantized_rows(), self.bias)
             return nn.functional.linear(x, self.dequantized_weight(x.dtype), self.bias)
         if self._packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
@@ -166,6 +169,23 @@ def fused_ops(x: torch.Tensor) -> Any:
             triton_ops = False  # type: ignore[assignment]
         _triton_ops = triton_ops
     return _triton_ops or None
+
+
+_triton_quant: Any = None
+
+
+def quant_ops(x: torch.Tensor) -> Any:
+    """`triton_quant` when x is a CUDA tensor and Triton is installed, else None."""
+    global _triton_quant
+    if not x.is_cuda:
+        return None
+    if _triton_quant is None:
+        try:
+            from ember.models import triton_quant
+        except ImportError:
+            triton_quant = False  # type: ignore[assignment]
+        _triton_quant = triton_quant
+    return _triton_quant or None
 
 
 class RMSNorm(nn.Module):

@@ -90,8 +90,13 @@ def test_round_to_nearest_error_is_within_half_a_step(fmt: QuantFormat) -> None:
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
-@pytest.mark.parametrize("n", [1, 16, 37])
-def test_tiled_layout_gives_the_rows_back(fmt: QuantFormat, n: int) -> None:
+@pytest.mark.parametrize("n", [1, 16, 37, 85])
+@pytest.mark.parametrize("chunk", [1, 2, 64])
+def test_tiled_layout_gives_the_rows_back(
+    fmt: QuantFormat, n: int, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever the chunks the re-lay goes by (the last one partial, its last tile padded)."""
+    monkeypatch.setattr(quant, "TILE_CHUNK", chunk)
     rows = quantize(torch.randn(n, 200, generator=torch.Generator().manual_seed(n)), fmt)
     back = untile(tile(rows))
     assert torch.equal(back.codes, rows.codes) and torch.equal(back.scales, rows.scales)

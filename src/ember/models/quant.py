@@ -212,37 +212,44 @@ class TiledRows:
         return self.fmt.padded(self.in_features)
 
 
+TILE_CHUNK = 64  # tiles (1,024 rows) re-laid at a time: the temporaries stay a few MiB
+
+
 def tile(rows: QuantizedRows) -> TiledRows:
-    """Rows [N, Kp] → the tiled layout (N padded to whole tiles with zero codes and scales)."""
+    """Rows [N, Kp] → the tiled layout (N padded to whole tiles with zero codes and scales).
+
+    Done a chunk of tiles at a time into the final buffers: whole-matrix temporaries (the
+    unpacked codes alone are twice the packed bytes) would raise a 7B model's peak memory at
+    load by a fifth, through the heap holes they leave behind."""
     fmt, kp = rows.fmt, rows.fmt.padded(rows.in_features)
     n = rows.codes.shape[0]
     t = (n + TILE - 1) // TILE
-    pad_rows = t * TILE - n
-    codes = rows.codes
-    if fmt.bits == 8:
-        u = (codes.to(torch.int16) + 128).to(torch.uint8)
-        u = torch.nn.functional.pad(u, (0, 0, 0, pad_rows), value=128)
-        tiled = u.view(t, TILE, kp // 4, 4).permute(0, 2, 1, 3)
-    else:
-        c = torch.nn.functional.pad(unpack_q4(codes), (0, 0, 0, pad_rows))
-        c = c.view(t, TILE, kp // 32, 2, 4, 4).permute(0, 2, 4, 1, 5, 3)  # t, b, v, col, i, half
-        tiled = c[..., 0] | (c[..., 1] << 4)
     g = fmt.group_for(kp)
-
-    def per_tile(v: torch.Tensor | None) -> torch.Tensor | None:
-        if v is None:
-            return None
-        v = torch.nn.functional.pad(v.float(), (0, 0, 0, pad_rows))
-        return v.view(t, TILE, kp // g).permute(0, 2, 1).contiguous()
-
-    return TiledRows(
-        fmt,
-        tiled.contiguous().view(-1),
-        per_tile(rows.scales),
-        per_tile(rows.mins),
-        n,
-        rows.in_features,
-    )
+    tile_bytes = TILE * kp if fmt.bits == 8 else TILE * kp // 2
+    codes = torch.empty(t * tile_bytes, dtype=torch.uint8)
+    scales = torch.empty(t, kp // g, TILE, dtype=torch.float32)
+    mins = None if rows.mins is None else torch.empty(t, kp // g, TILE, dtype=torch.float32)
+    for t0 in range(0, t, TILE_CHUNK):
+        t1 = min(t, t0 + TILE_CHUNK)
+        r0, r1 = t0 * TILE, min(n, t1 * TILE)
+        nt, pad_rows = t1 - t0, t1 * TILE - r1
+        part = rows.codes[r0:r1]
+        if fmt.bits == 8:
+            u = (part.to(torch.int16) + 128).to(torch.uint8)
+            u = torch.nn.functional.pad(u, (0, 0, 0, pad_rows), value=128)
+            tiled = u.view(nt, TILE, kp // 4, 4).permute(0, 2, 1, 3)
+        else:
+            c = torch.nn.functional.pad(unpack_q4(part), (0, 0, 0, pad_rows))
+            c = c.view(nt, TILE, kp // 32, 2, 4, 4).permute(
+                0, 2, 4, 1, 5, 3
+            )  # t, b, v, col, i, half
+            tiled = c[..., 0] | (c[..., 1] << 4)
+        codes[t0 * tile_bytes : t1 * tile_bytes].view(tiled.shape).copy_(tiled)
+        for src, dst in ((rows.scales, scales), (rows.mins, mins)):
+            if src is not None and dst is not None:
+                v = torch.nn.functional.pad(src[r0:r1].float(), (0, 0, 0, pad_rows))
+                dst[t0:t1].copy_(v.view(nt, TILE, kp // g).permute(0, 2, 1))
+    return TiledRows(fmt, codes, scales, mins, n, rows.in_features)
 
 
 def untile(t: TiledRows) -> QuantizedRows:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -153,39 +154,30 @@ class Linear(nn.Linear):
 
 
 _FUSED_DTYPES = (torch.bfloat16, torch.float16)
-_triton_ops: Any = None
+_triton_modules: dict[str, Any] = {}
+
+
+def _triton_module(name: str) -> Any:
+    """`ember.models.<name>`, imported on first use; None where Triton is not installed."""
+    if name not in _triton_modules:
+        try:
+            _triton_modules[name] = importlib.import_module(f"ember.models.{name}")
+        except ImportError:
+            _triton_modules[name] = None
+    return _triton_modules[name]
 
 
 def fused_ops(x: torch.Tensor) -> Any:
     """The Triton kernels of `triton_ops` when x is a CUDA tensor in bfloat16/float16 and
     Triton is installed, else None (the torch code below runs)."""
-    global _triton_ops
     if not x.is_cuda or x.dtype not in _FUSED_DTYPES:
         return None
-    if _triton_ops is None:
-        try:
-            from ember.models import triton_ops
-        except ImportError:
-            triton_ops = False  # type: ignore[assignment]
-        _triton_ops = triton_ops
-    return _triton_ops or None
-
-
-_triton_quant: Any = None
+    return _triton_module("triton_ops")
 
 
 def quant_ops(x: torch.Tensor) -> Any:
     """`triton_quant` when x is a CUDA tensor and Triton is installed, else None."""
-    global _triton_quant
-    if not x.is_cuda:
-        return None
-    if _triton_quant is None:
-        try:
-            from ember.models import triton_quant
-        except ImportError:
-            triton_quant = False  # type: ignore[assignment]
-        _triton_quant = triton_quant
-    return _triton_quant or None
+    return _triton_module("triton_quant") if x.is_cuda else None
 
 
 class RMSNorm(nn.Module):

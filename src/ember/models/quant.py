@@ -474,18 +474,23 @@ def init_dummy_quantized(model: torch.nn.Module, seed: int = 0) -> None:
     for name, m in model.named_modules():
         if not isinstance(m, Linear) or m.quant is None:
             continue
-        gen = torch.Generator(device=m.qweight.device).manual_seed(seed + zlib.crc32(name.encode()))
+        dev = m.qweight.device  # the generator and the draws on it: CPU or CUDA alike
+        gen = torch.Generator(device=dev).manual_seed(seed + zlib.crc32(name.encode()))
         with torch.no_grad():
             if m.quant.bits == 4:
                 # Both nibbles uniform on 0..15: w uniform on ±7.5 * scale.
                 m.qweight.copy_(
-                    torch.randint(0, 256, m.qweight.shape, generator=gen, dtype=torch.uint8)
+                    torch.randint(
+                        0, 256, m.qweight.shape, generator=gen, dtype=torch.uint8, device=dev
+                    )
                 )
                 m.qscale.fill_(0.02 * math.sqrt(3) / 7.5)
                 m.qmin.fill_(-7.5 * 0.02 * math.sqrt(3) / 7.5)
             else:
                 m.qweight.copy_(
-                    torch.randint(-127, 128, m.qweight.shape, generator=gen, dtype=torch.int8)
+                    torch.randint(
+                        -127, 128, m.qweight.shape, generator=gen, dtype=torch.int8, device=dev
+                    )
                 )
                 m.qscale.fill_(0.02 * math.sqrt(3) / 127)
                 if m.qmin is not None:

@@ -104,9 +104,10 @@ def quant_linear(
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(*lead, n)
-    # Decode steps (a few rows) get thin row tiles; prefill chunks wide ones.
-    block_m = 16 if m <= 16 else 64
-    block_n, block_k = 64, 64  # Kp is a multiple of 64 (QuantFormat.padded)
+    # Decode steps (a few rows) get thin row tiles and narrower column tiles, so even a
+    # 4096-wide output spreads over 128 programs; prefill chunks get wide tiles.
+    block_m, block_n = (16, 32) if m <= 16 else (64, 64)
+    block_k = 64  # Kp is a multiple of 64 (QuantFormat.padded)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     scales = w.scales
     mins = w.mins if w.mins is not None else scales

@@ -379,3 +379,44 @@ def test_quantized_linear_layer_runs_the_triton_kernel(monkeypatch: pytest.Monke
     assert calls == [quant.int4_format(32)]
     expected = x.float() @ linear.dequantized_weight().cpu().T + linear.bias.detach().cpu()
     torch.testing.assert_close(out.cpu().float(), expected, rtol=2e-2, atol=5e-2)
+
+
+@cpu_only
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_engine_with_triton_quantized_layers_generates_what_dequantized_weights_do(
+    tiny_llama, quantization: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole engine with every linear layer on the Triton quantized matmul (the CUDA path,
+    here interpreted on float32 CPU tensors) against the same quantized weights dequantized
+    into plain float layers: the same greedy tokens."""
+    import ember
+    from ember.models import layers
+
+    monkeypatch.setattr(layers, "cpu_kernels", lambda: None)  # no C kernels, no tiled layout
+    monkeypatch.setattr("ember.engine.runner.CpuQuantDecoder.build", lambda *a: None)
+    calls = []
+    real = quant_ops()
+
+    class Spy:
+        @staticmethod
+        def quant_linear(x, rows, bias):
+            calls.append(rows.fmt.bits)
+            return real.quant_linear(x, rows, bias)
+
+    monkeypatch.setattr(layers, "quant_ops", lambda x: Spy)
+    kw = dict(device="cpu", dtype="float32", block_size=4, kv_cache_memory="2MiB")
+    llm = ember.LLM(str(tiny_llama), quantization=quantization, **kw)
+    prompts = [[5, 9, 23, 7, 100, 3, 44], [17, 2, 8]]
+    params = ember.SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    ours = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
+    assert calls and set(calls) <= {4, 8}
+
+    reference = ember.LLM(str(tiny_llama), quantization=quantization, **kw)
+    for module in reference.engine.runner.model.modules():
+        if isinstance(module, layers.Linear) and module.quant is not None:
+            weight = module.dequantized_weight(torch.float32)
+            module.quant = None
+            module.weight = torch.nn.Parameter(weight, requires_grad=False)
+    calls.clear()
+    assert [r.outputs[0].token_ids for r in reference.generate(prompts, params)] == ours
+    assert not calls

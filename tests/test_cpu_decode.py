@@ -54,17 +54,19 @@ def _generate(llm: ember.LLM, prompts: list[list[int]]) -> list[tuple[list[int],
 
 
 def _llm(checkpoint: Path, tokenizer_dir: Path, quantization: str) -> ember.LLM:
+    mode, _, group = quantization.partition("-g")
     return ember.LLM(
         str(checkpoint),
         tokenizer=str(tokenizer_dir),
-        quantization=quantization,
+        quantization=mode,
+        quantization_group_size=int(group or 32),
         block_size=4,
         max_num_batched_tokens=32,  # prefills are chunked and share steps with decodes
         kv_cache_memory="4MiB",
     )
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
+@pytest.mark.parametrize("quantization", ["int8", "int4", "int4-g128"])
 def test_fused_decode_equals_the_layer_by_layer_forward(
     checkpoint: Path, tokenizer_dir: Path, quantization: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -24,14 +24,36 @@ class CpuAttentionBackend(TorchAttentionBackend):
         return cpu_kernels() is not None
 
     def _decode_metadata(
-        self, decodes: list[SeqSpan], slots: list[torch.Tensor], device: torch.device
+        self, decodes: list[SeqSpan], slots: list[torch.Tensor] | None, device: torch.device
     ) -> dict:
+        # One tensor from padded Python lists: a torch call per sequence costs more at 32.
         max_blocks = max(len(s.block_table) for s in decodes)
-        tables = torch.zeros(len(decodes), max_blocks, dtype=torch.int32)
-        for i, span in enumerate(decodes):
-            tables[i, : len(span.block_table)] = torch.tensor(span.block_table, dtype=torch.int32)
+        tables = torch.tensor(
+            [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in decodes],
+            dtype=torch.int32,
+        )
         lens = torch.tensor([s.context_len for s in decodes], dtype=torch.int32)
         return {"decode_tables": tables, "decode_lens": lens}
+
+    def build_metadata(
+        self,
+        spans: list[SeqSpan],
+        num_decode_seqs: int,
+        kv_caches: list[torch.Tensor],
+        device: torch.device,
+    ) -> AttentionMetadata:
+        if not spans or num_decode_seqs != len(spans):
+            return super().build_metadata(spans, num_decode_seqs, kv_caches, device)
+        # A step of decodes alone: each new token's slot in plain integers, not the whole
+        # context's slots in tensors (the steps that matter most at one or a few sequences).
+        bs = self.block_size
+        slots = [
+            s.block_table[(s.context_len - 1) // bs] * bs + (s.context_len - 1) % bs for s in spans
+        ]
+        extra = self._decode_metadata(spans, None, device)
+        extra.update(prefill_batch=None, prefills=[])
+        slot_mapping = torch.tensor(slots, dtype=torch.long)
+        return AttentionMetadata(slot_mapping, spans, num_decode_seqs, kv_caches, extra)
 
     def _decode(
         self, cache: torch.Tensor, q: torch.Tensor, out: torch.Tensor, meta: AttentionMetadata

@@ -78,7 +78,10 @@ def test_gauges_have_the_picker_semantics_under_load(server):
     body = {
         "model": "smol",
         "prompt": "Count slowly to one thousand: one, two,",
-        "max_tokens": 400,
+        # Long enough that the sequence is still running when the gauges are read, even if
+        # the first chunk reaches this client late on a loaded machine (the stream is closed,
+        # and so aborted, right after).
+        "max_tokens": 2000,
         "ignore_eos": True,
         "stream": True,
     }
@@ -87,7 +90,7 @@ def test_gauges_have_the_picker_semantics_under_load(server):
         first = next((line for line in r.iter_lines() if line.startswith("data: ")), "")
         assert '"text"' in first, f"no token streamed first: {first!r}"  # generating now
         busy = scrape(server)
-        assert gauge(busy, running) == 1
+        assert gauge(busy, running) == 1, f"running 0 after {first!r}, then {r.read()[:600]!r}"
         assert gauge(busy, waiting) == 0
         assert 0 < gauge(busy, kv) <= 1
     wait_idle(server, running, kv)

@@ -87,10 +87,12 @@ def test_gauges_have_the_picker_semantics_under_load(server):
     }
     with httpx.stream("POST", server + "/v1/completions", json=body, headers=AUTH, timeout=60) as r:
         assert r.status_code == 200, r.read().decode()
-        first = next((line for line in r.iter_lines() if line.startswith("data: ")), "")
+        lines = r.iter_lines()
+        first = next((line for line in lines if line.startswith("data: ")), "")
         assert '"text"' in first, f"no token streamed first: {first!r}"  # generating now
         busy = scrape(server)
-        assert gauge(busy, running) == 1, f"running 0 after {first!r}, then {r.read()[:600]!r}"
+        seen = {name: gauge(busy, name) for name in (running, waiting, kv)}
+        assert seen[running] == 1, f"{seen} after {first!r}, then {list(zip(range(3), lines))}"
         assert gauge(busy, waiting) == 0
         assert 0 < gauge(busy, kv) <= 1
     wait_idle(server, running, kv)

@@ -126,7 +126,6 @@ class CpuQuantDecoder:
         lib = cpu_kernels()
         assert lib is not None
         self._fn = lib.decode_layers
-        norms = [p.input_norm.eps for p in parts.layers] + [parts.final_norm.eps]
         rotary = parts.rotary
         self._dims = _Dims(
             parts.hidden_size,
@@ -136,7 +135,7 @@ class CpuQuantDecoder:
             rotary.rotary_dim,
             int(rotary.neox_style),
             backend.block_size,
-            norms[0],
+            parts.final_norm.eps,  # `build` checked every norm has the same
             backend.scale,
         )
         self._layers = (_Layer * len(parts.layers))(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -88,9 +89,46 @@ def to_api_error(exc: Exception) -> APIError:
     return APIError("Internal server error.", 500, "internal_server_error")
 
 
+_TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}
+_UNION_TAG = re.compile(r"[a-z-]+\[.*\]|(constrained|function-[a-z]+)-?.*|[A-Z]\w*")
+
+
+def _is_union_tag(part: object) -> bool:
+    """Pydantic names each member of a union in the error location ('constrained-str',
+    'list[int]', 'ContentPart'); the client's field path does not contain them."""
+    if isinstance(part, int):
+        return False
+    return str(part) in _TYPE_NAMES or _UNION_TAG.fullmatch(str(part)) is not None
+
+
 def _loc_param(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    parts = [str(p) for p in loc if p not in ("body", "query", "path") and not _is_union_tag(p)]
     return ".".join(parts) or None
+
+
+def validation_message(errors: list) -> tuple[str, str | None]:
+    """(message, param) for pydantic's errors: the first field at fault, its most specific
+    complaint (the union member that got furthest), and how many other fields are wrong."""
+    if not errors:
+        return "Invalid request.", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error", "JSON decode error")
+        at = first.get("loc", ())[-1] if first.get("loc") else None
+        where = f" (at character {at})" if isinstance(at, int) else ""
+        return f"The request body is not valid JSON: {reason}{where}.", None
+    by_field: dict[str | None, list] = {}
+    for e in errors:
+        param = _loc_param(tuple(e.get("loc", ())))
+        by_field.setdefault(param.split(".")[0] if param else None, []).append(e)
+    group = next(iter(by_field.values()))
+    deepest = max(group, key=lambda e: len(e.get("loc", ())))
+    param = _loc_param(tuple(deepest.get("loc", ())))
+    msg = deepest.get("msg", "Invalid request.")
+    message = f"{param}: {msg}" if param else msg
+    if len(by_field) > 1:
+        message += f" (and {len(by_field) - 1} more fields with problems)"
+    return message, param
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -103,13 +141,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(
         _: Request, exc: RequestValidationError | ValidationError
     ) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        param = _loc_param(tuple(first.get("loc", ())))
-        msg = first.get("msg", "Invalid request.")
-        message = f"{param}: {msg}" if param else msg
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problems)"
+        message, param = validation_message(exc.errors())
         return error_response(400, message, "invalid_request_error", param)
 
     @app.exception_handler(StarletteHTTPException)

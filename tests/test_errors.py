@@ -1,0 +1,61 @@
+"""Validation errors read as the client's own fields, in the OpenAI error shape."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from ember.server import protocol as P
+from ember.server.errors import install_error_handlers
+
+
+@pytest.fixture(scope="module")
+def client() -> TestClient:
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/v1/completions")
+    async def completions(req: P.CompletionRequest) -> dict:
+        return {"ok": True}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: P.ChatCompletionRequest) -> dict:
+        return {"ok": True}
+
+    return TestClient(app)
+
+
+def error(r) -> dict:
+    assert r.status_code == 400, r.text
+    body = r.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    assert body["type"] == "invalid_request_error"
+    return body
+
+
+def test_a_body_that_is_not_json_says_so_and_where(client):
+    r = client.post(
+        "/v1/completions", content=b'{"prompt": ', headers={"Content-Type": "application/json"}
+    )
+    e = error(r)
+    assert e["message"].startswith("The request body is not valid JSON: ")
+    assert "(at character " in e["message"] and e["param"] is None
+
+
+def test_union_members_do_not_leak_into_the_field_path(client):
+    e = error(client.post("/v1/completions", json={"prompt": ""}))
+    assert e["param"] == "prompt"
+    assert e["message"] == "prompt: String should have at least 1 character"
+    e = error(client.post("/v1/completions", json={"prompt": [1.5]}))
+    assert e["param"] == "prompt.0", e
+    e = error(
+        client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": 5}]})
+    )
+    assert e["param"] == "messages.0.content", e
+
+
+def test_other_fields_at_fault_are_counted_once_each(client):
+    e = error(client.post("/v1/completions", json={"prompt": "", "n": 0, "temperature": "hot"}))
+    assert e["param"] in ("prompt", "n", "temperature")
+    assert e["message"].endswith("(and 2 more fields with problems)"), e

@@ -353,3 +353,30 @@ def test_other_cpu_paths_match_float64_reference(
             ref = quantized_activations(x, fmt.padded(k)) @ wd.T
             bound = (x.double().abs() @ wd.abs().T) * k * 2**-23 + 1e-6
             assert ((out.double() - ref).abs() <= bound).all(), (fmt.name, m, n, k)
+
+
+@pytest.mark.slow
+def test_a_gguf_load_parses_the_file_once(monkeypatch) -> None:
+    """Planning the layers and reading the weights share one reader (opening one parses the
+    whole vocabulary: seconds); close_gguf lets go of it."""
+    import gguf
+
+    from ember.models import loader
+
+    opened = []
+    real = gguf.GGUFReader
+
+    def counting(path, *args, **kwargs):
+        opened.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    loader.close_gguf()
+    path = loader.default_model_path()
+    types = loader.gguf_tensor_types(path)
+    name, _ = next(loader.iter_gguf_weights(path, set(types)))
+    assert name in types and len(opened) == 1
+    loader.close_gguf()
+    loader.gguf_tensor_types(path)
+    assert len(opened) == 2
+    loader.close_gguf()

@@ -94,7 +94,10 @@ class ModelRunner:
             loader.init_dummy_weights(self.model, cfg.seed)
             quant.init_dummy_quantized(self.model, cfg.seed)
         else:
-            self._load(model_dir)
+            try:
+                self._load(model_dir)
+            finally:
+                loader.close_gguf()
         self.model.eval()
         self._pack_linears()
         self.quantization = quant.describe(self.model)

@@ -8,6 +8,7 @@ directory, which is what keeps cold start short.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -154,11 +155,28 @@ def _gguf_hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def gguf_tensor_types(path: Path) -> dict[str, str]:
-    """Hugging Face tensor name → GGUF type name (Q4_1, Q8_0, F32, ...) of a GGUF file."""
+def open_gguf(path: Path) -> Any:
+    """A `GGUFReader` for path, shared by the calls of one model load: opening one parses
+    every metadata field (the whole vocabulary, one memmap view per string), seconds for a
+    49k-token tokenizer. The caller that is done with the file calls `close_gguf()`."""
+    return _open_gguf(str(path.resolve()), _gguf_source_id(path))
+
+
+@functools.lru_cache(maxsize=1)
+def _open_gguf(path: str, source_id: str) -> Any:
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(path))
+    return GGUFReader(path)
+
+
+def close_gguf() -> None:
+    """Drop the shared reader (and its map of the file)."""
+    _open_gguf.cache_clear()
+
+
+def gguf_tensor_types(path: Path) -> dict[str, str]:
+    """Hugging Face tensor name → GGUF type name (Q4_1, Q8_0, F32, ...) of a GGUF file."""
+    reader = open_gguf(path)
     types = {}
     for t in reader.tensors:
         name = _gguf_hf_name(t.name)
@@ -171,12 +189,11 @@ def iter_gguf_weights(path: Path, keep_quantized: set[str]) -> Iterator[tuple[st
     """Tensors straight from a GGUF file, in Hugging Face names. Those in `keep_quantized`
     come as `QuantizedRows` with their blocks repacked, not requantized; the rest, and any
     type without an exact layout (said in the log), are dequantized to float32."""
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
     from ember.models.quant import gguf_rows
 
-    reader = GGUFReader(str(path))
+    reader = open_gguf(path)
     arch = _gguf_field(reader, "general.architecture")
     n_head = int(_gguf_field(reader, f"{arch}.attention.head_count"))
     n_kv = int(_gguf_field(reader, f"{arch}.attention.head_count_kv", n_head))

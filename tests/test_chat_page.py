@@ -139,3 +139,20 @@ def test_api_still_needs_the_key_and_docs_still_work(client):
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert "/" not in paths and "/v1/chat/completions" in paths
+
+
+def test_no_chat_page_serves_the_api_alone(monkeypatch):
+    from ember.cli import build_parser
+
+    assert build_parser().parse_args(["serve"]).chat_page is True
+    assert build_parser().parse_args(["serve", "--no-chat-page"]).chat_page is False
+    monkeypatch.setenv("EMBER_CHAT_PAGE", "0")
+    assert build_parser().parse_args(["serve"]).chat_page is False
+    app = build_app(EngineConfig(), ServerConfig(["smol"], api_keys=["k"], chat_page=False))
+    off = TestClient(app)
+    for path in ("/", "/favicon.svg", "/assets/index.js"):
+        r = off.get(path)
+        assert r.status_code == 404, path
+        assert r.json()["error"]["type"] == "not_found_error"
+    assert off.get("/v1/models").status_code == 401
+    assert off.get("/health").status_code in (200, 503)

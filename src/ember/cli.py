@@ -100,6 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default_max_tokens=args.default_max_tokens,
         embedding_model=args.embedding_model,
         embedding_model_name=_embedding_name(args),
+        chat_page=args.chat_page,
         limits=from_namespace(ServingLimits, args),
     )
     server: uvicorn.Server | None = None
@@ -218,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--embedding-model-name",
         default=os.environ.get("EMBER_EMBEDDING_MODEL_NAME"),
         help="Its name in `model`; default: the directory name. [env EMBER_EMBEDDING_MODEL_NAME]",
+    )
+    s.add_argument(
+        "--chat-page",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("EMBER_CHAT_PAGE", "1").lower() not in ("0", "false", "no", "off"),
+        help="Serve the chat page at `/`; --no-chat-page serves the API alone. "
+        "[env EMBER_CHAT_PAGE; default on]",
     )
     add_arguments(s, ServingLimits)
     from ember import hub

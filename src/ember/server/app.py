@@ -235,7 +235,8 @@ def build_app(
     app.include_router(responses.router)
     app.include_router(embeddings.router)
     app.include_router(admin.router)
-    install_chat_page(app)
+    if server_cfg.chat_page:
+        install_chat_page(app)
     return app
 
 

@@ -30,6 +30,7 @@ class ServerConfig:
     default_max_tokens: int | None = None  # None: up to the context length
     embedding_model: str | None = None  # a BERT-family encoder directory
     embedding_model_name: str | None = None
+    chat_page: bool = True  # the chat page at `/` (off: the API alone)
     limits: ServingLimits = field(default_factory=ServingLimits)
 
 

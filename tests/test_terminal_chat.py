@@ -216,3 +216,27 @@ def test_finished_blocks_are_those_before_a_blank_line_outside_code():
     assert finished_length(fenced) == len("Code:\n\n")  # the blank line inside stays open
     closed = fenced + "\n```\n\nAfter"
     assert finished_length(closed) == len(closed) - len("After")
+
+
+@pytest.mark.slow
+def test_triple_quotes_send_several_lines_as_one_message(server, tmp_path):
+    chat = _spawn("--url", server, "--api-key", API_KEY, "--model", "smol", "--max-tokens", "4")
+    chat.expect_exact(PROMPT)
+    chat.sendline('"""Translate these lines:')
+    chat.expect_exact("... ")
+    chat.sendline("  one")
+    chat.expect_exact("... ")
+    chat.sendline('two"""')
+    chat.expect_exact(PROMPT)
+    chat.sendline('"""A single line."""')
+    chat.expect_exact(PROMPT)
+    chat.sendline('"""')  # Ctrl-C inside a block drops it
+    chat.expect_exact("... ")
+    chat.sendline("never sent")
+    chat.expect_exact("... ")
+    chat.sendintr()
+    chat.expect_exact(PROMPT)
+    messages = _save(chat, tmp_path / "chat.json")
+    assert _leave(chat) == 0
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    assert users == ["Translate these lines:\n  one\ntwo", "A single line."]

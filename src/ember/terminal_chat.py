@@ -33,7 +33,8 @@ Commands:
   /system [TEXT]  show the system prompt, or set it (`/system -` clears it)
   /model [NAME]   show the model, or switch to another served model
   /save FILE      write the conversation as JSON (or Markdown when FILE ends in .md)
-  /exit           leave (Ctrl-D too); Ctrl-C stops a reply"""
+  /exit           leave (Ctrl-D too); Ctrl-C stops a reply
+A message of several lines goes between triple quotes: start with \"\"\" and end with \"\"\"."""
 
 
 class ChatError(Exception):
@@ -377,15 +378,40 @@ class Chat:
         return True
 
 
-def _read_line() -> str | None:
-    """The next input line; None at end of input (Ctrl-D)."""
-    while True:
-        try:
-            return input(">>> ")
-        except EOFError:
-            return None
-        except KeyboardInterrupt:
-            print()  # Ctrl-C at the prompt drops the line, as in a shell
+QUOTES = '"""'
+
+
+def _read_line(prompt: str) -> str | None:
+    """The next input line; None at end of input (Ctrl-D). Ctrl-C propagates."""
+    try:
+        return input(prompt)
+    except EOFError:
+        return None
+
+
+def _read_message() -> str | None:
+    """The next message: one line, or the lines between triple quotes (as Ollama reads
+    them); None at end of input. Ctrl-C drops what was typed, as in a shell."""
+    try:
+        line = _read_line(">>> ")
+        if line is None or not line.lstrip().startswith(QUOTES):
+            return line
+        rest = line.lstrip()[len(QUOTES) :]
+        if rest.rstrip().endswith(QUOTES) and rest.strip() != "":
+            return rest.rstrip()[: -len(QUOTES)]  # """one line"""
+        lines = [rest] if rest.strip() else []
+        while True:
+            more = _read_line("... ")
+            if more is None:  # Ctrl-D ends the block
+                break
+            if more.rstrip().endswith(QUOTES):
+                lines.append(more.rstrip()[: -len(QUOTES)])
+                break
+            lines.append(more)
+        return "\n".join(lines)
+    except KeyboardInterrupt:
+        print()
+        return ""
 
 
 def _report(console: Console, e: ChatError) -> None:
@@ -414,7 +440,7 @@ def run(args: argparse.Namespace) -> int:
         Text(f"{backend.model} {where}. /help for commands, Ctrl-D to leave.", style="dim")
     )
     while True:
-        line = _read_line()
+        line = _read_message()
         if line is None:
             console.print()
             return 0

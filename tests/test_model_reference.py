@@ -61,3 +61,28 @@ def test_sharded_and_bin_checkpoints_are_really_in_those_formats(tmp_path):
     assert len(list(sharded.glob("*.safetensors"))) > 1
     binary = write_checkpoint(tmp_path / "b", "llama", bin_format=True)
     assert (binary / "pytorch_model.bin").exists() and not list(binary.glob("*.safetensors"))
+
+
+def test_a_sliding_window_bounds_the_context(tmp_path):
+    """Attention here sees the whole context, which matches the model only within its window:
+    a Mistral window caps max_model_len (a longer prompt is refused, not answered wrongly);
+    Qwen2's window is off unless use_sliding_window says so."""
+    from ember.engine.core import PromptError
+
+    mistral = write_checkpoint(tmp_path / "m", arch="mistral", sliding_window=24)
+    llm = ember.LLM(str(mistral), dtype="float32", block_size=8, max_model_len=100)
+    assert llm.engine.max_model_len == 24
+    params = ember.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    (prompt,) = _prompts(1, seed=5)
+    prompt = prompt[:18]
+    assert llm.generate([prompt], params)[0].outputs[0].token_ids == reference_greedy(
+        mistral, prompt, 6
+    )
+    # Generation stops at the window; a prompt past it is refused.
+    (out,) = llm.generate([prompt], ember.SamplingParams(max_tokens=20, ignore_eos=True))
+    assert len(out.outputs[0].token_ids) == 24 - len(prompt)
+    with pytest.raises(PromptError):
+        llm.generate([list(range(3, 28))], params)
+    del llm
+    qwen = write_checkpoint(tmp_path / "q", arch="qwen2", sliding_window=24)
+    assert ember.LLM(str(qwen), dtype="float32", block_size=8).engine.max_model_len == 512

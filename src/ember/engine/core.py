@@ -84,11 +84,7 @@ class EngineCore:
             | _as_id_set(self.tokenizer.eos_token_id)
             | self.tokenizer.stop_token_ids  # e.g. ChatGLM3's <|user|> and <|observation|>
         )
-        capacity = self.runner.num_blocks * self.runner.block_size
-        model_len = cfg.max_model_len or self.runner.model.max_model_len
-        if model_len > capacity:
-            log.warning("max_model_len %d capped to the KV cache's %d tokens", model_len, capacity)
-        self.max_model_len = min(model_len, capacity)
+        self.max_model_len = self.runner.max_model_len
         self.allocator = BlockAllocator(
             self.runner.num_blocks, self.runner.block_size, cfg.enable_prefix_caching
         )

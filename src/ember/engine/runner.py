@@ -122,6 +122,10 @@ class ModelRunner:
             self.block_size,
             self.num_blocks * kv_bytes_per_block / 2**20,
         )
+        model_len, capacity = self._model_len(cfg), self.num_blocks * self.block_size
+        if model_len > capacity:
+            log.warning("max_model_len %d capped to the KV cache's %d tokens", model_len, capacity)
+        self.max_model_len = min(model_len, capacity)
         # Quantized models on the CPU run decode steps through every layer in one C call.
         self.fused_decode = CpuQuantDecoder.build(self.model, self.backend, self.kv_caches)
         self.graphs: DecodeGraphs | None = None
@@ -130,15 +134,12 @@ class ModelRunner:
             and not cfg.enforce_eager
             and getattr(self.backend, "supports_cuda_graphs", False)
         ):
-            model_len = min(
-                cfg.max_model_len or self.model.max_model_len, self.num_blocks * self.block_size
-            )
             self.graphs = DecodeGraphs(
                 self.model,
                 self.backend,
                 self.kv_caches,
                 max(1, cfg.max_num_seqs),
-                model_len,
+                self.max_model_len,
                 self.block_size,
                 self.device,
             )
@@ -156,6 +157,23 @@ class ModelRunner:
         if on_cpu and CpuAttentionBackend.available(num_heads, num_kv_heads):
             return "cpu"
         return "torch"
+
+    def _model_len(self, cfg: EngineConfig) -> int:
+        """--max-model-len, or the model's own; never past a sliding attention window.
+
+        Ember's attention sees the whole context, which is exact only while the context fits
+        in the window the model was trained with (Mistral-7B-v0.1: 4096 tokens)."""
+        want = cfg.max_model_len or self.model.max_model_len
+        window = getattr(self.model, "sliding_window", None)
+        if window is not None and want > window:
+            log.warning(
+                "max_model_len %d capped to the model's sliding attention window of %d tokens "
+                "(attention over a longer context would not match the model)",
+                want,
+                window,
+            )
+            want = window
+        return want
 
     def _plan_quantization(self, model: torch.nn.Module) -> set[str] | None:
         """Turn the model's linear layers quantized as --quantization says; returns, for a GGUF

@@ -42,6 +42,8 @@ class LlamaArgs:
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool
+    # Tokens each position attends back over (Mistral-7B-v0.1: 4096), or None: all of them.
+    sliding_window: int | None = None
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> LlamaArgs:
@@ -65,7 +67,21 @@ class LlamaArgs:
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             # Qwen2 has biases on q/k/v; Llama may say so with `attention_bias`.
             attention_bias=cfg.get("attention_bias", cfg.get("model_type") == "qwen2"),
+            sliding_window=_sliding_window(cfg),
         )
+
+
+def _sliding_window(cfg: dict[str, Any]) -> int | None:
+    """The attention window the config applies, if any. Qwen2 configs carry a window that
+    `use_sliding_window: false` turns off; windows at least as long as the model's context
+    change nothing."""
+    window = cfg.get("sliding_window")
+    applied = cfg.get("use_sliding_window", cfg.get("model_type") != "qwen2")
+    if not isinstance(window, int) or window <= 0 or not applied:
+        return None
+    if window >= cfg.get("max_position_embeddings", 4096):
+        return None
+    return window
 
 
 class LlamaAttention(FusedQKVAttention):
@@ -160,6 +176,10 @@ class LlamaForCausalLM(nn.Module):
     @property
     def max_model_len(self) -> int:
         return self.args.max_position_embeddings
+
+    @property
+    def sliding_window(self) -> int | None:
+        return self.args.sliding_window
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata

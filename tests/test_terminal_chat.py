@@ -230,6 +230,12 @@ def test_triple_quotes_send_several_lines_as_one_message(server, tmp_path):
     chat.expect_exact(PROMPT)
     chat.sendline('"""A single line."""')
     chat.expect_exact(PROMPT)
+    chat.sendline('"""')
+    chat.expect_exact("... ")
+    chat.sendline("    indented code")
+    chat.expect_exact("... ")
+    chat.sendline('"""')
+    chat.expect_exact(PROMPT)
     chat.sendline('"""')  # Ctrl-C inside a block drops it
     chat.expect_exact("... ")
     chat.sendline("never sent")
@@ -239,4 +245,4 @@ def test_triple_quotes_send_several_lines_as_one_message(server, tmp_path):
     messages = _save(chat, tmp_path / "chat.json")
     assert _leave(chat) == 0
     users = [m["content"] for m in messages if m["role"] == "user"]
-    assert users == ["Translate these lines:\n  one\ntwo", "A single line."]
+    assert users == ["Translate these lines:\n  one\ntwo", "A single line.", "    indented code"]

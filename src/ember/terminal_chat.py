@@ -444,15 +444,17 @@ def run(args: argparse.Namespace) -> int:
         if line is None:
             console.print()
             return 0
-        line = line.strip()
-        if not line:
+        several = "\n" in line
+        # A block between triple quotes keeps its indentation (code); a line is trimmed.
+        text = line.strip("\n") if several else line.strip()
+        if not text.strip():
             continue
         try:
-            if line.startswith("/"):
-                if not chat.command(line):
+            if text.startswith("/") and not several:
+                if not chat.command(text):
                     return 0
             else:
-                chat.ask(line)
+                chat.ask(text)
         except ChatError as e:
             _report(err, e)
             if e.fatal:

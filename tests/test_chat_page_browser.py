@@ -28,6 +28,8 @@ STREAM_TIMEOUT_MS = 300_000
 # A stored conversation whose reply holds Markdown, code, math and markup that must stay inert.
 HOSTILE_REPLY = (
     "Here is **bold**, `code` and $e^{i\\pi}+1=0$.\n\n"
+    "LaTeX's own delimiters: \\(a^2+b^2=c^2\\) and\n\\[ \\int_0^1 x\\,dx \\]\n"
+    "but not in code: `\\(kept\\)`.\n\n"
     "```python\ndef add(a, b):\n    return a + b\n```\n\n"
     "<img src=x onerror=\"document.title='pwned'\"> <script>document.title='pwned'</script>\n\n"
     "[a link](javascript:document.title='pwned') 你好 👋"
@@ -345,6 +347,12 @@ def test_stored_reply_renders_markdown_code_and_math_but_no_script(browser, serv
     reply = page.locator(".msg.assistant .content")
     reply.locator(".katex").first.wait_for()
     assert reply.locator("strong").inner_text() == "bold"
+    # $…$, \(…\) and \[…\] are typeset (the last as a display block); code keeps its text.
+    assert reply.locator(".katex").count() == 3
+    assert reply.locator(".katex-display").count() == 1
+    assert reply.locator("code", has_text="\\(kept\\)").count() == 1
+    shown = reply.inner_text()
+    assert shown.count("\\(") == 1 and "\\[" not in shown, shown  # only the code's
     assert reply.locator("pre code.hljs .hljs-keyword").first.inner_text() == "def"
     assert reply.locator("pre .copy-code").count() == 1
     assert reply.locator("img, script, [onerror]").count() == 0

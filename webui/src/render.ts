@@ -69,7 +69,19 @@ const PURIFY = {
   ADD_ATTR: ["target"],
 };
 
+// Many models write math as \( … \) and \[ … \] (LaTeX's delimiters), which Markdown would read
+// as escaped brackets. Outside code they become the $ … $ and $$ … $$ that KaTeX typesets.
+const CODE_OR_MATH = /(```[\s\S]*?(?:```|$)|`[^`\n]*`)|\\\[([\s\S]+?)\\\]|\\\(([\s\S]+?)\\\)/g;
+
+export function latexDelimitersToDollars(text: string): string {
+  return text.replace(CODE_OR_MATH, (_match, code, display, inline) => {
+    if (code !== undefined) return code;
+    if (display !== undefined) return `\n$$\n${display.trim()}\n$$\n`;
+    return `$${inline.trim()}$`;
+  });
+}
+
 export function renderMarkdown(text: string): string {
-  const html = marked.parse(text, { async: false });
+  const html = marked.parse(latexDelimitersToDollars(text), { async: false });
   return DOMPurify.sanitize(html, PURIFY);
 }

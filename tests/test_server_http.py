@@ -216,3 +216,33 @@ def test_bad_request_does_not_disturb_others(server):
         assert [f.result() for f in bads] == [400, 400]
         assert [f.result() for f in goods] == [8, 8, 8, 8]
     assert httpx.get(server + "/health").status_code == 200
+
+
+def test_lone_surrogates_are_a_400_and_pairs_are_text(server):
+    """JSON can escape half of a UTF-16 pair on its own ("\\ud800"); no tokenizer can read it,
+    so it is the client's error, wherever it sits."""
+
+    def post(path: str, raw: str) -> httpx.Response:
+        headers = {**AUTH, "Content-Type": "application/json"}
+        return httpx.post(server + path, content=raw.encode(), headers=headers, timeout=120)
+
+    user = '{"model": "smol", "max_tokens": 2, "messages": [{"role": "user", "content": "%s"}]}'
+    for raw in (
+        user % "a\\ud800b",
+        (user % "a\\udc00b")[:-1] + ', "stream": true}',
+        '{"model": "smol", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}], '
+        '"tools": [{"type": "function", "function": {"name": "f", "description": "\\ud800"}}]}',
+    ):
+        r = post("/v1/chat/completions", raw)
+        assert r.status_code == 400, (raw, r.text)
+        err = r.json()["error"]
+        assert err["code"] == "invalid_unicode" and "surrogate" in err["message"], err
+    assert post("/tokenize", '{"model": "smol", "prompt": "\\ud800"}').status_code == 400
+    r = post("/v1/completions", '{"model": "smol", "prompt": "a\\ud800", "max_tokens": 2}')
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    # An error that quotes the input still goes out (the surrogate as its escape).
+    r = post("/v1/chat/completions", (user % "hi").replace('"smol"', '"\\ud800"'))
+    assert r.status_code == 404 and "\\ud800" in r.json()["error"]["message"]
+    r = post("/v1/chat/completions", user % "smile \\ud83d\\ude00")
+    assert r.status_code == 200, r.text
+    assert httpx.get(server + "/health").status_code == 200

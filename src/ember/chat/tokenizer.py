@@ -32,6 +32,24 @@ CHATGLM3_SPECIAL_TOKENS = (
 )
 
 
+class InvalidTextError(ValueError):
+    """Text that is not Unicode: a lone UTF-16 surrogate, which JSON can carry as an escape
+    (\\ud800) but no tokenizer can read. The client gets a 400."""
+
+
+def require_unicode(text: str) -> str:
+    """text, if every code point in it is a character; else InvalidTextError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidTextError(
+            f"The text has a lone UTF-16 surrogate (\\u{ord(text[e.start]):04x} at character "
+            f"{e.start}), which is not a Unicode character: escape each astral character as a "
+            "surrogate pair, or send it as UTF-8."
+        ) from None
+    return text
+
+
 class BaseTokenizer(ABC):
     """What the engine, the detokenizer, the chat formats and the server use of a tokenizer."""
 
@@ -88,9 +106,11 @@ class Tokenizer(BaseTokenizer):
         self.stop_token_ids = frozenset()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        text = require_unicode(text)
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def encode_plain(self, text: str) -> list[int]:
+        text = require_unicode(text)
         return list(self.hf.encode(text, add_special_tokens=False, split_special_tokens=True))
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -151,7 +171,7 @@ class ChatGLM3Tokenizer(BaseTokenizer):
         return self.prefix_ids + ids if add_special_tokens else ids
 
     def encode_plain(self, text: str) -> list[int]:
-        return list(self.sp.encode(text))
+        return list(self.sp.encode(require_unicode(text)))
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         parts: list[str] = []

@@ -26,7 +26,11 @@ class SentenceEncoder:
         self._lock = threading.Lock()  # one forward at a time on a CPU-bound model
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
-        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+        from ember.chat.tokenizer import require_unicode
+
+        enc = self.tokenizer(
+            [require_unicode(t) for t in texts], truncation=True, max_length=self.max_length
+        )
         return [list(ids) for ids in enc["input_ids"]]
 
     @torch.inference_mode()

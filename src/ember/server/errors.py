@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ember.chat.templates import ChatTemplateError
+from ember.chat.tokenizer import InvalidTextError
 from ember.engine.async_engine import (
     EngineDeadError,
     EngineOverloadedError,
@@ -46,6 +47,9 @@ class APIError(Exception):
 def error_body(
     message: str, type: str, param: str | None = None, code: str | int | None = None
 ) -> dict:
+    # A message may quote the client's input, lone surrogates included (a model name such
+    # as "\ud800"), which UTF-8 cannot carry: those are written as their escapes.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -70,6 +74,8 @@ def to_api_error(exc: Exception) -> APIError:
         return APIError(str(exc), param=exc.param)
     if isinstance(exc, ChatTemplateError):
         return APIError(str(exc), param="messages")
+    if isinstance(exc, InvalidTextError):
+        return APIError(str(exc), code="invalid_unicode")
     if isinstance(exc, EngineOverloadedError):
         return APIError(
             str(exc),
@@ -154,7 +160,7 @@ def install_error_handlers(app: FastAPI) -> None:
         err = to_api_error(exc)
         return error_response(err.status, err.message, err.type, err.param, err.code, err.headers)
 
-    for kind in (SamplingParamsError, PromptError, ChatTemplateError):
+    for kind in (SamplingParamsError, PromptError, ChatTemplateError, InvalidTextError):
         app.add_exception_handler(kind, _client_error)
 
     async def _engine_error(request: Request, exc: Exception) -> JSONResponse:

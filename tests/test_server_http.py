@@ -246,3 +246,28 @@ def test_lone_surrogates_are_a_400_and_pairs_are_text(server):
     r = post("/v1/chat/completions", user % "smile \\ud83d\\ude00")
     assert r.status_code == 200, r.text
     assert httpx.get(server + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+def test_a_json_body_is_read_whatever_its_label(server, content_type):
+    """`curl -d '{...}'` labels its body a form: it is still read as JSON, as llama.cpp does."""
+    headers = {**AUTH, **({} if content_type is None else {"Content-Type": content_type})}
+    body = b'{"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}'
+    r = httpx.post(server + "/v1/chat/completions", content=body, headers=headers, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_an_empty_body_says_so(server):
+    headers = {**AUTH, "Content-Type": "application/json"}
+    r = httpx.post(server + "/v1/chat/completions", headers=headers)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "The request body is empty: send a JSON object."
+
+
+def test_a_browser_form_post_is_not_read_as_json(server):
+    """A page's form or text/plain POST skips CORS preflight; it gets no JSON reading."""
+    headers = {**AUTH, "Content-Type": "text/plain", "Origin": "http://elsewhere.example"}
+    body = b'{"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}'
+    r = httpx.post(server + "/v1/chat/completions", content=body, headers=headers, timeout=120)
+    assert r.status_code == 400, r.text

@@ -160,6 +160,18 @@ class AuthAndRequestId:
                     return
             receive = _replay(body, receive)
 
+        if (
+            scope["method"] == "POST"
+            and "origin" not in headers
+            and _not_json(headers.get("content-type", ""))
+        ):
+            # Every POST route reads JSON, and `curl -d '{...}'` labels it a form: read it as
+            # JSON whatever the label, as llama.cpp's and Ollama's servers do. Not for pages in
+            # a browser (they send Origin), where a form or text/plain POST skips CORS preflight.
+            scope = dict(scope)
+            scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+            scope["headers"].append((b"content-type", b"application/json"))
+
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
@@ -177,6 +189,11 @@ class AuthAndRequestId:
             "invalid_request_error",
             code="request_too_large",
         )
+
+
+def _not_json(content_type: str) -> bool:
+    kind = content_type.split(";")[0].strip().lower()
+    return kind in ("", "application/x-www-form-urlencoded", "text/plain")
 
 
 def _replay(body: bytes, receive):

@@ -123,6 +123,8 @@ def validation_message(errors: list) -> tuple[str, str | None]:
         at = first.get("loc", ())[-1] if first.get("loc") else None
         where = f" (at character {at})" if isinstance(at, int) else ""
         return f"The request body is not valid JSON: {reason}{where}.", None
+    if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+        return "The request body is empty: send a JSON object.", None
     by_field: dict[str | None, list] = {}
     for e in errors:
         param = _loc_param(tuple(e.get("loc", ())))

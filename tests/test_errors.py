@@ -49,6 +49,9 @@ def test_union_members_do_not_leak_into_the_field_path(client):
     assert e["message"] == "prompt: String should have at least 1 character"
     e = error(client.post("/v1/completions", json={"prompt": [1.5]}))
     assert e["param"] == "prompt.0", e
+    assert "valid integer" in e["message"], e  # the token-id member: the input was a list
+    e = error(client.post("/v1/completions", json={"prompt": []}))
+    assert e["message"].startswith("prompt: List should have at least 1 item"), e
     e = error(
         client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": 5}]})
     )

@@ -114,7 +114,7 @@ def _loc_param(loc: tuple) -> str | None:
 
 def validation_message(errors: list) -> tuple[str, str | None]:
     """(message, param) for pydantic's errors: the first field at fault, its most specific
-    complaint (the union member that got furthest), and how many other fields are wrong."""
+    complaint, and how many other fields are wrong."""
     if not errors:
         return "Invalid request.", None
     first = errors[0]
@@ -130,7 +130,12 @@ def validation_message(errors: list) -> tuple[str, str | None]:
         param = _loc_param(tuple(e.get("loc", ())))
         by_field.setdefault(param.split(".")[0] if param else None, []).append(e)
     group = next(iter(by_field.values()))
-    deepest = max(group, key=lambda e: len(e.get("loc", ())))
+    # Of a union's members, the one whose type the input had (its complaint is a constraint,
+    # not "should be a valid string"), then the one that got furthest into it.
+    deepest = max(
+        group,
+        key=lambda e: (not str(e.get("type", "")).endswith("_type"), len(e.get("loc", ()))),
+    )
     param = _loc_param(tuple(deepest.get("loc", ())))
     msg = deepest.get("msg", "Invalid request.")
     message = f"{param}: {msg}" if param else msg

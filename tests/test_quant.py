@@ -356,27 +356,40 @@ def test_other_cpu_paths_match_float64_reference(
 
 
 @pytest.mark.slow
-def test_a_gguf_load_parses_the_file_once(monkeypatch) -> None:
-    """Planning the layers and reading the weights share one reader (opening one parses the
-    whole vocabulary: seconds); close_gguf lets go of it."""
+def test_a_gguf_file_is_parsed_once_and_its_index_gives_the_readers_arrays(
+    monkeypatch, tmp_path
+) -> None:
+    """gguf's reader parses the whole vocabulary to open a file (seconds); a load reads the
+    tensors through an index kept in the cache instead, which must give the very arrays the
+    reader gives, and no reader at all once the index is there."""
     import gguf
+    import numpy as np
 
     from ember.models import loader
 
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
+    path = loader.default_model_path()
+    reader = gguf.GGUFReader(str(path))
     opened = []
     real = gguf.GGUFReader
 
-    def counting(path, *args, **kwargs):
-        opened.append(path)
-        return real(path, *args, **kwargs)
+    def counting(*args, **kwargs):
+        opened.append(args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(gguf, "GGUFReader", counting)
-    loader.close_gguf()
-    path = loader.default_model_path()
-    types = loader.gguf_tensor_types(path)
-    name, _ = next(loader.iter_gguf_weights(path, set(types)))
-    assert name in types and len(opened) == 1
-    loader.close_gguf()
-    loader.gguf_tensor_types(path)
-    assert len(opened) == 2
-    loader.close_gguf()
+    index = loader.gguf_index(path)
+    assert len(opened) == 1 and list(tmp_path.glob("gguf/*.index.json"))
+    assert loader.gguf_index(path) == index and len(opened) == 1  # from the cache now
+    arrays = list(loader.gguf_tensor_data(path, index))
+    assert len(arrays) == len(reader.tensors)
+    for (entry, got), t in zip(arrays, reader.tensors):
+        assert entry["name"] == t.name and entry["type"] == t.tensor_type.name
+        assert got.dtype == t.data.dtype and got.shape == t.data.shape, t.name
+        assert np.array_equal(got, t.data), t.name
+    names = dict(loader.iter_gguf_weights(path, set(loader.gguf_tensor_types(path))))
+    assert len(opened) == 1 and "model.layers.0.self_attn.q_proj.weight" in names
+    # A stale or foreign index is rebuilt.
+    stale = next(tmp_path.glob("gguf/*.index.json"))
+    stale.write_text('{"version": 0}')
+    assert loader.gguf_index(path) == index and len(opened) == 2

@@ -94,10 +94,7 @@ class ModelRunner:
             loader.init_dummy_weights(self.model, cfg.seed)
             quant.init_dummy_quantized(self.model, cfg.seed)
         else:
-            try:
-                self._load(model_dir)
-            finally:
-                loader.close_gguf()
+            self._load(model_dir)
         self.model.eval()
         self._pack_linears()
         self.quantization = quant.describe(self.model)

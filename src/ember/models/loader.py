@@ -8,7 +8,7 @@ directory, which is what keeps cold start short.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -155,33 +156,76 @@ def _gguf_hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def open_gguf(path: Path) -> Any:
-    """A `GGUFReader` for path, shared by the calls of one model load: opening one parses
-    every metadata field (the whole vocabulary, one memmap view per string), seconds for a
-    49k-token tokenizer. The caller that is done with the file calls `close_gguf()`."""
-    return _open_gguf(str(path.resolve()), _gguf_source_id(path))
+GGUF_INDEX_VERSION = 1
 
 
-@functools.lru_cache(maxsize=1)
-def _open_gguf(path: str, source_id: str) -> Any:
+def gguf_index(path: Path) -> dict[str, Any]:
+    """What a load needs of a GGUF file besides the weights' bytes: its architecture, head
+    counts, and each tensor's name, type, shape and place in the file.
+
+    gguf's reader parses every metadata field to open a file (the whole vocabulary, a memmap
+    view per string: seconds for a 49k-token tokenizer), so it runs once per file; the index
+    it yields is kept in the cache beside the converted directory, keyed like it."""
+    cached = cache_root() / "gguf" / f"{_gguf_source_id(path)}.index.json"
+    try:
+        index = json.loads(cached.read_text())
+        if index.get("version") == GGUF_INDEX_VERSION:
+            return index
+    except (OSError, ValueError):
+        pass
     from gguf import GGUFReader
 
-    return GGUFReader(path)
+    return _write_gguf_index(GGUFReader(str(path)), path)
 
 
-def close_gguf() -> None:
-    """Drop the shared reader (and its map of the file)."""
-    _open_gguf.cache_clear()
+def _write_gguf_index(reader: Any, path: Path) -> dict[str, Any]:
+    arch = _gguf_field(reader, "general.architecture")
+    n_head = _gguf_field(reader, f"{arch}.attention.head_count")
+    index = {
+        "version": GGUF_INDEX_VERSION,
+        "architecture": arch,
+        "head_count": None if n_head is None else int(n_head),
+        "head_count_kv": int(_gguf_field(reader, f"{arch}.attention.head_count_kv", n_head or 0)),
+        "tensors": [
+            {
+                "name": t.name,
+                "type": t.tensor_type.name,
+                "shape": [int(d) for d in t.shape],  # GGUF order: inner dimension first
+                "offset": int(t.data_offset),
+                "dtype": t.data.dtype.str,  # how gguf's reader views the bytes
+                "data_shape": [int(d) for d in t.data.shape],
+            }
+            for t in reader.tensors
+        ],
+    }
+    out = cache_root() / "gguf" / f"{_gguf_source_id(path)}.index.json"
+    with contextlib.suppress(OSError):  # a read-only cache only costs the next load time
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(index))
+        tmp.replace(out)
+    return index
+
+
+def gguf_tensor_data(path: Path, index: dict[str, Any]) -> Iterator[tuple[dict, np.ndarray]]:
+    """(entry, array) for each tensor of the index: the array gguf's reader would give, a
+    view of the mapped file."""
+    base = np.memmap(path, dtype=np.uint8, mode="r")
+    for entry in index["tensors"]:
+        dtype = np.dtype(entry["dtype"])
+        count = int(np.prod(entry["data_shape"]))
+        start = entry["offset"]
+        raw = base[start : start + count * dtype.itemsize]
+        yield entry, raw.view(dtype).reshape(entry["data_shape"])
 
 
 def gguf_tensor_types(path: Path) -> dict[str, str]:
     """Hugging Face tensor name → GGUF type name (Q4_1, Q8_0, F32, ...) of a GGUF file."""
-    reader = open_gguf(path)
     types = {}
-    for t in reader.tensors:
-        name = _gguf_hf_name(t.name)
+    for entry in gguf_index(path)["tensors"]:
+        name = _gguf_hf_name(entry["name"])
         if name is not None:
-            types[name] = t.tensor_type.name
+            types[name] = entry["type"]
     return types
 
 
@@ -189,35 +233,39 @@ def iter_gguf_weights(path: Path, keep_quantized: set[str]) -> Iterator[tuple[st
     """Tensors straight from a GGUF file, in Hugging Face names. Those in `keep_quantized`
     come as `QuantizedRows` with their blocks repacked, not requantized; the rest, and any
     type without an exact layout (said in the log), are dequantized to float32."""
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     from ember.models.quant import gguf_rows
 
-    reader = open_gguf(path)
-    arch = _gguf_field(reader, "general.architecture")
-    n_head = int(_gguf_field(reader, f"{arch}.attention.head_count"))
-    n_kv = int(_gguf_field(reader, f"{arch}.attention.head_count_kv", n_head))
-    for t in reader.tensors:
-        name = _gguf_hf_name(t.name)
+    index = gguf_index(path)
+    arch, n_head, n_kv = index["architecture"], index["head_count"], index["head_count_kv"]
+    for entry, array in gguf_tensor_data(path, index):
+        name = _gguf_hf_name(entry["name"])
         if name is None:
-            log.warning("skipping GGUF tensor %s", t.name)
+            log.warning("skipping GGUF tensor %s", entry["name"])
             continue
-        shape = [int(d) for d in reversed(t.shape)]  # GGUF lists dims inner first
+        shape = list(reversed(entry["shape"]))  # GGUF lists dims inner first
         heads = None
         if arch == "llama" and name.endswith("q_proj.weight"):
             heads = n_head
         elif arch == "llama" and name.endswith("k_proj.weight"):
             heads = n_kv
-        kind = t.tensor_type.name
+        kind = entry["type"]
         if name in keep_quantized and len(shape) == 2:
-            rows = gguf_rows(t.data, kind, shape[0], shape[1])
+            rows = gguf_rows(array, kind, shape[0], shape[1])
             if rows is not None:
                 if heads is not None:
                     rows = rows.rows(_unpermute(torch.arange(shape[0]), heads))
                 yield name, rows
                 continue
-            log.info("GGUF tensor %s (%s) has no exact quantized layout: dequantized", t.name, kind)
-        data = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float().reshape(shape)
+            log.info(
+                "GGUF tensor %s (%s) has no exact quantized layout: dequantized",
+                entry["name"],
+                kind,
+            )
+        values = dequantize(array, GGMLQuantizationType[kind])
+        data = torch.from_numpy(values.copy()).float().reshape(shape)
         if heads is not None:
             data = _unpermute(data, heads)
         yield name, data.contiguous()
@@ -264,6 +312,7 @@ def convert_gguf(path: Path, out: Path) -> None:
     from safetensors.torch import save_file
 
     reader = GGUFReader(str(path))
+    _write_gguf_index(reader, path)  # the first load then needs no second parse
     arch = _gguf_field(reader, "general.architecture")
     if arch not in ("llama", "qwen2", "mistral"):
         raise ValueError(f"GGUF architecture {arch!r} is not supported (llama, qwen2, mistral)")

@@ -357,6 +357,12 @@ def test_models_lists_each_model_with_its_facts_and_why_not(repo_dir, tmp_path):
     assert set(rows) == {"tiny", "bert", "half", "smol"}
     # A GGUF file runs in its own precision; a float checkpoint in full precision.
     assert rows["smol"]["servable"] and rows["smol"]["quantization"].startswith("gguf:Q4_1")
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(smol))
+    assert rows["smol"]["architecture"] == "gguf:llama"
+    assert rows["smol"]["parameters"] == sum(int(t.n_elements) for t in reader.tensors)
+    assert rows["smol"]["dtype"] == "Q4_1"
     assert rows["tiny"]["quantization"] == "none"
     with safe_open(str(repo_dir / "model.safetensors"), "pt") as f:
         expected = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118

@@ -24,6 +24,7 @@ import errno
 import fnmatch
 import glob
 import json
+import math
 import os
 import re
 import signal
@@ -494,15 +495,14 @@ def describe(path: Path, name: str | None = None) -> LocalModel:
 
 def _describe_gguf(path: Path, name: str, reason: str | None) -> LocalModel:
     try:
-        from gguf import GGUFReader
+        from ember.models.loader import gguf_index
 
-        reader = GGUFReader(str(path))
-        arch_field = reader.fields.get("general.architecture")
-        arch = arch_field.contents() if arch_field is not None else "?"
-        params = sum(int(t.n_elements) for t in reader.tensors)
+        index = gguf_index(path)  # parsed once, then kept in the cache
+        arch = index["architecture"] or "?"
         types: dict[str, int] = {}
-        for t in reader.tensors:
-            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_elements)
+        for t in index["tensors"]:
+            types[t["type"]] = types.get(t["type"], 0) + math.prod(t["shape"])
+        params = sum(types.values())
         dtype = max(types, key=types.get) if types else "?"
     except Exception as e:  # noqa: BLE001 (a broken file is listed, with its reason)
         return LocalModel(name, path, "?", None, "?", path.stat().st_size, f"unreadable GGUF: {e}")

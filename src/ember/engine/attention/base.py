@@ -17,6 +17,15 @@ class SeqSpan:
     context_len: int  # cached tokens + new tokens
     block_table: list[int]
 
+    def new_slots(self, block_size: int) -> list[int]:
+        """Cache slot of each new token (positions context_len - query_len ..)."""
+        table = self.block_table
+        start = self.context_len - self.query_len
+        return [
+            table[p // block_size] * block_size + p % block_size
+            for p in range(start, self.context_len)
+        ]
+
 
 @dataclass
 class AttentionMetadata:

@@ -46,10 +46,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
             return super().build_metadata(spans, num_decode_seqs, kv_caches, device)
         # A step of decodes alone: each new token's slot in plain integers, not the whole
         # context's slots in tensors (the steps that matter most at one or a few sequences).
-        bs = self.block_size
-        slots = [
-            s.block_table[(s.context_len - 1) // bs] * bs + (s.context_len - 1) % bs for s in spans
-        ]
+        slots = [s.new_slots(self.block_size)[0] for s in spans]
         extra = self._decode_metadata(spans, None, device)
         extra.update(prefill_batch=None, prefills=[])
         slot_mapping = torch.tensor(slots, dtype=torch.long)

@@ -82,12 +82,7 @@ class TritonAttentionBackend(AttentionBackend):
         kv_caches: list[torch.Tensor],
         device: torch.device,
     ) -> AttentionMetadata:
-        bs = self.block_size
-        slots: list[int] = []
-        for span in spans:
-            table = span.block_table
-            for pos in range(span.context_len - span.query_len, span.context_len):
-                slots.append(table[pos // bs] * bs + pos % bs)
+        slots = [slot for span in spans for slot in span.new_slots(self.block_size)]
         slot_mapping = torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True)
         extra: dict = {"prefill": None}
         decodes = spans[:num_decode_seqs]

@@ -166,9 +166,8 @@ def gguf_index(path: Path) -> dict[str, Any]:
     gguf's reader parses every metadata field to open a file (the whole vocabulary, a memmap
     view per string: seconds for a 49k-token tokenizer), so it runs once per file; the index
     it yields is kept in the cache beside the converted directory, keyed like it."""
-    cached = cache_root() / "gguf" / f"{_gguf_source_id(path)}.index.json"
     try:
-        index = json.loads(cached.read_text())
+        index = json.loads(_gguf_index_path(path).read_text())
         if index.get("version") == GGUF_INDEX_VERSION:
             return index
     except (OSError, ValueError):
@@ -176,6 +175,10 @@ def gguf_index(path: Path) -> dict[str, Any]:
     from gguf import GGUFReader
 
     return _write_gguf_index(GGUFReader(str(path)), path)
+
+
+def _gguf_index_path(path: Path) -> Path:
+    return cache_root() / "gguf" / f"{_gguf_source_id(path)}.index.json"
 
 
 def _write_gguf_index(reader: Any, path: Path) -> dict[str, Any]:
@@ -198,7 +201,7 @@ def _write_gguf_index(reader: Any, path: Path) -> dict[str, Any]:
             for t in reader.tensors
         ],
     }
-    out = cache_root() / "gguf" / f"{_gguf_source_id(path)}.index.json"
+    out = _gguf_index_path(path)
     with contextlib.suppress(OSError):  # a read-only cache only costs the next load time
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")

@@ -257,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     # Per-request client logs would drown the bench's progress bar and the server's own log.
     for noisy in ("httpx", "httpcore", "httpx2"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    from ember.config import ConfigError
     from ember.hub import HubError
 
     try:
@@ -264,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     except HubError as e:
         print(f"ember {args.command}: {e}", file=sys.stderr)
         return 1
+    except ConfigError as e:  # as argparse reports a bad flag: usage error, status 2
+        print(f"ember {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

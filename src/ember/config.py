@@ -203,11 +203,30 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
             )
 
 
+class ConfigError(ValueError):
+    """A setting with a value it cannot take (from a flag, an EMBER_ variable or a keyword)."""
+
+
+def check_choices(config: Any) -> Any:
+    """Refuse a value outside a field's choices, wherever it came from: argparse checks only the
+    command line's own values, not defaults read from EMBER_ variables, and `ember.LLM(...)`
+    passes none of it."""
+    for f in dataclasses.fields(config):
+        choices = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        if choices and value is not None and value not in choices:
+            raise ConfigError(
+                f"{f.name} must be one of {', '.join(map(str, choices))}; got {value!r} "
+                f"(flag --{f.name.replace('_', '-')}, env {env_name(f.name)})"
+            )
+    return config
+
+
 def from_namespace(cls: type, ns: argparse.Namespace, **overrides: Any) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in vars(ns).items() if k in names}
     values.update(overrides)
-    return cls(**values)
+    return check_choices(cls(**values))
 
 
 def from_env(cls: type, **kwargs: Any) -> Any:
@@ -219,11 +238,17 @@ def from_env(cls: type, **kwargs: Any) -> Any:
         raise TypeError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
     values = {}
     for name in names:
-        if name in kwargs:
+        # None for a field that cannot be None means its default, as `LLM(quantization=None)`
+        # does in vLLM.
+        if name in kwargs and (kwargs[name] is not None or _admits_none(hints[name])):
             values[name] = kwargs[name]
         elif env_name(name) in os.environ:
             values[name] = _convert(hints[name], os.environ[env_name(name)])
-    return cls(**values)
+    return check_choices(cls(**values))
+
+
+def _admits_none(tp: Any) -> bool:
+    return type(None) in typing.get_args(tp)
 
 
 def add_env_twins(parser: argparse.ArgumentParser, prefix: str = "EMBER_") -> None:

@@ -22,6 +22,33 @@ def pytest_configure(config) -> None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _poison_masked_loads()
+
+
+def _poison_masked_loads() -> None:
+    """A masked `tl.load` without `other` leaves its masked lanes undefined on the GPU, while
+    the interpreter fills them with zeros, which hides a kernel that reduces over them. Under
+    the tests they read NaN (floats) or a huge value (integers) instead, as garbage would."""
+    try:
+        import numpy as np
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    builder = interpreter.InterpreterBuilder
+    original = builder.create_masked_load
+
+    def create_masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
+        if other is None:
+            dtype_tt = ptrs.get_element_ty()
+            dtype_np = interpreter._get_np_dtype(dtype_tt)
+            fill = np.nan if np.issubdtype(dtype_np, np.floating) else np.iinfo(dtype_np).max // 3
+            other = interpreter.TensorHandle(
+                np.full(ptrs.data.shape, fill, dtype=dtype_np), dtype_tt
+            )
+        return original(self, ptrs, mask, other, cache_policy, is_volatile)
+
+    builder.create_masked_load = create_masked_load
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -34,10 +34,10 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         # The sum is rounded to the run dtype first, as `x + residual` in torch would be; it
-        # becomes the new residual stream, written back in place.
-        x = (
-            x.to(tl.float32) + tl.load(res_ptr + row * res_stride + offs, mask=mask).to(tl.float32)
-        ).to(x.dtype)
+        # becomes the new residual stream, written back in place. Masked lanes must load 0:
+        # on the GPU they are otherwise undefined, and the variance sums every lane.
+        res = tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + res.to(tl.float32)).to(x.dtype)
         tl.store(res_ptr + row * res_stride + offs, x, mask=mask)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / n_cols

@@ -343,15 +343,21 @@ class EngineCore:
         k = seq.params.prompt_logprobs or 0
         start = len(live.prompt_logprobs) - 1  # position whose logits come first
         logprobs = torch.log_softmax(logits, dim=-1)
-        targets = torch.tensor(seq.prompt_token_ids[start + 1 : start + 1 + len(logprobs)])
-        chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
-        ranks = (logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1
-        top = torch.topk(logprobs, k, dim=-1) if k else None
-        for j, token in enumerate(targets.tolist()):
-            alternatives = list(zip(top.indices[j].tolist(), top.values[j].tolist())) if top else []
-            live.prompt_logprobs.append(
-                Logprob(token, float(chosen[j]), int(ranks[j]), alternatives)
-            )
+        targets = seq.prompt_token_ids[start + 1 : start + 1 + len(logprobs)]
+        # On the logits' device (the GPU's, there), then one copy of each small result to the
+        # host, not one synchronising read per prompt token.
+        index = torch.tensor(targets, device=logprobs.device).unsqueeze(1)
+        chosen_t = logprobs.gather(1, index)
+        chosen = chosen_t.squeeze(1).tolist()
+        ranks = ((logprobs > chosen_t).sum(dim=1) + 1).tolist()
+        top_ids: list[list[int]] = [[] for _ in targets]
+        top_lps: list[list[float]] = [[] for _ in targets]
+        if k:
+            top = torch.topk(logprobs, k, dim=-1)
+            top_ids, top_lps = top.indices.tolist(), top.values.tolist()
+        for j, token in enumerate(targets):
+            alternatives = list(zip(top_ids[j], top_lps[j]))
+            live.prompt_logprobs.append(Logprob(token, chosen[j], ranks[j], alternatives))
 
     @staticmethod
     def _take_prompt_logprobs(live: _Live) -> list[Logprob | None] | None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
+
+import pytest
 
 import ember
 from ember.engine.request import SamplingParams
@@ -124,6 +127,12 @@ def test_context_length_ends_generation(tiny_llama):
     llm = ember.LLM(str(tiny_llama), dtype="float32", max_model_len=20)
     out = llm.generate([_ids(15, seed=9)], _greedy(100))[0].outputs[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 5
+
+
+def test_max_model_len_past_the_models_positions_is_refused(tiny_llama):
+    own = json.loads((tiny_llama / "config.json").read_text())["max_position_embeddings"]
+    with pytest.raises(ValueError, match=f"--max-model-len {own + 1} is longer than the {own}"):
+        ember.LLM(str(tiny_llama), dtype="float32", max_model_len=own + 1)
 
 
 def test_parallel_samples_of_one_prompt_share_its_blocks(tiny_llama):

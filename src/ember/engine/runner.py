@@ -156,11 +156,19 @@ class ModelRunner:
         return "torch"
 
     def _model_len(self, cfg: EngineConfig) -> int:
-        """--max-model-len, or the model's own; never past a sliding attention window.
+        """--max-model-len, or the model's own; never past its positions or a sliding window.
 
         Ember's attention sees the whole context, which is exact only while the context fits
         in the window the model was trained with (Mistral-7B-v0.1: 4096 tokens)."""
-        want = cfg.max_model_len or self.model.max_model_len
+        own = self.model.max_model_len
+        want = cfg.max_model_len or own
+        if want > own:
+            # Past the positions the model was trained on its rotary table ends (on CUDA an
+            # out-of-range index is a device assert that poisons every later request).
+            raise ValueError(
+                f"--max-model-len {want} is longer than the {own} positions the model was "
+                "trained with (max_position_embeddings / seq_length in its config.json)"
+            )
         window = getattr(self.model, "sliding_window", None)
         if window is not None and want > window:
             log.warning(

@@ -135,6 +135,11 @@ def test_max_model_len_past_the_models_positions_is_refused(tiny_llama):
         ember.LLM(str(tiny_llama), dtype="float32", max_model_len=own + 1)
 
 
+def test_a_kv_cache_too_small_for_one_block_is_refused_with_the_sizes(tiny_llama):
+    with pytest.raises(ValueError, match=r"no room for the KV cache: --kv-cache-memory leaves"):
+        ember.LLM(str(tiny_llama), dtype="float32", block_size=4, kv_cache_memory="1KiB")
+
+
 def test_parallel_samples_of_one_prompt_share_its_blocks(tiny_llama):
     llm = ember.LLM(str(tiny_llama), dtype="float32", block_size=4)
     engine = llm.engine

@@ -109,7 +109,19 @@ class ModelRunner:
         self.num_layers = num_layers
         kv_bytes_per_block = 2 * num_layers * self.block_size * num_kv_heads * head_dim
         kv_bytes_per_block *= torch.tensor([], dtype=self.dtype).element_size()
-        self.num_blocks = max(1, self._kv_budget() // kv_bytes_per_block)
+        budget = self._kv_budget()
+        self.num_blocks = budget // kv_bytes_per_block
+        if self.num_blocks < 1:
+            where = (
+                "--kv-cache-memory"
+                if self.cfg.kv_cache_memory or self.device.type != "cuda"
+                else f"--gpu-memory-utilization {self.cfg.gpu_memory_utilization} of the GPU, "
+                "after the weights and one step's activations,"
+            )
+            raise ValueError(
+                f"no room for the KV cache: {where} leaves {max(budget, 0) / 2**20:.1f} MiB, and "
+                f"one block of {self.block_size} tokens takes {kv_bytes_per_block / 2**20:.2f} MiB"
+            )
         self.kv_caches = self.backend.allocate_cache(
             num_layers, self.num_blocks, self.dtype, self.device
         )
@@ -261,6 +273,8 @@ class ModelRunner:
             return parse_bytes(self.cfg.kv_cache_memory)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+            # Blocks the allocator keeps from loading are free for the cache, not "used".
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
             used = total - free
             # Leave room for activations of one full step (logits dominate).

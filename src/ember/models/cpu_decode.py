@@ -159,9 +159,11 @@ class CpuQuantDecoder:
         cls, model: nn.Module, backend: Any, kv_caches: list[torch.Tensor]
     ) -> CpuQuantDecoder | None:
         """The fused decoder for this model, or None where it does not apply."""
-        lib = cpu_kernels()
         spec = getattr(model, "decoder_parts", None)
-        if lib is None or spec is None or getattr(backend, "name", "") != "cpu":
+        if spec is None or getattr(backend, "name", "") != "cpu":
+            return None  # before cpu_kernels(), which compiles the C kernels on first use
+        lib = cpu_kernels()
+        if lib is None:
             return None
         parts: DecoderParts = spec()
         if not parts.layers or len(parts.layers) != len(kv_caches):

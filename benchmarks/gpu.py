@@ -25,6 +25,7 @@ import datetime
 import gc
 import json
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -102,17 +103,32 @@ def vocab_size(cfg: dict[str, Any]) -> int:
     return cfg.get("padded_vocab_size") or cfg["vocab_size"]
 
 
+def bench_words() -> list[str]:
+    """Every word and mark of `ember bench`'s prompts, so the served run's prompts are as
+    varied in tokens as in text (unknown words would all read as one token, and the prefix
+    cache would serve 512 equal prompts)."""
+    from ember import bench
+
+    text = " ".join([*bench._OPENERS, *bench._TOPICS, *bench._WORDS, "using these words"])
+    return sorted(set(text.split())) + [",", ".", ":"]
+
+
 def write_model_dir(cfg: dict[str, Any], out: Path) -> Path:
-    """config.json plus a word-level tokenizer over the vocabulary (t0, t1, ...): prompts of
-    random words are then exactly as many tokens, and no tokenizer download is involved."""
+    """config.json plus a word-level tokenizer: ids 0-2 are t0 (unknown), t1, t2 (end), then
+    `ember bench`'s words, then t<id> for the rest of the vocabulary. Prompts of random ids are
+    exactly as many tokens, and no tokenizer download is involved."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg))
-    vocab = {f"t{i}": i for i in range(vocab_size(cfg))}
+    names = ["t0", "t1", "t2", *bench_words()]
+    names += [f"t{i}" for i in range(len(names), vocab_size(cfg))]
+    vocab = {name: i for i, name in enumerate(names[: vocab_size(cfg)])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t2").save_pretrained(
         str(out)
     )
@@ -121,11 +137,13 @@ def write_model_dir(cfg: dict[str, Any], out: Path) -> Path:
 
 def hf_config(cfg: dict[str, Any]):
     """The same shapes as a transformers config: LlamaConfig, or GlmConfig for ChatGLM3."""
-    from transformers import GlmConfig, LlamaConfig
-
     if cfg["model_type"] == "llama":
+        from transformers import LlamaConfig
+
         keys = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}
         return LlamaConfig(**keys)
+    from transformers import GlmConfig  # transformers 4.46 on
+
     heads = cfg["num_attention_heads"]
     return GlmConfig(
         vocab_size=cfg["padded_vocab_size"],
@@ -139,11 +157,14 @@ def hf_config(cfg: dict[str, Any]):
         max_position_embeddings=cfg["seq_length"],
         rms_norm_eps=cfg["layernorm_epsilon"],
         tie_word_embeddings=False,
+        # transformers 5 reads rope_parameters; 4.x reads the two flat keys
         rope_parameters={
             "rope_type": "default",
             "rope_theta": 10000.0,
             "partial_rotary_factor": 0.5,
         },
+        rope_theta=10000.0,
+        partial_rotary_factor=0.5,
         attention_bias=True,
         pad_token_id=0,
         eos_token_id=2,
@@ -182,24 +203,39 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
     return 2 * nbytes / times[len(times) // 2]
 
 
-def weight_bytes(cfg: dict[str, Any], dtype_bytes: int = 2) -> int:
-    """Parameter bytes of the model as Ember builds it (built on `meta`: no memory)."""
+def weight_bytes(cfg: dict[str, Any], dtype_bytes: int = 2) -> tuple[int, int]:
+    """Parameter bytes of the model as Ember builds it (built on `meta`: no memory): all of
+    them (the issue's roofline), and those a batch-1 decode step reads, which leave out the
+    input embedding table (one row of it is read) unless the output layer shares it."""
     from ember.models.registry import model_class
 
     with torch.device("meta"):
         model = model_class(cfg)(cfg, backend=None)
-    return sum(p.numel() for p in model.parameters()) * dtype_bytes
+    total = sum(p.numel() for p in model.parameters()) * dtype_bytes
+    return total, total - _embedding_bytes(model)
+
+
+def _embedding_bytes(model: torch.nn.Module) -> int:
+    """Bytes of input embedding tables that no other layer shares (parameters() lists a shared
+    tensor once, under the embedding)."""
+    tables = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    others = {
+        id(p) for m in model.modules() if not isinstance(m, torch.nn.Embedding)
+        for p in m.parameters(recurse=False)
+    }  # fmt: skip
+    return sum(t.numel() * t.element_size() for t in tables if id(t) not in others)
 
 
 def loaded_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of a loaded model's weights as they sit in memory: float parameters plus the
-    quantized layers' codes, scales and minimums (what a batch-1 step reads)."""
+    """Bytes of a loaded model's weights that a batch-1 step reads, as they sit in memory:
+    float parameters plus the quantized layers' codes, scales and minimums, less the input
+    embedding table (one row of it is read)."""
     quantized = {"qweight", "qscale", "qmin"}
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     for name, b in model.named_buffers():
         if name.rsplit(".", 1)[-1] in quantized:
             total += b.numel() * b.element_size()
-    return total
+    return total - _embedding_bytes(model)
 
 
 def free_memory() -> None:
@@ -218,7 +254,11 @@ def hf_batch1(
     from transformers import AutoModelForCausalLM
 
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(hf_config(cfg), dtype=dtype).eval()
+        try:
+            model = AutoModelForCausalLM.from_config(hf_config(cfg), dtype=dtype)
+        except TypeError:  # transformers before 4.56 names it torch_dtype
+            model = AutoModelForCausalLM.from_config(hf_config(cfg), torch_dtype=dtype)
+    model.eval()
     ids = torch.tensor([prompt], device=device)
     kwargs = dict(
         attention_mask=torch.ones_like(ids),
@@ -347,7 +387,15 @@ def ember_serve(
     }
 
 
-def bench_model(name: str, args: argparse.Namespace, work: Path, log_dir: Path) -> dict[str, Any]:
+def bench_model(
+    name: str,
+    args: argparse.Namespace,
+    work: Path,
+    log_dir: Path,
+    report: Callable[[dict[str, Any]], None],
+) -> dict[str, Any]:
+    """Every measurement of one model; `report(row)` is called after each, so a run cut short
+    keeps what it measured."""
     import ember
 
     cfg = dict(MODELS[name])
@@ -366,19 +414,29 @@ def bench_model(name: str, args: argparse.Namespace, work: Path, log_dir: Path) 
 
     row: dict[str, Any] = {"model": name, "dtype": args.dtype}
     clock = Clock(device)
-    nbytes = weight_bytes(cfg, torch.tensor([], dtype=dtype).element_size())
+    nbytes, step_bytes = weight_bytes(cfg, torch.tensor([], dtype=dtype).element_size())
     bw = copy_bandwidth(device, args.copy_bytes, 20)
     row.update(
         weight_bytes=nbytes,
         copy_bandwidth_gb_s=bw / 1e9,
         roofline_steps_per_s=bw / nbytes,
+        # Stricter: only the bytes a step reads (no input embedding table).
+        step_read_bytes=step_bytes,
+        read_roofline_steps_per_s=bw / step_bytes,
     )
     log(f"{name}: {nbytes / 1e9:.2f} GB of weights, {bw / 1e9:.0f} GB/s → roofline "
         f"{row['roofline_steps_per_s']:.0f} steps/s")  # fmt: skip
+    report(row)
     p1 = prompt()
-    row["hf_batch1_tok_per_s"] = hf_batch1(cfg, device, dtype, p1, args.batch1_tokens)
+    try:
+        row["hf_batch1_tok_per_s"] = hf_batch1(cfg, device, dtype, p1, args.batch1_tokens)
+        log(f"{name}: transformers batch 1: {row['hf_batch1_tok_per_s']:.1f} tok/s")
+    except Exception as exc:  # an older transformers: Ember's figures still count
+        row["hf_batch1_tok_per_s"] = None
+        row["hf_error"] = f"{type(exc).__name__}: {exc}"
+        log(f"{name}: transformers baseline failed: {row['hf_error']}")
     free_memory()
-    log(f"{name}: transformers batch 1: {row['hf_batch1_tok_per_s']:.1f} tok/s")
+    report(row)
 
     engine_args = {
         "load_format": "dummy",
@@ -387,12 +445,17 @@ def bench_model(name: str, args: argparse.Namespace, work: Path, log_dir: Path) 
         "max_num_seqs": args.concurrency,
         "enforce_eager": args.enforce_eager,
     }
+    reset_peak_memory(device)
     llm = ember.LLM(str(model_dir), **engine_args)
     row["kv_cache_tokens"] = llm.engine.runner.num_blocks * llm.engine.runner.block_size
     row["attention_backend"] = llm.engine.runner.backend.name
     row["cuda_graphs"] = llm.engine.runner.graphs is not None
     row.update(ember_batch1(llm, clock, p1, args.batch1_tokens))
     row["batch1_roofline_fraction"] = row["batch1_tok_per_s"] / row["roofline_steps_per_s"]
+    row["batch1_read_roofline_fraction"] = (
+        row["batch1_tok_per_s"] / row["read_roofline_steps_per_s"]
+    )
+    report(row)
     log(f"{name}: Ember batch 1: {row['batch1_tok_per_s']:.1f} tok/s "
         f"({100 * row['batch1_roofline_fraction']:.0f}% of roofline)")  # fmt: skip
     prompts = [prompt() for _ in range(args.requests)]
@@ -403,21 +466,10 @@ def bench_model(name: str, args: argparse.Namespace, work: Path, log_dir: Path) 
         row["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     del llm
     free_memory()
+    report(row)
 
-    for q in filter(None, args.quantizations.split(",")):
-        llm = ember.LLM(str(model_dir), **engine_args, quantization=q)
-        qbytes = loaded_weight_bytes(llm.engine.runner.model)
-        row[f"{q}_weight_bytes"] = qbytes
-        row[f"{q}_roofline_steps_per_s"] = bw / qbytes
-        measured = ember_batch1(llm, clock, p1, args.batch1_tokens)
-        row[f"{q}_batch1_tok_per_s"] = measured["batch1_tok_per_s"]
-        row[f"{q}_batch1_roofline_fraction"] = measured["batch1_tok_per_s"] * qbytes / bw
-        log(f"{name}: Ember {q} batch 1: {measured['batch1_tok_per_s']:.1f} tok/s "
-            f"({qbytes / 1e9:.2f} GB, {100 * row[f'{q}_batch1_roofline_fraction']:.0f}% of "
-            f"its roofline)")  # fmt: skip
-        del llm
-        free_memory()
-
+    # The served run comes before the quantized ones: its figures are the issue's, and a run
+    # cut short by its time limit keeps them.
     if not args.skip_serve:
         flags = ["--load-format", "dummy", "--dtype", args.dtype, "--device", args.device]
         flags += ["--max-num-seqs", str(args.concurrency)]
@@ -437,7 +489,33 @@ def bench_model(name: str, args: argparse.Namespace, work: Path, log_dir: Path) 
         row["serve_vs_offline"] = row["serve_tok_per_s"] / row["offline_tok_per_s"]
         log(f"{name}: ember serve: {row['serve_tok_per_s']:.0f} tok/s, "
             f"TTFT p50 {row['serve_ttft_p50_ms']:.0f} ms")  # fmt: skip
+        report(row)
+
+    for q in filter(None, args.quantizations.split(",")):
+        reset_peak_memory(device)
+        llm = ember.LLM(str(model_dir), **engine_args, quantization=q)
+        qbytes = loaded_weight_bytes(llm.engine.runner.model)
+        row[f"{q}_weight_bytes"] = qbytes
+        row[f"{q}_roofline_steps_per_s"] = bw / qbytes
+        measured = ember_batch1(llm, clock, p1, args.batch1_tokens)
+        row[f"{q}_batch1_tok_per_s"] = measured["batch1_tok_per_s"]
+        row[f"{q}_batch1_roofline_fraction"] = measured["batch1_tok_per_s"] * qbytes / bw
+        log(f"{name}: Ember {q} batch 1: {measured['batch1_tok_per_s']:.1f} tok/s "
+            f"({qbytes / 1e9:.2f} GB, {100 * row[f'{q}_batch1_roofline_fraction']:.0f}% of "
+            f"its roofline)")  # fmt: skip
+        del llm
+        free_memory()
+        report(row)
+    return rounded(row)
+
+
+def rounded(row: dict[str, Any]) -> dict[str, Any]:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
 
 
 def log(text: str) -> None:
@@ -506,12 +584,24 @@ def main(argv: list[str] | None = None) -> int:
         import triton
 
         report["triton"] = triton.__version__
+
+    def save(partial: dict[str, Any] | None = None) -> str:
+        """The report so far (with the model being measured, marked partial) to --out."""
+        doc = dict(report)
+        if partial is not None:
+            doc["models"] = [*report["models"], {**rounded(partial), "partial": True}]
+        text = json.dumps(doc, indent=2)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return text
+
+    # `timeout` ends the run with SIGTERM: exit through the finally blocks, so a served
+    # child is stopped and the figures measured so far are on disk.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
     for name in args.models.split(","):
-        report["models"].append(bench_model(name.strip(), args, work, log_dir))
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+        report["models"].append(bench_model(name.strip(), args, work, log_dir, save))
+        save()
+    print(save())
     return 0
 
 

@@ -49,6 +49,28 @@ def test_gpu_benchmark_dry_run_reports_every_figure(tmp_path) -> None:
     assert (tmp_path / "serve-llama-2-7b.log").exists()
 
 
+def test_served_prompts_are_as_varied_in_tokens_as_in_text(tmp_path) -> None:
+    """The benchmark's word-level tokenizer knows every word of `ember bench`'s prompts: none
+    reads as the unknown token, and no two prompts are the same tokens."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from transformers import AutoTokenizer
+
+    from ember.bench import make_prompts
+
+    model_dir = gpu.write_model_dir(dict(gpu.LLAMA_2_7B), tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    prompts = make_prompts(64, 128, seed=0)
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert all(0 not in row for row in ids)
+    assert len({tuple(row) for row in ids}) == len(prompts)
+    assert all(128 <= len(row) <= 134 for row in ids), [len(row) for row in ids]
+    assert tok.convert_ids_to_tokens([0, 2, 31999]) == ["t0", "t2", "t31999"]
+
+
 # What the GPU image has (benchmarks/gpu_run.sh's machine) and the wheels brought for it.
 GPU_IMAGE = {
     "torch", "triton", "transformers", "tokenizers", "safetensors", "sentencepiece", "jinja2",

@@ -203,9 +203,11 @@ def model_cases() -> dict[str, dict[str, Any]]:
     }
 
 
-def run_engine(model_dir: Path, dtype: str, quantization: str | None) -> None:
+def run_engine(model_dir: Path, dtype: str, quantization: str | None) -> list[str]:
     """Prefill chunks with and without a cached prefix, then decode steps whose context spans
-    several KV splits: every attention path the backend has."""
+    several KV splits: every attention path the backend has. Returns the kernels compiled again
+    (same types and constexprs) because a step's sizes changed: each such compile would stall
+    every stream mid-serving on the GPU."""
     import ember
     from ember.engine.attention import triton_backend
     from ember.engine.request import SamplingParams
@@ -225,46 +227,94 @@ def run_engine(model_dir: Path, dtype: str, quantization: str | None) -> None:
             dtype=dtype,
             attention_backend="triton",
             quantization=quantization,
+            block_size=16,  # the GPU's default
             max_model_len=512,
             max_num_seqs=8,
             max_num_batched_tokens=256,
         )
     finally:
         backend_cls.__init__ = init
-    shared = " ".join(f"t{i}" for i in range(3, 150))
-    prompts = [shared + " t7 t8", shared + " t9", "t5 t6 t7"]
-    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    # One short request first: every kernel it runs is compiled for this model.
+    llm.generate(["t5 t6 t7"], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    before = list(compiled_variants())
+    seen = {variant_key(fn, c): c for fn, c in before}
+    compiled_before = {id(c) for _, c in before}
+
+    words = [f"t{i}" for i in range(3, 400)]
+    shared = " ".join(words[:150])
+    # Batches of 1 to 5 prefill chunks of uneven lengths next to decodes, contexts that pass
+    # 256 tokens (a block table 16 wide), then a prompt whose prefix is cached.
+    prompts = [shared + " t7 t8", shared + " t9", "t5 t6 t7", " ".join(words[:61]), "t4"]
+    params = [
+        SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (120, 30, 9, 70, 5)
+    ]
     llm.generate(prompts, params)
-    llm.generate([shared + " t11 t12"], params)  # a cached prefix
+    llm.generate([shared + " t11 t12"], params[1])
+    # Alone in their steps: 16, 32 and 33 rows through every matmul, block tables exactly 16
+    # wide (a 250-token prompt, then its decode steps past 256 tokens).
+    for n, new_tokens in ((16, 2), (32, 2), (33, 2), (250, 12)):
+        one = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        llm.generate([" ".join(words[200 - n // 2 : 200 - n // 2 + n])], one)
+    # Batches of other sizes and contexts may need other constexprs (a split count over 1, a
+    # wider matmul tile), never the same kernel again for other argument values.
+    recompiled = [
+        key[0]
+        for fn, c in compiled_variants()
+        if id(c) not in compiled_before and (key := variant_key(fn, c)) in seen
+    ]
+    return recompiled
 
 
-def kernel_reports() -> list[dict[str, Any]]:
-    """Every compiled variant in Triton's in-process caches, with ptxas's figures."""
+def compiled_variants() -> Iterator[tuple[Any, Any]]:
+    """(JIT function, compiled variant) for every variant in Triton's in-process caches."""
     from ember.engine.attention import triton_kernels
     from ember.models import triton_ops, triton_quant
 
-    reports = []
     for module in (triton_kernels, triton_ops, triton_quant):
         for name in dir(module):
             fn = getattr(module, name)
-            if not isinstance(fn, triton.runtime.jit.JITFunction):
-                continue
-            for cache in fn.device_caches.values():
-                for compiled in cache[0].values():
-                    meta = compiled.metadata
-                    report = {
-                        "kernel": meta.name,
-                        "num_warps": meta.num_warps,
-                        "num_stages": meta.num_stages,
-                        "shared_bytes": meta.shared,
-                        "constexprs": {
-                            fn.arg_names[path[0]]: value
-                            for path, value in compiled.src.constants.items()
-                            if len(path) == 1 and fn.arg_names[path[0]].isupper()
-                        },
-                    }
-                    report.update(ptxas_report(compiled.asm["ptx"], meta.target.arch))
-                    reports.append(report)
+            if isinstance(fn, triton.runtime.jit.JITFunction):
+                for cache in fn.device_caches.values():
+                    for compiled in cache[0].values():
+                        yield fn, compiled
+
+
+def variant_key(fn: Any, compiled: Any) -> tuple[str, str, str]:
+    """What a variant is compiled for besides the specialisation on argument values: the
+    kernel, its argument types and its constexprs."""
+    # An argument that is not a declared constexpr (upper case here) but was compiled as a
+    # constant (an integer equal to 1) counts as the integer it is.
+    sig = {
+        k: "i32" if v == "constexpr" else v
+        for k, v in compiled.src.signature.items()
+        if not k.isupper()
+    }
+    consts = {
+        fn.arg_names[path[0]]: value
+        for path, value in compiled.src.constants.items()
+        if len(path) == 1 and fn.arg_names[path[0]].isupper()
+    }
+    return compiled.metadata.name, json.dumps(sig), json.dumps(consts, sort_keys=True)
+
+
+def kernel_reports() -> list[dict[str, Any]]:
+    """Every compiled variant, with ptxas's figures."""
+    reports = []
+    for fn, compiled in compiled_variants():
+        meta = compiled.metadata
+        name, sig, consts = variant_key(fn, compiled)
+        report = {
+            "kernel": name,
+            "signature": json.loads(sig),
+            "constexprs": json.loads(consts),
+            # pointers 16-byte aligned and integers that are 1 or a multiple of 16
+            "specialization": str(compiled.src.attrs),
+            "num_warps": meta.num_warps,
+            "num_stages": meta.num_stages,
+            "shared_bytes": meta.shared,
+        }
+        report.update(ptxas_report(compiled.asm["ptx"], meta.target.arch))
+        reports.append(report)
     return reports
 
 
@@ -304,8 +354,11 @@ def main() -> int:
                 label = f"{name} {dtype} {quantization or 'unquantized'}"
                 print(f"compiling for sm_90: {label}", file=sys.stderr, flush=True)
                 try:
-                    run_engine(model_dir, dtype, quantization)
+                    recompiled = run_engine(model_dir, dtype, quantization)
                     runs.append(label)
+                    failures += [
+                        f"{label}: {k} compiled again for other argument values" for k in recompiled
+                    ]
                 except Exception as exc:  # a compile error names the kernel and line
                     traceback.print_exc()
                     failures.append(f"{label}: {type(exc).__name__}: {exc}")

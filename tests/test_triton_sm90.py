@@ -1,6 +1,9 @@
 """The Triton kernels compile for the H100/H200 (sm_90) with the real compiler, not only run
 interpreted: `tests/sm90_compile.py` runs the engine over full-size attention and hidden shapes
-with a compile-only Triton driver and reports each kernel's shared memory, registers and spills."""
+with a compile-only Triton driver and reports each kernel's shared memory, registers and spills,
+and any kernel compiled a second time because a step's sizes changed (a block-table width, a row
+count or a split count that is 1 or a multiple of 16, a metadata row's alignment): on the GPU
+each would stall every stream while it compiles."""
 
 from __future__ import annotations
 

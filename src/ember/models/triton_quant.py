@@ -21,7 +21,9 @@ import triton.language as tl
 from ember.models.quant import QuantizedRows
 
 
-@triton.jit
+# M (rows: the step's token count) varies from step to step: not specialised on, so a
+# batch of one token or of a multiple of 16 compiles no variant of its own mid-serving.
+@triton.jit(do_not_specialize=["M"])
 def _quant_linear_kernel(
     x_ptr,
     codes_ptr,

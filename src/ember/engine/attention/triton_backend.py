@@ -19,7 +19,6 @@ from ember.engine.attention.base import AttentionBackend, AttentionMetadata, Seq
 # Decode splits the KV length until about this many programs per streaming multiprocessor
 # run at once; more splits only add merge work.
 PROGRAMS_PER_SM = 2
-MAX_DECODE_SPLITS = 16
 
 
 def _interpreted() -> bool:
@@ -66,7 +65,7 @@ class TritonAttentionBackend(AttentionBackend):
         programs = max(1, num_seqs * self.num_kv_heads)
         want = -(-PROGRAMS_PER_SM * self.num_sms // programs)
         tiles = max(1, -(-max_context // self.decode_block_n))
-        return max(1, min(want, MAX_DECODE_SPLITS, tiles))
+        return max(1, min(want, self.kernels.MAX_SPLITS, tiles))
 
     def _tables(self, spans: list[SeqSpan]) -> torch.Tensor:
         width = max(len(s.block_table) for s in spans)
@@ -103,20 +102,24 @@ class TritonAttentionBackend(AttentionBackend):
             )
         prefills = spans[num_decode_seqs:]
         if prefills:
-            # One transfer; rows, so each of the three is contiguous as the kernel reads it.
+            # One transfer; rows, so each of the three is contiguous as the kernel reads it,
+            # padded to 16 bytes so every row starts aligned (Triton compiles a variant of the
+            # kernel for each pointer alignment it meets).
+            n = len(prefills)
+            pad = [0] * (-n % 4)
             ints = torch.tensor(
                 [
-                    [s.query_start for s in prefills],
-                    [s.query_len for s in prefills],
-                    [s.context_len for s in prefills],
+                    [s.query_start for s in prefills] + pad,
+                    [s.query_len for s in prefills] + pad,
+                    [s.context_len for s in prefills] + pad,
                 ],
                 dtype=torch.int32,
             ).to(device, non_blocking=True)
             extra["prefill"] = (
                 self._tables(prefills).to(device, non_blocking=True),
-                ints[0],
-                ints[1],
-                ints[2],
+                ints[0, :n],
+                ints[1, :n],
+                ints[2, :n],
                 max(s.query_len for s in prefills),
             )
         return AttentionMetadata(slot_mapping, spans, num_decode_seqs, kv_caches, extra)

@@ -23,6 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
+# Most KV splits a decode step uses (the backend's choice); the merge kernel is compiled once
+# for this many.
+MAX_SPLITS = 16
+
 
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
@@ -90,7 +94,10 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slots: torch
     )
 
 
-@triton.jit
+# Numbers that vary from step to step (a batch's block-table width, its split count, a
+# matmul's row count) are not specialised on: Triton would compile a new variant of the kernel
+# the first time one is 1 or a multiple of 16, stalling every stream mid-serving.
+@triton.jit(do_not_specialize=["table_stride", "num_splits"])
 def _decode_split_kernel(
     q_ptr,
     cache_ptr,
@@ -106,6 +113,7 @@ def _decode_split_kernel(
     table_stride,
     lens_stride,
     scale,
+    num_splits,
     NUM_HEADS: tl.constexpr,
     KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
@@ -114,7 +122,7 @@ def _decode_split_kernel(
     D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    SPLITS: tl.constexpr,
+    ONE_SPLIT: tl.constexpr,
     USE_DOT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -124,7 +132,7 @@ def _decode_split_kernel(
     ctx = tl.load(lens_ptr + b * lens_stride).to(tl.int32)  # int64 in the graphs' rows
     # Each split takes a whole number of key tiles; trailing splits of a short context are
     # empty and report a log-sum-exp of -inf, which the merge ignores.
-    tiles_per_split = tl.cdiv(tl.cdiv(ctx, BLOCK_N), SPLITS)
+    tiles_per_split = tl.cdiv(tl.cdiv(ctx, BLOCK_N), num_splits)
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, ctx)
 
@@ -170,11 +178,11 @@ def _decode_split_kernel(
 
     has = l_sum > 0
     o = acc / tl.where(has, l_sum, 1.0)[:, None]
-    if SPLITS == 1:
+    if ONE_SPLIT:
         dest = out_ptr + b64 * out_stride_t + heads[:, None] * out_stride_h + offs_d[None, :]
         tl.store(dest, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
     else:
-        row = (b64 * NUM_HEADS + heads) * SPLITS + split  # [G_PAD]
+        row = (b64 * NUM_HEADS + heads) * num_splits + split  # [G_PAD]
         tl.store(
             part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
             o,
@@ -184,25 +192,25 @@ def _decode_split_kernel(
         tl.store(part_lse_ptr + row, lse, mask=g_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(
     part_out_ptr,
     part_lse_ptr,
     out_ptr,
     out_stride_t,
     out_stride_h,
+    num_splits,
     NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
-    SPLITS: tl.constexpr,
     S_PAD: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs_s = tl.arange(0, S_PAD)
     offs_d = tl.arange(0, D_PAD)
-    s_mask = offs_s < SPLITS
-    row = (b * NUM_HEADS + h) * SPLITS + offs_s
+    s_mask = offs_s < num_splits
+    row = (b * NUM_HEADS + h) * num_splits + offs_s
     lse = tl.load(part_lse_ptr + row, mask=s_mask, other=float("-inf"))
     m = tl.max(lse, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)  # a padding row: every split empty
@@ -275,6 +283,7 @@ def decode_attention(
         tables.stride(0),
         lens.stride(0),
         scale,
+        splits,
         NUM_HEADS=num_heads,
         KV_HEADS=kv_heads,
         GROUP=group,
@@ -283,7 +292,7 @@ def decode_attention(
         D_PAD=_pow2(head_dim),
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
-        SPLITS=splits,
+        ONE_SPLIT=splits == 1,
         USE_DOT=use_dot,
         PRECISION=_precision(cache),
         num_warps=num_warps,
@@ -295,15 +304,15 @@ def decode_attention(
             out,
             out.stride(0),
             out.stride(1),
+            splits,
             NUM_HEADS=num_heads,
             HEAD_DIM=head_dim,
             D_PAD=_pow2(head_dim),
-            SPLITS=splits,
-            S_PAD=_pow2(splits),
+            S_PAD=max(MAX_SPLITS, _pow2(splits)),  # one variant for every split count
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["table_stride"])
 def _prefill_kernel(
     q_ptr,
     cache_ptr,

@@ -81,8 +81,13 @@ def load_engine(
 
 
 async def _warm_up(engine: AsyncEngine, tokenizer) -> None:
-    ids = tokenizer.encode("Hello") or [0]
-    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    """A prefill of up to 32 tokens and one decode step: both paths run before "ready", and on
+    a GPU the kernels a first request needs (a prefill past 16 rows takes the wide matmul
+    tiles) are compiled here, not while it waits."""
+    hello = tokenizer.encode("Hello") or [0]
+    room = max(1, min(32, engine.core.runner.max_model_len - 2))
+    ids = (hello * (room // len(hello) + 1))[:room]
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
     async for _ in engine.generate(ids, params, f"warmup-{uuid.uuid4().hex}"):
         pass
 

@@ -105,6 +105,17 @@ def test_backend_matches_causal_attention(
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["burst of similar prompts", "long chunk beside short ones"])
+def test_torch_before_2_5_repeats_the_grouped_kv_heads_instead(case: str, monkeypatch) -> None:
+    """Without SDPA's enable_gqa each K/V head is repeated for its query heads: same output."""
+    monkeypatch.setattr(torch_backend, "_SDPA_GQA", False)
+    for batched in (1e9, 0.0):
+        monkeypatch.setattr(torch_backend, "PREFILL_BATCH_MAX_PADDING", batched)
+        backend = TorchAttentionBackend(HEADS, KV_HEADS, HEAD_DIM, BLOCK)
+        ours, ref = run_step(backend, *STEPS[case])
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_bursts_batch_and_lopsided_steps_do_not() -> None:
     backend = TorchAttentionBackend(HEADS, KV_HEADS, HEAD_DIM, BLOCK)
     cache = backend.allocate_cache(1, 64, torch.float32, torch.device("cpu"))

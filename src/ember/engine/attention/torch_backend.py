@@ -17,6 +17,24 @@ import torch.nn.functional as F
 
 from ember.engine.attention.base import AttentionBackend, AttentionMetadata, SeqSpan
 
+# SDPA's enable_gqa (grouped K/V heads without copies) arrived in torch 2.5; before it, each
+# K/V head is repeated for its group of query heads.
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool, **kw: object
+) -> torch.Tensor:
+    """scaled_dot_product_attention over [..., heads, tokens, dim], K/V heads grouped."""
+    if gqa and not _SDPA_GQA:
+        group = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+        gqa = False
+    if gqa:
+        kw["enable_gqa"] = True
+    return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
 # Prefill chunks share one padded SDPA call when the padded work is at most this many times
 # the real work; beyond it (one long chunk beside short ones) separate calls are cheaper.
 PREFILL_BATCH_MAX_PADDING = 2.0
@@ -156,13 +174,13 @@ class TorchAttentionBackend(AttentionBackend):
             qp = q.new_zeros(n * max_q, self.num_heads, d)
             qp.index_copy_(0, batch.rows, q[s:e])
             kv = cache.index_select(0, batch.gather).view(n, max_ctx, 2, kvh, d)
-            op = F.scaled_dot_product_attention(
+            op = _sdpa(
                 qp.view(n, max_q, self.num_heads, d).transpose(1, 2),
                 kv[:, :, 0].transpose(1, 2),
                 kv[:, :, 1].transpose(1, 2),
+                gqa,
                 attn_mask=batch.mask,
                 scale=self.scale,
-                enable_gqa=gqa,
             )
             out[s:e] = op.transpose(1, 2).reshape(n * max_q, self.num_heads, d)[batch.rows]
         for span, slots, mask in meta.extra["prefills"]:
@@ -171,18 +189,16 @@ class TorchAttentionBackend(AttentionBackend):
             if slots is None:
                 kp = k[s:e].transpose(0, 1).unsqueeze(0)
                 vp = v[s:e].transpose(0, 1).unsqueeze(0)
-                op = F.scaled_dot_product_attention(
-                    qp, kp, vp, is_causal=True, scale=self.scale, enable_gqa=gqa
-                )
+                op = _sdpa(qp, kp, vp, gqa, is_causal=True, scale=self.scale)
             else:
                 kv = cache.index_select(0, slots)
-                op = F.scaled_dot_product_attention(
+                op = _sdpa(
                     qp,
                     kv[:, 0].transpose(0, 1).unsqueeze(0),
                     kv[:, 1].transpose(0, 1).unsqueeze(0),
+                    gqa,
                     attn_mask=mask,
                     scale=self.scale,
-                    enable_gqa=gqa,
                 )
             out[s:e] = op.squeeze(0).transpose(0, 1)
         return out

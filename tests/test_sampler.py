@@ -386,6 +386,19 @@ def test_top_p_mask_matches_full_sort_for_peaked_and_flat_rows(top_p_path: str) 
     assert torch.isfinite(got[1]).sum() > 1024  # really took the fallback
 
 
+@pytest.mark.parametrize("p", [1e-300, 1e-45, 0.0])
+def test_a_top_p_too_small_for_float32_keeps_the_best_token(top_p_path: str, p: float) -> None:
+    # 1e-300 passes `top_p > 0` but is 0 in float32: the cut must still keep the top token.
+    torch.manual_seed(15)
+    logits = torch.randn(3, 5000) * 3
+    got = _top_p(logits, torch.tensor([p, p, 0.5], dtype=torch.float64).float())
+    for i in range(2):
+        assert torch.isfinite(got[i]).nonzero().squeeze(1).tolist() == [int(logits[i].argmax())]
+    assert set(emitted(logits[0:1], SamplingParams(top_p=1e-300), n=50)) == {
+        int(logits[0].argmax())
+    }
+
+
 def test_top_p_on_a_full_vocabulary_with_masked_and_far_tokens(top_p_path: str) -> None:
     torch.manual_seed(15)
     vocab = 49_152

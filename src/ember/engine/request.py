@@ -82,7 +82,8 @@ class SamplingParams:
         need(
             self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty),
             "repetition_penalty",
-            f"repetition_penalty must be greater than zero, got {self.repetition_penalty}.",
+            f"repetition_penalty must be a finite number greater than zero, got "
+            f"{self.repetition_penalty}.",
         )
         need(
             -2 <= self.presence_penalty <= 2,

@@ -47,6 +47,7 @@ def _top_p_keep(probs: torch.Tensor, ps: torch.Tensor, k: int) -> tuple[torch.Te
     # Keep a token while the mass strictly before it is still short of top_p; the top
     # token has nothing before it, so it always survives.
     keep_sorted = (cum - top) < ps.unsqueeze(1)
+    keep_sorted[:, 0] = True  # also where ps is 0 (a top_p below float32's smallest value)
     keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, order, keep_sorted)
     # Settled when the top k already reach top_p: every later token is then dropped.
     return keep, (cum[:, -1] >= ps) | (k == probs.shape[1])

@@ -289,7 +289,9 @@ void top_p_mask(float *logits, int64_t rows, int64_t vocab, const float *p) {
             for (int64_t i = 0; i < vocab; i++) /* drop the cut bucket and all below it */
                 z[i] = (m - z[i]) * per_unit >= (float)cb ? -INFINITY : z[i];
             qsort(cut, (size_t)n, sizeof(scored_token), by_logit_desc);
-            for (int64_t j = 0; j < n && before < target; j++) { /* then restore its head */
+            /* then restore its head; the best token always stays, even where p is 0 (a top_p
+             * under float32's smallest value) */
+            for (int64_t j = 0; j < n && (before < target || (cb == 0 && j == 0)); j++) {
                 before += w[cut[j].i];
                 z[cut[j].i] = cut[j].z;
             }

@@ -177,3 +177,26 @@ def test_prompt_logprobs_match_transformers(tiny_llama):
         assert abs(lp.logprob - ref[pos - 1, prompt[pos]].item()) < 1e-4
         assert lp.rank == int((ref[pos - 1] > ref[pos - 1, prompt[pos]]).sum()) + 1
         assert [t for t, _ in lp.top] == torch.topk(ref[pos - 1], 2).indices.tolist()
+
+
+def test_a_cuda_device_keeps_its_index_and_binds_each_thread(monkeypatch):
+    """CUDA's current device is per thread and Triton launches on it: the runner names its
+    GPU with an index and makes it current on the threads that run the model."""
+    import torch
+
+    from ember.engine import runner
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert runner.pick_device("cuda") == torch.device("cuda", 2)
+    assert runner.pick_device("cuda:1") == torch.device("cuda", 1)
+    assert runner.pick_device("auto") == torch.device("cuda", 2)
+    assert runner.pick_device("cpu") == torch.device("cpu")
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    bound = runner.ModelRunner.__new__(runner.ModelRunner)
+    bound.device = torch.device("cuda", 1)
+    bound.bind_thread()
+    bound.device = torch.device("cpu")
+    bound.bind_thread()
+    assert made_current == [torch.device("cuda", 1)]

@@ -313,6 +313,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
+            self.core.runner.bind_thread()  # the engine thread's CUDA device is the model's
             while not self._stopping:
                 self._drain_inbox()
                 self._expire()

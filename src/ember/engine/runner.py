@@ -34,9 +34,13 @@ _OUTPUT_LAYERS = (
 
 
 def pick_device(name: str) -> torch.device:
+    """auto: CUDA when available. A CUDA device always carries its index (`cuda:1` stays 1)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -58,6 +62,7 @@ class ModelRunner:
     def __init__(self, cfg: EngineConfig, model_dir: Path, hf_config: dict) -> None:
         self.cfg = cfg
         self.device = pick_device(cfg.device)
+        self.bind_thread()
         self.dtype = pick_dtype(cfg.dtype, self.device)
         # Small blocks on the CPU: the prefix cache then covers more of a shared system prompt
         # (prefill is compute there); on GPU, 16-token blocks keep block tables short.
@@ -152,6 +157,13 @@ class ModelRunner:
                 self.block_size,
                 self.device,
             )
+
+    def bind_thread(self) -> None:
+        """Make this runner's GPU the calling thread's current CUDA device. CUDA's current
+        device is per thread, and Triton launches, new streams and synchronize() all use it:
+        with `--device cuda:1` they would otherwise go to GPU 0."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
 
     def _auto_backend(self, num_heads: int, num_kv_heads: int) -> str:
         from ember.engine.attention.cpu_backend import CpuAttentionBackend

@@ -48,7 +48,9 @@ class TritonAttentionBackend(AttentionBackend):
         self.prefill_block = 16 if small else 64
         self.num_sms = 1
         if torch.cuda.is_available():
-            self.num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+            # the current device: the runner has made it the model's
+            device = torch.cuda.current_device()
+            self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
 
     @classmethod
     def available(cls, num_heads: int, num_kv_heads: int) -> bool:

@@ -84,7 +84,6 @@ class EngineCore:
             | _as_id_set(self.tokenizer.eos_token_id)
             | self.tokenizer.stop_token_ids  # e.g. ChatGLM3's <|user|> and <|observation|>
         )
-        self.max_model_len = self.runner.max_model_len
         self.allocator = BlockAllocator(
             self.runner.num_blocks, self.runner.block_size, cfg.enable_prefix_caching
         )
@@ -153,6 +152,11 @@ class EngineCore:
             return False
         self.scheduler.finish(live.seq, "abort")
         return True
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt plus output: the runner's (model, window and KV cache bounds)."""
+        return self.runner.max_model_len
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

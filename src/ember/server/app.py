@@ -85,7 +85,7 @@ async def _warm_up(engine: AsyncEngine, tokenizer) -> None:
     a GPU the kernels a first request needs (a prefill past 16 rows takes the wide matmul
     tiles) are compiled here, not while it waits."""
     hello = tokenizer.encode("Hello") or [0]
-    room = max(1, min(32, engine.core.runner.max_model_len - 2))
+    room = max(1, min(32, engine.core.max_model_len - 2))
     ids = (hello * (room // len(hello) + 1))[:room]
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
     async for _ in engine.generate(ids, params, f"warmup-{uuid.uuid4().hex}"):

@@ -200,3 +200,19 @@ def test_a_cuda_device_keeps_its_index_and_binds_each_thread(monkeypatch):
     bound.device = torch.device("cpu")
     bound.bind_thread()
     assert made_current == [torch.device("cuda", 1)]
+
+
+def test_embedding_is_prefilled_in_budget_sized_chunks_and_matches_transformers(tiny_llama):
+    import torch
+
+    from checkpoints import _reference_model
+
+    # A token budget of 8 splits a 29-token input into 4 chunks that read the cached prefix.
+    llm = ember.LLM(str(tiny_llama), dtype="float32", block_size=4, max_num_batched_tokens=8)
+    prompt = _ids(29, seed=13)
+    got = torch.tensor(llm.engine.embed(prompt))
+    with torch.no_grad():
+        hidden = _reference_model(tiny_llama).model(torch.tensor([prompt])).last_hidden_state[0]
+    want = torch.nn.functional.normalize(hidden.mean(0), dim=-1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert llm.engine.allocator.usage() == 0.0  # its blocks went back to the pool

@@ -185,7 +185,8 @@ class EngineCore:
             raise PromptError("The KV cache is full right now; retry the embedding request.")
         blocks = allocator.allocate(need)
         try:
-            return self.runner.embed(prompt_token_ids, blocks)
+            chunk = self.scheduler.max_num_batched_tokens
+            return self.runner.embed(prompt_token_ids, blocks, chunk)
         finally:
             allocator.free_blocks(blocks)
 

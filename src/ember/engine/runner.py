@@ -370,10 +370,21 @@ class ModelRunner:
         fill_decode_rows(rows, batch, self.block_size)
 
     @torch.inference_mode()
-    def embed(self, token_ids: list[int], blocks: list[int]) -> list[float]:
+    def embed(self, token_ids: list[int], blocks: list[int], chunk: int) -> list[float]:
+        """Mean-pooled, L2-normalised last hidden state, prefilled `chunk` tokens at a time.
+
+        Each chunk attends to the earlier ones through the KV cache, as chunked prefill
+        does, so a long input needs no more activation memory than a scheduler step.
+        """
         n = len(token_ids)
-        span = SeqSpan(0, n, n, blocks)
-        meta = self.backend.build_metadata([span], 0, self.kv_caches, self.device)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, torch.arange(n, device=self.device), meta).float()
-        return torch.nn.functional.normalize(hidden.mean(0), dim=-1).tolist()
+        total: torch.Tensor | None = None
+        for start in range(0, n, max(chunk, 1)):
+            end = min(start + max(chunk, 1), n)
+            span = SeqSpan(0, end - start, end, blocks)
+            meta = self.backend.build_metadata([span], 0, self.kv_caches, self.device)
+            positions = torch.arange(start, end, device=self.device)
+            part = self.model(ids[start:end], positions, meta).float().sum(0)
+            total = part if total is None else total + part
+        assert total is not None
+        return torch.nn.functional.normalize(total / n, dim=-1).tolist()

@@ -157,3 +157,64 @@ def test_engine_death_fails_every_open_request_and_reports(tiny_llama):
             asyncio.run(_collect(eng, _ids(4, seed=9), long, "late"))
     finally:
         eng.shutdown()
+
+
+def test_a_long_embedding_lets_streams_step_between_its_chunks(tiny_llama):
+    cfg = from_env(
+        EngineConfig,
+        model=str(tiny_llama),
+        dtype="float32",
+        block_size=4,
+        max_num_batched_tokens=8,
+    )
+    eng = AsyncEngine(EngineCore(cfg))
+    total = eng.core.allocator.num_blocks
+    steps: list[int] = []  # engine steps run so far
+    chunks: list[int] = []  # the step count when each embedding chunk ran
+    tokens: list[int] = []
+    step, advance = eng.core.step, eng.core.embed_advance
+
+    def counting_step():
+        steps.append(1)
+        return step()
+
+    def counting_advance(job):
+        chunks.append(len(steps))
+        return advance(job)
+
+    eng.core.step, eng.core.embed_advance = counting_step, counting_advance
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+
+    async def stream():
+        async for out in eng.generate(_ids(6, seed=3), params, "s"):
+            tokens.extend(out.new_token_ids)
+
+    async def main():
+        task = asyncio.create_task(stream())
+        while not tokens:
+            await asyncio.sleep(0.001)
+        vec = await eng.embed(_ids(40, seed=4))  # 5 chunks of the 8-token budget
+        await task
+        return vec
+
+    try:
+        vec = asyncio.run(main())
+        assert len(chunks) == 5
+        assert all(b > a for a, b in zip(chunks, chunks[1:])), chunks  # steps in between
+        want = asyncio.run(eng.call(lambda core: core.embed(_ids(40, seed=4))))
+        assert vec == pytest.approx(want, abs=1e-6)
+
+        async def cancelled():
+            begun = len(chunks)
+            task = asyncio.create_task(eng.embed(_ids(40, seed=5)))
+            while len(chunks) < begun + 2:
+                await asyncio.sleep(0.001)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await eng.call(lambda core: None)  # after the posted clean-up
+
+        asyncio.run(cancelled())
+        assert eng.core.allocator.num_free_blocks == total
+    finally:
+        eng.shutdown()

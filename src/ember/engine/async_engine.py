@@ -104,8 +104,8 @@ class _Call:
     """Run fn(core) on the engine thread (which owns the model) and resolve a future."""
 
     fn: Callable[[EngineCore], Any]
-    future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future | None  # None: nobody waits for the result (see `post`)
+    loop: asyncio.AbstractEventLoop | None
 
 
 class AsyncEngine:
@@ -258,6 +258,24 @@ class AsyncEngine:
             raise EngineDeadError(str(self.error))
         return await future
 
+    async def embed(self, prompt_token_ids: list[int]) -> list[float]:
+        """The served model's embedding of one input, a token budget per engine call so that
+        other requests' steps run in between; its KV blocks go back even if cancelled."""
+        job = await self.call(lambda core: core.embed_begin(prompt_token_ids))
+        try:
+            while not await self.call(lambda core: core.embed_advance(job)):
+                pass
+            assert job.vector is not None
+            return job.vector
+        finally:
+            self.post(lambda core: core.embed_end(job))
+
+    def post(self, fn: Callable[[EngineCore], Any]) -> None:
+        """Run `fn(core)` between engine steps without waiting for it: clean-up that must
+        happen even when the caller is being cancelled (an error is logged)."""
+        self._inbox.put(_Call(fn, None, None))
+        self._wake.set()
+
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
         self._wake.set()
@@ -270,7 +288,9 @@ class AsyncEngine:
     # ------------------------------------------------------------------ engine thread
 
     def _drain_inbox(self) -> None:
-        while True:
+        # Only what is queued now: a call sent in reply to one run here (the next chunk of an
+        # embedding) waits for the next step, so the running streams step in between.
+        for _ in range(self._inbox.qsize()):
             try:
                 msg = self._inbox.get_nowait()
             except queue.Empty:
@@ -278,9 +298,13 @@ class AsyncEngine:
             if isinstance(msg, _Call):
                 try:
                     result = msg.fn(self.core)
-                    msg.loop.call_soon_threadsafe(_resolve, msg.future, result, None)
+                    if msg.future is not None:
+                        msg.loop.call_soon_threadsafe(_resolve, msg.future, result, None)
                 except Exception as e:  # the caller gets the error, the loop goes on
-                    msg.loop.call_soon_threadsafe(_resolve, msg.future, None, e)
+                    if msg.future is None:
+                        log.exception("an engine call failed")
+                    else:
+                        msg.loop.call_soon_threadsafe(_resolve, msg.future, None, e)
                 continue
             if isinstance(msg, _Add):
                 try:
@@ -351,7 +375,7 @@ class AsyncEngine:
                 break
             if isinstance(msg, _Add):
                 msg.loop.call_soon_threadsafe(msg.stream.put_nowait, dead)
-            elif isinstance(msg, _Call):
+            elif isinstance(msg, _Call) and msg.future is not None:
                 msg.loop.call_soon_threadsafe(_resolve, msg.future, None, dead)
         if self.on_death is not None:
             try:

@@ -52,6 +52,18 @@ class _Live:
 
 
 @dataclass
+class EmbeddingJob:
+    """One served-model embedding in progress: its input, its borrowed KV blocks, and the sum
+    of the hidden states computed so far."""
+
+    token_ids: list[int]
+    blocks: list[int] | None
+    done_tokens: int = 0
+    total: torch.Tensor | None = None
+    vector: list[float] | None = None
+
+
+@dataclass
 class EngineStats:
     num_running: int
     num_waiting: int
@@ -172,23 +184,48 @@ class EngineCore:
             self.scheduler.num_preemptions,
         )
 
-    def embed(self, prompt_token_ids: list[int]) -> list[float]:
-        """Mean-pooled, L2-normalised last hidden state of the served model for one input.
-
-        Runs on the engine thread between steps, in blocks borrowed from the pool (never
-        published to the prefix cache) and given back at once.
-        """
+    def embed_begin(self, prompt_token_ids: list[int]) -> EmbeddingJob:
+        """Start a served-model embedding: check the input and borrow its KV blocks from the
+        pool (never published to the prefix cache). `embed_advance` runs it a token budget at
+        a time, so generation steps go on in between; `embed_end` gives the blocks back."""
         self.validate(prompt_token_ids + [0], SamplingParams(max_tokens=1))
         allocator = self.allocator
         need = allocator.blocks_needed(len(prompt_token_ids))
         if not allocator.can_allocate(need):
             raise PromptError("The KV cache is full right now; retry the embedding request.")
-        blocks = allocator.allocate(need)
+        return EmbeddingJob(list(prompt_token_ids), allocator.allocate(need))
+
+    def embed_advance(self, job: EmbeddingJob) -> bool:
+        """Prefill the job's next chunk (at most the scheduler's token budget); True when its
+        vector is ready."""
+        if job.blocks is None:
+            raise RuntimeError("this embedding job has ended")
+        n = len(job.token_ids)
+        end = min(job.done_tokens + self.scheduler.max_num_batched_tokens, n)
+        part = self.runner.embed_chunk(job.token_ids, job.blocks, job.done_tokens, end)
+        job.total = part if job.total is None else job.total + part
+        job.done_tokens = end
+        if end < n:
+            return False
+        job.vector = torch.nn.functional.normalize(job.total / n, dim=-1).tolist()
+        return True
+
+    def embed_end(self, job: EmbeddingJob) -> None:
+        """Give the job's blocks back (safe to call more than once)."""
+        if job.blocks is not None:
+            self.allocator.free_blocks(job.blocks)
+            job.blocks = None
+
+    def embed(self, prompt_token_ids: list[int]) -> list[float]:
+        """Mean-pooled, L2-normalised last hidden state of the served model for one input."""
+        job = self.embed_begin(prompt_token_ids)
         try:
-            chunk = self.scheduler.max_num_batched_tokens
-            return self.runner.embed(prompt_token_ids, blocks, chunk)
+            while not self.embed_advance(job):
+                pass
+            assert job.vector is not None
+            return job.vector
         finally:
-            allocator.free_blocks(blocks)
+            self.embed_end(job)
 
     # ------------------------------------------------------------------ the step
 

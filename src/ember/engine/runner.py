@@ -370,21 +370,13 @@ class ModelRunner:
         fill_decode_rows(rows, batch, self.block_size)
 
     @torch.inference_mode()
-    def embed(self, token_ids: list[int], blocks: list[int], chunk: int) -> list[float]:
-        """Mean-pooled, L2-normalised last hidden state, prefilled `chunk` tokens at a time.
-
-        Each chunk attends to the earlier ones through the KV cache, as chunked prefill
-        does, so a long input needs no more activation memory than a scheduler step.
-        """
-        n = len(token_ids)
-        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        total: torch.Tensor | None = None
-        for start in range(0, n, max(chunk, 1)):
-            end = min(start + max(chunk, 1), n)
-            span = SeqSpan(0, end - start, end, blocks)
-            meta = self.backend.build_metadata([span], 0, self.kv_caches, self.device)
-            positions = torch.arange(start, end, device=self.device)
-            part = self.model(ids[start:end], positions, meta).float().sum(0)
-            total = part if total is None else total + part
-        assert total is not None
-        return torch.nn.functional.normalize(total / n, dim=-1).tolist()
+    def embed_chunk(
+        self, token_ids: list[int], blocks: list[int], start: int, end: int
+    ) -> torch.Tensor:
+        """Prefill tokens [start, end) of one input, attending to [0, start) through the KV
+        cache as chunked prefill does; returns the sum of their last hidden states (float32)."""
+        span = SeqSpan(0, end - start, end, blocks)
+        meta = self.backend.build_metadata([span], 0, self.kv_caches, self.device)
+        ids = torch.tensor(token_ids[start:end], dtype=torch.long, device=self.device)
+        positions = torch.arange(start, end, device=self.device)
+        return self.model(ids, positions, meta).float().sum(0)

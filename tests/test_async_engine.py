@@ -178,8 +178,11 @@ def test_a_long_embedding_lets_streams_step_between_its_chunks(tiny_llama):
         steps.append(1)
         return step()
 
+    jobs: list[int] = []  # the job each chunk belonged to
+
     def counting_advance(job):
         chunks.append(len(steps))
+        jobs.append(id(job))
         return advance(job)
 
     eng.core.step, eng.core.embed_advance = counting_step, counting_advance
@@ -216,5 +219,47 @@ def test_a_long_embedding_lets_streams_step_between_its_chunks(tiny_llama):
 
         asyncio.run(cancelled())
         assert eng.core.allocator.num_free_blocks == total
+
+        async def two_at_once():
+            del jobs[:]
+            await asyncio.gather(eng.embed(_ids(24, seed=8)), eng.embed(_ids(24, seed=9)))
+            await eng.call(lambda core: None)
+
+        asyncio.run(two_at_once())
+        assert len(jobs) == 6 and len(set(jobs[:3])) == len(set(jobs[3:])) == 1  # one at a time
+        assert eng.core.allocator.num_free_blocks == total
+    finally:
+        eng.shutdown()
+
+
+def test_an_embedding_without_room_in_the_kv_cache_is_overloaded_not_lost(tiny_llama):
+    from ember.engine.async_engine import EngineOverloadedError
+
+    cfg = from_env(
+        EngineConfig, model=str(tiny_llama), dtype="float32", block_size=4, kv_cache_memory="64KiB"
+    )
+    eng = AsyncEngine(EngineCore(cfg))
+    capacity = eng.core.allocator.num_blocks * 4
+    params = SamplingParams(temperature=0, max_tokens=capacity // 2, ignore_eos=True)
+    started = asyncio.Event()
+
+    async def stream():
+        async for _ in eng.generate(_ids(capacity // 2 - 4, seed=6), params, "big"):
+            started.set()
+
+    async def main():
+        task = asyncio.create_task(stream())
+        await started.wait()
+        with pytest.raises(EngineOverloadedError) as e:
+            await eng.embed(_ids(capacity // 2 + 8, seed=7))
+        assert e.value.retry_after >= 1 and "retry" in str(e.value)
+        await task  # the stream it met goes on to the end
+        vec = await eng.embed(_ids(capacity // 2 + 8, seed=7))  # room again
+        await eng.call(lambda core: None)  # after the posted clean-up
+        return vec
+
+    try:
+        assert len(asyncio.run(main())) > 0
+        assert eng.core.allocator.num_free_blocks == eng.core.allocator.num_blocks
     finally:
         eng.shutdown()

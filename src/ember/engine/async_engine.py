@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ember.engine.core import EngineCore
+from ember.engine.core import EngineCore, KVCacheFullError
 from ember.engine.request import RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,9 @@ class AsyncEngine:
         self.waiting_seqs = 0
         self.waiting_tokens = 0
         self._tokens_per_s = 0.0  # measured: tokens the model processes per second (EMA)
+        self._embed_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
         self._thread = threading.Thread(target=self._run, name="ember-engine", daemon=True)
         self._thread.start()
 
@@ -261,7 +264,18 @@ class AsyncEngine:
     async def embed(self, prompt_token_ids: list[int]) -> list[float]:
         """The served model's embedding of one input, a token budget per engine call so that
         other requests' steps run in between; its KV blocks go back even if cancelled."""
-        job = await self.call(lambda core: core.embed_begin(prompt_token_ids))
+        self.core.validate_embedding(prompt_token_ids)  # bad input waits for nothing
+        loop = asyncio.get_running_loop()
+        lock = self._embed_locks.setdefault(loop, asyncio.Lock())
+        # One at a time, as each holds its input's KV blocks until it is done.
+        async with lock:
+            return await self._embed(prompt_token_ids)
+
+    async def _embed(self, prompt_token_ids: list[int]) -> list[float]:
+        try:
+            job = await self.call(lambda core: core.embed_begin(prompt_token_ids))
+        except KVCacheFullError as e:
+            raise EngineOverloadedError(str(e), self.retry_after(len(prompt_token_ids))) from e
         try:
             while not await self.call(lambda core: core.embed_advance(job)):
                 pass

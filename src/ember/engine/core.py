@@ -40,6 +40,10 @@ class PromptError(ValueError):
         self.param = param
 
 
+class KVCacheFullError(RuntimeError):
+    """No room in the KV cache for this work right now (retry once running requests finish)."""
+
+
 @dataclass
 class _Live:
     seq: Sequence
@@ -184,15 +188,22 @@ class EngineCore:
             self.scheduler.num_preemptions,
         )
 
+    def validate_embedding(self, prompt_token_ids: list[int]) -> None:
+        """Raise PromptError for an input the model cannot embed (empty, too long, bad ids)."""
+        self.validate(prompt_token_ids + [0], SamplingParams(max_tokens=1))
+
     def embed_begin(self, prompt_token_ids: list[int]) -> EmbeddingJob:
         """Start a served-model embedding: check the input and borrow its KV blocks from the
         pool (never published to the prefix cache). `embed_advance` runs it a token budget at
         a time, so generation steps go on in between; `embed_end` gives the blocks back."""
-        self.validate(prompt_token_ids + [0], SamplingParams(max_tokens=1))
+        self.validate_embedding(prompt_token_ids)
         allocator = self.allocator
         need = allocator.blocks_needed(len(prompt_token_ids))
         if not allocator.can_allocate(need):
-            raise PromptError("The KV cache is full right now; retry the embedding request.")
+            raise KVCacheFullError(
+                f"The KV cache has no room for this {len(prompt_token_ids)}-token input right "
+                "now; retry the embedding request."
+            )
         return EmbeddingJob(list(prompt_token_ids), allocator.allocate(need))
 
     def embed_advance(self, job: EmbeddingJob) -> bool:

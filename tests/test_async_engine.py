@@ -263,3 +263,47 @@ def test_an_embedding_without_room_in_the_kv_cache_is_overloaded_not_lost(tiny_l
         assert eng.core.allocator.num_free_blocks == eng.core.allocator.num_blocks
     finally:
         eng.shutdown()
+
+
+def test_embeddings_count_against_admission_and_the_request_timeout(tiny_llama):
+    from ember.engine.async_engine import (
+        Admission,
+        EngineOverloadedError,
+        RequestTimeoutError,
+    )
+
+    cfg = from_env(
+        EngineConfig,
+        model=str(tiny_llama),
+        dtype="float32",
+        block_size=4,
+        max_num_batched_tokens=4,
+    )
+    eng = AsyncEngine(EngineCore(cfg), Admission(max_waiting_requests=1))
+    total = eng.core.allocator.num_blocks
+    try:
+
+        async def two():
+            first = asyncio.create_task(eng.embed_all([_ids(60, seed=1)]))
+            await asyncio.sleep(0)  # the first is admitted and counted
+            with pytest.raises(EngineOverloadedError):
+                await eng.embed_all([_ids(8, seed=2)])
+            with pytest.raises(PromptError):  # bad input: refused before admission
+                await eng.embed_all([_ids(8, seed=2), []])
+            return await first
+
+        assert len(asyncio.run(two())[0]) > 0
+        assert eng.waiting_seqs == 0 and eng.waiting_tokens == 0
+
+        eng.request_timeout = 0.02  # 15 chunks of one token budget each take longer
+        with pytest.raises(RequestTimeoutError):
+            asyncio.run(eng.embed_all([_ids(60, seed=3)]))
+        # That loop closed with a chunk still running; its result has nowhere to go, and
+        # the engine must go on.
+        time.sleep(0.2)
+        assert eng.error is None
+        asyncio.run(eng.call(lambda core: None))  # after the posted clean-up
+        assert eng.core.allocator.num_free_blocks == total
+        assert eng.waiting_seqs == 0 and eng.waiting_tokens == 0
+    finally:
+        eng.shutdown()

@@ -75,6 +75,10 @@ class AdmissionTicket:
         self._left = [seqs, tokens]  # already counted by the engine
         weakref.finalize(self, engine._give_back, self._left)
 
+    def release(self, engine: AsyncEngine) -> None:
+        """Give back now what no generate() took (work done without one: embeddings)."""
+        engine._give_back(self._left)
+
     def take(self, engine: AsyncEngine, tokens: int) -> bool:
         with engine._admit_lock:
             if self._left[0] <= 0:
@@ -261,6 +265,30 @@ class AsyncEngine:
             raise EngineDeadError(str(self.error))
         return await future
 
+    async def embed_all(self, inputs: list[list[int]]) -> list[list[float]]:
+        """The served model's embeddings of a request's inputs: refused with PromptError
+        before anything runs if one is bad, admitted under the same bounds as generation
+        (EngineOverloadedError), and cut off at the request timeout (RequestTimeoutError)."""
+        for ids in inputs:
+            self.core.validate_embedding(ids)
+        ticket = self.check_admission(len(inputs), sum(len(ids) for ids in inputs))
+        try:
+            work = self._embed_each(inputs)
+            if self.request_timeout <= 0:
+                return await work
+            try:
+                return await asyncio.wait_for(work, self.request_timeout)
+            except asyncio.TimeoutError:
+                raise RequestTimeoutError(
+                    "The request ran past the server's request timeout of "
+                    f"{self.request_timeout:g} seconds and was aborted."
+                ) from None
+        finally:
+            ticket.release(self)
+
+    async def _embed_each(self, inputs: list[list[int]]) -> list[list[float]]:
+        return [await self.embed(ids) for ids in inputs]
+
     async def embed(self, prompt_token_ids: list[int]) -> list[float]:
         """The served model's embedding of one input, a token budget per engine call so that
         other requests' steps run in between; its KV blocks go back even if cancelled."""
@@ -313,18 +341,18 @@ class AsyncEngine:
                 try:
                     result = msg.fn(self.core)
                     if msg.future is not None:
-                        msg.loop.call_soon_threadsafe(_resolve, msg.future, result, None)
+                        _send(msg.loop, _resolve, msg.future, result, None)
                 except Exception as e:  # the caller gets the error, the loop goes on
                     if msg.future is None:
                         log.exception("an engine call failed")
                     else:
-                        msg.loop.call_soon_threadsafe(_resolve, msg.future, None, e)
+                        _send(msg.loop, _resolve, msg.future, None, e)
                 continue
             if isinstance(msg, _Add):
                 try:
                     self.core.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
                 except Exception as e:  # validated before; report rather than die
-                    msg.loop.call_soon_threadsafe(msg.stream.put_nowait, e)
+                    _send(msg.loop, msg.stream.put_nowait, e)
                     continue
                 self._streams[msg.request_id] = (msg.stream, msg.loop)
                 if msg.deadline is not None:
@@ -347,7 +375,7 @@ class AsyncEngine:
                 f"The request ran past the server's request timeout of {self.request_timeout:g} "
                 "seconds and was aborted."
             )
-            loop.call_soon_threadsafe(stream.put_nowait, err)
+            _send(loop, stream.put_nowait, err)
 
     def _run(self) -> None:
         try:
@@ -380,7 +408,7 @@ class AsyncEngine:
         self.error = e  # first: a generate() that enqueues after the drain below sees it
         dead = EngineDeadError(f"The engine stopped after an internal error: {e}")
         for stream, loop in self._streams.values():
-            loop.call_soon_threadsafe(stream.put_nowait, dead)
+            _send(loop, stream.put_nowait, dead)
         self._streams.clear()
         while True:
             try:
@@ -388,9 +416,9 @@ class AsyncEngine:
             except queue.Empty:
                 break
             if isinstance(msg, _Add):
-                msg.loop.call_soon_threadsafe(msg.stream.put_nowait, dead)
+                _send(msg.loop, msg.stream.put_nowait, dead)
             elif isinstance(msg, _Call) and msg.future is not None:
-                msg.loop.call_soon_threadsafe(_resolve, msg.future, None, dead)
+                _send(msg.loop, _resolve, msg.future, None, dead)
         if self.on_death is not None:
             try:
                 self.on_death(e)
@@ -411,7 +439,20 @@ class AsyncEngine:
                     log.warning("request %s failed: %s", out.request_id, out.error)
         # One hop to each event loop per step, not one per token.
         for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
+            _send(loop, _put_all, items)
+
+
+def _send(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    """Hand `fn(*args)` to the caller's event loop. A loop closed since (an `asyncio.run()`
+    that ended with the call still in flight) has nobody left to tell; that must not stop
+    the engine for everyone else."""
+    if loop.is_closed():
+        return
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        if not loop.is_closed():  # closed between the check and the call: fine
+            raise
 
 
 def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

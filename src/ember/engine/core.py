@@ -190,6 +190,8 @@ class EngineCore:
 
     def validate_embedding(self, prompt_token_ids: list[int]) -> None:
         """Raise PromptError for an input the model cannot embed (empty, too long, bad ids)."""
+        if not prompt_token_ids:
+            raise PromptError("An embedding input must have at least one token.", "input")
         self.validate(prompt_token_ids + [0], SamplingParams(max_tokens=1))
 
     def embed_begin(self, prompt_token_ids: list[int]) -> EmbeddingJob:

@@ -49,17 +49,11 @@ async def embeddings(
     else:
         ids = [state.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in inputs]
 
-        async def embed_one(seq: list[int]) -> list[float]:
-            try:
-                return await state.engine.embed(seq)
-            except PromptError as e:
-                raise APIError(str(e), param="input") from e
-
-        async def embed_all() -> list[list[float]]:
-            return [await embed_one(seq) for seq in ids]
-
         # Long or many inputs take many forward passes: stop if the client went away.
-        vectors = await until_disconnected(request, embed_all())
+        try:
+            vectors = await until_disconnected(request, state.engine.embed_all(ids))
+        except PromptError as e:
+            raise APIError(str(e), param="input") from e
         dims = len(vectors[0])
     if req.dimensions is not None and req.dimensions != dims:
         raise APIError(

@@ -24,6 +24,11 @@ def engine(tiny_llama):
     eng.shutdown()
 
 
+def _tiny_engine(tiny_llama, admission=None, **settings) -> AsyncEngine:
+    cfg = from_env(EngineConfig, model=str(tiny_llama), dtype="float32", block_size=4, **settings)
+    return AsyncEngine(EngineCore(cfg), admission)
+
+
 def _ids(n: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(3, TINY_VOCAB) for _ in range(n)]
@@ -160,14 +165,7 @@ def test_engine_death_fails_every_open_request_and_reports(tiny_llama):
 
 
 def test_a_long_embedding_lets_streams_step_between_its_chunks(tiny_llama):
-    cfg = from_env(
-        EngineConfig,
-        model=str(tiny_llama),
-        dtype="float32",
-        block_size=4,
-        max_num_batched_tokens=8,
-    )
-    eng = AsyncEngine(EngineCore(cfg))
+    eng = _tiny_engine(tiny_llama, max_num_batched_tokens=8)
     total = eng.core.allocator.num_blocks
     steps: list[int] = []  # engine steps run so far
     chunks: list[int] = []  # the step count when each embedding chunk ran
@@ -235,10 +233,7 @@ def test_a_long_embedding_lets_streams_step_between_its_chunks(tiny_llama):
 def test_an_embedding_without_room_in_the_kv_cache_is_overloaded_not_lost(tiny_llama):
     from ember.engine.async_engine import EngineOverloadedError
 
-    cfg = from_env(
-        EngineConfig, model=str(tiny_llama), dtype="float32", block_size=4, kv_cache_memory="64KiB"
-    )
-    eng = AsyncEngine(EngineCore(cfg))
+    eng = _tiny_engine(tiny_llama, kv_cache_memory="64KiB")
     capacity = eng.core.allocator.num_blocks * 4
     params = SamplingParams(temperature=0, max_tokens=capacity // 2, ignore_eos=True)
     started = asyncio.Event()
@@ -272,14 +267,7 @@ def test_embeddings_count_against_admission_and_the_request_timeout(tiny_llama):
         RequestTimeoutError,
     )
 
-    cfg = from_env(
-        EngineConfig,
-        model=str(tiny_llama),
-        dtype="float32",
-        block_size=4,
-        max_num_batched_tokens=4,
-    )
-    eng = AsyncEngine(EngineCore(cfg), Admission(max_waiting_requests=1))
+    eng = _tiny_engine(tiny_llama, Admission(max_waiting_requests=1), max_num_batched_tokens=4)
     total = eng.core.allocator.num_blocks
     try:
 

@@ -57,11 +57,13 @@ BODIES: dict[tuple[str, str], tuple[type[BaseModel], bool]] = {
 NEEDS_MODEL = (
     "/v1/chat/completions",
     "/v1/completions",
+    "/v1/responses",
     "/v1/embeddings",
     "/tokenize",
     "/detokenize",
 )
-GENERATES = ("/v1/chat/completions", "/v1/completions")
+# Routes whose engine work is cut off at --request-timeout.
+TIMED = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings")
 PROTECTED = ("/v1/", "/dashboard/", "/tokenize", "/detokenize")
 
 
@@ -111,7 +113,7 @@ def truthful_openapi(app: FastAPI, metrics_require_key: bool) -> dict[str, Any]:
                 responses["404"] = _error(404)
             if path.startswith("/v1/models/{"):
                 responses.setdefault("400", _error(400))  # a path that is not a model name
-            if path.startswith(GENERATES):
+            if path.startswith(TIMED):
                 responses["504"] = _error(504)
             if path != "/metrics":  # everything else answers 503 while shutting down
                 responses["503"] = _error(503, retry_after=True)

@@ -271,7 +271,8 @@ class AsyncEngine:
         (EngineOverloadedError), and cut off at the request timeout (RequestTimeoutError)."""
         for ids in inputs:
             self.core.validate_embedding(ids)
-        ticket = self.check_admission(len(inputs), sum(len(ids) for ids in inputs))
+        # One waiting unit (its inputs run one after another) and all of its tokens.
+        ticket = self.check_admission(1, sum(len(ids) for ids in inputs))
         try:
             work = self._embed_each(inputs)
             if self.request_timeout <= 0:

@@ -216,3 +216,17 @@ def test_embedding_is_prefilled_in_budget_sized_chunks_and_matches_transformers(
     want = torch.nn.functional.normalize(hidden.mean(0), dim=-1)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert llm.engine.allocator.usage() == 0.0  # its blocks went back to the pool
+
+
+def test_an_embedding_input_may_fill_the_context_but_not_pass_it(tiny_llama):
+    from ember.engine.core import PromptError
+
+    llm = ember.LLM(str(tiny_llama), dtype="float32", block_size=4, max_model_len=32)
+    assert len(llm.engine.embed(_ids(32, seed=14))) > 0
+    with pytest.raises(PromptError, match="maximum context length is 32 tokens; the input has 33"):
+        llm.engine.embed(_ids(33, seed=14))
+    with pytest.raises(PromptError, match="outside the vocabulary"):
+        llm.engine.embed([TINY_VOCAB])
+    with pytest.raises(PromptError, match="at least one token"):
+        llm.engine.embed([])
+    assert llm.engine.allocator.usage() == 0.0

@@ -192,7 +192,16 @@ class EngineCore:
         """Raise PromptError for an input the model cannot embed (empty, too long, bad ids)."""
         if not prompt_token_ids:
             raise PromptError("An embedding input must have at least one token.", "input")
-        self.validate(prompt_token_ids + [0], SamplingParams(max_tokens=1))
+        vocab = self.runner.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise PromptError(f"Input token id {bad[0]} is outside the vocabulary of {vocab}.")
+        n = len(prompt_token_ids)
+        if n > self.max_model_len:  # no token to generate, so the whole context is the input's
+            raise PromptError(
+                f"This model's maximum context length is {self.max_model_len} tokens; "
+                f"the input has {n} tokens."
+            )
 
     def embed_begin(self, prompt_token_ids: list[int]) -> EmbeddingJob:
         """Start a served-model embedding: check the input and borrow its KV blocks from the

@@ -210,12 +210,15 @@ def test_embedding_is_prefilled_in_budget_sized_chunks_and_matches_transformers(
     # A token budget of 8 splits a 29-token input into 4 chunks that read the cached prefix.
     llm = ember.LLM(str(tiny_llama), dtype="float32", block_size=4, max_num_batched_tokens=8)
     prompt = _ids(29, seed=13)
-    got = torch.tensor(llm.engine.embed(prompt))
+    got = torch.tensor(llm.embed(prompt)[0])
     with torch.no_grad():
         hidden = _reference_model(tiny_llama).model(torch.tensor([prompt])).last_hidden_state[0]
     want = torch.nn.functional.normalize(hidden.mean(0), dim=-1)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert llm.engine.allocator.usage() == 0.0  # its blocks went back to the pool
+    text = "hello world"
+    assert llm.embed(text) == llm.embed([llm.tokenizer.encode(text)])
+    assert llm.embed([text, prompt])[1] == llm.embed(prompt)[0]
 
 
 def test_an_embedding_input_may_fill_the_context_but_not_pass_it(tiny_llama):

@@ -89,6 +89,16 @@ class LLM:
             items.append((text, self.chat_formatter.encode(conv, **kwargs)))
         return self._run(items, sampling_params)
 
+    def embed(self, inputs: str | list[str] | list[int] | list[list[int]]) -> list[list[float]]:
+        """The model's embedding of each input (strings or token-id lists), as the server's
+        /v1/embeddings gives it: the last hidden state, mean-pooled and L2-normalised."""
+        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]  # type: ignore[list-item]
+        ids = [self.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in inputs]
+        for seq in ids:  # every input checked before any runs
+            self.engine.validate_embedding(seq)
+        return [self.engine.embed(seq) for seq in ids]
+
     def _run(
         self,
         items: list[tuple[str | None, list[int]]],

@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ember-installed
+GPU_WHEELS ?= benchmarks/wheels
 
 .PHONY: install serve test test-fast lint format bench gpu-wheels clean
 
@@ -45,8 +46,9 @@ bench: install
 gpu-wheels: install
 	$(BIN)/python -m pip download -q --only-binary=:all: --python-version 3.12 \
 		--implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
-		--no-deps -d benchmarks/wheels -r benchmarks/gpu-wheels.txt
-	du -sh benchmarks/wheels
+		--platform manylinux_2_31_x86_64 --platform manylinux_2_34_x86_64 \
+		--no-deps -d $(GPU_WHEELS) -r benchmarks/gpu-wheels.txt
+	du -sh $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

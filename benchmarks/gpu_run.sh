@@ -27,6 +27,7 @@ status=0
   "$PY" -c 'import sys, torch; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")'
   "$PY" -c 'import triton; print("triton", triton.__version__)' || true
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv || true
+  "$PY" -c 'import platform; print("glibc", platform.libc_ver()[1])' || true  # manylinux tags
 } > "$OUT/env.txt" 2>&1
 
 # Each pin is a minimum: a version the image already has that satisfies it is kept.

@@ -108,3 +108,29 @@ def test_ember_imports_only_what_the_gpu_run_brings() -> None:
                 found.setdefault(name.split(".")[0], str(path.relative_to(ROOT)))
     missing = {m: where for m, where in found.items() if m not in allowed}
     assert not missing, f"not on the GPU image nor in benchmarks/gpu-wheels.txt: {missing}"
+
+
+@pytest.mark.slow
+def test_make_gpu_wheels_fetches_a_wheel_for_every_pin(tmp_path) -> None:
+    """`make gpu-wheels` as the GPU run's preparation does it, from the package index: one
+    Python 3.12 x86-64 wheel per pin in benchmarks/gpu-wheels.txt, small enough to carry.
+    (A pin whose wheels carry only a newer manylinux tag than the command names fails here.)"""
+    out = tmp_path / "wheels"
+    venv = Path(sys.executable).parent.parent
+    done = subprocess.run(
+        ["make", "-s", "gpu-wheels", f"GPU_WHEELS={out}", f"VENV={venv}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = (ROOT / "benchmarks" / "gpu-wheels.txt").read_text().splitlines()
+    pins = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    wheels = sorted(p.name for p in out.glob("*.whl"))
+    for pin in pins:
+        name, version = pin.split("==")
+        stem = f"{name.replace('-', '_')}-{version}-".lower()
+        assert any(w.lower().startswith(stem) for w in wheels), (pin, wheels)
+    assert len(wheels) == len(pins), wheels
+    assert sum(p.stat().st_size for p in out.glob("*.whl")) < 48 * 2**20

@@ -33,8 +33,16 @@ status=0
 # Each pin is a minimum: a version the image already has that satisfies it is kept.
 if [ -d benchmarks/wheels ]; then
   grep -v '^#' benchmarks/gpu-wheels.txt | grep . | sed 's/==/>=/' > "$OUT/requirements-min.txt"
-  "$PY" -m pip install --no-deps --no-index --find-links benchmarks/wheels \
-    -r "$OUT/requirements-min.txt" > "$OUT/install.log" 2>&1 || status=1
+  if ! "$PY" -m pip install --no-deps --no-index --find-links benchmarks/wheels \
+    -r "$OUT/requirements-min.txt" > "$OUT/install.log" 2>&1; then
+    # One wheel the machine refuses (a manylinux tag newer than its glibc) must not keep out
+    # the others: install them one by one and name what failed.
+    status=1
+    while read -r req; do
+      "$PY" -m pip install --no-deps --no-index --find-links benchmarks/wheels "$req" \
+        >> "$OUT/install.log" 2>&1 || echo "FAILED TO INSTALL: $req" | tee -a "$OUT/install.log"
+    done < "$OUT/requirements-min.txt"
+  fi
 else
   echo "benchmarks/wheels missing: run 'make gpu-wheels' where PyPI is reachable" > "$OUT/install.log"
 fi

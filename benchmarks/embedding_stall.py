@@ -16,15 +16,13 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
 import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serve_cpu import free_port, wait_healthy  # noqa: E402
+from serve_cpu import served  # noqa: E402
 
 
 async def measure(base: str, words: int, stream_tokens: int) -> dict:
@@ -74,22 +72,9 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="Model for `ember serve`; default: embedded.")
     args = ap.parse_args()
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log_path = os.path.join(tempfile.gettempdir(), f"ember-serve-stall-{port}.log")
-    cmd = [sys.executable, "-m", "ember.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--served-model-name", "m", "--max-model-len", "4096"]
-    if args.model:
-        cmd.insert(4, args.model)
-    env = {k: v for k, v in os.environ.items() if k not in ("EMBER_API_KEY", "OPENAI_API_KEY")}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            wait_healthy(proc, base, log_path)
-            result = asyncio.run(measure(base, args.words, args.stream_tokens))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    extra = ["--served-model-name", "m", "--max-model-len", "4096"]
+    with served(args.model, extra, "stall") as (base, _):
+        result = asyncio.run(measure(base, args.words, args.stream_tokens))
     print(json.dumps(result, indent=2))
     return 0
 

@@ -17,6 +17,7 @@ round is listed too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 import httpx
 
@@ -47,6 +49,32 @@ def wait_healthy(proc: subprocess.Popen, base: str, log: str, timeout: float = 3
             pass
         time.sleep(0.5)
     raise RuntimeError(f"ember serve did not become healthy in {timeout:.0f}s; see {log}")
+
+
+@contextlib.contextmanager
+def served(model: str | None, extra: list[str], tag: str) -> Iterator[tuple[str, float]]:
+    """`ember serve [MODEL] EXTRA` on a free local port, its output in a log file; yields its
+    base URL and start-up seconds once /health answers, and stops it when the block ends."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = os.path.join(tempfile.gettempdir(), f"ember-serve-{tag}-{port}.log")
+    cmd = [sys.executable, "-m", "ember.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    if model:
+        cmd.insert(4, model)
+    # Keys set in the environment would lock the server and its client out of each other.
+    env = {k: v for k, v in os.environ.items() if k not in ("EMBER_API_KEY", "OPENAI_API_KEY")}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd + extra, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            t0 = time.perf_counter()
+            wait_healthy(proc, base, log_path)
+            yield base, time.perf_counter() - t0
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def bench(
@@ -81,43 +109,22 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="Model for `ember serve`; default: embedded.")
     args = ap.parse_args()
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log_path = os.path.join(tempfile.gettempdir(), f"ember-serve-bench-{port}.log")
-    cmd = [sys.executable, "-m", "ember.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    if args.model:
-        cmd.insert(4, args.model)
-    # Keys set in the environment would lock the server and the bench out of each other.
-    env = {k: v for k, v in os.environ.items() if k not in ("EMBER_API_KEY", "OPENAI_API_KEY")}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            t0 = time.perf_counter()
-            wait_healthy(proc, base, log_path)
-            startup = time.perf_counter() - t0
-            progress = not args.no_progress
-            rounds = []
-            # Fresh prompts for every run: repeats would be answered from the prefix cache.
-            for r in range(max(1, args.rounds)):
-                c1 = bench(
-                    base, 1, args.requests_c1, args.max_tokens, progress, args.prompt_len, 2 * r
-                )
-                c32 = bench(
-                    base,
-                    32,
-                    args.requests_c32,
-                    args.max_tokens,
-                    progress,
-                    args.prompt_len,
-                    2 * r + 1,
-                )
-                rounds.append((c1, c32))
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with served(args.model, [], "bench") as (base, startup):
+        progress = not args.no_progress
+        rounds = []
+        # Fresh prompts for every run: repeats would be answered from the prefix cache.
+        for r in range(max(1, args.rounds)):
+            c1 = bench(base, 1, args.requests_c1, args.max_tokens, progress, args.prompt_len, 2 * r)
+            c32 = bench(
+                base,
+                32,
+                args.requests_c32,
+                args.max_tokens,
+                progress,
+                args.prompt_len,
+                2 * r + 1,
+            )
+            rounds.append((c1, c32))
 
     def pooled(runs: list[dict]) -> float:
         seconds = sum(r["duration_s"] for r in runs)

@@ -280,36 +280,34 @@ class AsyncEngine:
             try:
                 return await asyncio.wait_for(work, self.request_timeout)
             except asyncio.TimeoutError:
-                raise RequestTimeoutError(
-                    "The request ran past the server's request timeout of "
-                    f"{self.request_timeout:g} seconds and was aborted."
-                ) from None
+                raise self._timeout_error() from None
         finally:
             ticket.release(self)
 
-    async def _embed_each(self, inputs: list[list[int]]) -> list[list[float]]:
-        return [await self.embed(ids) for ids in inputs]
-
     async def embed(self, prompt_token_ids: list[int]) -> list[float]:
-        """The served model's embedding of one input, a token budget per engine call so that
-        other requests' steps run in between; its KV blocks go back even if cancelled."""
-        self.core.validate_embedding(prompt_token_ids)  # bad input waits for nothing
-        loop = asyncio.get_running_loop()
-        lock = self._embed_locks.setdefault(loop, asyncio.Lock())
-        # One at a time, as each holds its input's KV blocks until it is done.
-        async with lock:
-            return await self._embed(prompt_token_ids)
+        """`embed_all` of one input."""
+        return (await self.embed_all([prompt_token_ids]))[0]
+
+    async def _embed_each(self, inputs: list[list[int]]) -> list[list[float]]:
+        lock = self._embed_locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+        out = []
+        for ids in inputs:
+            # One at a time, as each holds its input's KV blocks until it is done.
+            async with lock:
+                out.append(await self._embed(ids))
+        return out
 
     async def _embed(self, prompt_token_ids: list[int]) -> list[float]:
+        """A token budget per engine call, so that other requests' steps run in between; the
+        KV blocks go back even if cancelled."""
         try:
             job = await self.call(lambda core: core.embed_begin(prompt_token_ids))
         except KVCacheFullError as e:
             raise EngineOverloadedError(str(e), self.retry_after(len(prompt_token_ids))) from e
         try:
-            while not await self.call(lambda core: core.embed_advance(job)):
+            while (vector := await self.call(lambda core: core.embed_advance(job))) is None:
                 pass
-            assert job.vector is not None
-            return job.vector
+            return vector
         finally:
             self.post(lambda core: core.embed_end(job))
 
@@ -372,11 +370,13 @@ class AsyncEngine:
                 continue  # finished or aborted already
             self.core.abort(rid)
             stream, loop = entry
-            err = RequestTimeoutError(
-                f"The request ran past the server's request timeout of {self.request_timeout:g} "
-                "seconds and was aborted."
-            )
-            _send(loop, stream.put_nowait, err)
+            _send(loop, stream.put_nowait, self._timeout_error())
+
+    def _timeout_error(self) -> RequestTimeoutError:
+        return RequestTimeoutError(
+            f"The request ran past the server's request timeout of {self.request_timeout:g} "
+            "seconds and was aborted."
+        )
 
     def _run(self) -> None:
         try:

@@ -64,7 +64,6 @@ class EmbeddingJob:
     blocks: list[int] | None
     done_tokens: int = 0
     total: torch.Tensor | None = None
-    vector: list[float] | None = None
 
 
 @dataclass
@@ -126,17 +125,20 @@ class EngineCore:
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if not prompt_token_ids:
             raise PromptError("The prompt is empty.")
-        vocab = self.runner.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise PromptError(f"Prompt token id {bad[0]} is outside the vocabulary of {vocab}.")
-        params.check_vocab(vocab)
+        self._check_vocab(prompt_token_ids, "Prompt")
+        params.check_vocab(self.runner.vocab_size)
         n = len(prompt_token_ids)
         if n >= self.max_model_len:
             raise PromptError(
                 f"This model's maximum context length is {self.max_model_len} tokens; "
                 f"the prompt has {n} tokens, which leaves no room to generate."
             )
+
+    def _check_vocab(self, token_ids: list[int], what: str) -> None:
+        vocab = self.runner.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise PromptError(f"{what} token id {bad[0]} is outside the vocabulary of {vocab}.")
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -192,10 +194,7 @@ class EngineCore:
         """Raise PromptError for an input the model cannot embed (empty, too long, bad ids)."""
         if not prompt_token_ids:
             raise PromptError("An embedding input must have at least one token.", "input")
-        vocab = self.runner.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise PromptError(f"Input token id {bad[0]} is outside the vocabulary of {vocab}.")
+        self._check_vocab(prompt_token_ids, "Input")
         n = len(prompt_token_ids)
         if n > self.max_model_len:  # no token to generate, so the whole context is the input's
             raise PromptError(
@@ -217,9 +216,9 @@ class EngineCore:
             )
         return EmbeddingJob(list(prompt_token_ids), allocator.allocate(need))
 
-    def embed_advance(self, job: EmbeddingJob) -> bool:
-        """Prefill the job's next chunk (at most the scheduler's token budget); True when its
-        vector is ready."""
+    def embed_advance(self, job: EmbeddingJob) -> list[float] | None:
+        """Prefill the job's next chunk (at most the scheduler's token budget); the vector once
+        the last chunk is done, None before."""
         if job.blocks is None:
             raise RuntimeError("this embedding job has ended")
         n = len(job.token_ids)
@@ -228,9 +227,8 @@ class EngineCore:
         job.total = part if job.total is None else job.total + part
         job.done_tokens = end
         if end < n:
-            return False
-        job.vector = torch.nn.functional.normalize(job.total / n, dim=-1).tolist()
-        return True
+            return None
+        return torch.nn.functional.normalize(job.total / n, dim=-1).tolist()
 
     def embed_end(self, job: EmbeddingJob) -> None:
         """Give the job's blocks back (safe to call more than once)."""
@@ -242,10 +240,9 @@ class EngineCore:
         """Mean-pooled, L2-normalised last hidden state of the served model for one input."""
         job = self.embed_begin(prompt_token_ids)
         try:
-            while not self.embed_advance(job):
+            while (vector := self.embed_advance(job)) is None:
                 pass
-            assert job.vector is not None
-            return job.vector
+            return vector
         finally:
             self.embed_end(job)
 

@@ -55,6 +55,7 @@ def test_response_from_a_string(sdk):
     assert r.object == "response" and r.status == "incomplete"
     assert r.incomplete_details.reason == "max_output_tokens"
     assert r.output[0].type == "message" and r.output[0].content[0].type == "output_text"
+    assert r.output[0].status == "incomplete" and r.output_text  # cut off, text kept
     assert r.usage.output_tokens == 5 and r.usage.total_tokens > 5
 
 
@@ -69,7 +70,7 @@ def test_response_text_format_always_validates(sdk):
             max_output_tokens=60,
             extra_body={"seed": seed},
         )
-        assert r.status == "completed"
+        assert r.status == "completed" and r.output[0].status == "completed"
         jsonschema.validate(json.loads(r.output_text), SCHEMA)
 
 
@@ -94,6 +95,9 @@ def test_response_stream_events_and_final_response(sdk):
     assert [e.sequence_number for e in events] == list(range(len(events)))
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert final.output_text == deltas
+    assert final.output[0].status == "incomplete"
+    done = next(e for e in events if e.type == "response.output_item.done")
+    assert done.item.status == "incomplete" and done.item.content[0].text == deltas
     assert sdk.responses.create(temperature=0, **kw).output_text == deltas
 
 

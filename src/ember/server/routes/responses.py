@@ -155,13 +155,14 @@ def _chat_request(req: P.ResponsesRequest) -> P.ChatCompletionRequest:
 
 
 def _message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    """A message item; "incomplete" (cut off by max_output_tokens) keeps its text."""
     content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
     return {
         "id": item_id,
         "type": "message",
         "role": "assistant",
         "status": status,
-        "content": content if status == "completed" else [],
+        "content": [] if status == "in_progress" else content,
     }
 
 
@@ -252,14 +253,15 @@ async def create_response(
     [r] = await until_disconnected(request, collect(state, jobs, shell.id, ticket))
     record(state, len(prompt_ids), len(r.token_ids))
     message, _ = chat_message(plan, r)
+    status = _status(r.finish_reason)
     output = []
     if message.content:
-        output.append(_message_item(_item_id("msg"), message.content))
+        output.append(_message_item(_item_id("msg"), message.content, status))
     for call in message.tool_calls or []:
         parsed = ParsedToolCall(call.function.name, call.function.arguments, call.id)
         output.append(_call_item(parsed))
     usage_info = _usage(len(prompt_ids), len(r.token_ids))
-    return shell.build(_status(r.finish_reason), output, usage_info)
+    return shell.build(status, output, usage_info)
 
 
 async def _stream(
@@ -286,11 +288,11 @@ async def _stream(
     started = False
     finish_reason = None
 
-    def close_text() -> list[str]:
+    def close_text(status: str = "completed") -> list[str]:
         nonlocal text_item
         if text_item is None:
             return []
-        done = _message_item(text_item["id"], text)
+        done = _message_item(text_item["id"], text, status)
         index = output.index(text_item)
         output[index] = done
         part = done["content"][0]
@@ -345,9 +347,9 @@ async def _stream(
                 yield event("response.output_item.done", output_index=index, item=output[index])
             if out.finished:
                 finish_reason = out.finish_reason
-        for e in close_text():
-            yield e
         status = _status(finish_reason)
+        for e in close_text(status):
+            yield e
         final = shell.build(status, output, _usage(prompt_len, completion_tokens))
         kind = "response.completed" if status == "completed" else "response.incomplete"
         yield event(kind, response=final)

@@ -31,6 +31,8 @@ from functools import cache
 from importlib import resources
 from typing import Any, ClassVar
 
+from ember.engine.json_schema import close_objects
+
 
 def tool_call_id() -> str:
     """OpenAI's form: "call_" and 24 characters."""
@@ -109,7 +111,7 @@ def _lit(text: str) -> str:
 
 def _json_rule(schema: Any, defs: Any = None) -> str:
     """%json of a schema; with no schema, a call's arguments are any object."""
-    schema = dict(schema) if isinstance(schema, dict) else {"type": "object"}
+    schema = dict(close_objects(schema)) if isinstance(schema, dict) else {"type": "object"}
     if defs and "$defs" not in schema:  # a property that refers to its tool's $defs
         schema["$defs"] = defs
     schema["x-guidance"] = _JSON_STYLE

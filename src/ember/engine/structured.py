@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ember.engine.json_schema import close_objects
 from ember.engine.request import SamplingParamsError
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,8 @@ class StructuredOutputsParams:
             if self.json_object:
                 return LLMatcher.grammar_from_json_schema({"type": "object"}, _JSON_OPTIONS)
             if self.json is not None:
-                return LLMatcher.grammar_from_json_schema(self.json, _JSON_OPTIONS)
+                schema = json.loads(self.json) if isinstance(self.json, str) else self.json
+                return LLMatcher.grammar_from_json_schema(close_objects(schema), _JSON_OPTIONS)
             if self.regex is not None:
                 return LLMatcher.grammar_from_regex(self.regex)
             if self.choice is not None:

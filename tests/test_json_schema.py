@@ -1,0 +1,92 @@
+"""Objects with listed properties admit no other keys, as vLLM's and llama.cpp's grammars do."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from ember.engine.json_schema import close_objects
+from ember.engine.structured import GrammarBackend, StructuredOutputsParams
+from test_structured import _allowed
+
+
+def test_objects_with_properties_are_closed_at_every_depth():
+    schema = {
+        "type": "object",
+        "properties": {
+            "user": {"type": "object", "properties": {"name": {"type": "string"}}},
+            "tags": {"type": "array", "items": {"properties": {"k": {"type": "string"}}}},
+            "either": {"anyOf": [{"$ref": "#/$defs/Point"}, {"type": "null"}]},
+            "pair": {"prefixItems": [{"properties": {"x": {}}}]},
+        },
+        "$defs": {"Point": {"type": "object", "properties": {"x": {"type": "number"}}}},
+    }
+    before = copy.deepcopy(schema)
+    out = close_objects(schema)
+    assert schema == before  # the caller's schema is not changed
+    assert out["additionalProperties"] is False
+    props = out["properties"]
+    assert props["user"]["additionalProperties"] is False
+    assert props["tags"]["items"]["additionalProperties"] is False
+    assert props["pair"]["prefixItems"][0]["additionalProperties"] is False
+    assert out["$defs"]["Point"]["additionalProperties"] is False
+    assert props["either"]["anyOf"][1] == {"type": "null"}
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "object"},  # no listed properties: any object, as json_object mode
+        {"properties": {"a": {}}, "additionalProperties": True},
+        {"properties": {"a": {}}, "additionalProperties": {"type": "integer"}},
+        {"properties": {"a": {}}, "patternProperties": {"^x": {}}},
+        {"allOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}]},
+        {"$ref": "#/$defs/A", "properties": {"b": {}}, "$defs": {"A": {"properties": {}}}},
+        {"type": "string", "enum": ["properties"]},
+    ],
+)
+def test_a_schema_that_says_what_extra_keys_may_do_keeps_it(schema):
+    assert close_objects(schema) == schema
+
+
+def test_a_single_member_allof_is_closed():
+    """pydantic writes a described $ref as an allOf of one member."""
+    out = close_objects({"allOf": [{"properties": {"a": {}}}], "description": "d"})
+    assert out["allOf"][0]["additionalProperties"] is False
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer", "maximum": 5}}}
+
+
+def _after(spec: StructuredOutputsParams, text: bytes) -> set[int]:
+    backend = GrammarBackend("byte", 262)
+    m = backend.matcher(spec)
+    for b in text:
+        assert m.accept(b), text
+    return _allowed(backend.fill_bitmasks([m], [[]]), 0, 262)
+
+
+def test_response_format_schema_allows_no_undeclared_key():
+    # Without closing, "," (another key) would be allowed after the last declared property.
+    assert _after(StructuredOutputsParams(json=SCHEMA), b'{"a": 5') == {ord("}")}
+    assert _after(StructuredOutputsParams(json=json.dumps(SCHEMA)), b'{"a": 5') == {ord("}")}
+    open_schema = {**SCHEMA, "additionalProperties": True}
+    assert ord(",") in _after(StructuredOutputsParams(json=open_schema), b'{"a": 5')
+
+
+@pytest.mark.parametrize(
+    "fmt, text, end",
+    [
+        ("hermes", b'{"a": 5', b"}"),
+        ("llama3_json", b'{"a": 5', b"}"),
+        ("chatglm3", b"```python\ntool_call(a=5", b")"),  # keyword arguments: already closed
+    ],
+)
+def test_forced_call_arguments_allow_no_undeclared_key(fmt, text, end):
+    from ember.chat.tool_parsers import PARSERS
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": SCHEMA}}]
+    grammar = PARSERS[fmt].call_grammar(tools, "f")
+    assert _after(StructuredOutputsParams(grammar=grammar), text) == set(end)

@@ -208,6 +208,17 @@ def test_without_generation_prompt_no_assistant_tag(
     assert ids == official.build_chat_input("你好")[:-1]
 
 
+def test_continue_final_message_ends_inside_the_answer(
+    formatter: ChatFormatter, official: OfficialChatGLM3
+) -> None:
+    """No token closes a ChatGLM3 message: the prompt just ends with the answer's text."""
+    partial = "北京是"
+    messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": partial}]
+    ids = formatter.encode(messages, add_generation_prompt=False, continue_final_message=True)
+    expected = official.build_chat_input("你好")  # ... <|assistant|>
+    assert ids == expected + official.build_single_message("assistant", "", partial)[1:]
+
+
 def test_tools_are_appended_to_the_system_message(
     formatter: ChatFormatter, official: OfficialChatGLM3
 ) -> None:

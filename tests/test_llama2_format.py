@@ -172,6 +172,25 @@ def test_a_finished_last_answer_is_closed_with_eos(
     assert ids == [1] + sp.encode("[INST] Hi [/INST] Hello! ") + [2]
 
 
+def test_continue_final_message_leaves_the_answer_open(
+    formatters: dict[str, ChatFormatter], sp: Any
+) -> None:
+    """No trailing space, no </s>: the reply continues the answer's text."""
+    dialog = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! I am "},
+    ]
+    f = formatters["tokenizer.model"]
+    ids = f.encode(dialog, add_generation_prompt=False, continue_final_message=True)
+    assert ids == [1] + sp.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! I am")
+    assert f.render(dialog, False, None, True).endswith("[/INST] Hello! I am")
+    with pytest.raises(ChatTemplateError, match="assistant"):  # nothing of the answer's to continue
+        f.encode(dialog[:2], add_generation_prompt=False, continue_final_message=True)
+    with pytest.raises(ChatTemplateError, match="both"):
+        f.encode(dialog, continue_final_message=True)
+
+
 def test_roles_out_of_turn_are_a_template_error(formatters: dict[str, ChatFormatter]) -> None:
     dialog = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     with pytest.raises(ChatTemplateError, match="in turn"):

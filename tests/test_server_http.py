@@ -271,3 +271,58 @@ def test_a_browser_form_post_is_not_read_as_json(server):
     body = b'{"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}'
     r = httpx.post(server + "/v1/chat/completions", content=body, headers=headers, timeout=120)
     assert r.status_code == 400, r.text
+
+
+CONTINUED = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "The capital of France is"},
+]
+
+
+def test_continue_final_message_leaves_the_last_message_open(server):
+    """As vLLM's field: the prompt ends inside the assistant's message, and the reply goes on
+    from there (the prompt is the rendered conversation cut after that message's text)."""
+    tok = httpx.post(
+        server + "/tokenize",
+        json={"messages": CONTINUED, "continue_final_message": True},
+        headers=AUTH,
+    ).json()["tokens"]
+    text = httpx.post(server + "/detokenize", json={"tokens": tok}, headers=AUTH).json()["prompt"]
+    assert text.endswith("<|im_start|>assistant\nThe capital of France is")
+    closed = httpx.post(server + "/tokenize", json={"messages": CONTINUED}, headers=AUTH).json()
+    assert closed["tokens"][: len(tok)] == tok and len(closed["tokens"]) > len(tok)
+
+    body = {"model": "smol", "messages": CONTINUED, "max_tokens": 4, "temperature": 0}
+    r = httpx.post(
+        server + "/v1/chat/completions",
+        json={**body, "continue_final_message": True, "add_generation_prompt": False},
+        headers=AUTH,
+    )
+    assert r.status_code == 200
+    reply = r.json()["choices"][0]["message"]["content"]
+    assert "Paris" in reply, reply
+    assert r.json()["usage"]["prompt_tokens"] == len(tok)
+    # Unset, add_generation_prompt counts as false; set true beside it, a 400 naming the field.
+    same = httpx.post(
+        server + "/v1/chat/completions", json={**body, "continue_final_message": True}, headers=AUTH
+    )
+    assert same.json()["choices"][0]["message"]["content"] == reply
+    both = {**body, "continue_final_message": True, "add_generation_prompt": True}
+    r = httpx.post(server + "/v1/chat/completions", json=both, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"
+
+
+@pytest.mark.parametrize("key", ["add_generation_prompt", "tools", "messages", "tokenize", "self"])
+def test_chat_template_kwargs_cannot_set_the_renderers_own_arguments(server, key):
+    body = {
+        "model": "smol",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 2,
+        "chat_template_kwargs": {key: False},
+    }
+    for route in ("/v1/chat/completions", "/tokenize"):
+        r = httpx.post(server + route, json=body, headers=AUTH)
+        assert r.status_code == 400, (route, r.text)
+        assert r.json()["error"]["param"] == "chat_template_kwargs" and key in r.text
+    body["chat_template_kwargs"] = {"enable_thinking": False}  # a template variable: fine
+    assert httpx.post(server + "/v1/chat/completions", json=body, headers=AUTH).status_code == 200

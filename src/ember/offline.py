@@ -77,12 +77,18 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
     ) -> list[RequestResult]:
-        """One conversation (a list of messages) or several."""
+        """One conversation (a list of messages) or several. `continue_final_message`: the
+        reply continues the last message (then add_generation_prompt must be false)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         items = []
         for conv in conversations:
-            kwargs = {"add_generation_prompt": add_generation_prompt, "tools": tools}
+            kwargs = {
+                "add_generation_prompt": add_generation_prompt,
+                "tools": tools,
+                "continue_final_message": continue_final_message,
+            }
             # Ids come from encode(): formats built in code (ChatGLM3, Llama-2) encode each
             # turn separately, which re-tokenizing the rendered text would not reproduce.
             text = self.chat_formatter.render(conv, **kwargs)

@@ -135,8 +135,11 @@ class ChatGLM3Format:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
         **_: Any,
     ) -> list[int]:
+        # No token ends a ChatGLM3 message, so without the generation prompt the last one is
+        # already open: continue_final_message needs nothing more.
         tok = self.tokenizer
         ids = list(tok.prefix_ids)
         for item in to_chatglm3_messages(messages, tools):
@@ -152,6 +155,7 @@ class ChatGLM3Format:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
         **_: Any,
     ) -> str:
         """The prompt as text, special tokens written out; what decoding its ids shows (the

@@ -30,13 +30,18 @@ class ChatTemplateError(ValueError):
 
 
 class CodeFormat(Protocol):
-    """A built-in chat format written in code rather than Jinja."""
+    """A built-in chat format written in code rather than Jinja.
+
+    `continue_final_message`: the last message stays open (no end of turn after it), so the
+    reply continues it; it comes with add_generation_prompt false.
+    """
 
     def encode(
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
         **kwargs: Any,
     ) -> list[int]: ...
 
@@ -45,6 +50,7 @@ class CodeFormat(Protocol):
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
         **kwargs: Any,
     ) -> str: ...
 
@@ -75,10 +81,11 @@ class Llama2Format:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
         **_: Any,
     ) -> list[int]:
         ids: list[int] = []
-        for text, finished in self._turns(messages):
+        for text, finished in self._turns(messages, continue_final_message):
             ids.append(self.bos_token_id)
             ids += self.tokenizer.encode_plain(text)
             if finished:
@@ -90,15 +97,18 @@ class Llama2Format:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
         **_: Any,
     ) -> str:
         return "".join(
             self._bos + text + (self._eos if finished else "")
-            for text, finished in self._turns(messages)
+            for text, finished in self._turns(messages, continue_final_message)
         )
 
     @staticmethod
-    def _turns(messages: list[dict[str, Any]]) -> list[tuple[str, bool]]:
+    def _turns(
+        messages: list[dict[str, Any]], continue_final_message: bool = False
+    ) -> list[tuple[str, bool]]:
         """(text of one [INST] block, whether the assistant's answer closed it)."""
         if not messages:
             raise ValueError("The conversation has no messages.")
@@ -117,11 +127,20 @@ class Llama2Format:
                     f"messages in turn; got {role!r} where "
                     f"{'user' if i % 2 == 0 else 'assistant'} belongs."
                 )
+        if continue_final_message and roles[-1] != "assistant":
+            raise ValueError(
+                "continue_final_message continues an assistant message; in the llama-2 format "
+                "the last message must be the assistant's."
+            )
         turns = []
         for i in range(0, len(roles), 2):
             user = contents[i].strip()
             if i + 1 < len(roles):
-                turns.append((f"[INST] {user} [/INST] {contents[i + 1].strip()} ", True))
+                answer = contents[i + 1].strip()
+                if continue_final_message and i + 2 == len(roles):  # left open, to continue
+                    turns.append((f"[INST] {user} [/INST] {answer}", False))
+                else:
+                    turns.append((f"[INST] {user} [/INST] {answer} ", True))
             else:
                 turns.append((f"[INST] {user} [/INST]", False))
         return turns
@@ -209,12 +228,20 @@ class ChatFormatter:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
         **kwargs: Any,
     ) -> str:
-        """The prompt as text (for display and echo; `encode` gives the ids to run)."""
+        """The prompt as text (for display and echo; `encode` gives the ids to run).
+
+        `continue_final_message`: leave the last message open so the reply continues it (as
+        transformers and vLLM name it); it needs add_generation_prompt false.
+        """
+        _check_continue(add_generation_prompt, continue_final_message)
         if self._format is not None:
             try:
-                return self._format.render(messages, add_generation_prompt, tools, **kwargs)
+                return self._format.render(
+                    messages, add_generation_prompt, tools, continue_final_message, **kwargs
+                )
             except ValueError as e:
                 raise ChatTemplateError(str(e)) from e
         if self.template is None:
@@ -228,6 +255,7 @@ class ChatFormatter:
                 chat_template=self.template,
                 tools=tools,
                 add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
                 tokenize=False,
                 **kwargs,
             )
@@ -239,17 +267,28 @@ class ChatFormatter:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
         **kwargs: Any,
     ) -> list[int]:
         """The prompt's token ids, ready for the engine."""
         if self._format is not None:
+            _check_continue(add_generation_prompt, continue_final_message)
             try:
-                return self._format.encode(messages, add_generation_prompt, tools, **kwargs)
+                return self._format.encode(
+                    messages, add_generation_prompt, tools, continue_final_message, **kwargs
+                )
             except ValueError as e:
                 raise ChatTemplateError(str(e)) from e
         # The template writes BOS itself when the model wants one.
-        text = self.render(messages, add_generation_prompt, tools, **kwargs)
+        text = self.render(messages, add_generation_prompt, tools, continue_final_message, **kwargs)
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _check_continue(add_generation_prompt: bool, continue_final_message: bool) -> None:
+    if continue_final_message and add_generation_prompt:
+        raise ChatTemplateError(
+            "continue_final_message and add_generation_prompt cannot both be true."
+        )
 
 
 def _role_of(message: dict[str, Any]) -> str:

@@ -178,6 +178,9 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
+    # vLLM's: the last message stays open and the reply continues it (an answer's prefill).
+    # Left unset, add_generation_prompt then counts as false.
+    continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
 
 
@@ -369,6 +372,7 @@ class TokenizeRequest(OpenAIBase):
     chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 class DetokenizeRequest(OpenAIBase):

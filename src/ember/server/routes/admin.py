@@ -53,12 +53,10 @@ async def tokenize(req: P.TokenizeRequest, state: ServerState = Depends(get_stat
     if req.messages is not None:
         from ember.server.routes.chat import chat_prompt
 
+        fields = ("messages", "tools", "tool_choice", "chat_template_kwargs")
+        fields += ("add_generation_prompt", "continue_final_message")
         chat = P.ChatCompletionRequest(
-            messages=req.messages,
-            tools=req.tools,
-            tool_choice=req.tool_choice,
-            chat_template_kwargs=req.chat_template_kwargs,
-            add_generation_prompt=req.add_generation_prompt,
+            **{f: getattr(req, f) for f in req.model_fields_set & set(fields)}
         )
         _, tokens = chat_prompt(chat, state)  # exactly the ids a chat request would run on
     else:

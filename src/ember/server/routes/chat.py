@@ -259,14 +259,66 @@ def chat_message(plan: ChatPlan, r: SeqResult) -> tuple[P.ChatResponseMessage, s
     return P.ChatResponseMessage(content=res.content or None, tool_calls=calls), "tool_calls"
 
 
+# apply_chat_template's own arguments, and the template variables the request's fields set:
+# chat_template_kwargs passes variables to the template and may not set these.
+_RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "add_generation_prompt",
+        "continue_final_message",
+        "messages",
+        "conversation",
+        "tools",
+        "documents",
+        "chat_template",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+        "self",
+    }
+)
+
+
+def _template_kwargs(req: P.ChatCompletionRequest) -> dict[str, Any]:
+    kwargs = req.chat_template_kwargs or {}
+    taken = sorted(set(kwargs) & _RESERVED_TEMPLATE_KWARGS)
+    if taken:
+        raise APIError(
+            f"chat_template_kwargs cannot set {', '.join(taken)}: these are request fields or "
+            "arguments of the template's renderer, not template variables.",
+            param="chat_template_kwargs",
+        )
+    return kwargs
+
+
 def chat_prompt(req: P.ChatCompletionRequest, state: ServerState) -> tuple[ChatPlan, list[int]]:
     """The prompt ids a chat request runs on (shared with /tokenize), and how to read replies."""
     plan = _chat_plan(req, state)
+    add_generation_prompt = req.add_generation_prompt
+    if req.continue_final_message:
+        if plan.prefix:
+            raise APIError(
+                "continue_final_message cannot be used with a forced tool call "
+                "(tool_choice 'required' or a named function).",
+                param="continue_final_message",
+            )
+        if "add_generation_prompt" in req.model_fields_set and add_generation_prompt:
+            raise APIError(
+                "continue_final_message continues the last message, and add_generation_prompt "
+                "starts a new one: set at most one of them.",
+                param="continue_final_message",
+            )
+        add_generation_prompt = False  # unset, it counts as false (vLLM makes clients say it)
     prompt_ids = plan.formatter.encode(
         message_dicts(req),
-        add_generation_prompt=req.add_generation_prompt,
+        add_generation_prompt=add_generation_prompt,
         tools=plan.tools,
-        **(req.chat_template_kwargs or {}),
+        continue_final_message=req.continue_final_message,
+        **_template_kwargs(req),
     )
     if plan.prefix:  # tool_choice required or named: the reply starts inside a call
         prompt_ids = prompt_ids + state.tokenizer.encode(plan.prefix, add_special_tokens=False)

@@ -89,6 +89,8 @@ def test_cors_preflight_is_answered(server):
 
 def test_auth_guards_v1_but_not_health(server):
     assert httpx.get(server + "/health").status_code == 200
+    head = httpx.head(server + "/health")  # as some load balancers probe
+    assert head.status_code == 200 and head.content == b""
     r = httpx.get(server + "/v1/models")
     assert r.status_code == 401
     assert r.json()["error"]["type"] == "authentication_error"

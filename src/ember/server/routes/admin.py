@@ -19,7 +19,8 @@ router = APIRouter()
 CENTS_PER_1K_TOKENS = 0.2
 
 
-@router.get("/health")
+# HEAD too: load balancers and container health checks that send it get the same status.
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health(request: Request) -> Response:
     state: ServerState = request.app.state.ember
     if state.load_error is not None:

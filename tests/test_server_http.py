@@ -314,6 +314,31 @@ def test_continue_final_message_leaves_the_last_message_open(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"
 
 
+def test_echo_starts_the_reply_with_the_assistants_last_message(server):
+    """vLLM's chat echo: with continue_final_message, the whole answer comes back."""
+    body = {
+        "model": "smol",
+        "messages": CONTINUED,
+        "max_tokens": 4,
+        "temperature": 0,
+        "continue_final_message": True,
+        "echo": True,
+    }
+    r = httpx.post(server + "/v1/chat/completions", json=body, headers=AUTH).json()
+    whole = r["choices"][0]["message"]["content"]
+    assert whole.startswith("The capital of France is") and "Paris" in whole, whole
+    with httpx.stream(
+        "POST", server + "/v1/chat/completions", json={**body, "stream": True}, headers=AUTH
+    ) as resp:
+        chunks = [json.loads(e) for e in _events(resp)[:-1]]
+    assert chunks[1]["choices"][0]["delta"]["content"] == "The capital of France is"
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == whole
+    # A last message from the user is not echoed.
+    ask = {**body, "messages": CONTINUED[:1], "continue_final_message": False}
+    r = httpx.post(server + "/v1/chat/completions", json=ask, headers=AUTH).json()
+    assert not r["choices"][0]["message"]["content"].startswith("What is the capital")
+
+
 @pytest.mark.parametrize("key", ["add_generation_prompt", "tools", "messages", "tokenize", "self"])
 def test_chat_template_kwargs_cannot_set_the_renderers_own_arguments(server, key):
     body = {

@@ -181,6 +181,8 @@ class ChatCompletionRequest(SamplingFields):
     # vLLM's: the last message stays open and the reply continues it (an answer's prefill).
     # Left unset, add_generation_prompt then counts as false.
     continue_final_message: bool = False
+    # vLLM's: when the last message is the assistant's, the reply starts with its text.
+    echo: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
 
 

@@ -259,6 +259,13 @@ def chat_message(plan: ChatPlan, r: SeqResult) -> tuple[P.ChatResponseMessage, s
     return P.ChatResponseMessage(content=res.content or None, tool_calls=calls), "tool_calls"
 
 
+def _echo_text(req: P.ChatCompletionRequest) -> str:
+    """With echo, the text of a last message that is the assistant's (the reply follows it)."""
+    if not req.echo or req.messages[-1].role != "assistant":
+        return ""
+    return message_dicts(req)[-1].get("content") or ""
+
+
 # apply_chat_template's own arguments, and the template variables the request's fields set:
 # chat_template_kwargs passes variables to the template and may not set these.
 _RESERVED_TEMPLATE_KWARGS = frozenset(
@@ -375,16 +382,28 @@ async def chat_completions(
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         gen = _chat_stream(
-            state, plan, jobs, request_id, created, model, include_usage, req.logprobs, ticket
+            state,
+            plan,
+            jobs,
+            request_id,
+            created,
+            model,
+            include_usage,
+            req.logprobs,
+            ticket,
+            _echo_text(req),
         )
         return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
 
+    echo = _echo_text(req)
     results = await until_disconnected(request, collect(state, jobs, request_id, ticket))
     completion_tokens = sum(len(r.token_ids) for r in results)
     record(state, len(prompt_ids), completion_tokens)
     choices = []
     for i, r in enumerate(results):
         message, finish_reason = chat_message(plan, r)
+        if echo:
+            message.content = echo + (message.content or "")
         choices.append(
             P.ChatChoice(
                 index=i,
@@ -414,6 +433,7 @@ async def _chat_stream(
     include_usage: bool,
     want_logprobs: bool,
     ticket: AdmissionTicket | None = None,
+    echo: str = "",
 ) -> AsyncIterator[str]:
     def chunk(choices: list[P.ChatChunkChoice], usage_info: P.UsageInfo | None = None) -> str:
         return sse_chunk(
@@ -430,6 +450,8 @@ async def _chat_stream(
             yield chunk(
                 [P.ChatChunkChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))]
             )
+            if echo:
+                yield chunk([P.ChatChunkChoice(index=i, delta=P.DeltaMessage(content=echo))])
         async for i, out in merged_streams(state, jobs, request_id, ticket):
             completion_tokens += len(out.new_token_ids)
             text, calls = out.new_text, []

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -36,6 +37,10 @@ def _spawn(*args: str, env: dict[str, str] | None = None) -> pexpect.spawn:
         encoding="utf-8",
         timeout=90,
         dimensions=(40, 120),
+        # Ctrl-C must reach the program as a terminal's does, also when this test run was
+        # started in the background (a shell starts background jobs with SIGINT ignored, and a
+        # child inherits that: Python then never raises KeyboardInterrupt).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     child.logfile_read = io.StringIO()  # everything the terminal showed
     return child

@@ -378,6 +378,7 @@ async def chat_completions(
     await compile_structured(state, jobs)
     request_id = P.random_id("chatcmpl")
     created = int(time.time())
+    echo = _echo_text(req)
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -391,11 +392,10 @@ async def chat_completions(
             include_usage,
             req.logprobs,
             ticket,
-            _echo_text(req),
+            echo,
         )
         return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
 
-    echo = _echo_text(req)
     results = await until_disconnected(request, collect(state, jobs, request_id, ticket))
     completion_tokens = sum(len(r.token_ids) for r in results)
     record(state, len(prompt_ids), completion_tokens)

@@ -20,7 +20,8 @@ CENTS_PER_1K_TOKENS = 0.2
 
 
 # HEAD too: load balancers and container health checks that send it get the same status.
-@router.api_route("/health", methods=["GET", "HEAD"])
+@router.get("/health")
+@router.head("/health", include_in_schema=False)
 async def health(request: Request) -> Response:
     state: ServerState = request.app.state.ember
     if state.load_error is not None:

@@ -82,6 +82,20 @@ def test_default_model_answers_a_chat_question(llm):
     assert out.outputs[0].finish_reason == "stop"
 
 
+def test_offline_chat_continues_a_begun_answer(llm):
+    """LLM.chat(continue_final_message=True): the prompt ends inside the assistant's message."""
+    params = ember.SamplingParams(temperature=0, max_tokens=6)
+    begun = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is"},
+    ]
+    out = llm.chat(begun, params, add_generation_prompt=False, continue_final_message=True)[0]
+    assert out.prompt.endswith("assistant\nThe capital of France is")
+    assert "Paris" in out.outputs[0].text
+    with pytest.raises(ValueError, match="cannot both be true"):
+        llm.chat(begun, params, continue_final_message=True)
+
+
 def test_greedy_matches_transformers_on_a_prompt_of_thousands_of_tokens(llm, reference):
     """Chunked prefill over many steps, hundreds of KV blocks, positions deep into RoPE."""
     words = [

@@ -246,3 +246,21 @@ def test_echo_with_logprobs_scores_the_prompt(client):
     assert all(v <= 0 for v in lp.token_logprobs[1:])
     assert "".join(lp.tokens) == r.choices[0].text
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+
+
+def test_max_tokens_zero_with_echo_scores_the_prompt_alone(client):
+    """As OpenAI's legacy API and vLLM: the prompt and its logprobs, nothing generated."""
+    kw = dict(model=MODEL, prompt="The sky is blue", echo=True, logprobs=1, temperature=0)
+    scored = client.completions.create(max_tokens=0, **kw)
+    one = client.completions.create(max_tokens=1, **kw)
+    n = scored.usage.prompt_tokens
+    assert scored.choices[0].text == "The sky is blue" and scored.usage.completion_tokens == 0
+    assert scored.choices[0].finish_reason == "length"
+    lp, ref = scored.choices[0].logprobs, one.choices[0].logprobs
+    assert lp.tokens == ref.tokens[:n] and len(lp.tokens) == n
+    assert lp.token_logprobs == ref.token_logprobs[:n]
+    streamed = list(client.completions.create(max_tokens=0, stream=True, **kw))
+    assert "".join(c.choices[0].text for c in streamed) == "The sky is blue"
+    assert sum(len(c.choices[0].logprobs.tokens) for c in streamed) == n
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):  # no echo: nothing to give
+        client.completions.create(model=MODEL, prompt="The sky", max_tokens=0)

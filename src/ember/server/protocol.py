@@ -290,7 +290,8 @@ class ResponsesRequest(OpenAIBase):
 class CompletionRequest(SamplingFields):
     prompt: Inputs
     suffix: str | None = None
-    max_tokens: int | None = Field(16, ge=1)
+    # 0 only with echo: the prompt comes back (with its logprobs) and nothing is generated.
+    max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=MAX_N)

@@ -11,11 +11,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from ember.engine.async_engine import AdmissionTicket
-from ember.engine.request import Logprob, SamplingParams
+from ember.engine.request import Logprob, RequestOutput, SamplingParams
 from ember.server import protocol as P
 from ember.server.errors import APIError
 from ember.server.routes.common import (
     SSE_HEADERS,
+    SeqResult,
     collect,
     compile_structured,
     fan_out,
@@ -97,6 +98,26 @@ def _join(a: P.CompletionLogprobs, b: P.CompletionLogprobs) -> P.CompletionLogpr
     )
 
 
+# With max_tokens 0 the one token run for the prompt's logprobs is not part of the reply.
+
+
+def _scored(r: SeqResult) -> SeqResult:
+    return dataclasses.replace(
+        r, token_ids=[], text="", logprobs=[], finish_reason="length", stop_reason=None
+    )
+
+
+def _scored_output(out: RequestOutput) -> RequestOutput:
+    return dataclasses.replace(
+        out,
+        new_token_ids=[],
+        new_text="",
+        new_logprobs=[],
+        finish_reason="length" if out.finished else None,
+        stop_reason=None,
+    )
+
+
 @router.post("/v1/completions")
 async def completions(
     req: P.CompletionRequest, request: Request, state: ServerState = Depends(get_state)
@@ -109,6 +130,14 @@ async def completions(
         raise APIError(f"best_of ({best_of}) must be at least n ({req.n}).", param="best_of")
     if req.stream and best_of > req.n:
         raise APIError("best_of greater than n cannot be streamed.", param="best_of")
+    # max_tokens 0 with echo scores the prompt (as OpenAI's legacy API and vLLM allow): the
+    # engine runs one token for the prompt's logprobs, and that token is left out of the reply.
+    score_only = req.max_tokens == 0
+    if score_only and not req.echo:
+        raise APIError(
+            "max_tokens must be at least 1; 0 is only for echo, to score the prompt.",
+            param="max_tokens",
+        )
     given = _prompt_list(state, req.prompt)
     prompts = [ids for ids, _ in given]
     if len(prompts) * best_of > P.MAX_SEQUENCES:
@@ -122,7 +151,7 @@ async def completions(
     jobs, owners = [], []
     echo_logprobs = req.echo and req.logprobs is not None
     for pi, ids in enumerate(prompts):
-        params = sampling_params(req, state, len(ids), req.max_tokens, lp)
+        params = sampling_params(req, state, len(ids), 1 if score_only else req.max_tokens, lp)
         if echo_logprobs:  # the echoed prompt comes with its own logprobs
             params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
         for p in fan_out(params, best_of):
@@ -159,10 +188,13 @@ async def completions(
             include_usage,
             req.logprobs is not None,
             ticket,
+            score_only,
         )
         return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
 
     results = await until_disconnected(request, collect(state, jobs, request_id, ticket))
+    if score_only:
+        results = [_scored(r) for r in results]
     choices = []
     for pi in range(len(prompts)):
         mine = [r for r, o in zip(results, owners) if o == pi]
@@ -210,6 +242,7 @@ async def _completion_stream(
     include_usage: bool,
     want_logprobs: bool,
     ticket: AdmissionTicket | None = None,
+    score_only: bool = False,
 ) -> AsyncIterator[str]:
     def chunk(choices: list[P.CompletionChoice], usage_info: P.UsageInfo | None = None) -> str:
         return sse_chunk(
@@ -221,6 +254,8 @@ async def _completion_stream(
     echoed = [False] * len(jobs)
     try:
         async for i, out in merged_streams(state, jobs, request_id, ticket):
+            if score_only:
+                out = _scored_output(out)
             completion_tokens += len(out.new_token_ids)
             text = out.new_text
             if not echoed[i]:

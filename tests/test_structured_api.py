@@ -276,3 +276,30 @@ def test_previous_response_id_is_a_clear_400(server):
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["param"] == "previous_response_id" and "stores no responses" in err["message"]
+
+
+def test_retrieving_a_response_is_a_404_that_says_why(client):
+    with pytest.raises(openai.NotFoundError, match="stores no responses"):
+        client.responses.retrieve("resp_1")
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"text": {"format": {"type": "json_schema"}}}, "text.format.name"),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "x", "schema": 5}}},
+            "text.format.schema",
+        ),
+        ({"max_output_tokens": 0}, "max_output_tokens"),
+        ({"input": [{"type": "function_call_output", "call_id": 5, "output": "x"}]}, "input"),
+        ({"input": [{"type": "function_call", "arguments": "{}"}]}, "input.0"),
+    ],
+)
+def test_a_bad_responses_field_is_named_as_the_client_sent_it(server, extra, param):
+    """Checked as a chat request inside, but the error speaks of the Responses fields."""
+    r = _post(server, "/v1/responses", {"model": MODEL, "input": "Hi", **extra})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param, err
+    assert "pydantic" not in err["message"] and "ChatCompletionRequest" not in err["message"]

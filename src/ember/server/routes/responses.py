@@ -17,11 +17,12 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 
 from ember.chat.tool_parsers import ParsedToolCall
 from ember.engine.async_engine import AdmissionTicket
 from ember.server import protocol as P
-from ember.server.errors import APIError, error_body, to_api_error
+from ember.server.errors import APIError, error_body, to_api_error, validation_message
 from ember.server.routes.chat import ChatPlan, chat_message, chat_params, chat_prompt
 from ember.server.routes.common import (
     SSE_HEADERS,
@@ -77,6 +78,8 @@ def _messages(req: P.ResponsesRequest) -> list[dict[str, Any]]:
                 raise APIError(f"Unknown message role {role!r}.", param=param + ".role")
             messages.append({"role": role, "content": _text_of(item.get("content"), param)})
         elif kind == "function_call":
+            if not isinstance(item.get("name"), str) or not item["name"]:
+                raise APIError("A function_call item needs its function's name.", param=param)
             call = {
                 "id": item.get("call_id") or item.get("id") or _item_id("call"),
                 "type": "function",
@@ -147,8 +150,35 @@ def _chat_request(req: P.ResponsesRequest) -> P.ChatCompletionRequest:
     }
     try:
         return P.ChatCompletionRequest.model_validate(body)
-    except ValueError as e:
-        raise APIError(f"Invalid request: {e}", param="input") from e
+    except ValidationError as e:
+        message, param = validation_message(e.errors())
+        name = _responses_name(param)
+        if param and name != param:
+            rest = message.removeprefix(param)
+            if name == "input":  # say which field of the item, as the index may not match
+                rest = f" ({param.split('.', 2)[-1]})" * (param.count(".") >= 2) + rest
+            message = name + rest
+        raise APIError(message, param=name) from e
+
+
+# Where a chat request's field came from in the Responses request, for error messages.
+_FIELD_ORIGINS = (
+    ("response_format.json_schema", "text.format"),
+    ("response_format", "text.format"),
+    ("max_tokens", "max_output_tokens"),
+    ("messages", "input"),  # input items and messages do not pair up one to one
+)
+
+
+def _responses_name(param: str | None) -> str | None:
+    if param is None:
+        return None
+    for chat_name, name in _FIELD_ORIGINS:
+        if chat_name == "messages" and param.startswith("messages"):
+            return name
+        if param == chat_name or param.startswith(chat_name + "."):
+            return name + param.removeprefix(chat_name)
+    return param
 
 
 # ------------------------------------------------------------------ output items
@@ -262,6 +292,17 @@ async def create_response(
         output.append(_call_item(parsed))
     usage_info = _usage(len(prompt_ids), len(r.token_ids))
     return shell.build(status, output, usage_info)
+
+
+@router.get("/v1/responses/{response_id}", include_in_schema=False)
+async def retrieve_response(response_id: str) -> None:
+    """The SDK's responses.retrieve: a 404 that says why, rather than a bare Not Found."""
+    raise APIError(
+        f"No response {response_id!r}: this server stores no responses (store is always false).",
+        status=404,
+        type="not_found_error",
+        param="response_id",
+    )
 
 
 async def _stream(

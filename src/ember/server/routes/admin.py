@@ -19,6 +19,19 @@ router = APIRouter()
 CENTS_PER_1K_TOKENS = 0.2
 
 
+# The fields of /tokenize that render messages as a chat request would.
+_CHAT_FIELDS = frozenset(
+    {
+        "messages",
+        "tools",
+        "tool_choice",
+        "chat_template_kwargs",
+        "add_generation_prompt",
+        "continue_final_message",
+    }
+)
+
+
 # HEAD too: load balancers and container health checks that send it get the same status.
 @router.get("/health")
 @router.head("/health", include_in_schema=False)
@@ -55,10 +68,9 @@ async def tokenize(req: P.TokenizeRequest, state: ServerState = Depends(get_stat
     if req.messages is not None:
         from ember.server.routes.chat import chat_prompt
 
-        fields = ("messages", "tools", "tool_choice", "chat_template_kwargs")
-        fields += ("add_generation_prompt", "continue_final_message")
+        # Only the fields the client set, so unset ones keep the chat request's defaults.
         chat = P.ChatCompletionRequest(
-            **{f: getattr(req, f) for f in req.model_fields_set & set(fields)}
+            **{f: getattr(req, f) for f in req.model_fields_set & _CHAT_FIELDS}
         )
         _, tokens = chat_prompt(chat, state)  # exactly the ids a chat request would run on
     else:

@@ -151,14 +151,7 @@ def _chat_request(req: P.ResponsesRequest) -> P.ChatCompletionRequest:
     try:
         return P.ChatCompletionRequest.model_validate(body)
     except ValidationError as e:
-        message, param = validation_message(e.errors())
-        name = _responses_name(param)
-        if param and name != param:
-            rest = message.removeprefix(param)
-            if name == "input":  # say which field of the item, as the index may not match
-                rest = f" ({param.split('.', 2)[-1]})" * (param.count(".") >= 2) + rest
-            message = name + rest
-        raise APIError(message, param=name) from e
+        raise _responses_error(*validation_message(e.errors())) from e
 
 
 # Where a chat request's field came from in the Responses request, for error messages.
@@ -166,19 +159,23 @@ _FIELD_ORIGINS = (
     ("response_format.json_schema", "text.format"),
     ("response_format", "text.format"),
     ("max_tokens", "max_output_tokens"),
-    ("messages", "input"),  # input items and messages do not pair up one to one
 )
 
 
-def _responses_name(param: str | None) -> str | None:
+def _responses_error(message: str, param: str | None) -> APIError:
+    """The chat request's validation error, naming the field as the Responses request has it."""
     if param is None:
-        return None
+        return APIError(message)
+    detail = message.removeprefix(param)  # ": what is wrong"
+    if param == "messages" or param.startswith("messages."):
+        # Input items and messages do not pair up one to one: name the item's field instead.
+        field = param.split(".", 2)[2:]
+        return APIError("input" + (f" ({field[0]})" if field else "") + detail, param="input")
     for chat_name, name in _FIELD_ORIGINS:
-        if chat_name == "messages" and param.startswith("messages"):
-            return name
         if param == chat_name or param.startswith(chat_name + "."):
-            return name + param.removeprefix(chat_name)
-    return param
+            name += param.removeprefix(chat_name)
+            return APIError(name + detail, param=name)
+    return APIError(message, param=param)
 
 
 # ------------------------------------------------------------------ output items

@@ -145,6 +145,8 @@ def test_first_visit_asks_for_the_key_then_a_reply_streams(page, server):
     page.wait_for_selector("#key-wrong:not([hidden])")
     _enter_key(page)
     page.wait_for_selector("#key-dialog:not([open])", state="attached")
+    # The form closes the dialog on submit; the model list is fetched with the key after that.
+    page.wait_for_selector("#model option", state="attached")
     assert page.eval_on_selector_all("#model option", "os => os.map(o => o.value)") == [
         "smol",
         "gpt-3.5-turbo",

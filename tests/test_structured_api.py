@@ -230,6 +230,35 @@ def test_responses_stream_events_in_order(client):
     assert whole.output_text == final.output_text
 
 
+def test_responses_allowed_tools_calls_only_those(client):
+    time_tool = {
+        "type": "function",
+        "name": "get_time",
+        "description": "Get the local time in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    }
+    choice = {
+        "type": "allowed_tools",
+        "mode": "required",
+        "tools": [{"type": "function", "name": "get_time"}],
+    }
+    for seed in range(2):  # the question is about the weather; only get_time may be called
+        r = client.responses.create(
+            model=MODEL,
+            input="What is the weather in Paris?",
+            tools=[WEATHER_TOOL, time_tool],
+            tool_choice=choice,
+            max_output_tokens=60,
+            extra_body={"seed": seed},
+        )
+        calls = [o for o in r.output if o.type == "function_call"]
+        assert [c.name for c in calls] == ["get_time"]
+    bad = {**choice, "tools": [{"type": "function", "name": "rm_rf"}]}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL, input="x", tools=[WEATHER_TOOL], tool_choice=bad)
+    assert e.value.body["param"] == "tool_choice"
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_responses_forced_function_call_parses_and_validates(client, stream):
     kw = dict(

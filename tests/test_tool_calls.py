@@ -665,6 +665,153 @@ def test_bad_tool_definition_is_400(client):
     assert "tools" in e.value.body["param"]
 
 
+def tokenize(server: str, **body) -> list[int]:
+    r = httpx.post(server + "/tokenize", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 200, r.text
+    return r.json()["tokens"]
+
+
+ALLOW_TIME = {
+    "type": "allowed_tools",
+    "allowed_tools": {
+        "mode": "required",
+        "tools": [{"type": "function", "function": {"name": "get_time"}}],
+    },
+}
+
+
+@slow
+def test_allowed_tools_shows_and_calls_only_those(client, server):
+    # The prompt lists only the allowed tool, as if the request had sent just that one.
+    allowed = tokenize(server, messages=ASK, tools=TOOLS, tool_choice=ALLOW_TIME)
+    assert allowed == tokenize(server, messages=ASK, tools=[TIME], tool_choice="required")
+    assert allowed != tokenize(server, messages=ASK, tools=TOOLS, tool_choice="required")
+    for seed in range(3):  # ASK is about the weather: only the grammar keeps get_weather out
+        r = client.chat.completions.create(
+            model=MODEL, messages=ASK, tools=TOOLS, tool_choice=ALLOW_TIME, max_tokens=32, seed=seed
+        )
+        check_choice(r.choices[0], name="get_time", forced=True)
+    auto = {
+        "type": "allowed_tools",
+        "allowed_tools": {**ALLOW_TIME["allowed_tools"], "mode": "auto"},
+    }
+    r = client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=TOOLS, tool_choice=auto, temperature=0, max_tokens=32
+    )
+    check_choice(r.choices[0], name="get_time")
+
+
+@slow
+@pytest.mark.parametrize(
+    "choice",
+    [
+        {"type": "allowed_tools", "allowed_tools": {"mode": "sometimes", "tools": []}},
+        {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}},
+        {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [{"type": "x"}]}},
+        {
+            "type": "allowed_tools",
+            "allowed_tools": {
+                "mode": "auto",
+                "tools": [{"type": "function", "function": {"name": "rm_rf"}}],
+            },
+        },
+    ],
+    ids=["bad-mode", "empty", "bad-tool", "unknown-function"],
+)
+def test_bad_allowed_tools_is_400(client, choice):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=MODEL, messages=ASK, max_tokens=4, tools=TOOLS, tool_choice=choice
+        )
+    assert e.value.body["param"] == "tool_choice"
+
+
+# OpenAI's deprecated form of the same thing, which older clients still send.
+FUNCTIONS = [WEATHER["function"], TIME["function"]]
+LEGACY_HISTORY = [
+    HISTORY[0],
+    {
+        "role": "assistant",
+        "content": None,
+        "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    },
+    {"role": "function", "name": "get_weather", "content": '{"temperature": 21}'},
+    *HISTORY[3:],
+]
+
+
+@slow
+def test_legacy_functions_give_a_function_call(client):
+    kw = dict(
+        model=MODEL,
+        messages=LEGACY_HISTORY,
+        functions=FUNCTIONS,
+        function_call={"name": "get_weather"},
+        temperature=0,
+        max_tokens=32,
+    )
+    whole = client.chat.completions.create(**kw).choices[0]
+    assert whole.finish_reason == "function_call"
+    assert whole.message.tool_calls is None
+    assert whole.message.function_call.name == "get_weather"
+    args = json.loads(whole.message.function_call.arguments)
+    jsonschema.validate(args, WEATHER["function"]["parameters"])
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert not any(d.tool_calls for d in deltas)
+    name = "".join(d.function_call.name or "" for d in deltas if d.function_call)
+    arguments = "".join(d.function_call.arguments or "" for d in deltas if d.function_call)
+    assert (name, arguments) == ("get_weather", whole.message.function_call.arguments)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "function_call"
+    # The same request in today's form makes the same call.
+    modern = client.chat.completions.create(
+        model=MODEL,
+        messages=HISTORY,
+        tools=TOOLS,
+        tool_choice=NAMED,
+        temperature=0,
+        max_tokens=32,
+        parallel_tool_calls=False,
+    ).choices[0]
+    call = modern.message.tool_calls[0].function
+    assert (call.name, call.arguments) == ("get_weather", whole.message.function_call.arguments)
+
+
+@slow
+def test_legacy_function_history_renders_as_tool_history(server):
+    legacy = tokenize(server, messages=LEGACY_HISTORY)
+    assert legacy == tokenize(server, messages=HISTORY)
+    r = httpx.post(
+        server + "/v1/chat/completions",
+        json={"model": MODEL, "messages": LEGACY_HISTORY, "functions": FUNCTIONS, "max_tokens": 1},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    )
+    assert r.status_code == 200, r.text
+    with_tools = tokenize(server, messages=HISTORY, tools=TOOLS)
+    assert r.json()["usage"]["prompt_tokens"] == len(with_tools)
+    # A reply without a call has no function_call key at all, as OpenAI's replies have none.
+    assert "function_call" not in r.json()["choices"][0]["message"]
+
+
+@slow
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(functions=FUNCTIONS, tools=TOOLS),
+        dict(functions=FUNCTIONS, tool_choice="auto"),
+        dict(function_call="auto"),
+        dict(functions=FUNCTIONS, function_call={"name": "rm_rf"}),
+        dict(functions=FUNCTIONS, function_call="required"),
+        dict(functions=FUNCTIONS, function_call={"name": "get_time", "x": 1}),
+    ],
+    ids=["with-tools", "with-tool-choice", "no-functions", "unknown", "required", "extra-key"],
+)
+def test_bad_legacy_functions_are_400(client, kwargs):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, **kwargs)
+    assert e.value.body["param"] in ("functions", "function_call")
+
+
 # ------------------------------------------------------------------ the API, ChatGLM3
 
 

@@ -163,6 +163,7 @@ class ChatMessage(OpenAIBase):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    function_call: FunctionCall | None = None  # the legacy form of one tool call
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -177,6 +178,10 @@ class ChatCompletionRequest(SamplingFields):
     # by the route against `tools`, so a bad value gets a message that names the problem
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # OpenAI's deprecated forms of tools and tool_choice, still sent by older clients: the
+    # route runs them as tools, and the reply carries message.function_call.
+    functions: list[FunctionDefinition] | None = Field(None, max_length=MAX_TOOLS)
+    function_call: str | dict[str, Any] | None = None
     add_generation_prompt: bool = True
     # vLLM's: the last message stays open and the reply continues it (an answer's prefill).
     # Left unset, add_generation_prompt then counts as false.
@@ -200,10 +205,16 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+def _unset(value: Any) -> bool:
+    return value is None
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     tool_calls: list[ToolCall] | None = None
+    # Only in replies to requests that used the legacy `functions`.
+    function_call: FunctionCall | None = Field(None, exclude_if=_unset)
 
 
 class ChatChoice(BaseModel):
@@ -240,6 +251,7 @@ class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
+    function_call: DeltaFunctionCall | None = Field(None, exclude_if=_unset)
 
 
 class ChatChunkChoice(BaseModel):

@@ -44,6 +44,7 @@ router = APIRouter()
 
 def message_dicts(req: P.ChatCompletionRequest) -> list[dict[str, Any]]:
     out = []
+    legacy_call_id = ""  # a legacy "function" message answers the latest function_call
     for i, m in enumerate(req.messages):
         content = m.content
         if isinstance(content, list):
@@ -57,11 +58,15 @@ def message_dicts(req: P.ChatCompletionRequest) -> list[dict[str, Any]]:
                     )
                 texts.append(part.text)
             content = "\n".join(texts)
-        role = "system" if m.role == "developer" else m.role
+        role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
         d: dict[str, Any] = {"role": role, "content": content if content is not None else ""}
         if m.name:
             d["name"] = m.name
-        if m.tool_calls:
+        calls = list(m.tool_calls or [])
+        if m.function_call is not None:
+            legacy_call_id = f"call_{i}"
+            calls.append(P.ToolCall(id=legacy_call_id, function=m.function_call))
+        if calls:
             d["tool_calls"] = [
                 {
                     "id": c.id,
@@ -71,10 +76,12 @@ def message_dicts(req: P.ChatCompletionRequest) -> list[dict[str, Any]]:
                         "arguments": _json_or_text(c.function.arguments),
                     },
                 }
-                for c in m.tool_calls
+                for c in calls
             ]
         if m.tool_call_id:
             d["tool_call_id"] = m.tool_call_id
+        elif m.role == "function" and legacy_call_id:
+            d["tool_call_id"] = legacy_call_id
         out.append(d)
     return out
 
@@ -172,6 +179,7 @@ class ChatPlan:
     max_calls: int | None = None
     # With a forced call: the grammar of the rest of the call, so it always parses.
     call_grammar: str | None = None
+    legacy_functions: bool = False  # the request used `functions`: a call is a function_call
 
     def new_parser(self) -> ToolParser | None:
         """A parser per choice: each keeps its own streaming state."""
@@ -180,12 +188,90 @@ class ChatPlan:
         return make_parser(self.parser, self.tool_names, self.max_calls)
 
 
-def _tool_choice(req: P.ChatCompletionRequest) -> tuple[str, str | None]:
-    """("none" | "auto" | "required" | "named", function name), checked against the tools."""
+def legacy_functions(req: P.ChatCompletionRequest) -> P.ChatCompletionRequest:
+    """A request in OpenAI's deprecated `functions` / `function_call` form, as tools: one call
+    at most, as that form returns (the reply maps back in `chat_message` and the stream)."""
+    if req.functions is None:
+        if req.function_call is not None:
+            raise APIError("function_call needs functions.", param="function_call")
+        return req
+    if req.tools is not None or req.tool_choice is not None:
+        raise APIError(
+            "Send tools and tool_choice, or the legacy functions and function_call, not both.",
+            param="functions",
+        )
+    choice = req.function_call
+    if isinstance(choice, dict):
+        name = choice.get("name")
+        if not isinstance(name, str) or not name or set(choice) != {"name"}:
+            raise APIError(
+                'function_call is "none", "auto" or {"name": ...}.', param="function_call"
+            )
+        names = [f.name for f in req.functions]
+        if name not in names:
+            known = f" ({', '.join(names)})" if names else ""
+            raise APIError(
+                f"function_call names {name!r}, which is not among the functions{known}.",
+                param="function_call",
+            )
+        choice = {"type": "function", "function": {"name": name}}
+    elif choice not in (None, "none", "auto"):
+        raise APIError(
+            f'function_call is "none", "auto" or {{"name": ...}}; got {choice!r}.',
+            param="function_call",
+        )
+    return req.model_copy(
+        update={
+            "tools": [P.ToolDefinition(function=f) for f in req.functions] or None,
+            "tool_choice": choice,
+            "parallel_tool_calls": False,
+        }
+    )
+
+
+def _allowed_tools(choice: dict[str, Any], names: list[str]) -> tuple[str, list[str]]:
+    """OpenAI's {"type": "allowed_tools", "allowed_tools": {"mode": ..., "tools": [...]}}:
+    the mode ("auto" or "required") and the names of the tools that may be called."""
+    spec = choice.get("allowed_tools")
+    mode = spec.get("mode") if isinstance(spec, dict) else None
+    tools = spec.get("tools") if isinstance(spec, dict) else None
+    if mode not in ("auto", "required") or not isinstance(tools, list) or not tools:
+        raise APIError(
+            'An allowed_tools tool_choice is {"type": "allowed_tools", "allowed_tools": '
+            '{"mode": "auto" or "required", "tools": [{"type": "function", "function": '
+            '{"name": ...}}, ...]}}.',
+            param="tool_choice",
+        )
+    allowed = []
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if tool.get("type") != "function" or not isinstance(name, str):
+            raise APIError(
+                f'tool_choice.allowed_tools.tools[{i}] is {{"type": "function", "function": '
+                '{"name": ...}}.',
+                param="tool_choice",
+            )
+        if name not in names:
+            raise APIError(
+                f"tool_choice.allowed_tools names the function {name!r}, which is not among "
+                "the tools.",
+                param="tool_choice",
+            )
+        allowed.append(name)
+    return mode, allowed
+
+
+def _tool_choice(req: P.ChatCompletionRequest) -> tuple[str, str | None, list[str] | None]:
+    """("none" | "auto" | "required" | "named", function name, the names that may be called:
+    None for all), checked against the tools."""
     names = [t.function.name for t in req.tools or []]
     choice = req.tool_choice
     if choice is None:
-        return ("auto" if names else "none"), None
+        return ("auto" if names else "none"), None, None
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        mode, allowed = _allowed_tools(choice, names)
+        return mode, None, allowed
     if isinstance(choice, str):
         if choice not in ("none", "auto", "required"):
             raise APIError(
@@ -195,7 +281,7 @@ def _tool_choice(req: P.ChatCompletionRequest) -> tuple[str, str | None]:
             )
         if choice == "required" and not names:
             raise APIError("tool_choice 'required' needs tools.", param="tool_choice")
-        return (choice if names else "none"), None
+        return (choice if names else "none"), None, None
     function = choice.get("function")
     name = function.get("name") if isinstance(function, dict) else None
     if choice.get("type") != "function" or not isinstance(name, str) or not name:
@@ -209,14 +295,16 @@ def _tool_choice(req: P.ChatCompletionRequest) -> tuple[str, str | None]:
             f"tool_choice names the function {name!r}, which is not among the tools{known}.",
             param="tool_choice",
         )
-    return "named", name
+    return "named", name, None
 
 
 def _chat_plan(req: P.ChatCompletionRequest, state: ServerState) -> ChatPlan:
     assert state.formatter is not None and state.engine is not None
     support = tool_support(state.formatter, state.engine.core.cfg.tool_call_parser)
-    mode, function = _tool_choice(req)
-    history = any(m.role == "tool" or m.tool_calls for m in req.messages)
+    mode, function, allowed = _tool_choice(req)
+    history = any(
+        m.role in ("tool", "function") or m.tool_calls or m.function_call for m in req.messages
+    )
     formatter = state.formatter
     if (mode != "none" or history) and support.formatter is not None:
         formatter = support.formatter
@@ -224,20 +312,20 @@ def _chat_plan(req: P.ChatCompletionRequest, state: ServerState) -> ChatPlan:
         if support.parser is None:
             raise APIError(support.refusal, param="tools")
         forced = mode in ("required", "named")
+        # With allowed_tools, the model sees and may call only those.
+        tools = [
+            t.model_dump(exclude_none=True)
+            for t in req.tools or []
+            if allowed is None or t.function.name in allowed
+        ]
         return ChatPlan(
             formatter,
-            tools=[t.model_dump(exclude_none=True) for t in req.tools or []],
+            tools=tools,
             parser=support.parser,
-            tool_names=[t.function.name for t in req.tools or []],
+            tool_names=[t["function"]["name"] for t in tools],
             prefix=PARSERS[support.parser].forced_prefix(function) if forced else "",
             max_calls=1 if req.parallel_tool_calls is False else None,
-            call_grammar=(
-                PARSERS[support.parser].call_grammar(
-                    [t.model_dump(exclude_none=True) for t in req.tools or []], function
-                )
-                if forced
-                else None
-            ),
+            call_grammar=PARSERS[support.parser].call_grammar(tools, function) if forced else None,
         )
     if support.chatglm3:  # no tools, but the metadata line still has to go
         return ChatPlan(formatter, parser="chatglm3")
@@ -252,6 +340,12 @@ def chat_message(plan: ChatPlan, r: SeqResult) -> tuple[P.ChatResponseMessage, s
     res = parser.parse(plan.prefix + r.text)
     if not res.tool_calls:
         return P.ChatResponseMessage(content=res.content), r.finish_reason
+    if plan.legacy_functions:  # that form has one call, and no id
+        c = res.tool_calls[0]
+        call = P.FunctionCall(name=c.name, arguments=c.arguments)
+        return P.ChatResponseMessage(content=res.content or None, function_call=call), (
+            "function_call"
+        )
     calls = [
         P.ToolCall(id=c.id, function=P.FunctionCall(name=c.name, arguments=c.arguments))
         for c in res.tool_calls
@@ -304,7 +398,9 @@ def _template_kwargs(req: P.ChatCompletionRequest) -> dict[str, Any]:
 
 def chat_prompt(req: P.ChatCompletionRequest, state: ServerState) -> tuple[ChatPlan, list[int]]:
     """The prompt ids a chat request runs on (shared with /tokenize), and how to read replies."""
+    req = legacy_functions(req)
     plan = _chat_plan(req, state)
+    plan.legacy_functions = req.functions is not None
     add_generation_prompt = req.add_generation_prompt
     if req.continue_final_message:
         if plan.prefix:
@@ -477,16 +573,19 @@ async def _chat_stream(
                     )
                 )
             for call in calls:
-                delta = P.DeltaToolCall(
-                    index=num_calls[i],
-                    id=call.id,
-                    type="function",
-                    function=P.DeltaFunctionCall(name=call.name, arguments=call.arguments),
-                )
-                choices.append(P.ChatChunkChoice(index=i, delta=P.DeltaMessage(tool_calls=[delta])))
+                function = P.DeltaFunctionCall(name=call.name, arguments=call.arguments)
+                if plan.legacy_functions:
+                    delta = P.DeltaMessage(function_call=function)
+                else:
+                    tool_call = P.DeltaToolCall(
+                        index=num_calls[i], id=call.id, type="function", function=function
+                    )
+                    delta = P.DeltaMessage(tool_calls=[tool_call])
+                choices.append(P.ChatChunkChoice(index=i, delta=delta))
                 num_calls[i] += 1
             if out.finished:
-                choices[-1].finish_reason = "tool_calls" if num_calls[i] else out.finish_reason
+                called = "function_call" if plan.legacy_functions else "tool_calls"
+                choices[-1].finish_reason = called if num_calls[i] else out.finish_reason
             for choice in choices:
                 yield chunk([choice])
         if include_usage:

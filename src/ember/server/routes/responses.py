@@ -120,7 +120,16 @@ def _chat_request(req: P.ResponsesRequest) -> P.ChatCompletionRequest:
         fn = {k: tool[k] for k in ("name", "description", "parameters") if tool.get(k)}
         tools.append({"type": "function", "function": fn})
     choice = req.tool_choice
-    if isinstance(choice, dict):
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        allowed = [
+            {"type": t.get("type"), "function": {"name": t.get("name")}}
+            if isinstance(t, dict)
+            else t
+            for t in choice.get("tools") or []
+        ]
+        spec = {"mode": choice.get("mode"), "tools": allowed}
+        choice = {"type": "allowed_tools", "allowed_tools": spec}
+    elif isinstance(choice, dict):
         if choice.get("type") != "function" or not choice.get("name"):
             raise APIError(
                 'A named tool_choice is {"type": "function", "name": ...}.', param="tool_choice"

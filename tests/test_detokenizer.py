@@ -316,6 +316,28 @@ def test_a_stop_string_before_the_gate_does_not_match(smol: Tokenizer) -> None:
     assert detok.output_text == "tool STOP name: "
 
 
+@pytest.mark.parametrize("step", [1, 3])
+def test_stop_strings_count_only_after_min_tokens(smol: Tokenizer, step: int) -> None:
+    # As in vLLM: like eos, a stop string cannot end the output within its first min_tokens
+    # tokens; the first one completed after them does.
+    output = [ids_of(smol, ch)[0] for ch in "a.b.c.d.e"]
+    params = SamplingParams(stop=["."], min_tokens=4)
+    detok, results = stream(smol, [], output, params, step=step)
+    assert results[-1][1] == "."
+    assert detok.output_text == "a.b.c"
+    # min_tokens tokens with no stop string among them change nothing.
+    detok, results = stream(smol, [], output, SamplingParams(stop=["."], min_tokens=1))
+    assert detok.output_text == "a"
+
+
+def test_min_tokens_keeps_the_gate(smol: Tokenizer) -> None:
+    output = ids_of(smol, "\nHello there\nsecond line")
+    params = SamplingParams(stop=["\n"], stop_strings_after="\n", min_tokens=1)
+    detok, results = stream(smol, [], output, params)
+    assert results[-1][1] == "\n"
+    assert detok.output_text == "\nHello there"
+
+
 def test_kept_special_tokens_are_written_and_the_others_skipped(smol: Tokenizer) -> None:
     start, end = smol.token_to_id("<|im_start|>"), smol.token_to_id("<|im_end|>")
     output = ids_of(smol, "a") + [start] + ids_of(smol, "b") + [end] + ids_of(smol, "c")

@@ -113,6 +113,31 @@ def test_stop_string_ends_the_text_before_it(tiny_llama):
     assert out.text == text[: text.index(stop)]
 
 
+def test_min_tokens_holds_back_stop_strings(tiny_llama):
+    llm = ember.LLM(str(tiny_llama), dtype="float32")
+    # A greedy output whose token at index 1 comes again later: that token's text is the stop.
+    for seed in range(50):
+        prompt = _ids(8, seed=seed)
+        free = llm.generate([prompt], _greedy(24))[0].outputs[0]
+        stop = llm.tokenizer.decode(free.token_ids[1:2])
+        if stop.strip() and stop in llm.tokenizer.decode(free.token_ids[4:]):
+            break
+    else:
+        pytest.fail("no output repeats its second token")
+    assert (
+        llm.generate([prompt], _greedy(24, stop=[stop]))[0].outputs[0].text
+        == free.text[: free.text.index(stop)]
+    )
+    # Completed within the first min_tokens tokens, it does not count (stop ids are masked
+    # there instead: test_sampler), so the output runs on to its next occurrence.
+    held = SamplingParams(temperature=0, max_tokens=24, stop=[stop], min_tokens=3)
+    out = llm.generate([prompt], held)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.token_ids == free.token_ids[: len(out.token_ids)] and len(out.token_ids) > 3
+    head = llm.tokenizer.decode(free.token_ids[:3])
+    assert out.text == head + free.text[len(head) :].split(stop)[0]
+
+
 def test_logprobs_come_with_top_alternatives(tiny_llama):
     llm = ember.LLM(str(tiny_llama), dtype="float32")
     out = llm.generate([_ids(8, seed=8)], _greedy(5, logprobs=3))[0].outputs[0]

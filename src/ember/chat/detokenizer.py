@@ -52,6 +52,9 @@ class IncrementalDetokenizer:
         self._stops: list[str] = [s for s in stop if s]
         self._max_stop_len = max((len(s) for s in self._stops), default=0)
         self._gate = params.stop_strings_after or None  # stops wait until this text went by
+        # vLLM's rule: stop strings, like eos, count only after min_tokens tokens.
+        self._min_tokens = params.min_tokens
+        self._num_tokens = 0
         self._gate_tail = ""  # the end of the text emitted before the gate, to find it across steps
 
         # Only the prompt's tail is kept: it is context for the first window, never emitted.
@@ -83,6 +86,12 @@ class IncrementalDetokenizer:
         Once a stop string matched, the text ends just before it (or includes it with
         include_stop_str_in_output) and the caller finishes the sequence.
         """
+        under = self._min_tokens - self._num_tokens
+        if 0 < under < len(new_token_ids):  # the ids cross min_tokens: their head is unchecked
+            head, _ = self.add_tokens(new_token_ids[:under])
+            tail, stop = self.add_tokens(new_token_ids[under:])
+            return head + tail, stop
+        self._num_tokens += len(new_token_ids)
         if self._drop:
             new_token_ids = [t for t in new_token_ids if t not in self._drop]
         if self._finished or not new_token_ids:
@@ -139,6 +148,10 @@ class IncrementalDetokenizer:
     def _apply_stops(self, new_text: str) -> tuple[str, str | None]:
         if not self._stops:
             return self._emit(new_text), None
+        if self._num_tokens <= self._min_tokens:
+            if self._gate is not None:
+                self._gate_end(new_text)
+            return self._emit(new_text), None
         if self._gate is not None:
             return self._pass_gate(new_text)
         text = self._pending + new_text
@@ -155,17 +168,24 @@ class IncrementalDetokenizer:
         self._pending = text[len(text) - hold :] if hold else ""
         return self._emit(text[: len(text) - hold]), None
 
-    def _pass_gate(self, new_text: str) -> tuple[str, str | None]:
-        """Emit text up to the end of the gate unchecked; check what follows it for stops."""
+    def _gate_end(self, new_text: str) -> int | None:
+        """Look for the gate in the text so far: once found, it is passed (None from then on)
+        and the result is how many characters of `new_text` follow it; else None."""
         gate = self._gate
         assert gate is not None
         seen = self._gate_tail + new_text
         at = seen.find(gate)
         if at < 0:
             self._gate_tail = seen[-(len(gate) - 1) :] if len(gate) > 1 else ""
-            return self._emit(new_text), None
+            return None
         self._gate = None
-        after = len(seen) - (at + len(gate))  # characters of new_text past the gate
+        return len(seen) - (at + len(gate))
+
+    def _pass_gate(self, new_text: str) -> tuple[str, str | None]:
+        """Emit text up to the end of the gate unchecked; check what follows it for stops."""
+        after = self._gate_end(new_text)  # characters of new_text past the gate
+        if after is None:
+            return self._emit(new_text), None
         head = self._emit(new_text[: len(new_text) - after])
         if not after:
             return head, None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import openai
 import pytest
 
@@ -264,3 +265,78 @@ def test_max_tokens_zero_with_echo_scores_the_prompt_alone(client):
     assert sum(len(c.choices[0].logprobs.tokens) for c in streamed) == n
     with pytest.raises(openai.BadRequestError, match="max_tokens"):  # no echo: nothing to give
         client.completions.create(model=MODEL, prompt="The sky", max_tokens=0)
+
+
+def _raw(server: str, path: str, body: dict) -> dict:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    r = httpx.post(server + path, json=body, headers=headers)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_prompt_logprobs_in_vllm_shape(client, server):
+    """vLLM's prompt_logprobs: per prompt token (None first) its own logprob and rank, then the
+    k likeliest; the same values echo gives, and the ones decoding gave that token."""
+    kw = dict(model=MODEL, prompt="The sky is blue and the grass", temperature=0)
+    first = client.completions.create(max_tokens=1, logprobs=0, **kw).choices[0]
+    prompt = kw["prompt"] + first.text
+    r = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=1, extra_body={"prompt_logprobs": 3}
+    )
+    plp = r.choices[0].model_extra["prompt_logprobs"]
+    assert len(plp) == r.usage.prompt_tokens and plp[0] is None
+    ids = _raw(server, "/tokenize", {"prompt": prompt})["tokens"]
+    for token_id, entry in zip(ids[1:], plp[1:]):
+        own = entry[str(token_id)]
+        assert list(entry)[0] == str(token_id)  # the prompt's token first
+        top = sorted((v for v in entry.values() if v["rank"] <= 3), key=lambda v: v["rank"])
+        assert [v["rank"] for v in top] == [1, 2, 3]
+        assert [v["logprob"] for v in top] == sorted((v["logprob"] for v in top), reverse=True)
+        assert own["logprob"] <= top[0]["logprob"] + 1e-6
+    # The last token was generated from the rest: prefill scores it as decoding did.
+    assert plp[-1][str(ids[-1])]["logprob"] == pytest.approx(
+        first.logprobs.token_logprobs[0], abs=2e-3
+    )
+    echo = client.completions.create(max_tokens=1, echo=True, logprobs=1, **kw).choices[0]
+    n = len(ids) - 1
+    assert [e[str(t)]["logprob"] for t, e in zip(ids[1:n], plp[1:n])] == pytest.approx(
+        echo.logprobs.token_logprobs[1:n], abs=1e-5
+    )
+    chat = client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=1, extra_body={"prompt_logprobs": 0}
+    )
+    chat_plp = chat.model_extra["prompt_logprobs"]
+    assert len(chat_plp) == chat.usage.prompt_tokens
+    assert all(len(e) == 1 for e in chat_plp[1:])  # k = 0: the prompt's own token alone
+    plain = _raw(server, "/v1/completions", {**kw, "max_tokens": 1})
+    assert "prompt_logprobs" not in plain["choices"][0]  # only when asked for
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(
+            max_tokens=1, stream=True, extra_body={"prompt_logprobs": 1}, **kw
+        )
+    assert e.value.body["param"] == "prompt_logprobs"
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_end(client, server):
+    prompt = "One two three four five six seven eight nine ten eleven twelve"
+    ids = _raw(server, "/tokenize", {"prompt": prompt})["tokens"]
+    kw = dict(model=MODEL, max_tokens=4, temperature=0)
+    cut = client.completions.create(prompt=prompt, extra_body={"truncate_prompt_tokens": 5}, **kw)
+    tail = client.completions.create(prompt=ids[-5:], **kw)
+    assert cut.usage.prompt_tokens == 5 and cut.choices[0].text == tail.choices[0].text
+    echoed = client.completions.create(
+        prompt=prompt, echo=True, extra_body={"truncate_prompt_tokens": 5}, **kw
+    )
+    kept = _raw(server, "/detokenize", {"tokens": ids[-5:]})["prompt"]
+    assert echoed.choices[0].text == kept + tail.choices[0].text  # echo gives what ran
+    full = client.chat.completions.create(messages=HELLO, **kw).usage.prompt_tokens
+    chat = client.chat.completions.create(
+        messages=HELLO, extra_body={"truncate_prompt_tokens": full - 3}, **kw
+    )
+    assert chat.usage.prompt_tokens == full - 3
+    for bad in (0, 10**6):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(
+                prompt=prompt, extra_body={"truncate_prompt_tokens": bad}, **kw
+            )
+        assert e.value.body["param"] == "truncate_prompt_tokens"

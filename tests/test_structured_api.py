@@ -119,6 +119,27 @@ def test_structured_outputs_extra_field_on_completions(client):
     assert len(text) == 10 and text[4] == text[7] == "-"
 
 
+@pytest.mark.parametrize(
+    "kind, value",
+    [
+        ("json", {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}),
+        ("regex", "[0-9]{3}"),
+        ("choice", ["yes", "no", "maybe"]),
+        ("grammar", 'start: "x" ("y" | "z")'),
+    ],
+)
+def test_vllm_guided_fields_are_structured_outputs(client, kind, value):
+    # vLLM's older guided_* names: same constraint, same seeded result.
+    kw = dict(model=MODEL, prompt="Answer:", max_tokens=16, temperature=1.0, seed=3, n=2)
+    new = client.completions.create(**kw, extra_body={"structured_outputs": {kind: value}})
+    old = client.completions.create(**kw, extra_body={f"guided_{kind}": value})
+    assert [c.text for c in old.choices] == [c.text for c in new.choices]
+    if kind == "choice":
+        assert {c.text for c in old.choices} <= set(value)
+    if kind == "regex":
+        assert all(len(c.text) == 3 and c.text.isdigit() for c in old.choices)
+
+
 def test_a_short_max_tokens_is_length(client):
     fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY_SCHEMA}}
     r = client.chat.completions.create(
@@ -152,6 +173,9 @@ def test_a_short_max_tokens_is_length(client):
         ),
         ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs", "regex"),
         ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "exactly"),
+        ({"guided_json": {"type": "frob"}}, "guided_json", "frob"),
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_regex", "guided_choice"),
+        ({"guided_regex": "a", "structured_outputs": {"regex": "a"}}, "guided_regex", "several"),
     ],
 )
 def test_a_bad_schema_is_a_400_naming_the_problem(server, body, param, words):

@@ -104,11 +104,27 @@ class SamplingFields(OpenAIBase):
     include_stop_str_in_output: bool = Field(
         False, description="Keep the stop string that ended the output in its text."
     )
+    truncate_prompt_tokens: int | None = Field(
+        None,
+        ge=-1,
+        description="Keep only the prompt's last k tokens; -1: as many as the context holds.",
+    )
+    prompt_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=20,
+        description="Each prompt token's logprob and the k likeliest at its place (not streamed).",
+    )
     structured_outputs: dict[str, Any] | None = Field(
         None,
         description='Constrain the output as vLLM does: {"json": schema}, {"regex": ...}, '
         '{"choice": [...]}, {"grammar": lark} or {"json_object": true}.',
     )
+    # vLLM's older names for the same constraints, which many clients still send.
+    guided_json: dict[str, Any] | str | None = Field(None, description="structured_outputs.json")
+    guided_regex: str | None = Field(None, description="structured_outputs.regex")
+    guided_choice: list[str] | None = Field(None, description="structured_outputs.choice")
+    guided_grammar: str | None = Field(None, description="structured_outputs.grammar")
 
     @field_validator("stop")
     @classmethod
@@ -118,6 +134,22 @@ class SamplingFields(OpenAIBase):
         if v is not None and len(v) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop sequences")
         return v
+
+
+def _unset(value: Any) -> bool:
+    return value is None
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's shape: one of the tokens considered at a prompt position."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+# Per prompt token (None for the first): token id -> its logprob, the prompt's own token first.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
 class UsageInfo(BaseModel):
@@ -205,10 +237,6 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
-def _unset(value: Any) -> bool:
-    return value is None
-
-
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
@@ -233,6 +261,7 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=_unset)
 
 
 class DeltaFunctionCall(BaseModel):
@@ -323,6 +352,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=_unset)
 
 
 class CompletionResponse(BaseModel):

@@ -28,11 +28,13 @@ from ember.server.routes.common import (
     compile_structured,
     fan_out,
     merged_streams,
+    prompt_logprobs,
     record,
     sampling_params,
     sse_chunk,
     sse_error,
     token_text,
+    truncate_prompt,
     until_disconnected,
     usage,
     validate_jobs,
@@ -462,6 +464,7 @@ async def chat_completions(
 ):
     model = state.check_model(req.model)
     plan, prompt_ids = chat_prompt(req, state)
+    prompt_ids = truncate_prompt(req, state, prompt_ids)
     top = req.top_logprobs if req.logprobs else None
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError("top_logprobs needs logprobs set to true.", param="top_logprobs")
@@ -516,6 +519,9 @@ async def chat_completions(
         system_fingerprint=state.fingerprint,
         choices=choices,
         usage=usage(len(prompt_ids), completion_tokens),
+        prompt_logprobs=None
+        if req.prompt_logprobs is None
+        else prompt_logprobs(state, prompt_ids, results[0].prompt_logprobs, req.prompt_logprobs),
     )
 
 

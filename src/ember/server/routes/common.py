@@ -48,6 +48,11 @@ def sampling_params(
     logprobs: int | None,
 ) -> SamplingParams:
     """Request values, else the model's generation_config, else OpenAI's defaults."""
+    if req.prompt_logprobs is not None and req.stream:
+        raise APIError(
+            "prompt_logprobs come with the whole response, not in a stream.",
+            param="prompt_logprobs",
+        )
     gen = state.generation_defaults
     room = state.max_model_len - prompt_len
     if max_tokens is not None and max_tokens > room:
@@ -98,7 +103,48 @@ def sampling_params(
         skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
         structured_outputs=structured_outputs(req),
+        prompt_logprobs=req.prompt_logprobs,
     )
+
+
+def prompt_logprobs(
+    state: ServerState, prompt_ids: list[int], lps: list[Logprob | None] | None, k: int
+) -> P.PromptLogprobs:
+    """vLLM's prompt_logprobs: per prompt token (None for the first, which nothing predicts),
+    the token's own logprob and rank, then the k likeliest there."""
+    out: P.PromptLogprobs = []
+    for i, token_id in enumerate(prompt_ids):
+        lp = lps[i] if lps and i < len(lps) else None
+        if lp is None:
+            out.append(None)
+            continue
+        entry = {
+            str(token_id): P.PromptLogprob(
+                logprob=lp.logprob, rank=lp.rank, decoded_token=token_text(state, token_id)
+            )
+        }
+        for rank, (t, v) in enumerate(lp.top[:k], start=1):
+            entry.setdefault(
+                str(t), P.PromptLogprob(logprob=v, rank=rank, decoded_token=token_text(state, t))
+            )
+        out.append(entry)
+    return out
+
+
+def truncate_prompt(req: Any, state: ServerState, ids: list[int]) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens (-1: the context's length)."""
+    k = req.truncate_prompt_tokens
+    if k is None:
+        return ids
+    if k == -1:
+        k = state.max_model_len
+    if not 1 <= k <= state.max_model_len:
+        raise APIError(
+            f"truncate_prompt_tokens must be -1 or from 1 to the model's context length "
+            f"({state.max_model_len}); got {k}.",
+            param="truncate_prompt_tokens",
+        )
+    return ids[-k:]
 
 
 _SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -107,9 +153,22 @@ _BACKEND_OPTIONS = {"backend", "disable_fallback", "disable_any_whitespace", "wh
 _BACKEND_OPTIONS |= {"disable_additional_properties"}
 
 
+_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+
+
 def structured_outputs(req: Any) -> StructuredOutputsParams | None:
-    """The constraint a request asks for: `structured_outputs`, else `response_format`."""
+    """The constraint a request asks for: `structured_outputs` (or vLLM's older `guided_*`
+    fields), else `response_format`."""
     extra = getattr(req, "structured_outputs", None)
+    guided = [f for f in _GUIDED if getattr(req, f, None) is not None]
+    if guided:
+        given = guided if extra is None else [*guided, "structured_outputs"]
+        if len(given) > 1:
+            raise APIError(
+                f"Give one constraint, not several: {', '.join(given)}.", param=guided[0]
+            )
+        kind = guided[0].removeprefix("guided_")
+        return StructuredOutputsParams(**{kind: getattr(req, guided[0])}, param=guided[0])
     if extra is not None:
         spec = {k: v for k, v in extra.items() if k not in _BACKEND_OPTIONS}
         return StructuredOutputsParams.of(spec)

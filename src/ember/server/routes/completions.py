@@ -21,11 +21,13 @@ from ember.server.routes.common import (
     compile_structured,
     fan_out,
     merged_streams,
+    prompt_logprobs,
     record,
     sampling_params,
     sse_chunk,
     sse_error,
     token_text,
+    truncate_prompt,
     until_disconnected,
     usage,
     validate_jobs,
@@ -71,7 +73,7 @@ def _completion_logprobs(
 
 
 def _echo_logprobs(
-    state: ServerState, prompt_ids: list[int], lps: list[Logprob | None] | None
+    state: ServerState, prompt_ids: list[int], lps: list[Logprob | None] | None, k: int
 ) -> P.CompletionLogprobs:
     """The prompt's part of an echoed completion: the first token has no logprob."""
     out = P.CompletionLogprobs()
@@ -83,7 +85,7 @@ def _echo_logprobs(
         out.text_offset.append(offset)
         out.token_logprobs.append(None if lp is None else lp.logprob)
         out.top_logprobs.append(
-            None if lp is None else {token_text(state, t): v for t, v in lp.top}
+            None if lp is None else {token_text(state, t): v for t, v in lp.top[:k]}
         )
         offset += len(text)
     return out
@@ -138,7 +140,10 @@ async def completions(
             "max_tokens must be at least 1; 0 is only for echo, to score the prompt.",
             param="max_tokens",
         )
-    given = _prompt_list(state, req.prompt)
+    given = []
+    for ids, text in _prompt_list(state, req.prompt):
+        kept = truncate_prompt(req, state, ids)
+        given.append((kept, text if len(kept) == len(ids) else None))  # echo gives what ran
     prompts = [ids for ids, _ in given]
     if len(prompts) * best_of > P.MAX_SEQUENCES:
         raise APIError(
@@ -153,7 +158,8 @@ async def completions(
     for pi, ids in enumerate(prompts):
         params = sampling_params(req, state, len(ids), 1 if score_only else req.max_tokens, lp)
         if echo_logprobs:  # the echoed prompt comes with its own logprobs
-            params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
+            k = max(req.logprobs or 0, req.prompt_logprobs or 0)
+            params = dataclasses.replace(params, prompt_logprobs=k)
         for p in fan_out(params, best_of):
             jobs.append((ids, p))
             owners.append(pi)
@@ -206,7 +212,7 @@ async def completions(
             if req.logprobs is not None:
                 logprobs = _completion_logprobs(state, r.logprobs, len(prefix))
                 if echo_logprobs:
-                    echoed = _echo_logprobs(state, prompts[pi], r.prompt_logprobs)
+                    echoed = _echo_logprobs(state, prompts[pi], r.prompt_logprobs, req.logprobs)
                     logprobs = _join(echoed, logprobs)
             choices.append(
                 P.CompletionChoice(
@@ -215,6 +221,11 @@ async def completions(
                     logprobs=logprobs,
                     finish_reason=r.finish_reason,
                     stop_reason=r.stop_reason,
+                    prompt_logprobs=None
+                    if req.prompt_logprobs is None
+                    else prompt_logprobs(
+                        state, prompts[pi], r.prompt_logprobs, req.prompt_logprobs
+                    ),
                 )
             )
     completion_tokens = sum(len(r.token_ids) for r in results)
@@ -267,7 +278,8 @@ async def _completion_stream(
                 logprobs = _completion_logprobs(state, out.new_logprobs or [], offsets[i])
                 offsets[i] += sum(len(t) for t in logprobs.tokens)
                 if out.prompt_logprobs is not None:
-                    prompt_part = _echo_logprobs(state, jobs[i][0], out.prompt_logprobs)
+                    k = jobs[i][1].prompt_logprobs or 0  # logprobs: nothing else streams
+                    prompt_part = _echo_logprobs(state, jobs[i][0], out.prompt_logprobs, k)
                     logprobs = _join(prompt_part, logprobs)
             yield chunk(
                 [

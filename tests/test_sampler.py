@@ -43,6 +43,12 @@ def naive_process(logits: list[float], r: SamplingRow) -> list[float]:
     p = r.params
     for tok, b in (p.logit_bias or {}).items():
         out[tok] += b
+    if p.allowed_token_ids is not None:
+        out = [v if tok in p.allowed_token_ids else -math.inf for tok, v in enumerate(out)]
+    for word in p.bad_words_token_ids or []:
+        *head, last = word
+        if not head or r.output_token_ids[-len(head) :] == head:
+            out[last] = -math.inf
     if len(r.output_token_ids) < p.min_tokens:
         for tok in r.stop_ids:
             out[tok] = -math.inf
@@ -197,6 +203,14 @@ def test_penalties_and_bias_match_naive_reference() -> None:
             output=[15, 17, 17, 18],
         ),
         row(SamplingParams(), prompt=[1, 2, 3], output=[4, 4]),  # defaults: untouched
+        row(SamplingParams(allowed_token_ids=[3, 30, 31], logit_bias={30: 2.0, 5: 1.0})),
+        # Banned: 22 (one token), 24 after 23, 27 after 25 26; not 29 (28 is not last).
+        row(
+            SamplingParams(bad_words_token_ids=[[22], [23, 24], [25, 26, 27], [28, 29], [9, 9]]),
+            prompt=[9],
+            output=[28, 1, 25, 26, 23],
+        ),
+        row(SamplingParams(bad_words_token_ids=[[23, 24, 27]]), output=[24]),  # too short
         row(
             SamplingParams(min_tokens=2, logit_bias={20: 1.0}, repetition_penalty=1.2),
             prompt=[20],

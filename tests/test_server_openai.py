@@ -340,3 +340,23 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(client, server):
                 prompt=prompt, extra_body={"truncate_prompt_tokens": bad}, **kw
             )
         assert e.value.body["param"] == "truncate_prompt_tokens"
+
+
+def test_bad_words_and_allowed_token_ids(client, server):
+    kw = dict(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    free = client.completions.create(**kw).choices[0].text
+    assert "Paris" in free
+    banned = client.completions.create(**kw, extra_body={"bad_words": ["Paris"]}).choices[0].text
+    assert "Paris" not in banned and banned != free
+    ids = {t: _raw(server, "/tokenize", {"prompt": t})["tokens"] for t in (" yes", " no", " maybe")}
+    assert all(len(v) == 1 for v in ids.values())
+    r = client.completions.create(
+        **{**kw, "temperature": 1.0},
+        logprobs=0,
+        extra_body={"allowed_token_ids": [v[0] for v in ids.values()], "seed": 1},
+    )
+    assert set(r.choices[0].logprobs.tokens) <= set(ids) and r.usage.completion_tokens == 8
+    for body in ({"allowed_token_ids": []}, {"allowed_token_ids": [10**7]}, {"bad_words": [" "]}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**kw, extra_body=body)
+        assert e.value.body["param"] == next(iter(body))

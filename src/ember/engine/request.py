@@ -49,6 +49,10 @@ class SamplingParams:
     # Special tokens still written out when the others are skipped (ChatGLM3's <|assistant|>,
     # which separates the segments of a reply that a tool-call parser has to see).
     keep_special_token_ids: list[int] | None = None
+    # Only these token ids may be sampled (vLLM's allowed_token_ids).
+    allowed_token_ids: list[int] | None = None
+    # vLLM's bad_words as token ids: a sequence's last id is banned right after the others.
+    bad_words_token_ids: list[list[int]] | None = None
     # Constrained decoding: a StructuredOutputsParams (engine/structured.py) or a dict with one
     # of json, regex, choice, grammar, json_object, as vLLM takes it.
     structured_outputs: Any = None
@@ -133,6 +137,19 @@ class SamplingParams:
                 "stop_token_ids",
                 "stop_token_ids must be token ids.",
             )
+        if self.allowed_token_ids is not None:
+            need(
+                bool(self.allowed_token_ids)
+                and all(isinstance(t, int) and t >= 0 for t in self.allowed_token_ids),
+                "allowed_token_ids",
+                "allowed_token_ids must be a non-empty list of token ids.",
+            )
+        for word in self.bad_words_token_ids or []:
+            need(
+                bool(word) and all(isinstance(t, int) and t >= 0 for t in word),
+                "bad_words",
+                "bad_words must be non-empty token id sequences.",
+            )
 
     @property
     def greedy(self) -> bool:
@@ -143,6 +160,7 @@ class SamplingParams:
         for name, ids in (
             ("logit_bias", list((self.logit_bias or {}).keys())),
             ("stop_token_ids", self.stop_token_ids or []),
+            ("allowed_token_ids", self.allowed_token_ids or []),
         ):
             for token_id in ids:
                 if token_id >= vocab_size:

@@ -135,7 +135,8 @@ class Sampler:
 
     @torch.inference_mode()
     def process_logits(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """Apply logit_bias, min_tokens, repetition and presence/frequency penalties.
+        """Apply logit_bias, allowed_token_ids, bad_words, min_tokens, repetition and
+        presence/frequency penalties.
 
         Returns float32 logits; never writes into `logits` (the caller may reuse it). Every
         stage is a sparse update at the (row, token) pairs it concerns, so its cost follows
@@ -167,6 +168,28 @@ class Sampler:
                 torch.tensor(bias_vals, dtype=torch.float32, device=device),
                 accumulate=True,
             )
+
+        # allowed_token_ids: every other token is impossible (only rows that set it pay O(V)).
+        for i, r in enumerate(rows):
+            allowed = r.params.allowed_token_ids
+            if allowed is not None:
+                keep = torch.full((vocab,), float("-inf"), device=device)
+                keep[_long([t for t in allowed if t < vocab], device)] = 0.0
+                writable()[i] += keep
+
+        # bad_words: a word's last token is impossible right after the rest of it (at once
+        # for a one-token word), as vLLM applies them, over the generated tokens.
+        ban_rows: list[int] = []
+        ban_cols: list[int] = []
+        for i, r in enumerate(rows):
+            out = r.output_token_ids
+            for word in r.params.bad_words_token_ids or ():
+                head = len(word) - 1
+                if word[-1] < vocab and (head == 0 or out[len(out) - head :] == word[:head]):
+                    ban_rows.append(i)
+                    ban_cols.append(word[-1])
+        if ban_rows:
+            writable()[_long(ban_rows, device), _long(ban_cols, device)] = float("-inf")
 
         # min_tokens: stop ids are impossible until the request has produced enough.
         stop_rows: list[int] = []

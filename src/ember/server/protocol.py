@@ -104,6 +104,12 @@ class SamplingFields(OpenAIBase):
     include_stop_str_in_output: bool = Field(
         False, description="Keep the stop string that ended the output in its text."
     )
+    allowed_token_ids: list[TokenId] | None = Field(
+        None, min_length=1, max_length=MAX_LOGIT_BIAS, description="Sample only these token ids."
+    )
+    bad_words: list[StopString] | None = Field(
+        None, max_length=MAX_STOP, description="Words the output may not contain."
+    )
     truncate_prompt_tokens: int | None = Field(
         None,
         ge=-1,

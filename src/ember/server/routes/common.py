@@ -104,7 +104,26 @@ def sampling_params(
         include_stop_str_in_output=req.include_stop_str_in_output,
         structured_outputs=structured_outputs(req),
         prompt_logprobs=req.prompt_logprobs,
+        allowed_token_ids=req.allowed_token_ids,
+        bad_words_token_ids=bad_words_token_ids(state, req.bad_words),
     )
+
+
+def bad_words_token_ids(state: ServerState, words: list[str] | None) -> list[list[int]] | None:
+    """Each bad word's token ids, as vLLM finds them: the word as written (a text's start),
+    and after a space (mid-text) where that spells it in as many tokens, starting elsewhere."""
+    if not words:
+        return None
+    out: list[list[int]] = []
+    for word in words:
+        plain = state.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        spaced = state.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        if not plain:
+            raise APIError("bad_words must not be empty or blank.", param="bad_words")
+        out.append(plain)
+        if len(spaced) == len(plain) and spaced[0] != plain[0]:
+            out.append(spaced)
+    return out
 
 
 def prompt_logprobs(

@@ -360,3 +360,26 @@ def test_bad_words_and_allowed_token_ids(client, server):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(**kw, extra_body=body)
         assert e.value.body["param"] == next(iter(body))
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_continuous_usage_stats_counts_as_it_streams(client, endpoint):
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    kw = dict(model=MODEL, max_tokens=10, temperature=0, stream=True, stream_options=options)
+    if endpoint == "chat":
+        chunks = list(client.chat.completions.create(messages=HELLO, **kw))
+        texts = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    else:
+        chunks = list(client.completions.create(prompt="Once upon a time", **kw))
+        texts = [c.choices[0].text for c in chunks if c.choices]
+    assert all(c.usage is not None for c in chunks)
+    done = [c.usage.completion_tokens for c in chunks]
+    assert done == sorted(done) and done[-1] == chunks[-1].usage.completion_tokens > 0
+    assert {c.usage.prompt_tokens for c in chunks} == {chunks[-1].usage.prompt_tokens}
+    assert chunks[-1].choices == [] and "".join(texts)
+    plain = dict(kw, stream_options={"include_usage": True})
+    if endpoint == "chat":  # without it, only the last chunk has usage
+        others = list(client.chat.completions.create(messages=HELLO, **plain))
+    else:
+        others = list(client.completions.create(prompt="Once upon a time", **plain))
+    assert [c.usage is not None for c in others] == [False] * (len(others) - 1) + [True]

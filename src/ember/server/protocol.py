@@ -54,6 +54,8 @@ Inputs = (
 
 class StreamOptions(OpenAIBase):
     include_usage: bool = False
+    # vLLM's: with include_usage, every chunk also carries the usage so far.
+    continuous_usage_stats: bool = False
 
 
 class JsonSchemaFormat(OpenAIBase):

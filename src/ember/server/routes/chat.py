@@ -481,6 +481,7 @@ async def chat_completions(
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        continuous = include_usage and req.stream_options.continuous_usage_stats
         gen = _chat_stream(
             state,
             plan,
@@ -492,6 +493,7 @@ async def chat_completions(
             req.logprobs,
             ticket,
             echo,
+            continuous,
         )
         return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -536,8 +538,11 @@ async def _chat_stream(
     want_logprobs: bool,
     ticket: AdmissionTicket | None = None,
     echo: str = "",
+    continuous_usage: bool = False,
 ) -> AsyncIterator[str]:
     def chunk(choices: list[P.ChatChunkChoice], usage_info: P.UsageInfo | None = None) -> str:
+        if usage_info is None and continuous_usage:
+            usage_info = usage(prompt_len, completion_tokens)
         return sse_chunk(
             P.ChatCompletionChunk, state, request_id, created, model, choices, usage_info
         )

@@ -181,6 +181,7 @@ async def completions(
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        continuous = include_usage and req.stream_options.continuous_usage_stats
         gen = _completion_stream(
             state,
             jobs,
@@ -195,6 +196,7 @@ async def completions(
             req.logprobs is not None,
             ticket,
             score_only,
+            continuous,
         )
         return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -254,8 +256,11 @@ async def _completion_stream(
     want_logprobs: bool,
     ticket: AdmissionTicket | None = None,
     score_only: bool = False,
+    continuous_usage: bool = False,
 ) -> AsyncIterator[str]:
     def chunk(choices: list[P.CompletionChoice], usage_info: P.UsageInfo | None = None) -> str:
+        if usage_info is None and continuous_usage:
+            usage_info = usage(prompt_tokens, completion_tokens)
         return sse_chunk(
             P.CompletionResponse, state, request_id, created, model, choices, usage_info
         )

@@ -98,3 +98,30 @@ def test_served_model_embeddings_equal_a_mean_pooling_reference(client):
             hidden = model.model(torch.tensor([ids])).last_hidden_state[0]
         want = torch.nn.functional.normalize(hidden.mean(0), dim=-1).numpy()
         np.testing.assert_allclose(vec, want, atol=2e-4)
+
+
+def test_overlong_token_ids_are_400_and_truncate_prompt_tokens_cuts_them(client):
+    long_ids = list(range(1000, 1600))  # beyond the encoder's 512 positions
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model=ENCODER, input=[long_ids])
+    assert e.value.body["param"] == "input" and "512" in e.value.body["message"]
+    cut = client.embeddings.create(
+        model=ENCODER, input=[long_ids], extra_body={"truncate_prompt_tokens": 8}
+    )
+    tail = client.embeddings.create(model=ENCODER, input=[long_ids[-8:]])
+    assert cut.usage.prompt_tokens == 8
+    np.testing.assert_allclose(cut.data[0].embedding, tail.data[0].embedding, atol=1e-6)
+    # A long text is cut as sentence-transformers cuts it, its special tokens kept.
+    text = " ".join(["word"] * 1000)
+    whole = client.embeddings.create(model=ENCODER, input=text)
+    np.testing.assert_allclose(whole.data[0].embedding, _reference_minilm([text])[0], atol=1e-4)
+    served = client.embeddings.create(
+        model="smol", input="one two three four five", extra_body={"truncate_prompt_tokens": 2}
+    )
+    assert served.usage.prompt_tokens == 2
+    for model, bad in ((ENCODER, 513), ("smol", 0)):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.embeddings.create(
+                model=model, input="hi", extra_body={"truncate_prompt_tokens": bad}
+            )
+        assert e.value.body["param"] == "truncate_prompt_tokens"

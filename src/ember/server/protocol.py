@@ -382,6 +382,8 @@ class EmbeddingRequest(OpenAIBase):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
+    # vLLM's: embed only each input's last k tokens (-1: as many as the model takes).
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
 
 
 class EmbeddingData(BaseModel):

@@ -150,20 +150,25 @@ def prompt_logprobs(
     return out
 
 
-def truncate_prompt(req: Any, state: ServerState, ids: list[int]) -> list[int]:
-    """vLLM's truncate_prompt_tokens: the prompt's last k tokens (-1: the context's length)."""
-    k = req.truncate_prompt_tokens
+def kept_tokens(k: int | None, limit: int) -> int | None:
+    """vLLM's truncate_prompt_tokens against a model's limit: None (keep every token), or how
+    many of the last tokens to keep (-1: the limit)."""
     if k is None:
-        return ids
+        return None
     if k == -1:
-        k = state.max_model_len
-    if not 1 <= k <= state.max_model_len:
+        return limit
+    if not 1 <= k <= limit:
         raise APIError(
-            f"truncate_prompt_tokens must be -1 or from 1 to the model's context length "
-            f"({state.max_model_len}); got {k}.",
+            f"truncate_prompt_tokens must be -1 or from 1 to the model's limit ({limit}); got {k}.",
             param="truncate_prompt_tokens",
         )
-    return ids[-k:]
+    return k
+
+
+def truncate_prompt(req: Any, state: ServerState, ids: list[int]) -> list[int]:
+    """The prompt's last truncate_prompt_tokens tokens (all of them when it is unset)."""
+    k = kept_tokens(req.truncate_prompt_tokens, state.max_model_len)
+    return ids if k is None else ids[-k:]
 
 
 _SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from ember.engine.core import PromptError
 from ember.server import protocol as P
 from ember.server.errors import APIError
-from ember.server.routes.common import until_disconnected, usage
+from ember.server.routes.common import kept_tokens, truncate_prompt, until_disconnected, usage
 from ember.server.state import ServerState, get_state
 
 router = APIRouter()
@@ -40,14 +40,25 @@ async def embeddings(
     use_encoder = state.encoder is not None and model == state.config.embedding_model_name
     if use_encoder:
         enc = state.encoder
-        ids = [enc.tokenize([x])[0] if isinstance(x, str) else list(x) for x in inputs]
+        keep = kept_tokens(req.truncate_prompt_tokens, enc.max_length)
+        ids = [enc.tokenize([x], keep)[0] if isinstance(x, str) else list(x) for x in inputs]
+        if keep is not None:
+            ids = [seq[-keep:] for seq in ids]
         vocab = len(enc.tokenizer)
         if any(not 0 <= t < vocab for seq in ids for t in seq):
             raise APIError(f"Token ids must be below {vocab} for this model.", param="input")
+        longest = max(len(seq) for seq in ids)
+        if longest > enc.max_length:
+            raise APIError(
+                f"This model embeds at most {enc.max_length} tokens, and an input has "
+                f"{longest}; shorten it or set truncate_prompt_tokens.",
+                param="input",
+            )
         dims = enc.dimensions
         vectors = (await asyncio.to_thread(enc.encode, ids)).tolist()
     else:
         ids = [state.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in inputs]
+        ids = [truncate_prompt(req, state, seq) for seq in ids]
 
         # Long or many inputs take many forward passes: stop if the client went away.
         try:

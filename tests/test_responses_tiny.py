@@ -115,6 +115,8 @@ def test_chat_response_format_json_schema_streams_what_it_returns(sdk):
     ("body", "param"),
     [
         ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"conversation": "conv_1"}, "conversation"),
+        ({"conversation": {"id": "conv_1"}}, "conversation"),
         ({"tools": [{"type": "web_search"}]}, "tools.0"),
         ({"input": [{"type": "image_generation_call"}]}, "input.0"),
         (

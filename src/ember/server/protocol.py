@@ -327,6 +327,7 @@ class ResponsesRequest(OpenAIBase):
     text: dict[str, Any] | None = None
     stream: bool = False
     previous_response_id: str | None = None
+    conversation: str | dict[str, Any] | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None

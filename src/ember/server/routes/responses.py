@@ -110,6 +110,12 @@ def _chat_request(req: P.ResponsesRequest) -> P.ChatCompletionRequest:
             "whole conversation in input instead.",
             param="previous_response_id",
         )
+    if req.conversation is not None:
+        raise APIError(
+            "conversation is not supported: this server stores no conversations. Send the "
+            "whole conversation in input instead.",
+            param="conversation",
+        )
     tools = []
     for i, tool in enumerate(req.tools or []):
         if tool.get("type") != "function":

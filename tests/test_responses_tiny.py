@@ -140,3 +140,32 @@ def test_a_completed_stream_is_accumulated_by_the_sdk(sdk):
     assert kinds[-1] == "response.completed" and final.status == "completed"
     jsonschema.validate(json.loads(final.output_text), SCHEMA)
     assert final.output_text == sdk.responses.create(**kw).output_text
+
+
+def test_output_text_logprobs_when_included(sdk):
+    kw = dict(
+        model="tiny",
+        input="count",
+        max_output_tokens=6,
+        temperature=0,
+        include=["message.output_text.logprobs"],
+        top_logprobs=2,
+    )
+    r = sdk.responses.create(**kw)
+    part = r.output[0].content[0]
+    assert len(part.logprobs) == r.usage.output_tokens == 6
+    assert "".join(t.token for t in part.logprobs) == part.text
+    for t in part.logprobs:
+        assert len(t.top_logprobs) == 2 and t.logprob <= 0
+        assert t.top_logprobs[0].logprob >= t.logprob - 1e-6  # greedy: the top token
+        assert bytes(t.bytes).decode() == t.token
+    with sdk.responses.stream(**kw) as stream:
+        events = list(stream)
+    streamed = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert [(t.token, round(t.logprob, 5)) for t in streamed] == [
+        (t.token, round(t.logprob, 5)) for t in part.logprobs
+    ]
+    assert len(done.logprobs) == len(streamed)
+    plain = sdk.responses.create(**{k: v for k, v in kw.items() if k != "include"})
+    assert plain.output[0].content[0].logprobs == []  # only when included

@@ -328,6 +328,9 @@ class ResponsesRequest(OpenAIBase):
     stream: bool = False
     previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None
+    # "message.output_text.logprobs" asks for each output token's logprob (and top_logprobs).
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     store: bool | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None

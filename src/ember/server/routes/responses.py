@@ -21,9 +21,16 @@ from pydantic import ValidationError
 
 from ember.chat.tool_parsers import ParsedToolCall
 from ember.engine.async_engine import AdmissionTicket
+from ember.engine.request import Logprob
 from ember.server import protocol as P
 from ember.server.errors import APIError, error_body, to_api_error, validation_message
-from ember.server.routes.chat import ChatPlan, chat_message, chat_params, chat_prompt
+from ember.server.routes.chat import (
+    ChatPlan,
+    chat_logprobs,
+    chat_message,
+    chat_params,
+    chat_prompt,
+)
 from ember.server.routes.common import (
     SSE_HEADERS,
     collect,
@@ -196,9 +203,12 @@ def _responses_error(message: str, param: str | None) -> APIError:
 # ------------------------------------------------------------------ output items
 
 
-def _message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+def _message_item(
+    item_id: str, text: str, status: str = "completed", logprobs: list[dict] | None = None
+) -> dict[str, Any]:
     """A message item; "incomplete" (cut off by max_output_tokens) keeps its text."""
-    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
+    content = [part]
     return {
         "id": item_id,
         "type": "message",
@@ -272,6 +282,15 @@ class _Shell:
         }
 
 
+LOGPROBS = "message.output_text.logprobs"
+
+
+def _logprobs(state: ServerState, lps: list[Logprob] | None) -> list[dict[str, Any]]:
+    """Output tokens' logprobs as output_text carries them (the shape chat completions use)."""
+    content = chat_logprobs(state, lps or []).content or []
+    return [t.model_dump() for t in content]
+
+
 def _status(finish_reason: str | None) -> str:
     return "incomplete" if finish_reason == "length" else "completed"
 
@@ -283,13 +302,15 @@ async def create_response(
     model = state.check_model(req.model)
     chat = _chat_request(req)
     plan, prompt_ids = chat_prompt(chat, state)
-    params = chat_params(chat, state, plan, len(prompt_ids), chat.max_tokens, None)
+    want_logprobs = LOGPROBS in (req.include or [])
+    top = (req.top_logprobs or 0) if want_logprobs else None
+    params = chat_params(chat, state, plan, len(prompt_ids), chat.max_tokens, top)
     jobs = [(prompt_ids, params)]
     ticket = validate_jobs(state, jobs)
     await compile_structured(state, jobs)
     shell = _Shell(req, model)
     if req.stream:
-        gen = _stream(state, plan, jobs, shell, ticket)
+        gen = _stream(state, plan, jobs, shell, ticket, want_logprobs)
         return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
 
     [r] = await until_disconnected(request, collect(state, jobs, shell.id, ticket))
@@ -298,7 +319,8 @@ async def create_response(
     status = _status(r.finish_reason)
     output = []
     if message.content:
-        output.append(_message_item(_item_id("msg"), message.content, status))
+        lps = _logprobs(state, r.logprobs) if want_logprobs else None
+        output.append(_message_item(_item_id("msg"), message.content, status, lps))
     for call in message.tool_calls or []:
         parsed = ParsedToolCall(call.function.name, call.function.arguments, call.id)
         output.append(_call_item(parsed))
@@ -323,6 +345,7 @@ async def _stream(
     jobs: list,
     shell: _Shell,
     ticket: AdmissionTicket | None = None,
+    want_logprobs: bool = False,
 ) -> AsyncIterator[str]:
     seq = 0
 
@@ -340,19 +363,23 @@ async def _stream(
     parser = plan.new_parser()
     started = False
     finish_reason = None
+    logprobs: list[dict[str, Any]] = []  # the message's, so far
+    unsent: list[dict[str, Any]] = []  # tokens whose text is still held back
 
     def close_text(status: str = "completed") -> list[str]:
         nonlocal text_item
         if text_item is None:
             return []
-        done = _message_item(text_item["id"], text, status)
+        done = _message_item(text_item["id"], text, status, logprobs)
         index = output.index(text_item)
         output[index] = done
         part = done["content"][0]
         ids = {"item_id": done["id"], "output_index": index}
         text_item = None
         return [
-            event("response.output_text.done", **ids, content_index=0, text=text, logprobs=[]),
+            event(
+                "response.output_text.done", **ids, content_index=0, text=text, logprobs=logprobs
+            ),
             event("response.content_part.done", **ids, content_index=0, part=part),
             event("response.output_item.done", output_index=index, item=done),
         ]
@@ -370,6 +397,8 @@ async def _stream(
                     res.merge(parser.finish())
                 delta, calls = res.content, res.tool_calls
             started = True
+            if want_logprobs:
+                unsent += _logprobs(state, out.new_logprobs)
             if delta:
                 if text_item is None:
                     text_item = _message_item(_item_id("msg"), "", "in_progress")
@@ -381,8 +410,10 @@ async def _stream(
                     yield event("response.content_part.added", **ids, content_index=0, part=part)
                 text += delta
                 ids = {"item_id": text_item["id"], "output_index": output.index(text_item)}
+                sent, unsent = unsent, []
+                logprobs += sent
                 yield event(
-                    "response.output_text.delta", **ids, content_index=0, delta=delta, logprobs=[]
+                    "response.output_text.delta", **ids, content_index=0, delta=delta, logprobs=sent
                 )
             for call in calls:
                 for e in close_text():

@@ -963,3 +963,28 @@ def test_chatglm3_real_generation_keeps_the_invariants(glm):
         check_choice(
             choice, name="get_weather" if "tool_choice" in kw else None, forced="tool_choice" in kw
         )
+
+
+def test_chatglm3_legacy_function_call_and_history(glm):
+    sdk, state = glm
+    r = sdk.chat.completions.create(
+        model="glm",
+        messages=ASK,
+        functions=FUNCTIONS,
+        function_call={"name": "get_weather"},
+        max_tokens=120,
+        temperature=0,
+    ).choices[0]
+    assert r.finish_reason == "function_call" and r.message.function_call.name == "get_weather"
+    jsonschema.validate(
+        json.loads(r.message.function_call.arguments), WEATHER["function"]["parameters"]
+    )
+    # A function-role result renders as the observation a tool result is.
+    from ember.server import protocol as P
+    from ember.server.routes.chat import chat_prompt
+
+    def ids(messages, **kw):
+        req = P.ChatCompletionRequest(model="glm", messages=messages, **kw)
+        return chat_prompt(req, state)[1]
+
+    assert ids(LEGACY_HISTORY, functions=FUNCTIONS) == ids(HISTORY, tools=TOOLS)

@@ -578,6 +578,22 @@ def test_stream_gives_the_non_streamed_result(client, tool_choice):
 
 
 @slow
+def test_sdk_stream_helper_fires_its_done_events(client):
+    # The SDK closes a streamed call (tool_calls.function.arguments.done) only when the
+    # finish reason comes after it, in a chunk of its own, as OpenAI sends it.
+    kw = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=NAMED, temperature=0)
+    with client.chat.completions.stream(max_tokens=32, **kw) as stream:
+        events = list(stream)
+    done = [e for e in events if e.type == "tool_calls.function.arguments.done"]
+    assert len(done) == 1 and done[0].name == "get_weather"
+    final = stream.get_final_completion().choices[0]
+    assert done[0].arguments == final.message.tool_calls[0].function.arguments
+    with client.chat.completions.stream(model=MODEL, messages=ASK, max_tokens=8) as stream:
+        kinds = [e.type for e in stream]
+    assert kinds.count("content.done") == 1 and kinds[-1] == "content.done"
+
+
+@slow
 def test_n_choices_with_logprobs_parse_each_on_its_own(client):
     kw = dict(
         model=MODEL,

@@ -596,7 +596,14 @@ async def _chat_stream(
                 num_calls[i] += 1
             if out.finished:
                 called = "function_call" if plan.legacy_functions else "tool_calls"
-                choices[-1].finish_reason = called if num_calls[i] else out.finish_reason
+                reason = called if num_calls[i] else out.finish_reason
+                # As OpenAI streams it: the finish reason in a chunk of its own, after the
+                # last text or call (the SDK's stream helpers close a tool call only then).
+                if choices and choices[-1].delta == P.DeltaMessage():
+                    choices[-1].finish_reason = reason
+                else:
+                    end = P.DeltaMessage()
+                    choices.append(P.ChatChunkChoice(index=i, delta=end, finish_reason=reason))
             for choice in choices:
                 yield chunk([choice])
         if include_usage:

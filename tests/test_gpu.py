@@ -114,6 +114,50 @@ def test_cuda_graph_replay_equals_eager(tiny_llama) -> None:
         )
 
 
+_BROKEN_CAPTURE = """
+import json, sys, torch, ember
+from ember.engine.cuda_graphs import DecodeGraphs
+
+def broken(self, backend, kv_caches):
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            torch.ones(4, device="cuda").sum().item()  # a host sync: not capturable
+
+DecodeGraphs._capture = broken
+llm = ember.LLM(sys.argv[1], device="cuda", dtype="bfloat16", block_size=16,
+                kv_cache_memory="64MiB", max_num_seqs=8)
+params = ember.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+out = llm.generate(json.loads(sys.argv[2]), params)
+print(json.dumps([llm.engine.runner.graphs is None, [o.outputs[0].token_ids for o in out]]))
+"""
+
+
+def test_a_failed_graph_capture_falls_back_to_eager_steps(tiny_llama) -> None:
+    """A capture that raises (an op that cannot be captured) leaves a working eager engine.
+    In its own process, so a CUDA context it might spoil is not the other tests'."""
+    import json
+    import subprocess
+    import sys
+
+    import ember
+
+    run = subprocess.run(
+        [sys.executable, "-c", _BROKEN_CAPTURE, str(tiny_llama), json.dumps(PROMPTS)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "CUDA graph capture failed" in run.stderr
+    eager_only, got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert eager_only
+    eager = _llm(tiny_llama, dtype="bfloat16", enforce_eager=True)
+    params = ember.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    assert got == [o.outputs[0].token_ids for o in eager.generate(PROMPTS, params)]
+
+
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
 def test_quantized_weights_on_cuda_match_their_dequantized_weights(
     tiny_llama, quantization: str

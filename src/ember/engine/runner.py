@@ -148,15 +148,24 @@ class ModelRunner:
             and not cfg.enforce_eager
             and getattr(self.backend, "supports_cuda_graphs", False)
         ):
-            self.graphs = DecodeGraphs(
-                self.model,
-                self.backend,
-                self.kv_caches,
-                max(1, cfg.max_num_seqs),
-                self.max_model_len,
-                self.block_size,
-                self.device,
-            )
+            try:
+                self.graphs = DecodeGraphs(
+                    self.model,
+                    self.backend,
+                    self.kv_caches,
+                    max(1, cfg.max_num_seqs),
+                    self.max_model_len,
+                    self.block_size,
+                    self.device,
+                )
+            except RuntimeError as e:
+                # Serving slower beats not serving; a broken device fails the sync below.
+                log.warning(
+                    "CUDA graph capture failed, so decode steps run eagerly "
+                    "(as with --enforce-eager): %s",
+                    e,
+                )
+                torch.cuda.synchronize(self.device)
 
     def bind_thread(self) -> None:
         """Make this runner's GPU the calling thread's current CUDA device. CUDA's current

@@ -198,6 +198,22 @@ def test_context_overflow_names_the_token_counts(client):
     assert "2048" in msg and "5000" in msg
 
 
+def test_audio_output_is_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=HELLO,
+            max_tokens=2,
+            modalities=["text", "audio"],
+            audio={"voice": "alloy", "format": "wav"},
+        )
+    assert e.value.body["param"] == "modalities"
+    r = client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=2, modalities=["text"]
+    )
+    assert r.choices[0].message.content
+
+
 def test_suffix_and_empty_messages_are_400(client):
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="x", suffix="y")

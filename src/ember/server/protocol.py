@@ -222,6 +222,7 @@ class ChatCompletionRequest(SamplingFields):
     # route runs them as tools, and the reply carries message.function_call.
     functions: list[FunctionDefinition] | None = Field(None, max_length=MAX_TOOLS)
     function_call: str | dict[str, Any] | None = None
+    modalities: list[str] | None = None  # only ["text"] is served
     add_generation_prompt: bool = True
     # vLLM's: the last message stays open and the reply continues it (an answer's prefill).
     # Left unset, add_generation_prompt then counts as false.

@@ -463,6 +463,11 @@ async def chat_completions(
     req: P.ChatCompletionRequest, request: Request, state: ServerState = Depends(get_state)
 ):
     model = state.check_model(req.model)
+    if set(req.modalities or []) - {"text"}:
+        raise APIError(
+            f"This model writes text only; modalities {req.modalities} cannot be served.",
+            param="modalities",
+        )
     plan, prompt_ids = chat_prompt(req, state)
     prompt_ids = truncate_prompt(req, state, prompt_ids)
     top = req.top_logprobs if req.logprobs else None

@@ -333,7 +333,7 @@ CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_e
 )
 def test_tool_support_per_template_and_flag(hf_tokenizer, template, flag, parser, fallback):
     from ember.chat.templates import ChatFormatter
-    from ember.server.routes.chat import tool_support
+    from ember.server.routes.chat_tools import tool_support
 
     formatter = ChatFormatter(hf_tokenizer, template)
     support = tool_support(formatter, flag)
@@ -724,6 +724,8 @@ def test_allowed_tools_shows_and_calls_only_those(client, server):
         {"type": "allowed_tools", "allowed_tools": {"mode": "sometimes", "tools": []}},
         {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}},
         {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [{"type": "x"}]}},
+        {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": ["get_time"]}},
+        {"type": "allowed_tools", "allowed_tools": "auto"},
         {
             "type": "allowed_tools",
             "allowed_tools": {
@@ -732,7 +734,7 @@ def test_allowed_tools_shows_and_calls_only_those(client, server):
             },
         },
     ],
-    ids=["bad-mode", "empty", "bad-tool", "unknown-function"],
+    ids=["bad-mode", "empty", "bad-tool", "tool-as-string", "spec-as-string", "unknown-function"],
 )
 def test_bad_allowed_tools_is_400(client, choice):
     with pytest.raises(openai.BadRequestError) as e:

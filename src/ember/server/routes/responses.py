@@ -24,13 +24,8 @@ from ember.engine.async_engine import AdmissionTicket
 from ember.engine.request import Logprob
 from ember.server import protocol as P
 from ember.server.errors import APIError, error_body, to_api_error, validation_message
-from ember.server.routes.chat import (
-    ChatPlan,
-    chat_logprobs,
-    chat_message,
-    chat_params,
-    chat_prompt,
-)
+from ember.server.routes.chat import chat_logprobs, chat_params, chat_prompt
+from ember.server.routes.chat_tools import ChatPlan, chat_message
 from ember.server.routes.common import (
     SSE_HEADERS,
     collect,

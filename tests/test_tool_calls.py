@@ -807,6 +807,7 @@ def test_legacy_function_history_renders_as_tool_history(server):
     assert r.status_code == 200, r.text
     with_tools = tokenize(server, messages=HISTORY, tools=TOOLS)
     assert r.json()["usage"]["prompt_tokens"] == len(with_tools)
+    assert tokenize(server, messages=LEGACY_HISTORY, functions=FUNCTIONS) == with_tools
     # A reply without a call has no function_call key at all, as OpenAI's replies have none.
     assert "function_call" not in r.json()["choices"][0]["message"]
 

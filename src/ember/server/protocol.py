@@ -429,6 +429,8 @@ class TokenizeRequest(OpenAIBase):
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
     tools: list[ToolDefinition] | None = Field(None, max_length=MAX_TOOLS)  # rendered as chat
     tool_choice: str | dict[str, Any] | None = None
+    functions: list[FunctionDefinition] | None = Field(None, max_length=MAX_TOOLS)
+    function_call: str | dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True

@@ -25,6 +25,8 @@ _CHAT_FIELDS = frozenset(
         "messages",
         "tools",
         "tool_choice",
+        "functions",
+        "function_call",
         "chat_template_kwargs",
         "add_generation_prompt",
         "continue_final_message",

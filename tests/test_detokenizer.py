@@ -330,6 +330,17 @@ def test_stop_strings_count_only_after_min_tokens(smol: Tokenizer, step: int) ->
     assert detok.output_text == "a"
 
 
+def test_a_stop_string_begun_before_min_tokens_and_ended_after_counts(smol: Tokenizer) -> None:
+    # As in vLLM, whose check looks back over the stop string's length from each new token.
+    output = [ids_of(smol, ch)[0] for ch in "abcd"]
+    detok, results = stream(smol, [], output, SamplingParams(stop=["bc"], min_tokens=2))
+    assert results == [("a", None), ("", None), ("", "bc")]
+    assert detok.output_text == "a"
+    # Ended within min_tokens, it does not count, and its text is released.
+    detok, results = stream(smol, [], output, SamplingParams(stop=["bc"], min_tokens=3))
+    assert [r[1] for r in results] == [None] * 4 and detok.output_text == "abcd"
+
+
 def test_min_tokens_keeps_the_gate(smol: Tokenizer) -> None:
     output = ids_of(smol, "\nHello there\nsecond line")
     params = SamplingParams(stop=["\n"], stop_strings_after="\n", min_tokens=1)

@@ -151,7 +151,10 @@ class IncrementalDetokenizer:
         if self._num_tokens <= self._min_tokens:
             if self._gate is not None:
                 self._gate_end(new_text)
-            return self._emit(new_text), None
+                return self._emit(new_text), None
+            # No stop counts yet, but one may begin here and end after min_tokens: hold back
+            # what could be its start, as later.
+            return self._hold_possible_stop(self._pending + new_text), None
         if self._gate is not None:
             return self._pass_gate(new_text)
         text = self._pending + new_text
@@ -164,9 +167,13 @@ class IncrementalDetokenizer:
             self._finished = True
             end = pos + len(stop) if self._include_stop else pos
             return self._emit(text[:end]), stop
+        return self._hold_possible_stop(text), None
+
+    def _hold_possible_stop(self, text: str) -> str:
+        """Emit `text` but for an end that may be the start of a stop string, kept pending."""
         hold = self._partial_stop_len(text)
         self._pending = text[len(text) - hold :] if hold else ""
-        return self._emit(text[: len(text) - hold]), None
+        return self._emit(text[: len(text) - hold])
 
     def _gate_end(self, new_text: str) -> int | None:
         """Look for the gate in the text so far: once found, it is passed (None from then on)

@@ -184,8 +184,8 @@ class Sampler:
         for i, r in enumerate(rows):
             out = r.output_token_ids
             for word in r.params.bad_words_token_ids or ():
-                head = len(word) - 1
-                if word[-1] < vocab and (head == 0 or out[len(out) - head :] == word[:head]):
+                head = word[:-1]  # the tokens that must come just before the banned one
+                if word[-1] < vocab and (not head or out[-len(head) :] == head):
                     ban_rows.append(i)
                     ban_cols.append(word[-1])
         if ban_rows:

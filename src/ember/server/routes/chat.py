@@ -16,7 +16,7 @@ from ember.engine.request import Logprob, SamplingParams
 from ember.engine.structured import StructuredOutputsParams
 from ember.server import protocol as P
 from ember.server.errors import APIError
-from ember.server.routes.chat_tools import ChatPlan, chat_message, chat_plan, legacy_functions
+from ember.server.routes.chat_tools import ChatPlan, chat_message, chat_plan
 from ember.server.routes.common import (
     SSE_HEADERS,
     collect,
@@ -155,9 +155,7 @@ def _template_kwargs(req: P.ChatCompletionRequest) -> dict[str, Any]:
 
 def chat_prompt(req: P.ChatCompletionRequest, state: ServerState) -> tuple[ChatPlan, list[int]]:
     """The prompt ids a chat request runs on (shared with /tokenize), and how to read replies."""
-    req = legacy_functions(req)
     plan = chat_plan(req, state)
-    plan.legacy_functions = req.functions is not None
     add_generation_prompt = req.add_generation_prompt
     if req.continue_final_message:
         if plan.prefix:

@@ -203,6 +203,7 @@ def _tool_choice(req: P.ChatCompletionRequest) -> tuple[str, str | None, list[st
 def chat_plan(req: P.ChatCompletionRequest, state: ServerState) -> ChatPlan:
     assert state.formatter is not None and state.engine is not None
     support = tool_support(state.formatter, state.engine.core.cfg.tool_call_parser)
+    req = legacy_functions(req)
     mode, function, allowed = _tool_choice(req)
     history = any(
         m.role in ("tool", "function") or m.tool_calls or m.function_call for m in req.messages
@@ -228,6 +229,7 @@ def chat_plan(req: P.ChatCompletionRequest, state: ServerState) -> ChatPlan:
             prefix=PARSERS[support.parser].forced_prefix(function) if forced else "",
             max_calls=1 if req.parallel_tool_calls is False else None,
             call_grammar=PARSERS[support.parser].call_grammar(tools, function) if forced else None,
+            legacy_functions=req.functions is not None,
         )
     if support.chatglm3:  # no tools, but the metadata line still has to go
         return ChatPlan(formatter, parser="chatglm3")

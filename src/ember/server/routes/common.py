@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import re
 import time
@@ -116,14 +117,23 @@ def bad_words_token_ids(state: ServerState, words: list[str] | None) -> list[lis
         return None
     out: list[list[int]] = []
     for word in words:
-        plain = state.tokenizer.encode(word.lstrip(), add_special_tokens=False)
-        spaced = state.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
-        if not plain:
+        spellings = _bad_word_spellings(state.tokenizer, word.lstrip())
+        if not spellings:
             raise APIError("bad_words must not be empty or blank.", param="bad_words")
-        out.append(plain)
-        if len(spaced) == len(plain) and spaced[0] != plain[0]:
-            out.append(spaced)
+        out += [list(ids) for ids in spellings]
     return out
+
+
+# A completion request asks this once per prompt, with the same words: tokenize them once.
+@functools.lru_cache(maxsize=256)
+def _bad_word_spellings(tokenizer: Any, word: str) -> tuple[tuple[int, ...], ...]:
+    plain = tuple(tokenizer.encode(word, add_special_tokens=False))
+    spaced = tuple(tokenizer.encode(" " + word, add_special_tokens=False))
+    if not plain:
+        return ()
+    if len(spaced) == len(plain) and spaced[0] != plain[0]:
+        return plain, spaced
+    return (plain,)
 
 
 def prompt_logprobs(

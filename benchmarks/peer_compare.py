@@ -1,13 +1,15 @@
-"""Ember against a peer OpenAI-compatible server on the same model file, one request at a time.
+"""Ember against a peer OpenAI-compatible server on the same model file.
 
 Prints JSON: prompt processing (time to a first token, max_tokens 1) at several prompt lengths,
-decode speed of one stream, and how faithful each server's greedy text is to a full-precision
+decode speed of one stream, how faithful each server's greedy text is to a full-precision
 reference server (the first token where it parts from the reference; `--max-tokens` when it
-never does). Start the servers first, for example:
+never does), and with `--concurrency` the same load from `ember bench` on both servers at each
+level (output tokens/s, TTFT and TPOT). Start the servers first, for example:
 
     ember serve --port 8011                                 # GGUF precision (the default)
     ember serve --port 8013 --quantization none             # the same weights in float32
     python -m llama_cpp.server --model FILE.gguf --port 8012 --n_threads 2
+    llama-server -m FILE.gguf --port 8012 -t 2 -np 16 -c 32768  # or llama.cpp's own server
     python benchmarks/peer_compare.py --ember http://127.0.0.1:8011 \\
         --peer http://127.0.0.1:8012 --reference http://127.0.0.1:8013
 
@@ -18,12 +20,15 @@ ban the end-of-text ids with logit_bias, since not every peer knows ignore_eos.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import random
 import statistics
 import time
 
 import httpx
+
+from ember.bench import run_bench
 
 PROMPTS = [
     "The capital of France is",
@@ -114,6 +119,36 @@ def parting(a: list[str], b: list[str]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def under_load(url: str, model: str, concurrency: int, max_tokens: int) -> dict:
+    """`ember bench` at one concurrency: 4 requests per slot, greedy, ignore_eos."""
+    args = argparse.Namespace(
+        url=url,
+        model=model,
+        concurrency=concurrency,
+        requests=4 * concurrency,
+        max_tokens=max_tokens,
+        chat=False,
+        api_key=None,
+        prompt_len=64,
+        seed=concurrency,
+        ignore_eos=True,
+        temperature=0.0,
+        timeout=600.0,
+        no_progress=True,
+    )
+    r = asyncio.run(run_bench(args))
+    return {
+        "concurrency": concurrency,
+        "completed": r["completed"],
+        "errors": r["errors"],
+        "output_tokens": r["output_tokens"],
+        "output_tok_per_s": round(r["output_tokens_per_s"] or 0.0, 1),
+        "ttft_p50_ms": round(1000 * (r["ttft_s"]["p50"] or 0.0)),
+        "ttft_p99_ms": round(1000 * (r["ttft_s"]["p99"] or 0.0)),
+        "tpot_p50_ms": round(1000 * (r["tpot_s"]["p50"] or 0.0), 1),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ember", required=True)
@@ -123,19 +158,32 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--eos", type=int, nargs="+", default=[0, 1, 2], help="Ids to ban in decode.")
+    ap.add_argument("--concurrency", type=int, nargs="*", default=[], help="Load levels to run.")
+    ap.add_argument("--load-max-tokens", type=int, default=128)
+    ap.add_argument("--skip-single", action="store_true", help="Only the load levels.")
     args = ap.parse_args()
     servers = {"ember": args.ember, "peer": args.peer}
     models = {name: model_of(url) for name, url in servers.items()}
-    result: dict = {}
-    for name, url in servers.items():
-        result[name] = {
-            "prefill": [prefill(url, models[name], w, args.rounds) for w in args.words],
-            "decode_tok_per_s": decode(url, models[name], 128, args.rounds, args.eos),
-        }
-    result["decode_ratio"] = round(
-        result["ember"]["decode_tok_per_s"] / result["peer"]["decode_tok_per_s"], 2
-    )
-    if args.reference:
+    result: dict = {name: {} for name in servers}
+    if not args.skip_single:
+        for name, url in servers.items():
+            result[name]["prefill"] = [
+                prefill(url, models[name], w, args.rounds) for w in args.words
+            ]
+            result[name]["decode_tok_per_s"] = decode(url, models[name], 128, args.rounds, args.eos)
+        result["decode_ratio"] = round(
+            result["ember"]["decode_tok_per_s"] / result["peer"]["decode_tok_per_s"], 2
+        )
+    for c in args.concurrency:
+        for name, url in servers.items():
+            load = under_load(url, models[name], c, args.load_max_tokens)
+            result[name].setdefault("load", []).append(load)
+        ember, peer = result["ember"]["load"][-1], result["peer"]["load"][-1]
+        if peer["output_tok_per_s"]:
+            result.setdefault("load_ratio", {})[str(c)] = round(
+                ember["output_tok_per_s"] / peer["output_tok_per_s"], 2
+            )
+    if args.reference and not args.skip_single:
         ref_model = model_of(args.reference)
         n = args.max_tokens
         refs = [greedy_tokens(args.reference, ref_model, p, n) for p in PROMPTS]

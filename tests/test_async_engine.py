@@ -295,3 +295,26 @@ def test_embeddings_count_against_admission_and_the_request_timeout(tiny_llama):
         assert eng.waiting_seqs == 0 and eng.waiting_tokens == 0
     finally:
         eng.shutdown()
+
+
+def test_retry_after_follows_the_rate_waiting_prompts_drain_not_decode_speed(tiny_llama):
+    """Retry-After estimates when waiting prompts will have started: prefill speed counts,
+    the decode steps of a long stream with nothing waiting do not (they ran the estimate up
+    to its 60 s cap, so clients slept far longer than the queue took)."""
+    eng = _tiny_engine(tiny_llama)
+    params = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
+
+    async def stream() -> float:
+        """Decode tokens per second of one stream, after its first token."""
+        times = []
+        async for out in eng.generate(_ids(200, seed=3), params, "long"):
+            times += [time.perf_counter()] * len(out.new_token_ids)
+        return (len(times) - 1) / (times[-1] - times[0])
+
+    try:
+        decode_rate = asyncio.run(stream())
+        # Work the size of 10 s of this decoding waits: prefill clears it far sooner.
+        assert eng.retry_after(int(10 * decode_rate)) <= 3
+        assert eng.retry_after(10**9) == 60  # capped
+    finally:
+        eng.shutdown()

@@ -135,7 +135,11 @@ class AsyncEngine:
         self._admit_lock = threading.Lock()
         self.waiting_seqs = 0
         self.waiting_tokens = 0
-        self._tokens_per_s = 0.0  # measured: tokens the model processes per second (EMA)
+        # Measured, for Retry-After: prompt tokens prefilled and engine seconds spent while work
+        # waited (decayed sums). Decode-only steps while work waits lower the rate (nothing
+        # drains then); steps with nothing waiting leave it alone.
+        self._drained_tokens = 0.0
+        self._drain_seconds = 0.0
         self._embed_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
         )
@@ -177,10 +181,11 @@ class AsyncEngine:
         )
 
     def retry_after(self, waiting_tokens: int) -> int:
-        """Seconds until the work waiting now has likely started, from the measured rate."""
-        rate = self._tokens_per_s
-        if rate <= 0:
+        """Seconds until the work waiting now has likely started, from the rate at which
+        waiting prompt tokens have been prefilled."""
+        if self._drained_tokens <= 0 or self._drain_seconds <= 0:
             return 1
+        rate = self._drained_tokens / self._drain_seconds
         return max(1, min(60, math.ceil(waiting_tokens / rate)))
 
     def _count_waiting(self, seqs: int, tokens: int) -> None:
@@ -388,21 +393,22 @@ class AsyncEngine:
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
                     continue
+                waited = self.waiting_tokens > 0
                 t0 = time.perf_counter()
                 outputs = self.core.step()
-                self._measure(time.perf_counter() - t0)
+                if waited:
+                    self._measure(time.perf_counter() - t0)
                 self._deliver(outputs)
         except BaseException as e:  # noqa: BLE001 (the loop must report, not vanish)
             log.exception("engine loop died")
             self._die(e)
 
     def _measure(self, seconds: float) -> None:
-        """Track the tokens the model gets through per second, for Retry-After."""
-        tokens = self.core.last_step_tokens
-        if tokens and seconds > 0:
-            rate = tokens / seconds
-            r = self._tokens_per_s
-            self._tokens_per_s = rate if r == 0 else 0.9 * r + 0.1 * rate
+        """One step taken while work waited: track how fast waiting work drains."""
+        if not self.core.last_step_tokens or seconds <= 0:
+            return  # nothing was scheduled: an idle turn, not a step
+        self._drained_tokens = 0.9 * self._drained_tokens + self.core.last_step_prompt_tokens
+        self._drain_seconds = 0.9 * self._drain_seconds + seconds
 
     def _die(self, e: BaseException) -> None:
         """Every open and queued request gets an error (never a hang); then tell the owner."""

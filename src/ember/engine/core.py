@@ -25,7 +25,7 @@ from ember.engine.request import (
 )
 from ember.engine.runner import ModelRunner
 from ember.engine.sampler import Sampler, SamplingRow
-from ember.engine.scheduler import Scheduler
+from ember.engine.scheduler import ScheduledSeq, Scheduler
 from ember.engine.structured import GrammarBackend, GrammarMatcher
 from ember.models import loader
 
@@ -76,6 +76,11 @@ class EngineStats:
     num_preemptions: int
 
 
+def _is_decode(s: ScheduledSeq) -> bool:
+    """One new token for a sequence already in the cache: a decode, not prefill work."""
+    return s.num_new_tokens == 1 and s.seq.num_computed_tokens > 0
+
+
 def _as_id_set(value: object) -> set[int]:
     if value is None:
         return set()
@@ -118,6 +123,7 @@ class EngineCore:
         self.live: dict[str, _Live] = {}
         self.faults = Faults.from_env()
         self.last_step_tokens = 0  # tokens the model processed in the last step
+        self.last_step_prompt_tokens = 0  # of them, prefill (prompts, recomputed sequences)
         self.load_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ requests
@@ -251,13 +257,13 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         self.last_step_tokens = sum(s.num_new_tokens for s in out.scheduled)
+        self.last_step_prompt_tokens = sum(
+            s.num_new_tokens for s in out.scheduled if not _is_decode(s)
+        )
         if not out.scheduled:
             return []
         # Decodes first, as the runner's attention metadata expects.
-        batch = sorted(
-            out.scheduled,
-            key=lambda s: not (s.num_new_tokens == 1 and s.seq.num_computed_tokens > 0),
-        )
+        batch = sorted(out.scheduled, key=lambda s: not _is_decode(s))
         now = time.monotonic()
         for item in batch:
             if item.seq.first_scheduled_time is None:

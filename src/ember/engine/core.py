@@ -256,14 +256,16 @@ class EngineCore:
 
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
-        self.last_step_tokens = sum(s.num_new_tokens for s in out.scheduled)
-        self.last_step_prompt_tokens = sum(
-            s.num_new_tokens for s in out.scheduled if not _is_decode(s)
-        )
+        decodes: list[ScheduledSeq] = []
+        prefills: list[ScheduledSeq] = []
+        for s in out.scheduled:
+            (decodes if _is_decode(s) else prefills).append(s)
+        self.last_step_prompt_tokens = sum(s.num_new_tokens for s in prefills)
+        self.last_step_tokens = len(decodes) + self.last_step_prompt_tokens
         if not out.scheduled:
             return []
-        # Decodes first, as the runner's attention metadata expects.
-        batch = sorted(out.scheduled, key=lambda s: not _is_decode(s))
+        # Decodes first (each in scheduling order), as the runner's attention metadata expects.
+        batch = decodes + prefills
         now = time.monotonic()
         for item in batch:
             if item.seq.first_scheduled_time is None:

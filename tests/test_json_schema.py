@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
+from typing import Literal
 
 import pytest
+from pydantic import BaseModel, Field
 
-from ember.engine.json_schema import close_objects
-from ember.engine.structured import GrammarBackend, StructuredOutputsParams
+from ember.engine.json_schema import close_objects, has_finite_instance
+from ember.engine.structured import GrammarBackend, StructuredOutputsError, StructuredOutputsParams
 from test_structured import _allowed
 
 
@@ -90,3 +92,94 @@ def test_forced_call_arguments_allow_no_undeclared_key(fmt, text, end):
     tools = [{"type": "function", "function": {"name": "f", "parameters": SCHEMA}}]
     grammar = PARSERS[fmt].call_grammar(tools, "f")
     assert _after(StructuredOutputsParams(grammar=grammar), text) == set(end)
+
+
+class Tree(BaseModel):
+    value: int
+    children: list[Tree]
+
+
+class Node(BaseModel):
+    name: str
+    next: Node | None
+
+
+class Expr(BaseModel):
+    op: Literal["+", "*"]
+    args: list[Expr | int] = Field(min_length=2)
+
+
+LOOP = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        Tree.model_json_schema(),  # children may be []
+        Node.model_json_schema(),  # next may be null
+        Expr.model_json_schema(),  # an argument may be an int
+        {"type": "object", "properties": {"a": {"$ref": "#"}}},  # "a" is optional
+        {"properties": {"a": {"$ref": "#"}}, "required": ["a"]},  # no type: "x" matches
+        {"type": ["object", "null"], "properties": {"a": {"$ref": "#"}}, "required": ["a"]},
+        {"anyOf": [LOOP, {"type": "string"}]},
+        {"$defs": {"n": {"type": "array", "items": {"$ref": "#/$defs/n"}}}, "$ref": "#/$defs/n"},
+        {"$defs": {"a/b": {"type": "integer"}}, "type": "object", "required": ["x"]}
+        | {"properties": {"x": {"$ref": "#/$defs/a~1b"}}},
+    ],
+    ids=[
+        "tree",
+        "linked-list",
+        "expr",
+        "optional",
+        "untyped",
+        "nullable",
+        "anyof",
+        "empty",
+        "escaped-ref",
+    ],
+)
+def test_a_recursive_schema_with_a_way_out_has_a_finite_instance(schema):
+    assert has_finite_instance(schema)
+    backend = GrammarBackend("byte", 262)
+    backend.compile(StructuredOutputsParams(json=schema))  # and compiles
+
+
+def test_a_reference_this_cannot_resolve_is_left_to_the_grammar_compiler():
+    assert has_finite_instance({"$ref": "https://example.com/elsewhere.json"})
+    assert has_finite_instance({"$ref": "#/$defs/missing"})
+    anchored = {"$defs": {"a": {"$anchor": "a", "type": "integer"}}, **LOOP}
+    assert has_finite_instance({**anchored, "properties": {"a": {"$ref": "#a"}}})
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        LOOP,
+        {
+            "$defs": {"n": {"type": "array", "items": {"$ref": "#/$defs/n"}, "minItems": 1}},
+            "$ref": "#/$defs/n",
+        },
+        # Two definitions that need each other.
+        {
+            "$defs": {
+                "A": {
+                    "type": "object",
+                    "properties": {"b": {"$ref": "#/$defs/B"}},
+                    "required": ["b"],
+                },
+                "B": {"type": "array", "prefixItems": [{"$ref": "#/$defs/A"}], "minItems": 1},
+            },
+            "$ref": "#/$defs/A",
+        },
+        {"type": "object", "properties": {"a": {"anyOf": [LOOP, LOOP]}}, "required": ["a"]}
+        | {"$defs": {}},
+        {"allOf": [{"type": "object"}, LOOP]},
+        {"type": "object", "required": ["x"], "additionalProperties": {"$ref": "#"}},
+    ],
+    ids=["self", "array", "mutual", "anyof-of-loops", "allof", "additional"],
+)
+def test_a_recursion_with_no_way_out_is_refused_before_it_runs(schema):
+    assert not has_finite_instance(schema)
+    backend = GrammarBackend("byte", 262)
+    with pytest.raises(StructuredOutputsError, match="no finite value"):
+        backend.compile(StructuredOutputsParams(json=schema, param="response_format"))

@@ -171,6 +171,23 @@ def test_a_short_max_tokens_is_length(client):
             "response_format.json_schema.name",
             "name",
         ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "x",
+                        "schema": {
+                            "type": "object",
+                            "properties": {"a": {"$ref": "#"}},
+                            "required": ["a"],
+                        },
+                    },
+                }
+            },
+            "response_format",
+            "no finite value",
+        ),
         ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs", "regex"),
         ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "exactly"),
         ({"guided_json": {"type": "frob"}}, "guided_json", "frob"),

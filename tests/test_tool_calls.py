@@ -681,6 +681,28 @@ def test_bad_tool_definition_is_400(client):
     assert "tools" in e.value.body["param"]
 
 
+UNENDING = {"type": "object", "properties": {"next": {"$ref": "#"}}, "required": ["next"]}
+
+
+@slow
+def test_forced_call_of_parameters_no_finite_value_matches_is_400(client):
+    """The call would be decoded under a grammar with no complete output."""
+    bad = {"type": "function", "function": {"name": "walk", "parameters": UNENDING}}
+    for choice in ("required", {"type": "function", "function": {"name": "walk"}}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(
+                model=MODEL, messages=ASK, max_tokens=4, tools=[*TOOLS, bad], tool_choice=choice
+            )
+        assert e.value.body["param"] == "tools" and "walk" in e.value.body["message"]
+    # Naming another function leaves this one's grammar unbuilt, and "auto" builds none.
+    named = {"type": "function", "function": {"name": TOOLS[0]["function"]["name"]}}
+    for choice in (named, "auto"):
+        r = client.chat.completions.create(
+            model=MODEL, messages=ASK, max_tokens=4, tools=[*TOOLS, bad], tool_choice=choice
+        )
+        assert r.choices[0].finish_reason in ("length", "stop", "tool_calls")
+
+
 def tokenize(server: str, **body) -> list[int]:
     r = httpx.post(server + "/tokenize", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
     assert r.status_code == 200, r.text

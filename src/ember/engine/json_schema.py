@@ -58,3 +58,125 @@ def _has_intersection(node: Any) -> bool:
     if "properties" in node and any(k in node for k in ("$ref", "anyOf", "oneOf", "allOf")):
         return True
     return any(_has_intersection(v) for v in node.values() if isinstance(v, dict | list))
+
+
+# Why a schema that has_finite_instance refuses is refused, for the 400's message.
+UNENDING_RECURSION = (
+    "no finite value matches it (a $ref recursion with no way out: make the recursive "
+    "property optional, or allow null or an empty array there)"
+)
+
+
+def has_finite_instance(schema: Any) -> bool:
+    """False when no finite JSON value can match `schema` because of its `$ref` recursion: an
+    object that requires a key whose schema leads back to the object, with no way out (no
+    optional branch, no `null`, no empty array). A grammar built from such a schema accepts
+    no complete output, so the request is refused rather than run.
+
+    Unsatisfiable schemas without recursion (minLength above maxLength, an empty enum) are the
+    grammar compiler's to report. Where unsure (a `$ref` this cannot resolve, keywords it does
+    not read), the answer is True.
+    """
+    refs: dict[str, bool] = {}
+    _collect_refs(schema, refs)
+    # The least fixed point: every `$ref` starts unsatisfiable and turns satisfiable once its
+    # target is, given what is known so far; each pass can only add, so this ends.
+    changed = True
+    try:
+        while changed:
+            changed = False
+            for ref, known in refs.items():
+                if not known and _satisfiable(_resolve(schema, ref), refs):
+                    refs[ref] = changed = True
+        return _satisfiable(schema, refs)
+    except RecursionError:
+        return True
+
+
+def _collect_refs(node: Any, refs: dict[str, bool]) -> None:
+    if isinstance(node, list):
+        for n in node:
+            _collect_refs(n, refs)
+    elif isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            refs.setdefault(ref, False)
+        for v in node.values():
+            if isinstance(v, dict | list):
+                _collect_refs(v, refs)
+
+
+_UNRESOLVED = object()
+
+
+def _resolve(root: Any, ref: str) -> Any:
+    """The node a local reference ("#", "#/$defs/x") names, or _UNRESOLVED."""
+    if ref != "#" and not ref.startswith("#/"):  # another document, or an $anchor
+        return _UNRESOLVED
+    node = root
+    for part in ref[1:].split("/")[1:]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return _UNRESOLVED
+    return node
+
+
+def _satisfiable(node: Any, refs: dict[str, bool]) -> bool:
+    if node is _UNRESOLVED or node is True or not isinstance(node, dict | bool):
+        return True
+    if node is False:
+        return False
+    ref = node.get("$ref")
+    if isinstance(ref, str) and not refs.get(ref, True):
+        return False
+    all_of = node.get("allOf")
+    if isinstance(all_of, list) and not all(_satisfiable(n, refs) for n in all_of):
+        return False
+    for key in ("anyOf", "oneOf"):
+        members = node.get(key)
+        if (
+            isinstance(members, list)
+            and members
+            and not any(_satisfiable(n, refs) for n in members)
+        ):
+            return False
+    if "enum" in node or "const" in node:
+        return True
+    types = node.get("type")
+    if types is None:
+        return True  # a string, number or null matches whatever the object keywords say
+    types = types if isinstance(types, list) else [types]
+    return any(_type_satisfiable(t, node, refs) for t in types)
+
+
+def _type_satisfiable(kind: Any, node: dict[str, Any], refs: dict[str, bool]) -> bool:
+    if kind == "object":
+        props = node.get("properties")
+        props = props if isinstance(props, dict) else {}
+        required = node.get("required")
+        for key in required if isinstance(required, list) else []:
+            if key in props:
+                sub = props[key]
+            elif "patternProperties" in node:
+                continue  # which pattern names it is not worth deciding here
+            else:
+                sub = node.get("additionalProperties", True)
+            if not _satisfiable(sub, refs):
+                return False
+        return True
+    if kind == "array":
+        min_items = node.get("minItems", 0)
+        if not isinstance(min_items, int) or min_items <= 0:
+            return True
+        prefix = node.get("prefixItems")
+        prefix = prefix if isinstance(prefix, list) else []
+        items = node.get("items", True)
+        needed = prefix[:min_items]
+        if len(prefix) < min_items:
+            needed.append(items if isinstance(items, dict | bool) else True)
+        return all(_satisfiable(n, refs) for n in needed)
+    return True

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ember.engine.json_schema import close_objects
+from ember.engine.json_schema import UNENDING_RECURSION, close_objects, has_finite_instance
 from ember.engine.request import SamplingParamsError
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,11 @@ class StructuredOutputsParams:
                 return LLMatcher.grammar_from_json_schema({"type": "object"}, _JSON_OPTIONS)
             if self.json is not None:
                 schema = json.loads(self.json) if isinstance(self.json, str) else self.json
+                if not has_finite_instance(schema):
+                    # llguidance would take it, then fail on the first token it expands.
+                    raise StructuredOutputsError(
+                        f"Invalid JSON Schema: {UNENDING_RECURSION}.", self.param
+                    )
                 return LLMatcher.grammar_from_json_schema(close_objects(schema), _JSON_OPTIONS)
             if self.regex is not None:
                 return LLMatcher.grammar_from_regex(self.regex)
@@ -126,6 +131,8 @@ class StructuredOutputsParams:
                 )
             assert self.grammar is not None
             return llg.grammar_from("grammar", self.grammar)
+        except StructuredOutputsError:
+            raise
         except (ValueError, TypeError) as e:
             raise StructuredOutputsError(f"Invalid {self._what()}: {e}", self.param) from e
 

@@ -11,6 +11,7 @@ from typing import Any
 from ember.chat.templates import ChatFormatter
 from ember.chat.tool_parsers import PARSERS, ToolParser, chatml_tools_template, make_parser
 from ember.chat.tool_parsers import parser_for_template as template_parser
+from ember.engine.json_schema import UNENDING_RECURSION, has_finite_instance
 from ember.server import protocol as P
 from ember.server.errors import APIError
 from ember.server.routes.common import SeqResult
@@ -221,6 +222,17 @@ def chat_plan(req: P.ChatCompletionRequest, state: ServerState) -> ChatPlan:
             for t in req.tools or []
             if allowed is None or t.function.name in allowed
         ]
+        if forced:  # the call is decoded under a grammar of these parameters
+            for t in tools:
+                params = t["function"].get("parameters")
+                if function not in (None, t["function"]["name"]):
+                    continue
+                if isinstance(params, dict) and not has_finite_instance(params):
+                    name = t["function"]["name"]
+                    raise APIError(
+                        f"The parameters of function {name!r}: {UNENDING_RECURSION}.",
+                        param="tools",
+                    )
         return ChatPlan(
             formatter,
             tools=tools,

@@ -333,6 +333,54 @@ def test_prompt_logprobs_in_vllm_shape(client, server):
     assert e.value.body["param"] == "prompt_logprobs"
 
 
+def test_every_sample_of_a_prompt_carries_its_prompt_logprobs(client, server):
+    """The first sample of each prompt computes them; every choice still gets them, and
+    best_of's reordering does not mix prompts up."""
+    prompts = ["The sky is blue and the grass", "One two three"]
+    kw = dict(model=MODEL, prompt=prompts, max_tokens=2, temperature=1.0, seed=5)
+    one = [
+        client.completions.create(**{**kw, "prompt": p}, extra_body={"prompt_logprobs": 2})
+        .choices[0]
+        .model_extra["prompt_logprobs"]
+        for p in prompts
+    ]
+    for extra in ({"n": 3}, {"n": 2, "best_of": 4}):
+        r = client.completions.create(**kw, **extra, extra_body={"prompt_logprobs": 2})
+        n = extra["n"]
+        assert len(r.choices) == 2 * n
+        for c in r.choices:
+            got = c.model_extra["prompt_logprobs"]
+            assert got is not None and len(got) == len(one[c.index // n])
+            ref = one[c.index // n]
+            assert got[0] is None and [list(e)[0] for e in got[1:]] == [
+                list(e)[0] for e in ref[1:]
+            ]  # each prompt token's own entry comes first
+            assert [next(iter(e.values()))["logprob"] for e in got[1:]] == pytest.approx(
+                [next(iter(e.values()))["logprob"] for e in ref[1:]], abs=1e-3
+            )
+        echo = client.completions.create(**kw, **extra, echo=True, logprobs=1)
+        for c in echo.choices:
+            assert c.text.startswith(prompts[c.index // n])
+            assert c.logprobs.token_logprobs[0] is None
+            assert all(v is not None for v in c.logprobs.token_logprobs[1:])
+    chat = client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=1, n=3, extra_body={"prompt_logprobs": 0}
+    )
+    assert len(chat.model_extra["prompt_logprobs"]) == chat.usage.prompt_tokens
+
+
+def test_fan_out_gives_the_prompt_logprobs_to_the_first_sample_only():
+    from ember.engine.request import SamplingParams
+    from ember.server.routes.common import fan_out
+
+    params = SamplingParams(prompt_logprobs=2, seed=7)
+    out = fan_out(params, 3)
+    assert [p.prompt_logprobs for p in out] == [2, None, None]
+    assert [p.seed for p in out] == [7, 8, 9]
+    kept = fan_out(params, 2, prompt_logprobs_once=False)  # a stream echoes each sample's prompt
+    assert [p.prompt_logprobs for p in kept] == [2, 2]
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_end(client, server):
     prompt = "One two three four five six seven eight nine ten eleven twelve"
     ids = _raw(server, "/tokenize", {"prompt": prompt})["tokens"]

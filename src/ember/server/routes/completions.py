@@ -160,7 +160,8 @@ async def completions(
         if echo_logprobs:  # the echoed prompt comes with its own logprobs
             k = max(req.logprobs or 0, req.prompt_logprobs or 0)
             params = dataclasses.replace(params, prompt_logprobs=k)
-        for p in fan_out(params, best_of):
+        # A stream echoes each sample's prompt with its first chunk: each computes its own.
+        for p in fan_out(params, best_of, prompt_logprobs_once=not req.stream):
             jobs.append((ids, p))
             owners.append(pi)
     ticket = validate_jobs(state, jobs)
@@ -206,6 +207,7 @@ async def completions(
     choices = []
     for pi in range(len(prompts)):
         mine = [r for r, o in zip(results, owners) if o == pi]
+        scored_prompt = mine[0].prompt_logprobs  # the first sample of each prompt scores it
         if best_of > req.n:
             mine = sorted(mine, key=lambda r: r.cumulative_logprob, reverse=True)[: req.n]
         for j, r in enumerate(mine):
@@ -214,7 +216,7 @@ async def completions(
             if req.logprobs is not None:
                 logprobs = _completion_logprobs(state, r.logprobs, len(prefix))
                 if echo_logprobs:
-                    echoed = _echo_logprobs(state, prompts[pi], r.prompt_logprobs, req.logprobs)
+                    echoed = _echo_logprobs(state, prompts[pi], scored_prompt, req.logprobs)
                     logprobs = _join(echoed, logprobs)
             choices.append(
                 P.CompletionChoice(
@@ -225,9 +227,7 @@ async def completions(
                     stop_reason=r.stop_reason,
                     prompt_logprobs=None
                     if req.prompt_logprobs is None
-                    else prompt_logprobs(
-                        state, prompts[pi], r.prompt_logprobs, req.prompt_logprobs
-                    ),
+                    else prompt_logprobs(state, prompts[pi], scored_prompt, req.prompt_logprobs),
                 )
             )
     completion_tokens = sum(len(r.token_ids) for r in results)

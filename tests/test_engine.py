@@ -202,6 +202,15 @@ def test_prompt_logprobs_match_transformers(tiny_llama):
         assert abs(lp.logprob - ref[pos - 1, prompt[pos]].item()) < 1e-4
         assert lp.rank == int((ref[pos - 1] > ref[pos - 1, prompt[pos]]).sum()) + 1
         assert [t for t, _ in lp.top] == torch.topk(ref[pos - 1], 2).indices.tolist()
+    # With n samples, the request still carries them once (the first sample computes them).
+    shared = llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=2, n=3, prompt_logprobs=2)
+    )[0]
+    assert len(shared.outputs) == 3
+    assert [lp and lp.token_id for lp in shared.prompt_logprobs] == [None, *prompt[1:]]
+    assert [lp.logprob for lp in shared.prompt_logprobs[1:]] == pytest.approx(
+        [lp.logprob for lp in got[1:]], abs=1e-5
+    )
 
 
 def test_a_cuda_device_keeps_its_index_and_binds_each_thread(monkeypatch):

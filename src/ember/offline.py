@@ -125,11 +125,15 @@ class LLM:
             result = RequestResult(rid, text, ids, [])
             for i in range(params.n):
                 # Each of n samples is its own sequence; a seed gives each a distinct stream.
+                # The prompt's logprobs are the request's: the first sample computes them.
                 p = (
                     params
                     if params.n == 1
                     else dataclasses.replace(
-                        params, n=1, seed=None if params.seed is None else params.seed + i
+                        params,
+                        n=1,
+                        seed=None if params.seed is None else params.seed + i,
+                        prompt_logprobs=params.prompt_logprobs if i == 0 else None,
                     )
                 )
                 sub_id = f"{rid}-{i}"

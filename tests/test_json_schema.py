@@ -183,3 +183,16 @@ def test_a_recursion_with_no_way_out_is_refused_before_it_runs(schema):
     backend = GrammarBackend("byte", 262)
     with pytest.raises(StructuredOutputsError, match="no finite value"):
         backend.compile(StructuredOutputsParams(json=schema, param="response_format"))
+
+
+@pytest.mark.parametrize("way_out", [True, False])
+def test_a_long_chain_of_definitions_is_decided_by_its_last_link(way_out):
+    n = 2000  # each link looked at a bounded number of times, whatever the order
+    defs = {
+        f"d{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{i + 1}"}}}
+        | {"required": ["x"]}
+        for i in range(n)
+    }
+    defs[f"d{n}"] = {"type": "integer"} if way_out else {"$ref": "#/$defs/d0"}
+    for order in (defs, dict(reversed(defs.items()))):
+        assert has_finite_instance({"$defs": order, "$ref": "#/$defs/d0"}) is way_out

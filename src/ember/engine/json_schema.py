@@ -80,15 +80,23 @@ def has_finite_instance(schema: Any) -> bool:
     refs: dict[str, bool] = {}
     _collect_refs(schema, refs)
     # The least fixed point: every `$ref` starts unsatisfiable and turns satisfiable once its
-    # target is, given what is known so far; each pass can only add, so this ends.
-    changed = True
+    # target is, given what is known so far. A reference is looked at again only when one its
+    # target reads turns satisfiable, so a long chain of definitions costs its length once.
+    readers: dict[str, set[str]] = {ref: set() for ref in refs}
+    todo = list(refs)
     try:
-        while changed:
-            changed = False
-            for ref, known in refs.items():
-                if not known and _satisfiable(_resolve(schema, ref), refs):
-                    refs[ref] = changed = True
-        return _satisfiable(schema, refs)
+        while todo:
+            ref = todo.pop()
+            if refs[ref]:
+                continue
+            read: set[str] = set()
+            if _satisfiable(_resolve(schema, ref), refs, read):
+                refs[ref] = True
+                todo.extend(readers[ref])
+            else:
+                for other in read:
+                    readers[other].add(ref)
+        return _satisfiable(schema, refs, set())
     except RecursionError:
         return True
 
@@ -125,23 +133,27 @@ def _resolve(root: Any, ref: str) -> Any:
     return node
 
 
-def _satisfiable(node: Any, refs: dict[str, bool]) -> bool:
+def _satisfiable(node: Any, refs: dict[str, bool], read: set[str]) -> bool:
+    """Whether a finite value matches `node`, taking each `$ref` as `refs` says (each one
+    consulted is added to `read`)."""
     if node is _UNRESOLVED or node is True or not isinstance(node, dict | bool):
         return True
     if node is False:
         return False
     ref = node.get("$ref")
-    if isinstance(ref, str) and not refs.get(ref, True):
-        return False
+    if isinstance(ref, str):
+        read.add(ref)
+        if not refs.get(ref, True):
+            return False
     all_of = node.get("allOf")
-    if isinstance(all_of, list) and not all(_satisfiable(n, refs) for n in all_of):
+    if isinstance(all_of, list) and not all(_satisfiable(n, refs, read) for n in all_of):
         return False
     for key in ("anyOf", "oneOf"):
         members = node.get(key)
         if (
             isinstance(members, list)
             and members
-            and not any(_satisfiable(n, refs) for n in members)
+            and not any(_satisfiable(n, refs, read) for n in members)
         ):
             return False
     if "enum" in node or "const" in node:
@@ -150,10 +162,12 @@ def _satisfiable(node: Any, refs: dict[str, bool]) -> bool:
     if types is None:
         return True  # a string, number or null matches whatever the object keywords say
     types = types if isinstance(types, list) else [types]
-    return any(_type_satisfiable(t, node, refs) for t in types)
+    return any(_type_satisfiable(t, node, refs, read) for t in types)
 
 
-def _type_satisfiable(kind: Any, node: dict[str, Any], refs: dict[str, bool]) -> bool:
+def _type_satisfiable(
+    kind: Any, node: dict[str, Any], refs: dict[str, bool], read: set[str]
+) -> bool:
     if kind == "object":
         props = node.get("properties")
         props = props if isinstance(props, dict) else {}
@@ -165,7 +179,7 @@ def _type_satisfiable(kind: Any, node: dict[str, Any], refs: dict[str, bool]) ->
                 continue  # which pattern names it is not worth deciding here
             else:
                 sub = node.get("additionalProperties", True)
-            if not _satisfiable(sub, refs):
+            if not _satisfiable(sub, refs, read):
                 return False
         return True
     if kind == "array":
@@ -178,5 +192,5 @@ def _type_satisfiable(kind: Any, node: dict[str, Any], refs: dict[str, bool]) ->
         needed = prefix[:min_items]
         if len(prefix) < min_items:
             needed.append(items if isinstance(items, dict | bool) else True)
-        return all(_satisfiable(n, refs) for n in needed)
+        return all(_satisfiable(n, refs, read) for n in needed)
     return True

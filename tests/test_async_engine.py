@@ -117,6 +117,46 @@ def test_admission_counts_work_at_the_check_and_gives_it_back(tiny_llama):
         eng.shutdown()
 
 
+def test_samples_of_one_prompt_are_admitted_for_one_prompts_work(tiny_llama):
+    """The n samples of a request share its prompt through the prefix cache, so admission
+    counts the prompt once (plus each copy's last block), not n times over."""
+    from ember.engine.async_engine import Admission
+
+    prompt = _ids(30, seed=4)  # 7 full blocks of 4, and 2 tokens: each copy computes those 2
+    params = SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True, seed=1)
+    eng = _tiny_engine(tiny_llama, Admission(max_waiting_requests=0, max_waiting_tokens=70))
+    cold = _tiny_engine(tiny_llama, enable_prefix_caching=False)
+    try:
+        jobs = [(prompt, params)] * 4
+        assert eng.prompt_work(jobs) == 30 + 3 * 2
+        assert cold.prompt_work(jobs) == 4 * 30  # nothing to share
+        scored = SamplingParams(prompt_logprobs=0)  # every position computed: no cache hits
+        assert eng.prompt_work([(prompt, scored)] * 2) == 60
+        assert eng.prompt_work([(prompt, params), (_ids(9, seed=5), params)]) == 39
+
+        # 36 tokens waiting, so a 30-token request still fits the bound of 70 (4 x 30 would
+        # have left no room for it).
+        ticket = eng.check_admission(4, eng.prompt_work(jobs))
+        other = eng.check_admission(1, 30)
+        del other
+
+        async def main(ticket):
+            return await asyncio.gather(
+                *(_collect_with(eng, ids, p, f"s{i}", ticket) for i, (ids, p) in enumerate(jobs))
+            )
+
+        results = asyncio.run(main(ticket))
+        assert all(len(tokens) == 3 and last.finished for tokens, _, last in results)
+        del ticket
+        import gc
+
+        gc.collect()
+        assert (eng.waiting_seqs, eng.waiting_tokens) == (0, 0)  # what each took is given back
+    finally:
+        eng.shutdown()
+        cold.shutdown()
+
+
 async def _collect_with(engine, ids, params, rid, ticket):
     tokens, text, last = [], "", None
     async for out in engine.generate(ids, params, rid, ticket):

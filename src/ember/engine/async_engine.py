@@ -79,13 +79,17 @@ class AdmissionTicket:
         """Give back now what no generate() took (work done without one: embeddings)."""
         engine._give_back(self._left)
 
-    def take(self, engine: AsyncEngine, tokens: int) -> bool:
+    def take(self, engine: AsyncEngine, tokens: int) -> int | None:
+        """One sequence's share: up to `tokens` of the ticket's (None when its sequences are
+        all taken). Siblings that share a prompt were admitted for less than their lengths
+        add up to, and the later ones get what the first left."""
         with engine._admit_lock:
             if self._left[0] <= 0:
-                return False
+                return None
+            granted = min(tokens, self._left[1])
             self._left[0] -= 1
-            self._left[1] -= min(tokens, self._left[1])
-            return True
+            self._left[1] -= granted
+            return granted
 
 
 @dataclass
@@ -180,6 +184,22 @@ class AsyncEngine:
             self.retry_after(tokens),
         )
 
+    def prompt_work(self, jobs: list[tuple[list[int], SamplingParams]]) -> int:
+        """Prompt tokens these sequences will compute. With prefix caching, a prompt repeated
+        (the n samples of one request) costs only its last block after the first copy: the
+        scheduler publishes each block as it is filled, and the copies start from them."""
+        allocator = self.core.allocator
+        seen: set[tuple[int, ...]] = set()
+        total = 0
+        for ids, params in jobs:
+            key = tuple(ids)
+            if key in seen and allocator.enable_prefix_caching and params.prompt_logprobs is None:
+                total += len(ids) - (len(ids) - 1) // allocator.block_size * allocator.block_size
+            else:
+                total += len(ids)
+            seen.add(key)
+        return total
+
     def retry_after(self, waiting_tokens: int) -> int:
         """Seconds until the work waiting now has likely started, from the rate at which
         waiting prompt tokens have been prefilled."""
@@ -212,9 +232,12 @@ class AsyncEngine:
         await self.prepare_structured(params)  # compiled off the engine thread (cached)
         stream: asyncio.Queue = asyncio.Queue()
         deadline = time.monotonic() + self.request_timeout if self.request_timeout > 0 else None
-        n_prompt = len(prompt_token_ids)
-        if ticket is None or not ticket.take(self, n_prompt):
+        n_prompt = len(prompt_token_ids)  # tokens counted as waiting while this one waits
+        granted = None if ticket is None else ticket.take(self, n_prompt)
+        if granted is None:
             self._count_waiting(1, n_prompt)
+        else:
+            n_prompt = granted
         waiting = True
         self._inbox.put(
             _Add(

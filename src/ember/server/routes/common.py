@@ -367,7 +367,7 @@ def validate_jobs(
     assert state.engine is not None
     for ids, params in jobs:
         state.engine.validate(ids, params)
-    return state.engine.check_admission(len(jobs), sum(len(ids) for ids, _ in jobs))
+    return state.engine.check_admission(len(jobs), state.engine.prompt_work(jobs))
 
 
 def sse(data: Any) -> str:

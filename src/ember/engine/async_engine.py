@@ -187,7 +187,10 @@ class AsyncEngine:
     def prompt_work(self, jobs: list[tuple[list[int], SamplingParams]]) -> int:
         """Prompt tokens these sequences will compute. With prefix caching, a prompt repeated
         (the n samples of one request) costs only its last block after the first copy: the
-        scheduler publishes each block as it is filled, and the copies start from them."""
+        scheduler publishes each block as it is filled, and the copies start from them.
+
+        What the prefix cache holds now is not subtracted: under the pressure where the bound
+        matters, waiting prompts evict each other's cached blocks before they run."""
         allocator = self.core.allocator
         seen: set[tuple[int, ...]] = set()
         total = 0

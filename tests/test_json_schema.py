@@ -9,7 +9,7 @@ from typing import Literal
 import pytest
 from pydantic import BaseModel, Field
 
-from ember.engine.json_schema import close_objects, has_finite_instance
+from ember.engine.json_schema import close_objects, has_finite_instance, nested_too_deeply
 from ember.engine.structured import GrammarBackend, StructuredOutputsError, StructuredOutputsParams
 from test_structured import _allowed
 
@@ -196,3 +196,13 @@ def test_a_long_chain_of_definitions_is_decided_by_its_last_link(way_out):
     defs[f"d{n}"] = {"type": "integer"} if way_out else {"$ref": "#/$defs/d0"}
     for order in (defs, dict(reversed(defs.items()))):
         assert has_finite_instance({"$defs": order, "$ref": "#/$defs/d0"}) is way_out
+
+
+def test_nesting_is_measured_without_recursion_at_any_depth():
+    node: list = []
+    for _ in range(100_000):  # far past Python's recursion limit
+        node = [node]
+    assert nested_too_deeply(node)
+    assert not nested_too_deeply({"a": [{"b": 1}]}, limit=3)  # object, array, object
+    assert nested_too_deeply({"a": [{"b": {}}]}, limit=3)
+    assert not nested_too_deeply({})

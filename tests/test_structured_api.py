@@ -148,6 +148,12 @@ def test_a_short_max_tokens_is_length(client):
     assert r.choices[0].finish_reason == "length" and r.choices[0].message.content.startswith("{")
 
 
+def _nested(schema: dict, depth: int) -> dict:
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
 @pytest.mark.parametrize(
     ("body", "param", "words"),
     [
@@ -187,6 +193,16 @@ def test_a_short_max_tokens_is_length(client):
             },
             "response_format",
             "no finite value",
+        ),
+        (
+            {"structured_outputs": {"json": _nested({"type": "string"}, 200)}},
+            "structured_outputs",
+            "nested more than 100 levels",
+        ),
+        (
+            {"structured_outputs": {"json": "[" * 5000 + "]" * 5000}},  # text json.loads refuses
+            "structured_outputs",
+            "nested too deeply",
         ),
         ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs", "regex"),
         ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "exactly"),

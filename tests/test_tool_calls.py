@@ -102,6 +102,20 @@ def test_hermes_invalid_json_is_content():
     assert r.tool_calls == [] and r.content == text
 
 
+@pytest.mark.parametrize("fmt", ["hermes", "llama3_json"])
+def test_json_nested_past_the_decoders_limit_is_content(fmt):
+    """A model can write brackets without end; that is text, not a failed request."""
+    deep = "[" * 5000 + "]" * 5000
+    text = {
+        "hermes": '<tool_call>\n{"name": "get_weather", "arguments": ' + deep + "}\n</tool_call>",
+        "llama3_json": '<|python_tag|>{"name": "get_weather", "parameters": ' + deep + "}",
+    }[fmt]
+    r = same_streamed_and_whole(
+        {"hermes": HermesParser, "llama3_json": Llama3JsonParser}[fmt], text
+    )
+    assert r.tool_calls == [] and r.content
+
+
 def test_hermes_unknown_function_is_content():
     text = '<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>'
     r = same_streamed_and_whole(HermesParser, text, tool_names=["get_weather"])
@@ -685,15 +699,21 @@ UNENDING = {"type": "object", "properties": {"next": {"$ref": "#"}}, "required":
 
 
 @slow
-def test_forced_call_of_parameters_no_finite_value_matches_is_400(client):
+def test_forced_call_of_parameters_no_grammar_can_take_is_400(client):
     """The call would be decoded under a grammar with no complete output."""
+    deep: dict = {"type": "string"}
+    for _ in range(200):  # past what the grammar compiler parses, and the walks that close it
+        deep = {"type": "object", "properties": {"a": deep}, "required": ["a"]}
+    for params, words in ((UNENDING, "no finite value"), (deep, "100 levels")):
+        bad = {"type": "function", "function": {"name": "walk", "parameters": params}}
+        for choice in ("required", {"type": "function", "function": {"name": "walk"}}):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(
+                    model=MODEL, messages=ASK, max_tokens=4, tools=[*TOOLS, bad], tool_choice=choice
+                )
+            assert e.value.body["param"] == "tools" and "walk" in e.value.body["message"]
+            assert words in e.value.body["message"]
     bad = {"type": "function", "function": {"name": "walk", "parameters": UNENDING}}
-    for choice in ("required", {"type": "function", "function": {"name": "walk"}}):
-        with pytest.raises(openai.BadRequestError) as e:
-            client.chat.completions.create(
-                model=MODEL, messages=ASK, max_tokens=4, tools=[*TOOLS, bad], tool_choice=choice
-            )
-        assert e.value.body["param"] == "tools" and "walk" in e.value.body["message"]
     # Naming another function leaves this one's grammar unbuilt, and "auto" builds none.
     named = {"type": "function", "function": {"name": TOOLS[0]["function"]["name"]}}
     for choice in (named, "auto"):

@@ -72,11 +72,14 @@ def _arguments_json(value: Any) -> str | None:
     if isinstance(value, str):  # some models write the arguments as a JSON string
         try:
             value = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past json's limit
             return None
     if not isinstance(value, dict):
         return None
-    return json.dumps(value, ensure_ascii=False)
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except RecursionError:
+        return None
 
 
 def _call_from_object(obj: Any, args_required: bool) -> tuple[str, str] | None:
@@ -282,7 +285,7 @@ class HermesParser(ToolParser):
     def _decode(body: str) -> tuple[str, str] | None:
         try:
             obj = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         return _call_from_object(obj, args_required=False)
 
@@ -362,7 +365,7 @@ class Llama3JsonParser(ToolParser):
                 return calls or None
             try:
                 obj, pos = decoder.raw_decode(text, pos)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return None
             call = _call_from_object(obj, args_required=True)
             if call is None:

@@ -60,6 +60,26 @@ def _has_intersection(node: Any) -> bool:
     return any(_has_intersection(v) for v in node.values() if isinstance(v, dict | list))
 
 
+# JSON nesting (objects and arrays) a schema may have: the grammar compiler parses deeper
+# documents into an error, and the walks here are recursive.
+MAX_SCHEMA_NESTING = 100
+
+
+def nested_too_deeply(node: Any, limit: int = MAX_SCHEMA_NESTING) -> bool:
+    """Whether `node` nests objects and arrays more than `limit` levels (walked without
+    recursion, so any depth a JSON parser lets through is safe to ask about)."""
+    stack = [(node, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
 # Why a schema that has_finite_instance refuses is refused, for the 400's message.
 UNENDING_RECURSION = (
     "no finite value matches it (a $ref recursion with no way out: make the recursive "

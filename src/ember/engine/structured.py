@@ -33,7 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ember.engine.json_schema import UNENDING_RECURSION, close_objects, has_finite_instance
+from ember.engine.json_schema import (
+    MAX_SCHEMA_NESTING,
+    UNENDING_RECURSION,
+    close_objects,
+    has_finite_instance,
+    nested_too_deeply,
+)
 from ember.engine.request import SamplingParamsError
 
 log = logging.getLogger(__name__)
@@ -117,6 +123,11 @@ class StructuredOutputsParams:
                 return LLMatcher.grammar_from_json_schema({"type": "object"}, _JSON_OPTIONS)
             if self.json is not None:
                 schema = json.loads(self.json) if isinstance(self.json, str) else self.json
+                if isinstance(schema, dict | list) and nested_too_deeply(schema):
+                    raise StructuredOutputsError(
+                        f"Invalid JSON Schema: nested more than {MAX_SCHEMA_NESTING} levels deep.",
+                        self.param,
+                    )
                 if not has_finite_instance(schema):
                     # llguidance would take it, then fail on the first token it expands.
                     raise StructuredOutputsError(
@@ -133,6 +144,10 @@ class StructuredOutputsParams:
             return llg.grammar_from("grammar", self.grammar)
         except StructuredOutputsError:
             raise
+        except RecursionError:  # JSON text nested past what json.loads takes
+            raise StructuredOutputsError(
+                f"Invalid {self._what()}: nested too deeply.", self.param
+            ) from None
         except (ValueError, TypeError) as e:
             raise StructuredOutputsError(f"Invalid {self._what()}: {e}", self.param) from e
 

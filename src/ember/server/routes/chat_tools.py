@@ -11,7 +11,12 @@ from typing import Any
 from ember.chat.templates import ChatFormatter
 from ember.chat.tool_parsers import PARSERS, ToolParser, chatml_tools_template, make_parser
 from ember.chat.tool_parsers import parser_for_template as template_parser
-from ember.engine.json_schema import UNENDING_RECURSION, has_finite_instance
+from ember.engine.json_schema import (
+    MAX_SCHEMA_NESTING,
+    UNENDING_RECURSION,
+    has_finite_instance,
+    nested_too_deeply,
+)
 from ember.server import protocol as P
 from ember.server.errors import APIError
 from ember.server.routes.common import SeqResult
@@ -227,8 +232,14 @@ def chat_plan(req: P.ChatCompletionRequest, state: ServerState) -> ChatPlan:
                 params = t["function"].get("parameters")
                 if function not in (None, t["function"]["name"]):
                     continue
+                name = t["function"]["name"]
+                if isinstance(params, dict) and nested_too_deeply(params):
+                    raise APIError(
+                        f"The parameters of function {name!r} nest more than "
+                        f"{MAX_SCHEMA_NESTING} levels deep.",
+                        param="tools",
+                    )
                 if isinstance(params, dict) and not has_finite_instance(params):
-                    name = t["function"]["name"]
                     raise APIError(
                         f"The parameters of function {name!r}: {UNENDING_RECURSION}.",
                         param="tools",

@@ -76,6 +76,34 @@ def tiny_llm(tiny_llama):
     return ember.LLM(str(tiny_llama), dtype="float32", block_size=4, kv_cache_memory="8MiB")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdk(tiny_llama):
+    """An openai client on an in-process server of the tiny Llama, served as "tiny"."""
+    import openai
+    import torch
+    from fastapi.testclient import TestClient
+
+    from ember.config import EngineConfig
+    from ember.server.app import build_app
+    from ember.server.state import ServerConfig
+
+    threads = torch.get_num_threads()
+    cfg = EngineConfig(
+        model=str(tiny_llama),
+        dtype="float32",
+        device="cpu",
+        kv_cache_memory="8MiB",
+        block_size=4,
+        num_threads=1,
+    )
+    app = build_app(cfg, ServerConfig(["tiny"]), load_in_background=False)
+    with TestClient(app) as http:
+        yield openai.OpenAI(
+            base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0
+        )
+    torch.set_num_threads(threads)
+
+
 API_KEY = "test-key"
 
 

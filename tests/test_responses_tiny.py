@@ -9,7 +9,6 @@ import json
 import jsonschema
 import openai
 import pytest
-import torch
 
 SCHEMA = {
     "type": "object",
@@ -23,33 +22,8 @@ SCHEMA = {
 }
 
 
-@pytest.fixture(scope="module")
-def sdk(tiny_llama):
-    from fastapi.testclient import TestClient
-
-    from ember.config import EngineConfig
-    from ember.server.app import build_app
-    from ember.server.state import ServerConfig
-
-    threads = torch.get_num_threads()
-    cfg = EngineConfig(
-        model=str(tiny_llama),
-        dtype="float32",
-        device="cpu",
-        kv_cache_memory="8MiB",
-        block_size=4,
-        num_threads=1,
-    )
-    app = build_app(cfg, ServerConfig(["tiny"]), load_in_background=False)
-    with TestClient(app) as http:
-        yield openai.OpenAI(
-            base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0
-        )
-    torch.set_num_threads(threads)
-
-
-def test_response_from_a_string(sdk):
-    r = sdk.responses.create(
+def test_response_from_a_string(tiny_sdk):
+    r = tiny_sdk.responses.create(
         model="tiny", input="hello", instructions="be brief", max_output_tokens=5
     )
     assert r.object == "response" and r.status == "incomplete"
@@ -59,10 +33,10 @@ def test_response_from_a_string(sdk):
     assert r.usage.output_tokens == 5 and r.usage.total_tokens > 5
 
 
-def test_response_text_format_always_validates(sdk):
+def test_response_text_format_always_validates(tiny_sdk):
     fmt = {"format": {"type": "json_schema", "name": "thing", "schema": SCHEMA, "strict": True}}
     for seed in range(3):
-        r = sdk.responses.create(
+        r = tiny_sdk.responses.create(
             model="tiny",
             input="x",
             text=fmt,
@@ -74,9 +48,9 @@ def test_response_text_format_always_validates(sdk):
         jsonschema.validate(json.loads(r.output_text), SCHEMA)
 
 
-def test_response_stream_events_and_final_response(sdk):
+def test_response_stream_events_and_final_response(tiny_sdk):
     kw = dict(model="tiny", input=[{"role": "user", "content": "count"}], max_output_tokens=6)
-    with sdk.responses.stream(temperature=0, **kw) as stream:
+    with tiny_sdk.responses.stream(temperature=0, **kw) as stream:
         events = list(stream)
     final = events[-1].response  # the SDK's accumulator only finishes on response.completed
     kinds = [e.type for e in events]
@@ -98,16 +72,16 @@ def test_response_stream_events_and_final_response(sdk):
     assert final.output[0].status == "incomplete"
     done = next(e for e in events if e.type == "response.output_item.done")
     assert done.item.status == "incomplete" and done.item.content[0].text == deltas
-    assert sdk.responses.create(temperature=0, **kw).output_text == deltas
+    assert tiny_sdk.responses.create(temperature=0, **kw).output_text == deltas
 
 
-def test_chat_response_format_json_schema_streams_what_it_returns(sdk):
+def test_chat_response_format_json_schema_streams_what_it_returns(tiny_sdk):
     fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}}
     kw = dict(model="tiny", messages=[{"role": "user", "content": "x"}], response_format=fmt)
-    whole = sdk.chat.completions.create(temperature=0, max_tokens=60, **kw)
+    whole = tiny_sdk.chat.completions.create(temperature=0, max_tokens=60, **kw)
     text = whole.choices[0].message.content
     jsonschema.validate(json.loads(text), SCHEMA)
-    chunks = sdk.chat.completions.create(stream=True, temperature=0, max_tokens=60, **kw)
+    chunks = tiny_sdk.chat.completions.create(stream=True, temperature=0, max_tokens=60, **kw)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
 
 
@@ -125,24 +99,24 @@ def test_chat_response_format_json_schema_streams_what_it_returns(sdk):
         ),
     ],
 )
-def test_responses_bad_requests_are_400(sdk, body, param):
+def test_responses_bad_requests_are_400(tiny_sdk, body, param):
     with pytest.raises(openai.BadRequestError) as e:
-        sdk.responses.create(**{"model": "tiny", "input": "x", **body})
+        tiny_sdk.responses.create(**{"model": "tiny", "input": "x", **body})
     assert e.value.body["param"] == param
 
 
-def test_a_completed_stream_is_accumulated_by_the_sdk(sdk):
+def test_a_completed_stream_is_accumulated_by_the_sdk(tiny_sdk):
     fmt = {"format": {"type": "json_schema", "name": "thing", "schema": SCHEMA}}
     kw = dict(model="tiny", input="x", text=fmt, max_output_tokens=60, temperature=0)
-    with sdk.responses.stream(**kw) as stream:
+    with tiny_sdk.responses.stream(**kw) as stream:
         kinds = [e.type for e in stream]
         final = stream.get_final_response()
     assert kinds[-1] == "response.completed" and final.status == "completed"
     jsonschema.validate(json.loads(final.output_text), SCHEMA)
-    assert final.output_text == sdk.responses.create(**kw).output_text
+    assert final.output_text == tiny_sdk.responses.create(**kw).output_text
 
 
-def test_output_text_logprobs_when_included(sdk):
+def test_output_text_logprobs_when_included(tiny_sdk):
     kw = dict(
         model="tiny",
         input="count",
@@ -151,7 +125,7 @@ def test_output_text_logprobs_when_included(sdk):
         include=["message.output_text.logprobs"],
         top_logprobs=2,
     )
-    r = sdk.responses.create(**kw)
+    r = tiny_sdk.responses.create(**kw)
     part = r.output[0].content[0]
     assert len(part.logprobs) == r.usage.output_tokens == 6
     assert "".join(t.token for t in part.logprobs) == part.text
@@ -159,7 +133,7 @@ def test_output_text_logprobs_when_included(sdk):
         assert len(t.top_logprobs) == 2 and t.logprob <= 0
         assert t.top_logprobs[0].logprob >= t.logprob - 1e-6  # greedy: the top token
         assert bytes(t.bytes).decode() == t.token
-    with sdk.responses.stream(**kw) as stream:
+    with tiny_sdk.responses.stream(**kw) as stream:
         events = list(stream)
     streamed = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
     done = next(e for e in events if e.type == "response.output_text.done")
@@ -167,5 +141,5 @@ def test_output_text_logprobs_when_included(sdk):
         (t.token, round(t.logprob, 5)) for t in part.logprobs
     ]
     assert len(done.logprobs) == len(streamed)
-    plain = sdk.responses.create(**{k: v for k, v in kw.items() if k != "include"})
+    plain = tiny_sdk.responses.create(**{k: v for k, v in kw.items() if k != "include"})
     assert plain.output[0].content[0].logprobs == []  # only when included

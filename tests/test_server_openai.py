@@ -363,6 +363,24 @@ def test_every_sample_of_a_prompt_carries_its_prompt_logprobs(client, server):
             assert c.text.startswith(prompts[c.index // n])
             assert c.logprobs.token_logprobs[0] is None
             assert all(v is not None for v in c.logprobs.token_logprobs[1:])
+    # Streamed, each sample's first chunk echoes its prompt with the scores its first sample
+    # computed; the samples are the ones the whole response gives.
+    kw["max_tokens"] = 4
+    whole = client.completions.create(**kw, n=3, echo=True, logprobs=1)
+    text, tokens, lps, firsts = {}, {}, {}, {}
+    for chunk in client.completions.create(**kw, n=3, echo=True, logprobs=1, stream=True):
+        for c in chunk.choices:
+            firsts.setdefault(c.index, c)
+            text[c.index] = text.get(c.index, "") + c.text
+            tokens[c.index] = tokens.get(c.index, []) + c.logprobs.tokens
+            lps[c.index] = lps.get(c.index, []) + c.logprobs.token_logprobs
+    assert sorted(text) == list(range(6))
+    for c in whole.choices:
+        first = firsts[c.index]
+        assert first.text.startswith(prompts[c.index // 3])
+        assert first.logprobs.token_logprobs[0] is None and len(first.logprobs.tokens) > 1
+        assert text[c.index] == c.text and tokens[c.index] == c.logprobs.tokens
+        assert lps[c.index][1:] == pytest.approx(c.logprobs.token_logprobs[1:], abs=1e-3)
     chat = client.chat.completions.create(
         model=MODEL, messages=HELLO, max_tokens=1, n=3, extra_body={"prompt_logprobs": 0}
     )
@@ -377,8 +395,6 @@ def test_fan_out_gives_the_prompt_logprobs_to_the_first_sample_only():
     out = fan_out(params, 3)
     assert [p.prompt_logprobs for p in out] == [2, None, None]
     assert [p.seed for p in out] == [7, 8, 9]
-    kept = fan_out(params, 2, prompt_logprobs_once=False)  # a stream echoes each sample's prompt
-    assert [p.prompt_logprobs for p in kept] == [2, 2]
 
 
 def test_truncate_prompt_tokens_keeps_the_prompts_end(client, server):

@@ -242,13 +242,11 @@ async def compile_structured(
             await state.engine.prepare_structured(params)
 
 
-def fan_out(
-    params: SamplingParams, count: int, prompt_logprobs_once: bool = True
-) -> list[SamplingParams]:
+def fan_out(params: SamplingParams, count: int) -> list[SamplingParams]:
     """`count` sequences of one prompt; with a seed, each gets its own reproducible stream.
 
     Prompt logprobs are the same for every sample of a prompt, and computing them takes the
-    logits of every prompt position: by default only the first sequence computes them.
+    logits of every prompt position: only the first sequence computes them.
     """
     if count == 1:
         return [params]
@@ -256,7 +254,7 @@ def fan_out(
         dataclasses.replace(
             params,
             seed=None if params.seed is None else params.seed + i,
-            prompt_logprobs=None if i and prompt_logprobs_once else params.prompt_logprobs,
+            prompt_logprobs=None if i else params.prompt_logprobs,
         )
         for i in range(count)
     ]

@@ -160,8 +160,7 @@ async def completions(
         if echo_logprobs:  # the echoed prompt comes with its own logprobs
             k = max(req.logprobs or 0, req.prompt_logprobs or 0)
             params = dataclasses.replace(params, prompt_logprobs=k)
-        # A stream echoes each sample's prompt with its first chunk: each computes its own.
-        for p in fan_out(params, best_of, prompt_logprobs_once=not req.stream):
+        for p in fan_out(params, best_of):
             jobs.append((ids, p))
             owners.append(pi)
     ticket = validate_jobs(state, jobs)
@@ -268,34 +267,60 @@ async def _completion_stream(
     completion_tokens = 0
     offsets = [len(prompt_texts[o]) for o in owners]
     echoed = [False] * len(jobs)
+    # Echo with logprobs: the first sample of each prompt scores it (fan_out), and each
+    # sample's first chunk carries those scores; a sample that gets there first waits for them.
+    scored = {
+        owners[j]: p.prompt_logprobs or 0
+        for j, (_, p) in enumerate(jobs)
+        if p.prompt_logprobs is not None
+    }
+    scores: dict[int, list] = {}
+    held: dict[int, list[RequestOutput]] = {}
+
+    def render(i: int, out: RequestOutput) -> str | None:
+        nonlocal completion_tokens
+        if score_only:
+            out = _scored_output(out)
+        completion_tokens += len(out.new_token_ids)
+        text = out.new_text
+        first = not echoed[i]
+        if first:
+            text, echoed[i] = prompt_texts[owners[i]] + text, True
+        if not text and not out.finished and not want_logprobs:
+            return None
+        logprobs = None
+        if want_logprobs:
+            logprobs = _completion_logprobs(state, out.new_logprobs or [], offsets[i])
+            offsets[i] += sum(len(t) for t in logprobs.tokens)
+            if first and owners[i] in scored:
+                k = scored[owners[i]]  # logprobs: nothing else streams
+                prompt_part = _echo_logprobs(state, jobs[i][0], scores[owners[i]], k)
+                logprobs = _join(prompt_part, logprobs)
+        return chunk(
+            [
+                P.CompletionChoice(
+                    index=owners[i] * n + i % n,
+                    text=text,
+                    logprobs=logprobs,
+                    finish_reason=out.finish_reason if out.finished else None,
+                )
+            ]
+        )
+
     try:
         async for i, out in merged_streams(state, jobs, request_id, ticket):
-            if score_only:
-                out = _scored_output(out)
-            completion_tokens += len(out.new_token_ids)
-            text = out.new_text
-            if not echoed[i]:
-                text, echoed[i] = prompt_texts[owners[i]] + text, True
-            if not text and not out.finished and not want_logprobs:
+            pi = owners[i]
+            ready = [(i, out)]
+            if out.prompt_logprobs is not None and pi not in scores:
+                scores[pi] = out.prompt_logprobs
+                for j in [j for j in held if owners[j] == pi]:
+                    ready += [(j, o) for o in held.pop(j)]
+            elif pi in scored and pi not in scores:
+                held.setdefault(i, []).append(out)
                 continue
-            logprobs = None
-            if want_logprobs:
-                logprobs = _completion_logprobs(state, out.new_logprobs or [], offsets[i])
-                offsets[i] += sum(len(t) for t in logprobs.tokens)
-                if out.prompt_logprobs is not None:
-                    k = jobs[i][1].prompt_logprobs or 0  # logprobs: nothing else streams
-                    prompt_part = _echo_logprobs(state, jobs[i][0], out.prompt_logprobs, k)
-                    logprobs = _join(prompt_part, logprobs)
-            yield chunk(
-                [
-                    P.CompletionChoice(
-                        index=owners[i] * n + i % n,
-                        text=text,
-                        logprobs=logprobs,
-                        finish_reason=out.finish_reason if out.finished else None,
-                    )
-                ]
-            )
+            for j, o in ready:
+                if (line := render(j, o)) is not None:
+                    yield line
         if include_usage:
             yield chunk([], usage(prompt_tokens, completion_tokens))
     except Exception as e:  # noqa: BLE001

@@ -658,6 +658,25 @@ def test_tool_history_without_tools_is_accepted(client):
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
+def _with_arguments(arguments: str) -> list[dict]:
+    call = {
+        **HISTORY[1]["tool_calls"][0],
+        "function": {"name": "get_weather", "arguments": arguments},
+    }
+    return [HISTORY[0], {**HISTORY[1], "tool_calls": [call]}, *HISTORY[2:]]
+
+
+DEEP_ARGUMENTS = "[" * 1500 + "]" * 1500  # past what json.loads takes
+
+
+@slow
+def test_tool_history_with_arguments_nested_past_json_s_limit_is_text(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=_with_arguments(DEEP_ARGUMENTS), tools=TOOLS, max_tokens=4
+    )
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
 @slow
 @pytest.mark.parametrize(
     "kwargs",
@@ -1024,6 +1043,15 @@ def test_chatglm3_real_generation_keeps_the_invariants(glm):
         check_choice(
             choice, name="get_weather" if "tool_choice" in kw else None, forced="tool_choice" in kw
         )
+
+
+def test_chatglm3_history_with_arguments_nested_past_json_s_limit_is_400(glm):
+    sdk, _ = glm
+    with pytest.raises(openai.BadRequestError) as e:
+        sdk.chat.completions.create(
+            model="glm", messages=_with_arguments(DEEP_ARGUMENTS), tools=TOOLS, max_tokens=4
+        )
+    assert e.value.body["param"] == "messages" and "JSON object" in e.value.body["message"]
 
 
 def test_chatglm3_legacy_function_call_and_history(glm):

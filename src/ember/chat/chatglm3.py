@@ -187,7 +187,7 @@ def _call_of(call: Any, index: int) -> tuple[str, dict[str, Any]]:
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise ValueError(
                 f"messages[{index}]: tool call arguments must be a JSON object: {e}"
             ) from e

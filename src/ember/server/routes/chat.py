@@ -86,7 +86,7 @@ def message_dicts(req: P.ChatCompletionRequest) -> list[dict[str, Any]]:
 def _json_or_text(s: str) -> Any:
     try:
         return json.loads(s)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):  # RecursionError: nested past json's limit
         return s
 
 

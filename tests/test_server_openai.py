@@ -388,8 +388,7 @@ def test_every_sample_of_a_prompt_carries_its_prompt_logprobs(client, server):
 
 
 def test_fan_out_gives_the_prompt_logprobs_to_the_first_sample_only():
-    from ember.engine.request import SamplingParams
-    from ember.server.routes.common import fan_out
+    from ember.engine.request import SamplingParams, fan_out
 
     params = SamplingParams(prompt_logprobs=2, seed=7)
     out = fan_out(params, 3)

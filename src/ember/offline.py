@@ -7,7 +7,6 @@ print(out[0].outputs[0].text)
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import Any
 from ember.chat.templates import ChatFormatter, resolve_chat_template
 from ember.config import EngineConfig, from_env
 from ember.engine.core import EngineCore
-from ember.engine.request import Logprob, SamplingParams
+from ember.engine.request import Logprob, SamplingParams, fan_out
 
 
 @dataclass
@@ -123,19 +122,8 @@ class LLM:
         for (text, ids), params in zip(items, params_list):
             rid = str(next(self._ids))
             result = RequestResult(rid, text, ids, [])
-            for i in range(params.n):
-                # Each of n samples is its own sequence; a seed gives each a distinct stream.
-                # The prompt's logprobs are the request's: the first sample computes them.
-                p = (
-                    params
-                    if params.n == 1
-                    else dataclasses.replace(
-                        params,
-                        n=1,
-                        seed=None if params.seed is None else params.seed + i,
-                        prompt_logprobs=params.prompt_logprobs if i == 0 else None,
-                    )
-                )
+            # Each of n samples is its own sequence (fan_out: seeds, prompt logprobs).
+            for i, p in enumerate(fan_out(params, params.n)):
                 sub_id = f"{rid}-{i}"
                 out = CompletionOutput(index=i, logprobs=[] if p.logprobs is not None else None)
                 result.outputs.append(out)

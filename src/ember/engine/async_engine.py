@@ -235,12 +235,11 @@ class AsyncEngine:
         await self.prepare_structured(params)  # compiled off the engine thread (cached)
         stream: asyncio.Queue = asyncio.Queue()
         deadline = time.monotonic() + self.request_timeout if self.request_timeout > 0 else None
-        n_prompt = len(prompt_token_ids)  # tokens counted as waiting while this one waits
-        granted = None if ticket is None else ticket.take(self, n_prompt)
-        if granted is None:
-            self._count_waiting(1, n_prompt)
-        else:
-            n_prompt = granted
+        # Tokens counted as waiting while this sequence waits: its ticket's share, else its own.
+        counted = None if ticket is None else ticket.take(self, len(prompt_token_ids))
+        if counted is None:
+            counted = len(prompt_token_ids)
+            self._count_waiting(1, counted)
         waiting = True
         self._inbox.put(
             _Add(
@@ -261,7 +260,7 @@ class AsyncEngine:
                 item = await stream.get()
                 if waiting:
                     waiting = False
-                    self._count_waiting(-1, -n_prompt)
+                    self._count_waiting(-1, -counted)
                 if isinstance(item, BaseException):
                     finished = True  # the engine has already let go of it
                     raise item
@@ -274,7 +273,7 @@ class AsyncEngine:
                     return
         finally:
             if waiting:
-                self._count_waiting(-1, -n_prompt)
+                self._count_waiting(-1, -counted)
             if not finished:  # the consumer went away (client disconnect, cancel)
                 self.abort(request_id)
 

@@ -80,11 +80,18 @@ def nested_too_deeply(node: Any, limit: int = MAX_SCHEMA_NESTING) -> bool:
     return False
 
 
-# Why a schema that has_finite_instance refuses is refused, for the 400's message.
-UNENDING_RECURSION = (
-    "no finite value matches it (a $ref recursion with no way out: make the recursive "
-    "property optional, or allow null or an empty array there)"
-)
+def schema_problem(schema: Any) -> str | None:
+    """Why a grammar cannot be built from this schema before the compiler is asked (for a 400),
+    or None: nested too deeply for the walks here and the compiler's parser, or a recursion no
+    finite value ends."""
+    if isinstance(schema, dict | list) and nested_too_deeply(schema):
+        return f"nested more than {MAX_SCHEMA_NESTING} levels deep"
+    if not has_finite_instance(schema):
+        return (
+            "no finite value matches it (a $ref recursion with no way out: make the recursive "
+            "property optional, or allow null or an empty array there)"
+        )
+    return None
 
 
 def has_finite_instance(schema: Any) -> bool:

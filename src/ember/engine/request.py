@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import time
@@ -168,6 +169,26 @@ class SamplingParams:
                         f"{name} has token id {token_id}, outside the vocabulary of {vocab_size}.",
                         name,
                     )
+
+
+def fan_out(params: SamplingParams, count: int) -> list[SamplingParams]:
+    """`count` sequences of one prompt (each with n=1); with a seed, each gets its own
+    reproducible stream.
+
+    Prompt logprobs are the same for every sample of a prompt, and computing them takes the
+    logits of every prompt position: only the first sequence computes them.
+    """
+    if count == 1:
+        return [params]
+    return [
+        dataclasses.replace(
+            params,
+            n=1,
+            seed=None if params.seed is None else params.seed + i,
+            prompt_logprobs=None if i else params.prompt_logprobs,
+        )
+        for i in range(count)
+    ]
 
 
 class SequenceStatus(enum.Enum):

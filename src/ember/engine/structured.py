@@ -33,13 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ember.engine.json_schema import (
-    MAX_SCHEMA_NESTING,
-    UNENDING_RECURSION,
-    close_objects,
-    has_finite_instance,
-    nested_too_deeply,
-)
+from ember.engine.json_schema import close_objects, schema_problem
 from ember.engine.request import SamplingParamsError
 
 log = logging.getLogger(__name__)
@@ -123,16 +117,9 @@ class StructuredOutputsParams:
                 return LLMatcher.grammar_from_json_schema({"type": "object"}, _JSON_OPTIONS)
             if self.json is not None:
                 schema = json.loads(self.json) if isinstance(self.json, str) else self.json
-                if isinstance(schema, dict | list) and nested_too_deeply(schema):
-                    raise StructuredOutputsError(
-                        f"Invalid JSON Schema: nested more than {MAX_SCHEMA_NESTING} levels deep.",
-                        self.param,
-                    )
-                if not has_finite_instance(schema):
-                    # llguidance would take it, then fail on the first token it expands.
-                    raise StructuredOutputsError(
-                        f"Invalid JSON Schema: {UNENDING_RECURSION}.", self.param
-                    )
+                # llguidance would take an unending recursion, then fail on its first token.
+                if problem := schema_problem(schema):
+                    raise StructuredOutputsError(f"Invalid JSON Schema: {problem}.", self.param)
                 return LLMatcher.grammar_from_json_schema(close_objects(schema), _JSON_OPTIONS)
             if self.regex is not None:
                 return LLMatcher.grammar_from_regex(self.regex)

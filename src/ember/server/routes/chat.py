@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from ember.engine.async_engine import AdmissionTicket
-from ember.engine.request import Logprob, SamplingParams
+from ember.engine.request import Logprob, SamplingParams, fan_out
 from ember.engine.structured import StructuredOutputsParams
 from ember.server import protocol as P
 from ember.server.errors import APIError
@@ -21,7 +21,6 @@ from ember.server.routes.common import (
     SSE_HEADERS,
     collect,
     compile_structured,
-    fan_out,
     merged_streams,
     prompt_logprobs,
     record,

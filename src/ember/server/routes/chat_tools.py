@@ -11,12 +11,7 @@ from typing import Any
 from ember.chat.templates import ChatFormatter
 from ember.chat.tool_parsers import PARSERS, ToolParser, chatml_tools_template, make_parser
 from ember.chat.tool_parsers import parser_for_template as template_parser
-from ember.engine.json_schema import (
-    MAX_SCHEMA_NESTING,
-    UNENDING_RECURSION,
-    has_finite_instance,
-    nested_too_deeply,
-)
+from ember.engine.json_schema import schema_problem
 from ember.server import protocol as P
 from ember.server.errors import APIError
 from ember.server.routes.common import SeqResult
@@ -227,22 +222,13 @@ def chat_plan(req: P.ChatCompletionRequest, state: ServerState) -> ChatPlan:
             for t in req.tools or []
             if allowed is None or t.function.name in allowed
         ]
-        if forced:  # the call is decoded under a grammar of these parameters
-            for t in tools:
-                params = t["function"].get("parameters")
-                if function not in (None, t["function"]["name"]):
-                    continue
-                name = t["function"]["name"]
-                if isinstance(params, dict) and nested_too_deeply(params):
+        if forced:  # the call is decoded under a grammar of these functions' parameters
+            for f in (t["function"] for t in tools):
+                params = f.get("parameters")
+                wanted = function in (None, f["name"]) and isinstance(params, dict)
+                if wanted and (problem := schema_problem(params)):
                     raise APIError(
-                        f"The parameters of function {name!r} nest more than "
-                        f"{MAX_SCHEMA_NESTING} levels deep.",
-                        param="tools",
-                    )
-                if isinstance(params, dict) and not has_finite_instance(params):
-                    raise APIError(
-                        f"The parameters of function {name!r}: {UNENDING_RECURSION}.",
-                        param="tools",
+                        f"The parameters of function {f['name']!r}: {problem}.", param="tools"
                     )
         return ChatPlan(
             formatter,

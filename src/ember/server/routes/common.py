@@ -4,7 +4,6 @@ sequences, streams merged and collected, client disconnects, SSE events and usag
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import json
 import re
@@ -240,24 +239,6 @@ async def compile_structured(
         if spec is not None and spec.key not in seen:
             seen.add(spec.key)
             await state.engine.prepare_structured(params)
-
-
-def fan_out(params: SamplingParams, count: int) -> list[SamplingParams]:
-    """`count` sequences of one prompt; with a seed, each gets its own reproducible stream.
-
-    Prompt logprobs are the same for every sample of a prompt, and computing them takes the
-    logits of every prompt position: only the first sequence computes them.
-    """
-    if count == 1:
-        return [params]
-    return [
-        dataclasses.replace(
-            params,
-            seed=None if params.seed is None else params.seed + i,
-            prompt_logprobs=None if i else params.prompt_logprobs,
-        )
-        for i in range(count)
-    ]
 
 
 async def tracked(

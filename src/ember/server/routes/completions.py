@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from ember.engine.async_engine import AdmissionTicket
-from ember.engine.request import Logprob, RequestOutput, SamplingParams
+from ember.engine.request import Logprob, RequestOutput, SamplingParams, fan_out
 from ember.server import protocol as P
 from ember.server.errors import APIError
 from ember.server.routes.common import (
@@ -19,7 +19,6 @@ from ember.server.routes.common import (
     SeqResult,
     collect,
     compile_structured,
-    fan_out,
     merged_streams,
     prompt_logprobs,
     record,

@@ -50,6 +50,9 @@ def test_union_members_do_not_leak_into_the_field_path(client):
     e = error(client.post("/v1/completions", json={"prompt": [1.5]}))
     assert e["param"] == "prompt.0", e
     assert "valid integer" in e["message"], e  # the token-id member: the input was a list
+    e = error(client.post("/v1/completions", json={"prompt": ["hi"] * (P.MAX_PROMPTS + 1)}))
+    assert e["param"] == "prompt", e  # too many texts, not "should be a valid integer"
+    assert f"at most {P.MAX_PROMPTS} items" in e["message"], e
     e = error(client.post("/v1/completions", json={"prompt": []}))
     assert e["message"].startswith("prompt: List should have at least 1 item"), e
     e = error(

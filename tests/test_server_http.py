@@ -267,6 +267,27 @@ def test_an_empty_body_says_so(server):
     assert r.json()["error"]["message"] == "The request body is empty: send a JSON object."
 
 
+def test_optional_fields_sent_as_null_take_their_defaults(server):
+    """Clients that write every field send null for the unset ones; OpenAI reads that as unset."""
+    nulls = dict.fromkeys(
+        ["n", "stream", "stream_options", "temperature", "top_p", "stop", "logprobs",
+         "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "seed", "user",
+         "tools", "tool_choice", "response_format", "min_tokens", "ignore_eos", "echo"]
+    )  # fmt: skip
+    message = {"role": "user", "content": "Hi", "name": None, "tool_calls": None}
+    body = {"model": "smol", "messages": [message], "max_tokens": 3, **nulls}
+    r = httpx.post(server + "/v1/chat/completions", json=body, headers=AUTH, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/json")  # stream: null is not a stream
+    assert len(r.json()["choices"]) == 1  # n: null is one choice
+    body = {"model": "smol", "prompt": "Hi", "max_tokens": 3, **nulls, "temperature": 0}
+    r = httpx.post(server + "/v1/completions", json=body, headers=AUTH, timeout=120)
+    assert r.status_code == 200, r.text
+    assert not r.json()["choices"][0]["text"].startswith("Hi")  # echo: null does not echo
+    r = httpx.post(server + "/v1/chat/completions", json={"messages": None}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+
+
 def test_a_browser_form_post_is_not_read_as_json(server):
     """A page's form or text/plain POST skips CORS preflight; it gets no JSON reading."""
     headers = {**AUTH, "Content-Type": "text/plain", "Origin": "http://elsewhere.example"}

@@ -112,6 +112,10 @@ def _loc_param(loc: tuple) -> str | None:
     return ".".join(parts) or None
 
 
+def _is_type_mismatch(error: dict) -> bool:
+    return str(error.get("type", "")).endswith(("_type", "_parsing"))
+
+
 def validation_message(errors: list) -> tuple[str, str | None]:
     """(message, param) for pydantic's errors: the first field at fault, its most specific
     complaint, and how many other fields are wrong."""
@@ -131,11 +135,9 @@ def validation_message(errors: list) -> tuple[str, str | None]:
         by_field.setdefault(param.split(".")[0] if param else None, []).append(e)
     group = next(iter(by_field.values()))
     # Of a union's members, the one whose type the input had (its complaint is a constraint,
-    # not "should be a valid string"), then the one that got furthest into it.
-    deepest = max(
-        group,
-        key=lambda e: (not str(e.get("type", "")).endswith("_type"), len(e.get("loc", ()))),
-    )
+    # not "should be a valid string" or "unable to parse string as an integer"), then the one
+    # that got furthest into it.
+    deepest = max(group, key=lambda e: (not _is_type_mismatch(e), len(e.get("loc", ()))))
     param = _loc_param(tuple(deepest.get("loc", ())))
     msg = deepest.get("msg", "Invalid request.")
     message = f"{param}: {msg}" if param else msg

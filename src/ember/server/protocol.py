@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ember.chat.tool_parsers import tool_call_id
 
@@ -20,6 +20,21 @@ def random_id(prefix: str) -> str:
 
 class OpenAIBase(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        """An optional field sent as null takes its default, as OpenAI reads it: clients that
+        write every field ("stream": null, "n": null) must not get a 400. A required field
+        sent as null is still an error."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            k: v
+            for k, v in data.items()
+            if v is not None or k not in fields or fields[k].is_required()
+        }
 
 
 # Limits on what one request may ask for, so that a single request cannot tie up the server;

@@ -46,6 +46,10 @@ def message_dicts(req: P.ChatCompletionRequest) -> list[dict[str, Any]]:
         if isinstance(content, list):
             texts = []
             for part in content:
+                refusal = (part.model_extra or {}).get("refusal")
+                if part.type == "refusal" and m.role == "assistant" and isinstance(refusal, str):
+                    texts.append(refusal)  # OpenAI's assistant parts are text or refusal
+                    continue
                 if part.type != "text" or part.text is None:
                     raise APIError(
                         f"Content parts of type {part.type!r} are not supported by this model; "

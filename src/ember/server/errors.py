@@ -113,7 +113,12 @@ def _loc_param(loc: tuple) -> str | None:
 
 
 def _is_type_mismatch(error: dict) -> bool:
-    return str(error.get("type", "")).endswith(("_type", "_parsing"))
+    """The input is not of the kind this union member takes. A fractional number where an
+    integer goes is of its kind (a number), so that member's complaint is the one to show."""
+    kind = str(error.get("type", ""))
+    if kind == "int_type" and isinstance(error.get("input"), float):
+        return False
+    return kind.endswith(("_type", "_parsing"))
 
 
 def validation_message(errors: list) -> tuple[str, str | None]:

@@ -67,6 +67,14 @@ TIMED = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embedd
 PROTECTED = ("/v1/", "/dashboard/", "/tokenize", "/detokenize")
 
 
+def sse_event(named: bool) -> dict[str, Any]:
+    """One server-sent event, as OpenAPI reads an event stream's schema (each event an object
+    of its fields); `named`: each carries an `event:` name too (the Responses API's)."""
+    required = ["event", "data"] if named else ["data"]
+    fields = {name: {"type": "string"} for name in required}
+    return {"type": "object", "required": required, "properties": fields}
+
+
 def _error(status: int, retry_after: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {
         "description": WHY[status],
@@ -124,24 +132,40 @@ def truthful_openapi(app: FastAPI, metrics_require_key: bool) -> dict[str, Any]:
                 content = {"application/json": {"schema": _add_model(schema, model)}}
                 if streams:
                     content["text/event-stream"] = {
-                        "schema": {"type": "string"},
+                        "schema": sse_event(named=False),
                         "description": "With `stream: true`: `data: {chunk}` events, then "
                         "`data: [DONE]`.",
                     }
                 responses["200"] = {"description": "The completion.", "content": content}
-    health = schema["paths"]["/health"]["get"]["responses"]
+    responses_200 = schema["paths"]["/v1/responses"]["post"]["responses"]["200"]
+    responses_200["content"]["text/event-stream"] = {
+        "schema": sse_event(named=True),
+        "description": "With `stream: true`: `event: response.*` events, each with its "
+        "`data: {event}`.",
+    }
     status = {
         "type": "object",
         "required": ["status"],
         "properties": {"status": {"type": "string"}},
     }
-    health["200"] = {
-        "description": "Ready: the model is loaded and has produced a token.",
-        "content": {"application/json": {"schema": status}},
+    health = {
+        "200": {
+            "description": "Ready: the model is loaded and has produced a token.",
+            "content": {"application/json": {"schema": status}},
+        },
+        "503": {
+            "description": "Loading, failed to load, shutting down, or the engine stopped.",
+            "content": {"application/json": {"schema": {"anyOf": [status, ERROR_SCHEMA]}}},
+        },
     }
-    health["503"] = {
-        "description": "Loading, failed to load, shutting down, or the engine stopped.",
-        "content": {"application/json": {"schema": {"anyOf": [status, ERROR_SCHEMA]}}},
+    # One route answers GET and HEAD (routes/admin.py); FastAPI would give both one operationId.
+    schema["paths"]["/health"] = {
+        "get": {"summary": "Health", "operationId": "health", "responses": health},
+        "head": {
+            "summary": "Health, without a body",
+            "operationId": "health_head",
+            "responses": {code: {"description": r["description"]} for code, r in health.items()},
+        },
     }
     schema["paths"]["/metrics"]["get"]["responses"]["200"] = {
         "description": "Prometheus text exposition format.",

@@ -6,6 +6,7 @@ servers do, so clients that send newer fields keep working.
 from __future__ import annotations
 
 import time
+import typing
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -18,23 +19,57 @@ def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def _int_only(annotation: Any) -> bool:
+    """Whether a field takes an int but not a float (n, max_tokens, seed...)."""
+    members = typing.get_args(annotation) or (annotation,)
+    return int in members and float not in members
+
+
+def _null_is_a_value(prop: dict[str, Any]) -> bool:
+    return prop.get("type") == "null" or any(
+        isinstance(m, dict) and m.get("type") == "null" for m in prop.get("anyOf", ())
+    )
+
+
+def _nullable_optionals(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """/openapi.json: every optional field also takes null (see `_null_is_unset`)."""
+    props = schema.get("properties", {})
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        prop = props.get(key)
+        if prop is None or field.is_required() or _null_is_a_value(prop):
+            continue
+        meta = {k: prop.pop(k) for k in ("title", "description", "default") if k in prop}
+        props[key] = {"anyOf": [prop, {"type": "null"}], **meta}
+
+
 class OpenAIBase(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: JSON types as OpenAI checks them, so "10", true and 1 are not read as 10, 1 and
+    # true (each is a 400 naming the field); /openapi.json then tells the truth to fuzzers.
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=_nullable_optionals)
 
     @model_validator(mode="before")
     @classmethod
     def _null_is_unset(cls, data: Any) -> Any:
         """An optional field sent as null takes its default, as OpenAI reads it: clients that
         write every field ("stream": null, "n": null) must not get a 400. A required field
-        sent as null is still an error."""
+        sent as null is still an error. A whole float where an int goes (max_tokens: 256.0,
+        from arithmetic in client code) is that int, as JSON Schema's integer allows."""
         if not isinstance(data, dict):
             return data
         fields = cls.model_fields
-        return {
-            k: v
-            for k, v in data.items()
-            if v is not None or k not in fields or fields[k].is_required()
-        }
+        out = {}
+        for k, v in data.items():
+            field = fields.get(k)
+            if field is None:
+                out[k] = v
+            elif v is None and not field.is_required():
+                continue
+            elif isinstance(v, float) and v.is_integer() and _int_only(field.annotation):
+                out[k] = int(v)
+            else:
+                out[k] = v
+        return out
 
 
 # Limits on what one request may ask for, so that a single request cannot tie up the server;

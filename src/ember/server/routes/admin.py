@@ -35,8 +35,8 @@ _CHAT_FIELDS = frozenset(
 
 
 # HEAD too: load balancers and container health checks that send it get the same status.
-@router.get("/health")
-@router.head("/health", include_in_schema=False)
+# One route for both, so a 405 for another method lists both in its Allow header.
+@router.api_route("/health", methods=["GET", "HEAD"], include_in_schema=False)  # see openapi.py
 async def health(request: Request) -> Response:
     state: ServerState = request.app.state.ember
     if state.load_error is not None:

@@ -103,7 +103,7 @@ def busy() -> Iterator[tuple[subprocess.Popen, str]]:
         "--api-key",
         API_KEY,
         "--max-model-len",
-        "24",  # short outputs keep the fuzzing of the generating routes fast
+        "64",  # room for a chat template, and short outputs keep the fuzzing fast
         "--max-waiting-requests",
         "4",
         "--shutdown-grace",

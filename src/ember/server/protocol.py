@@ -32,7 +32,7 @@ def _null_is_a_value(prop: dict[str, Any]) -> bool:
 
 
 def _nullable_optionals(schema: dict[str, Any], model: type[BaseModel]) -> None:
-    """/openapi.json: every optional field also takes null (see `_null_is_unset`)."""
+    """/openapi.json: every optional field also takes null (see `_read_as_openai_does`)."""
     props = schema.get("properties", {})
     for name, field in model.model_fields.items():
         key = field.alias or name
@@ -50,7 +50,7 @@ class OpenAIBase(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _null_is_unset(cls, data: Any) -> Any:
+    def _read_as_openai_does(cls, data: Any) -> Any:
         """An optional field sent as null takes its default, as OpenAI reads it: clients that
         write every field ("stream": null, "n": null) must not get a 400. A required field
         sent as null is still an error. A whole float where an int goes (max_tokens: 256.0,

@@ -43,6 +43,14 @@ def test_a_body_that_is_not_json_says_so_and_where(client):
     assert "(at character " in e["message"] and e["param"] is None
 
 
+def test_a_body_that_is_not_utf8_says_so_and_where(client):
+    body = b'{"prompt": "caf\xe9"}'
+    r = client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    e = error(r)
+    assert e["message"].startswith("The request body is not utf-8 text: "), e
+    assert e["message"].endswith(f"at byte {body.index(0xE9)}."), e
+
+
 def test_union_members_do_not_leak_into_the_field_path(client):
     e = error(client.post("/v1/completions", json={"prompt": ""}))
     assert e["param"] == "prompt"

@@ -168,6 +168,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's "error parsing the body"
+            e = exc.__cause__
+            message = f"The request body is not {e.encoding} text: {e.reason} at byte {e.start}."
         return error_response(exc.status_code, message, kind, headers=exc.headers)
 
     async def _client_error(_: Request, exc: Exception) -> JSONResponse:

@@ -78,3 +78,23 @@ def test_a_whole_float_where_an_int_goes_is_that_int():
     req = P.CompletionRequest.model_validate(body)
     assert (req.max_tokens, req.n, req.temperature) == (256, 2, 1.0)
     assert type(req.max_tokens) is int and type(req.n) is int
+
+
+@pytest.mark.parametrize(
+    "body, valid",
+    [
+        ({"prompt": "Hi"}, True),
+        ({"messages": [{"role": "user", "content": "Hi"}]}, True),
+        ({"prompt": "Hi", "messages": None}, True),  # null is unset
+        ({"prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}]}, False),
+        ({}, False),
+        ({"prompt": None, "messages": None}, False),
+    ],
+)
+def test_tokenize_takes_exactly_one_of_prompt_and_messages(document, body, valid):
+    """As the route does (routes/admin.py), so fuzzers send bodies it accepts."""
+    import jsonschema
+
+    schema = {"$ref": "#/components/schemas/TokenizeRequest", **document}
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(body))
+    assert (not errors) == valid, errors

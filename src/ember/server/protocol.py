@@ -473,7 +473,19 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+def _prompt_or_messages(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """/openapi.json: a tokenize body has exactly one of prompt and messages, not null (the
+    route refuses the rest)."""
+    _nullable_optionals(schema, model)
+    schema["oneOf"] = [
+        {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+        for name in ("prompt", "messages")
+    ]
+
+
 class TokenizeRequest(OpenAIBase):
+    model_config = ConfigDict(json_schema_extra=_prompt_or_messages)
+
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)

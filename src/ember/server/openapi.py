@@ -48,10 +48,36 @@ WHY = {
     504: "The request ran past the server's --request-timeout and was aborted.",
 }
 
-# Responses of the OpenAI routes, as (model, streams).
-BODIES: dict[tuple[str, str], tuple[type[BaseModel], bool]] = {
-    ("/v1/chat/completions", "post"): (P.ChatCompletionResponse, True),
-    ("/v1/completions", "post"): (P.CompletionResponse, True),
+# JSON responses of the OpenAI routes.
+BODIES: dict[tuple[str, str], type[BaseModel]] = {
+    ("/v1/chat/completions", "post"): P.ChatCompletionResponse,
+    ("/v1/completions", "post"): P.CompletionResponse,
+}
+
+
+def _sse_event(*fields: str) -> dict[str, Any]:
+    """One server-sent event, as OpenAPI reads an event stream's schema: an object of its
+    fields."""
+    return {
+        "type": "object",
+        "required": list(fields),
+        "properties": {name: {"type": "string"} for name in fields},
+    }
+
+
+CHUNK_EVENTS = {
+    "schema": _sse_event("data"),
+    "description": "With `stream: true`: `data: {chunk}` events, then `data: [DONE]`.",
+}
+# The routes that stream with `stream: true`, and their events.
+STREAMS: dict[tuple[str, str], dict[str, Any]] = {
+    ("/v1/chat/completions", "post"): CHUNK_EVENTS,
+    ("/v1/completions", "post"): CHUNK_EVENTS,
+    ("/v1/responses", "post"): {
+        "schema": _sse_event("event", "data"),
+        "description": "With `stream: true`: `event: response.*` events, each with its "
+        "`data: {event}`.",
+    },
 }
 # Routes that load the model's state (get_state) or check `model`.
 NEEDS_MODEL = (
@@ -65,14 +91,6 @@ NEEDS_MODEL = (
 # Routes whose engine work is cut off at --request-timeout.
 TIMED = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings")
 PROTECTED = ("/v1/", "/dashboard/", "/tokenize", "/detokenize")
-
-
-def sse_event(named: bool) -> dict[str, Any]:
-    """One server-sent event, as OpenAPI reads an event stream's schema (each event an object
-    of its fields); `named`: each carries an `event:` name too (the Responses API's)."""
-    required = ["event", "data"] if named else ["data"]
-    fields = {name: {"type": "string"} for name in required}
-    return {"type": "object", "required": required, "properties": fields}
 
 
 def _error(status: int, retry_after: bool = False) -> dict[str, Any]:
@@ -128,21 +146,13 @@ def truthful_openapi(app: FastAPI, metrics_require_key: bool) -> dict[str, Any]:
             if path.startswith(NEEDS_MODEL):
                 responses["500"] = _error(500)
             if (path, method) in BODIES:
-                model, streams = BODIES[(path, method)]
-                content = {"application/json": {"schema": _add_model(schema, model)}}
-                if streams:
-                    content["text/event-stream"] = {
-                        "schema": sse_event(named=False),
-                        "description": "With `stream: true`: `data: {chunk}` events, then "
-                        "`data: [DONE]`.",
-                    }
-                responses["200"] = {"description": "The completion.", "content": content}
-    responses_200 = schema["paths"]["/v1/responses"]["post"]["responses"]["200"]
-    responses_200["content"]["text/event-stream"] = {
-        "schema": sse_event(named=True),
-        "description": "With `stream: true`: `event: response.*` events, each with its "
-        "`data: {event}`.",
-    }
+                body = {"schema": _add_model(schema, BODIES[(path, method)])}
+                responses["200"] = {
+                    "description": "The completion.",
+                    "content": {"application/json": body},
+                }
+            if (path, method) in STREAMS:
+                responses["200"]["content"]["text/event-stream"] = STREAMS[(path, method)]
     status = {
         "type": "object",
         "required": ["status"],

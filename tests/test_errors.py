@@ -51,6 +51,13 @@ def test_a_body_that_is_not_utf8_says_so_and_where(client):
     assert e["message"].endswith(f"at byte {body.index(0xE9)}."), e
 
 
+def test_a_body_nested_past_the_parser_limit_says_so(client):
+    body = b"[" * 100_000 + b"]" * 100_000
+    r = client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    e = error(r)
+    assert e["message"] == "The request body nests too deeply to be read as JSON.", e
+
+
 def test_union_members_do_not_leak_into_the_field_path(client):
     e = error(client.post("/v1/completions", json={"prompt": ""}))
     assert e["param"] == "prompt"

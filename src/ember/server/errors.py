@@ -168,9 +168,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's "error parsing the body"
-            e = exc.__cause__
-            message = f"The request body is not {e.encoding} text: {e.reason} at byte {e.start}."
+        cause = exc.__cause__  # of FastAPI's "There was an error parsing the body"
+        if isinstance(cause, UnicodeDecodeError):
+            message = (
+                f"The request body is not {cause.encoding} text: {cause.reason} "
+                f"at byte {cause.start}."
+            )
+        elif isinstance(cause, RecursionError):
+            message = "The request body nests too deeply to be read as JSON."
         return error_response(exc.status_code, message, kind, headers=exc.headers)
 
     async def _client_error(_: Request, exc: Exception) -> JSONResponse:

@@ -2,8 +2,9 @@
 
 A step mixes decodes, fresh prefills and chunks whose earlier tokens are already cached; the
 paged cache is filled in a scrambled block order so a wrong slot or mask shows up in the output.
-The CPU backend (the torch one with a C kernel for decodes) runs the same cases, and its kernel
-is checked on the shapes real models have.
+The CPU backend (one C kernel for decodes and prefill alike) runs the same cases, its kernel is
+checked on the shapes real models have, and a token's output from it is shown to be the same bit
+for bit however the step that computes it is made up.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ember.engine.attention.cpu_backend import CpuAttentionBackend
 from ember.engine.attention.torch_backend import TorchAttentionBackend
 from ember.native import cpu_kernels
 
-HEADS, KV_HEADS, HEAD_DIM, BLOCK = 6, 2, 8, 4
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 6, 2, 16, 4
 
 
 def needs_kernels() -> None:
@@ -160,10 +161,54 @@ def test_cpu_decode_kernel_on_model_shapes(
     q = qkv[:, : heads * head_dim].view(len(lengths), heads, head_dim)
     meta = backend.build_metadata(spans, len(spans), [cache], torch.device("cpu"))
     out = torch.empty_like(q)
-    backend._decode(cache, q, out, meta)
+    backend._attend(cache, q, out, meta)
     for i, span in enumerate(spans):
         pos = torch.arange(span.context_len)
         slots = torch.tensor(span.block_table)[pos // block] * block + pos % block
         k, v = cache[slots, 0], cache[slots, 1]  # [n, KVH, D]
         want = reference(q[i : i + 1], k, v, span.context_len - 1)
         torch.testing.assert_close(out[i : i + 1], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,block",
+    [(9, 3, 64, 8), (32, 2, 128, 16), (8, 8, 64, 8), (4, 1, 32, 5)],
+    ids=["smollm2", "chatglm3", "multi-head", "multi-query-odd-block"],
+)
+def test_cpu_backend_output_of_a_token_does_not_depend_on_the_step(
+    heads: int, kv_heads: int, head_dim: int, block: int
+) -> None:
+    """The last token of a 45-token sequence, computed as a decode, in a fresh prefill, in a
+    chunk after a cached prefix, and beside other sequences: the same bits each time."""
+    needs_kernels()
+    gen = torch.Generator().manual_seed(heads + head_dim)
+    n, num_blocks = 45, 64
+    backend = CpuAttentionBackend(heads, kv_heads, head_dim, block)
+    blocks = torch.randperm(num_blocks, generator=gen).tolist()
+    table, other = blocks[: -(-n // block)], blocks[-(-n // block) :]
+    k = torch.randn(n, kv_heads, head_dim, generator=gen)
+    v = torch.randn(n, kv_heads, head_dim, generator=gen)
+    q = torch.randn(n, heads, head_dim, generator=gen)
+    ko = torch.randn(30, kv_heads, head_dim, generator=gen)
+    qo = torch.randn(30, heads, head_dim, generator=gen)
+
+    def last_token(cached: int, with_others: bool) -> torch.Tensor:
+        cache = backend.allocate_cache(1, num_blocks, torch.float32, torch.device("cpu"))
+        for pos in range(cached):
+            slot = table[pos // block] * block + pos % block
+            cache[0][slot, 0], cache[0][slot, 1] = k[pos], v[pos]
+        decode = cached == n - 1
+        spans, qs, ks, vs = [SeqSpan(0, n - cached, n, table)], [q[cached:]], [k[cached:]], []
+        vs.append(v[cached:])
+        if with_others:  # a fresh 30-token prefill after it
+            spans.append(SeqSpan(n - cached, 30, 30, other[: -(-30 // block)]))
+            qs, ks, vs = qs + [qo], ks + [ko], vs + [ko.flip(0)]
+        meta = backend.build_metadata(spans, int(decode), [cache[0]], torch.device("cpu"))
+        out = backend.forward(0, torch.cat(qs), torch.cat(ks), torch.cat(vs), meta)
+        return out[n - cached - 1]
+
+    want = last_token(n - 1, with_others=False)  # a decode
+    for cached in (0, 1, 16, 20, 40, n - 1):
+        for with_others in (False, True):
+            got = last_token(cached, with_others)
+            assert torch.equal(got, want), (cached, with_others)

@@ -82,7 +82,7 @@ def test_kernels_build_into_the_cache_and_can_be_turned_off(tmp_path) -> None:
     code = (
         "from ember.native import cpu_kernels; "
         "from ember.engine.attention.cpu_backend import CpuAttentionBackend as B; "
-        "print(cpu_kernels() is not None, B.available(9, 3))"
+        "print(cpu_kernels() is not None, B.available(9, 3, 64))"
     )
     env = {"EMBER_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
 

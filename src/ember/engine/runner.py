@@ -77,7 +77,7 @@ class ModelRunner:
         del probe
         backend_name = cfg.attention_backend
         if backend_name == "auto":
-            backend_name = self._auto_backend(num_heads, num_kv_heads)
+            backend_name = self._auto_backend(num_heads, num_kv_heads, head_dim)
         self.backend: AttentionBackend = get_backend(backend_name)(
             num_heads, num_kv_heads, head_dim, self.block_size
         )
@@ -174,7 +174,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
-    def _auto_backend(self, num_heads: int, num_kv_heads: int) -> str:
+    def _auto_backend(self, num_heads: int, num_kv_heads: int, head_dim: int) -> str:
         from ember.engine.attention.cpu_backend import CpuAttentionBackend
 
         if self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16):
@@ -184,7 +184,7 @@ class ModelRunner:
                 return "triton"
 
         on_cpu = self.device.type == "cpu" and self.dtype == torch.float32
-        if on_cpu and CpuAttentionBackend.available(num_heads, num_kv_heads):
+        if on_cpu and CpuAttentionBackend.available(num_heads, num_kv_heads, head_dim):
             return "cpu"
         return "torch"
 

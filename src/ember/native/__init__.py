@@ -51,6 +51,24 @@ SIGNATURES = {
         _i64,
         _f32,
     ],  # fmt: skip
+    # q, q row stride, cache, out, block_tables, max_blocks, row_seq, row_len, rows, heads,
+    # kv_heads, head_dim, block_size, scale
+    "paged_attention": [
+        _ptr,
+        _i64,
+        _ptr,
+        _ptr,
+        _ptr,
+        _i64,
+        _ptr,
+        _ptr,
+        _i64,
+        _i64,
+        _i64,
+        _i64,
+        _i64,
+        _f32,
+    ],  # fmt: skip
     "silu_and_mul": [_ptr, _ptr, _i64, _i64],  # x, out, rows, n
     "rms_norm": [_ptr, _ptr, _ptr, _i64, _i64, _f32],  # x, weight, out, rows, dim, eps
     # x, rows, row stride, heads, head_dim, rot_dim, cos, sin, neox

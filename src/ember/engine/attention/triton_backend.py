@@ -53,7 +53,7 @@ class TritonAttentionBackend(AttentionBackend):
             self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
 
     @classmethod
-    def available(cls, num_heads: int, num_kv_heads: int) -> bool:
+    def available(cls, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
         return triton_available()
 
     def allocate_cache(

@@ -182,6 +182,7 @@ def test_completion_stream(client):
         (dict(response_format={"type": "json_schema"}), "response_format"),  # no schema
         (dict(logit_bias={"999999": 1}), "logit_bias"),
         (dict(top_logprobs=50, logprobs=True), "top_logprobs"),
+        (dict(extra_body={"top_k": -5}), "top_k"),  # vLLM's: -1 or 0 (all) or at least 1
     ],
 )
 def test_bad_chat_parameters_are_400(client, kwargs, param):
@@ -189,6 +190,31 @@ def test_bad_chat_parameters_are_400(client, kwargs, param):
         client.chat.completions.create(model=MODEL, messages=HELLO, **kwargs)
     assert e.value.status_code == 400
     assert param in (e.value.body.get("param") or "")
+
+
+def test_streams_end_with_the_stop_that_ended_them(client):
+    """vLLM's stop_reason: the stop string (or token id) that ended a choice, in the last
+    streamed chunk as in the whole response."""
+    whole = client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=0
+    )
+    stop = whole.choices[0].text.split()[2]  # a word the greedy reply reaches
+    args = dict(model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=0, stop=[stop])
+    whole = client.completions.create(**args)
+    last = list(client.completions.create(**args, stream=True))[-1].choices[0]
+    assert whole.choices[0].model_extra["stop_reason"] == stop
+    assert (last.finish_reason, last.model_extra["stop_reason"]) == ("stop", stop)
+
+    chat = dict(model=MODEL, messages=HELLO, max_tokens=24, temperature=0)
+    stop = client.chat.completions.create(**chat).choices[0].message.content.split()[1]
+    whole = client.chat.completions.create(**chat, stop=[stop]).choices[0]
+    ends = [
+        c.choices[0]
+        for c in client.chat.completions.create(**chat, stop=[stop], stream=True)
+        if c.choices and c.choices[0].finish_reason
+    ]
+    assert whole.model_extra["stop_reason"] == stop
+    assert [(c.finish_reason, c.model_extra["stop_reason"]) for c in ends] == [("stop", stop)]
 
 
 def test_context_overflow_names_the_token_counts(client):

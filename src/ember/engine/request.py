@@ -67,6 +67,10 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]  # an empty stop string would stop at once
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k is not None and self.top_k < -1:
+            raise SamplingParamsError(
+                f"top_k must be at least 1, or 0 or -1 for all tokens; got {self.top_k}.", "top_k"
+            )
         if self.top_k is None or self.top_k < 0:
             self.top_k = 0
         self._validate()

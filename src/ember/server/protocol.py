@@ -138,7 +138,9 @@ class SamplingFields(OpenAIBase):
     seed: int | None = None
     user: str | None = None
     # extensions
-    top_k: int | None = Field(None, description="Keep the k most likely tokens; 0 or -1: all.")
+    top_k: int | None = Field(
+        None, ge=-1, description="Keep the k most likely tokens; 0 or -1: all."
+    )
     min_p: float | None = Field(
         None, ge=0, le=1, description="Drop tokens less likely than min_p times the top token."
     )
@@ -347,6 +349,7 @@ class ChatChunkChoice(BaseModel):
     delta: DeltaMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM's, in the chunk that ends a choice
 
 
 class ChatCompletionChunk(BaseModel):

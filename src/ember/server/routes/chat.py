@@ -360,11 +360,16 @@ async def _chat_stream(
                 reason = called if num_calls[i] else out.finish_reason
                 # As OpenAI streams it: the finish reason in a chunk of its own, after the
                 # last text or call (the SDK's stream helpers close a tool call only then).
+                stop = out.stop_reason  # vLLM's: the stop string or token id that ended it
                 if choices and choices[-1].delta == P.DeltaMessage():
-                    choices[-1].finish_reason = reason
+                    choices[-1].finish_reason, choices[-1].stop_reason = reason, stop
                 else:
                     end = P.DeltaMessage()
-                    choices.append(P.ChatChunkChoice(index=i, delta=end, finish_reason=reason))
+                    choices.append(
+                        P.ChatChunkChoice(
+                            index=i, delta=end, finish_reason=reason, stop_reason=stop
+                        )
+                    )
             for choice in choices:
                 yield chunk([choice])
         if include_usage:

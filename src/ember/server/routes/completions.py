@@ -302,6 +302,7 @@ async def _completion_stream(
                     text=text,
                     logprobs=logprobs,
                     finish_reason=out.finish_reason if out.finished else None,
+                    stop_reason=out.stop_reason if out.finished else None,
                 )
             ]
         )

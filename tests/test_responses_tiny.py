@@ -95,8 +95,9 @@ def test_chat_response_format_json_schema_streams_what_it_returns(tiny_sdk):
         ({"input": [{"type": "image_generation_call"}]}, "input.0"),
         (
             {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "frob"}}}},
-            "response_format",
+            "text.format",
         ),
+        ({"max_output_tokens": 10**6}, "max_output_tokens"),  # past the context
     ],
 )
 def test_responses_bad_requests_are_400(tiny_sdk, body, param):

@@ -179,20 +179,26 @@ _FIELD_ORIGINS = (
 )
 
 
+def _responses_param(param: str) -> str:
+    """A chat request's field as the Responses request names it."""
+    if param == "messages" or param.startswith("messages."):
+        return "input"  # input items and messages do not pair up one to one
+    for chat_name, name in _FIELD_ORIGINS:
+        if param == chat_name or param.startswith(chat_name + "."):
+            return name + param.removeprefix(chat_name)
+    return param
+
+
 def _responses_error(message: str, param: str | None) -> APIError:
     """The chat request's validation error, naming the field as the Responses request has it."""
     if param is None:
         return APIError(message)
     detail = message.removeprefix(param)  # ": what is wrong"
     if param == "messages" or param.startswith("messages."):
-        # Input items and messages do not pair up one to one: name the item's field instead.
-        field = param.split(".", 2)[2:]
+        field = param.split(".", 2)[2:]  # name the item's field instead
         return APIError("input" + (f" ({field[0]})" if field else "") + detail, param="input")
-    for chat_name, name in _FIELD_ORIGINS:
-        if param == chat_name or param.startswith(chat_name + "."):
-            name += param.removeprefix(chat_name)
-            return APIError(name + detail, param=name)
-    return APIError(message, param=param)
+    name = _responses_param(param)
+    return APIError(message if name == param else name + detail, param=name)
 
 
 # ------------------------------------------------------------------ output items
@@ -296,13 +302,22 @@ async def create_response(
 ):
     model = state.check_model(req.model)
     chat = _chat_request(req)
-    plan, prompt_ids = chat_prompt(chat, state)
     want_logprobs = LOGPROBS in (req.include or [])
-    top = (req.top_logprobs or 0) if want_logprobs else None
-    params = chat_params(chat, state, plan, len(prompt_ids), chat.max_tokens, top)
-    jobs = [(prompt_ids, params)]
-    ticket = validate_jobs(state, jobs)
-    await compile_structured(state, jobs)
+    try:
+        plan, prompt_ids = chat_prompt(chat, state)
+        top = (req.top_logprobs or 0) if want_logprobs else None
+        params = chat_params(chat, state, plan, len(prompt_ids), chat.max_tokens, top)
+        jobs = [(prompt_ids, params)]
+        ticket = validate_jobs(state, jobs)
+        await compile_structured(state, jobs)
+    except Exception as e:  # a client's mistake names its field as this request has it
+        err = to_api_error(e)
+        if err.status >= 500 or err.param is None:
+            raise
+        err.param = _responses_param(err.param)
+        if err is e:
+            raise
+        raise err from e
     shell = _Shell(req, model)
     if req.stream:
         gen = _stream(state, plan, jobs, shell, ticket, want_logprobs)

@@ -281,19 +281,20 @@ void paged_attention(const float *q, int64_t q_stride, const float *cache, float
     const int64_t nv = head_dim / 16;
     /* Tiles: runs of up to TILE tokens of one sequence. */
     int64_t *tile_start = (int64_t *)malloc(sizeof(int64_t) * (size_t)(rows + 1));
-    int64_t tiles = 0;
+    int64_t tiles = 0, longest = 1;
     for (int64_t r = 0; r < rows;) {
         const int64_t s = row_seq != NULL ? row_seq[r] : r;
         int64_t e = r + 1;
         while (e < rows && e - r < TILE && row_seq != NULL && row_seq[e] == s) e++;
         tile_start[tiles++] = r;
+        longest = e - r > longest ? e - r : longest;
         r = e;
     }
     tile_start[tiles] = rows;
 #pragma omp parallel
     {
         /* Per row of a tile and a spare: its query, accumulator and state (8 a vector). */
-        const int64_t tile_rows = TILE * group + 1;
+        const int64_t tile_rows = longest * group + 1;
         v16 *work = (v16 *)aligned_alloc(64, sizeof(v16) * (size_t)(nv * 2 * tile_rows + tile_rows / 8 + 1));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < tiles * num_kv_heads; t++) {

@@ -20,6 +20,8 @@ from ember.native import cpu_kernels
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
+    """The torch backend's cache layout, read by the C kernel for every query token."""
+
     name = "cpu"
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> None:
@@ -90,6 +92,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
     ) -> None:
         lib = cpu_kernels()
         assert lib is not None and cache.dtype == torch.float32 and cache.is_contiguous()
+        assert out.is_contiguous() and out.shape == q.shape
         if q.stride(2) != 1 or q.stride(1) != self.head_dim:  # a token's heads must be one run
             q = q.contiguous()
         tables, row_seq, row_len = (meta.extra[k] for k in ("tables", "row_seq", "row_len"))

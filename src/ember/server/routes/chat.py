@@ -357,6 +357,7 @@ async def _chat_stream(
                 num_calls[i] += 1
             if out.finished:
                 called = "function_call" if plan.legacy_functions else "tool_calls"
+                called = "stop" if plan.named_call else called
                 reason = called if num_calls[i] else out.finish_reason
                 # As OpenAI streams it: the finish reason in a chunk of its own, after the
                 # last text or call (the SDK's stream helpers close a tool call only then).

@@ -82,6 +82,9 @@ class ChatPlan:
     # With a forced call: the grammar of the rest of the call, so it always parses.
     call_grammar: str | None = None
     legacy_functions: bool = False  # the request used `functions`: a call is a function_call
+    # tool_choice named one function: its call ends with finish_reason "stop", as OpenAI's
+    # (and vLLM's) do; "auto" and "required" calls end with "tool_calls".
+    named_call: bool = False
 
     def new_parser(self) -> ToolParser | None:
         """A parser per choice: each keeps its own streaming state."""
@@ -239,6 +242,7 @@ def chat_plan(req: P.ChatCompletionRequest, state: ServerState) -> ChatPlan:
             max_calls=1 if req.parallel_tool_calls is False else None,
             call_grammar=PARSERS[support.parser].call_grammar(tools, function) if forced else None,
             legacy_functions=req.functions is not None,
+            named_call=mode == "named" and req.functions is None,
         )
     if support.chatglm3:  # no tools, but the metadata line still has to go
         return ChatPlan(formatter, parser="chatglm3")
@@ -263,4 +267,6 @@ def chat_message(plan: ChatPlan, r: SeqResult) -> tuple[P.ChatResponseMessage, s
         P.ToolCall(id=c.id, function=P.FunctionCall(name=c.name, arguments=c.arguments))
         for c in res.tool_calls
     ]
-    return P.ChatResponseMessage(content=res.content or None, tool_calls=calls), "tool_calls"
+    return P.ChatResponseMessage(content=res.content or None, tool_calls=calls), (
+        "stop" if plan.named_call else "tool_calls"
+    )

@@ -572,6 +572,19 @@ def test_named_tool_choice_calls_that_function(client, messages):
 
 
 @slow
+def test_a_function_declared_without_parameters_is_called_with_none(client):
+    # OpenAI: leaving out `parameters` defines a function with an empty parameter list.
+    tools = [{"type": "function", "function": {"name": "now", "description": "The time."}}]
+    ask = [{"role": "user", "content": "What time is it?"}]
+    for choice in ("required", {"type": "function", "function": {"name": "now"}}):
+        r = client.chat.completions.create(
+            model=MODEL, messages=ask, tools=tools, tool_choice=choice, temperature=0, max_tokens=32
+        )
+        [call] = r.choices[0].message.tool_calls
+        assert (call.function.name, json.loads(call.function.arguments)) == ("now", {}), choice
+
+
+@slow
 @pytest.mark.parametrize(
     "tool_choice", ["auto", "required", NAMED], ids=["auto", "required", "named"]
 )

@@ -113,7 +113,7 @@ def _lit(text: str) -> str:
 
 
 def _json_rule(schema: Any, defs: Any = None) -> str:
-    """%json of a schema; with no schema, a call's arguments are any object."""
+    """%json of a schema; with no schema, any object."""
     schema = dict(close_objects(schema)) if isinstance(schema, dict) else {"type": "object"}
     if defs and "$defs" not in schema:  # a property that refers to its tool's $defs
         schema["$defs"] = defs
@@ -124,6 +124,13 @@ def _json_rule(schema: Any, defs: Any = None) -> str:
 def _tool_functions(tools: list[dict[str, Any]], function: str | None) -> list[dict[str, Any]]:
     fns = [t.get("function") or {} for t in tools]
     return [f for f in fns if function is None or f.get("name") == function]
+
+
+def _parameters(function: dict[str, Any]) -> dict[str, Any]:
+    """A function's parameter schema. One declared without parameters takes none, as OpenAI
+    reads it: its arguments are the empty object."""
+    params = function.get("parameters")
+    return params if isinstance(params, dict) else {"type": "object", "properties": {}}
 
 
 def _lark(start: str, rules: dict[str, str]) -> str:
@@ -245,12 +252,12 @@ class HermesParser(ToolParser):
         end = _lit("}\n" + cls.CLOSE)
         fns = _tool_functions(tools, function)
         if function is not None:
-            return _lark(f"args_0 {end}", {"args_0": _json_rule(fns[0].get("parameters"))})
+            return _lark(f"args_0 {end}", {"args_0": _json_rule(_parameters(fns[0]))})
         rules = {}
         for i, f in enumerate(fns):
             head = _lit('{"name": ' + json.dumps(f["name"], ensure_ascii=False) + ', "arguments": ')
             rules[f"call_{i}"] = f"{head} args_{i}"
-            rules[f"args_{i}"] = _json_rule(f.get("parameters"))
+            rules[f"args_{i}"] = _json_rule(_parameters(f))
         calls = " | ".join(f"call_{i}" for i in range(len(fns)))
         return _lark(f"({calls}) {end}", rules)
 
@@ -316,7 +323,7 @@ class Llama3JsonParser(ToolParser):
     def call_grammar(cls, tools: list[dict[str, Any]], function: str | None) -> str:
         fns = _tool_functions(tools, function)
         if function is not None:
-            return _lark('args_0 "}"', {"args_0": _json_rule(fns[0].get("parameters"))})
+            return _lark('args_0 "}"', {"args_0": _json_rule(_parameters(fns[0]))})
         rules = {}
         for i, f in enumerate(fns):
             # After the prefix '{"name": "': the rest of the name, then the parameters.
@@ -324,7 +331,7 @@ class Llama3JsonParser(ToolParser):
             rules[f"call_{i}"] = (
                 f'{_lit(name + ", " + chr(34) + "parameters" + chr(34) + ": ")} args_{i} "}}"'
             )
-            rules[f"args_{i}"] = _json_rule(f.get("parameters"))
+            rules[f"args_{i}"] = _json_rule(_parameters(f))
         return _lark(" | ".join(f"call_{i}" for i in range(len(fns))), rules)
 
     def _scan(self, out: ParseResult, final: bool) -> None:

@@ -217,6 +217,32 @@ def test_streams_end_with_the_stop_that_ended_them(client):
     assert [(c.finish_reason, c.model_extra["stop_reason"]) for c in ends] == [("stop", stop)]
 
 
+def test_logprob_bytes_are_each_tokens_own_even_mid_character(client, server):
+    """A token that holds part of a character decodes to U+FFFD; its `bytes` are still its
+    own, so the bytes of a reply's tokens put together spell the reply."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"prompt": "🐱", "add_special_tokens": False}
+    ids = httpx.post(server + "/tokenize", json=body, headers=auth).json()["tokens"]
+    assert len(ids) > 1  # the emoji is spelled in pieces
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Repeat exactly: 🐱🐱"}],
+        max_tokens=2 * len(ids),
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"allowed_token_ids": ids},
+    )
+    choice = r.choices[0]
+    tokens = choice.logprobs.content
+    spelled = b"".join(bytes(t.bytes) for t in tokens)
+    assert spelled.decode("utf-8", "replace") == choice.message.content
+    assert "🐱" in choice.message.content, choice.message.content
+    for t in tokens:
+        for alt in t.top_logprobs:
+            assert alt.bytes and (alt.token != "\ufffd" or alt.bytes != [0xEF, 0xBF, 0xBD])
+
+
 def test_context_overflow_names_the_token_counts(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt="hi " * 10, max_tokens=5000)

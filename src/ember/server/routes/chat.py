@@ -27,6 +27,7 @@ from ember.server.routes.common import (
     sampling_params,
     sse_chunk,
     sse_error,
+    token_bytes,
     token_text,
     truncate_prompt,
     until_disconnected,
@@ -101,10 +102,12 @@ def chat_logprobs(state: ServerState, lps: list[Logprob]) -> P.ChoiceLogprobs:
             P.TokenLogprob(
                 token=text,
                 logprob=lp.logprob,
-                bytes=list(text.encode()),
+                bytes=token_bytes(state, lp.token_id, text),
                 top_logprobs=[
                     P.TopLogprob(
-                        token=(t := token_text(state, tid)), logprob=v, bytes=list(t.encode())
+                        token=(t := token_text(state, tid)),
+                        logprob=v,
+                        bytes=token_bytes(state, tid, t),
                     )
                     for tid, v in lp.top
                 ],

@@ -389,6 +389,15 @@ def token_text(state: ServerState, token_id: int) -> str:
     return state.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
+def token_bytes(state: ServerState, token_id: int, text: str) -> list[int]:
+    """A token's own UTF-8 bytes (OpenAI's logprobs `bytes`). A token that holds part of a
+    character decodes to U+FFFD, so its bytes come from the vocabulary instead (llguidance's
+    reading of it, the one structured outputs use)."""
+    if "\ufffd" not in text or state.engine is None:
+        return list(text.encode())
+    return list(state.engine.core.structured.lltokenizer.decode_bytes([token_id]))
+
+
 def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> P.UsageInfo:
     return P.UsageInfo(
         prompt_tokens=prompt_tokens,

@@ -126,6 +126,18 @@ def test_batch_fill_matches_one_at_a_time():
         assert torch.equal(together[i], backend.fill_bitmasks([m], [[]])[0])
 
 
+def test_regex_digits_are_ascii_digits():
+    # llguidance reads \d as any Unicode digit; a regex's user (as vLLM's) means 0-9.
+    backend = _byte_backend()
+    digits = set(range(ord("0"), ord("9") + 1))
+    for regex in (r"\d{3}", r"[\d]{3}", r"[\d.]{3}"):
+        m = backend.matcher(StructuredOutputsParams(regex=regex))
+        allowed = _allowed(backend.fill_bitmasks([m], [[]]), 0, 256)
+        assert allowed == digits | ({ord(".")} if "." in regex else set()), regex
+    m = backend.matcher(StructuredOutputsParams(regex=r"\D"))
+    assert not _allowed(backend.fill_bitmasks([m], [[]]), 0, 256) & digits
+
+
 def test_choice_regex_and_grammar_walks_end_in_their_language():
     backend = _byte_backend()
     for seed in range(3):

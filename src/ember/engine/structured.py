@@ -122,7 +122,7 @@ class StructuredOutputsParams:
                     raise StructuredOutputsError(f"Invalid JSON Schema: {problem}.", self.param)
                 return LLMatcher.grammar_from_json_schema(close_objects(schema), _JSON_OPTIONS)
             if self.regex is not None:
-                return LLMatcher.grammar_from_regex(self.regex)
+                return LLMatcher.grammar_from_regex(ascii_digits(self.regex))
             if self.choice is not None:
                 return LLMatcher.grammar_from_lark(
                     "start: " + " | ".join(json.dumps(c) for c in self.choice)
@@ -329,6 +329,32 @@ class GrammarBackend:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def ascii_digits(regex: str) -> str:
+    """`regex` with \\d as [0-9] and \\D as [^0-9]. llguidance reads regexes as Rust does, where
+    \\d is any Unicode digit (so a phone number could come out in Arabic-Indic or segmented
+    digits); users of vLLM's regex and of JSON Schema patterns expect ASCII digits."""
+    out, i, in_class = [], 0, False
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\" and i + 1 < len(regex):
+            nxt = regex[i + 1]
+            if nxt == "d":
+                out.append("0-9" if in_class else "[0-9]")
+            elif nxt == "D" and not in_class:
+                out.append("[^0-9]")
+            else:
+                out.append(c + nxt)
+            i += 2
+            continue
+        if c == "[" and not in_class:
+            in_class = True
+        elif c == "]" and in_class:
+            in_class = False
+        out.append(c)
+        i += 1
+    return "".join(out)
 
 
 def _bit(k: int) -> int:

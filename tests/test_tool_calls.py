@@ -102,6 +102,28 @@ def test_hermes_invalid_json_is_content():
     assert r.tool_calls == [] and r.content == text
 
 
+@pytest.mark.parametrize(
+    "written, arguments",
+    [
+        ('{"city": "Par', '{"city": "Par'),  # the arguments themselves cut
+        ('{"city": "Paris"}', '{"city": "Paris"}'),  # the wrapper's brace not written
+        ('{"city": "Paris"}}\n</tool_', '{"city": "Paris"}'),  # only the closing tag cut
+        ("", ""),
+    ],
+)
+def test_hermes_call_cut_by_the_token_limit_comes_back_as_far_as_it_got(written, arguments):
+    """OpenAI returns a call that ran out of tokens as a call (finish_reason length), with
+    its arguments so far; the model's call markup never reaches the content."""
+    text = 'Sure. <tool_call>\n{"name": "get_weather", "arguments": ' + written
+    cut = HermesParser(NAMES).parse(text, cut=True)
+    assert cut.content == "Sure."
+    assert [(c.name, c.arguments) for c in cut.tool_calls] == [("get_weather", arguments)]
+    # Not cut (the model stopped there): text, as before; and a name not among the tools.
+    assert HermesParser(NAMES).parse(text).tool_calls == []
+    other = text.replace("get_weather", "launch")
+    assert HermesParser(NAMES).parse(other, cut=True).tool_calls == []
+
+
 @pytest.mark.parametrize("fmt", ["hermes", "llama3_json"])
 def test_json_nested_past_the_decoders_limit_is_content(fmt):
     """A model can write brackets without end; that is text, not a failed request."""
@@ -569,6 +591,32 @@ def test_named_tool_choice_calls_that_function(client, messages):
         model=MODEL, messages=messages, tools=TOOLS, tool_choice=NAMED, temperature=0, max_tokens=32
     )
     check_choice(r.choices[0], name="get_weather", forced=True, named=True)
+
+
+@slow
+@pytest.mark.parametrize("tool_choice", ["required", NAMED], ids=["required", "named"])
+def test_a_forced_call_cut_by_max_tokens_is_a_call_as_far_as_it_got(client, tool_choice):
+    kw = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=tool_choice, temperature=0)
+    whole = client.chat.completions.create(max_tokens=64, **kw).choices[0]
+    [call] = whole.message.tool_calls
+    r = client.chat.completions.create(max_tokens=12, **kw).choices[0]
+    assert r.finish_reason == "length" and not r.message.content
+    [cut] = r.message.tool_calls
+    assert cut.function.name == call.function.name
+    assert call.function.arguments.startswith(cut.function.arguments)
+    # (The SDK's stream accumulator refuses a "length" finish when given tools, as it does
+    # with OpenAI's, so the chunks are put together here.)
+    chunks = [
+        c.choices[0] for c in client.chat.completions.create(max_tokens=12, stream=True, **kw)
+    ]
+    deltas = [d for c in chunks for d in c.delta.tool_calls or []]
+    streamed = (
+        "".join(d.function.name or "" for d in deltas),
+        "".join(d.function.arguments or "" for d in deltas),
+    )
+    assert streamed == (cut.function.name, cut.function.arguments)
+    assert not "".join(c.delta.content or "" for c in chunks)
+    assert [c.finish_reason for c in chunks if c.finish_reason] == ["length"]
 
 
 @slow

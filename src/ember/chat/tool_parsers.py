@@ -150,6 +150,7 @@ class ToolParser:
         self, tool_names: Collection[str] | None = None, max_calls: int | None = None
     ) -> None:
         self.tool_names = frozenset(tool_names) if tool_names is not None else None
+        self.cut = False  # set by finish()
         self.max_calls = max_calls
         self.num_calls = 0
         self._buf = ""
@@ -166,16 +167,19 @@ class ToolParser:
         self._scan(out, final=False)
         return out
 
-    def finish(self) -> ParseResult:
+    def finish(self, cut: bool = False) -> ParseResult:
+        """The rest of the reply; `cut`: it ran out of tokens, so a call it was writing is
+        returned as far as it got (as OpenAI does), where the format allows."""
         out = ParseResult()
         if not self._finished:
+            self.cut = cut
             self._scan(out, final=True)
             self._finished = True
         return out
 
-    def parse(self, text: str) -> ParseResult:
+    def parse(self, text: str, cut: bool = False) -> ParseResult:
         """A whole reply at once (the parser is used up)."""
-        return self.feed(text).merge(self.finish())
+        return self.feed(text).merge(self.finish(cut))
 
     @classmethod
     def forced_prefix(cls, function: str | None) -> str:
@@ -284,6 +288,8 @@ class HermesParser(ToolParser):
             self._buf = self._buf[end:]
             self._in_call = False
             call = self._decode(body)
+            if call is None and j < 0 and self.cut:  # the arguments as far as they got
+                call = self._cut_call(body)
             if call is None or not self._call(out, *call):
                 self._content(out, self._gap + self.OPEN + raw)
             self._gap = ""
@@ -295,6 +301,31 @@ class HermesParser(ToolParser):
         except (ValueError, RecursionError):
             return None
         return _call_from_object(obj, args_required=False)
+
+    _CUT_NAME = re.compile(r'\s*\{"name": ("(?:[^"\\]|\\.)*")')
+    _ARGS_KEY = ', "arguments": '
+
+    @classmethod
+    def _cut_call(cls, body: str) -> tuple[str, str] | None:
+        """A call cut off before its end, as OpenAI returns one that ran out of tokens: its
+        name and its arguments' text so far (whole, if only the closing tags were cut)."""
+        head = cls._CUT_NAME.match(body)
+        if head is None:
+            return None
+        name, rest = json.loads(head.group(1)), body[head.end() :]
+        if not rest.startswith(cls._ARGS_KEY):
+            return (name, "") if cls._ARGS_KEY.startswith(rest) else None
+        args = rest[len(cls._ARGS_KEY) :]
+        close = "\n" + cls.CLOSE  # after the arguments come "}" and this, possibly in part
+        cut = next((k for k in range(len(close), 0, -1) if args.endswith(close[:k])), 0)
+        args = args[: len(args) - cut]
+        for whole in (args[:-1], args) if args.endswith("}") else (args,):
+            try:
+                json.loads(whole)
+                return name, whole
+            except (ValueError, RecursionError):
+                pass
+        return name, args  # the arguments themselves were cut
 
 
 class Llama3JsonParser(ToolParser):

@@ -16,7 +16,7 @@ from ember.engine.request import Logprob, SamplingParams, fan_out
 from ember.engine.structured import StructuredOutputsParams
 from ember.server import protocol as P
 from ember.server.errors import APIError
-from ember.server.routes.chat_tools import ChatPlan, chat_message, chat_plan
+from ember.server.routes.chat_tools import ChatPlan, call_finish_reason, chat_message, chat_plan
 from ember.server.routes.common import (
     SSE_HEADERS,
     collect,
@@ -331,7 +331,7 @@ async def _chat_stream(
                 # The forced opener was part of the prompt; the parser reads it first.
                 res = parser.feed(out.new_text if started[i] else plan.prefix + out.new_text)
                 if out.finished:
-                    res.merge(parser.finish())
+                    res.merge(parser.finish(cut=out.finish_reason == "length"))
                 text, calls = res.content, res.tool_calls
             started[i] = True
             if not text and not calls and not out.finished and not want_logprobs:
@@ -359,9 +359,11 @@ async def _chat_stream(
                 choices.append(P.ChatChunkChoice(index=i, delta=delta))
                 num_calls[i] += 1
             if out.finished:
-                called = "function_call" if plan.legacy_functions else "tool_calls"
-                called = "stop" if plan.named_call else called
-                reason = called if num_calls[i] else out.finish_reason
+                reason = (
+                    call_finish_reason(plan, out.finish_reason)
+                    if num_calls[i]
+                    else out.finish_reason
+                )
                 # As OpenAI streams it: the finish reason in a chunk of its own, after the
                 # last text or call (the SDK's stream helpers close a tool call only then).
                 stop = out.stop_reason  # vLLM's: the stop string or token id that ended it

@@ -254,19 +254,27 @@ def chat_message(plan: ChatPlan, r: SeqResult) -> tuple[P.ChatResponseMessage, s
     parser = plan.new_parser()
     if parser is None:
         return P.ChatResponseMessage(content=r.text), r.finish_reason
-    res = parser.parse(plan.prefix + r.text)
+    res = parser.parse(plan.prefix + r.text, cut=r.finish_reason == "length")
     if not res.tool_calls:
         return P.ChatResponseMessage(content=res.content), r.finish_reason
+    reason = call_finish_reason(plan, r.finish_reason)
     if plan.legacy_functions:  # that form has one call, and no id
         c = res.tool_calls[0]
         call = P.FunctionCall(name=c.name, arguments=c.arguments)
-        return P.ChatResponseMessage(content=res.content or None, function_call=call), (
-            "function_call"
-        )
+        return P.ChatResponseMessage(content=res.content or None, function_call=call), reason
     calls = [
         P.ToolCall(id=c.id, function=P.FunctionCall(name=c.name, arguments=c.arguments))
         for c in res.tool_calls
     ]
-    return P.ChatResponseMessage(content=res.content or None, tool_calls=calls), (
-        "stop" if plan.named_call else "tool_calls"
-    )
+    return P.ChatResponseMessage(content=res.content or None, tool_calls=calls), reason
+
+
+def call_finish_reason(plan: ChatPlan, finish_reason: str | None) -> str:
+    """The finish reason of a reply that made calls, as OpenAI gives it: "length" when the
+    tokens ran out (a call may be cut short), else "tool_calls" ("function_call" for the
+    legacy form; "stop" where tool_choice named the function)."""
+    if finish_reason == "length":
+        return "length"
+    if plan.legacy_functions:
+        return "function_call"
+    return "stop" if plan.named_call else "tool_calls"

@@ -404,7 +404,7 @@ async def _stream(
                 # The forced opener was part of the prompt; the parser reads it first.
                 res = parser.feed(out.new_text if started else plan.prefix + out.new_text)
                 if out.finished:
-                    res.merge(parser.finish())
+                    res.merge(parser.finish(cut=out.finish_reason == "length"))
                 delta, calls = res.content, res.tool_calls
             started = True
             if want_logprobs:

@@ -620,6 +620,31 @@ def test_a_forced_call_cut_by_max_tokens_is_a_call_as_far_as_it_got(client, tool
 
 
 @slow
+def test_a_responses_call_cut_by_max_output_tokens_is_an_incomplete_item(client):
+    fn = TOOLS[0]["function"]
+    kw = dict(
+        model=MODEL,
+        input="What is the weather in Paris?",
+        tools=[{"type": "function", **fn}],
+        tool_choice={"type": "function", "name": fn["name"]},
+        temperature=0,
+    )
+    whole = client.responses.create(max_output_tokens=64, **kw)
+    [call] = whole.output
+    assert (whole.status, call.type, call.status) == ("completed", "function_call", "completed")
+    cut = client.responses.create(max_output_tokens=12, **kw)
+    [item] = cut.output
+    assert (cut.status, item.type, item.status) == ("incomplete", "function_call", "incomplete")
+    assert item.arguments and call.arguments.startswith(item.arguments)
+    with client.responses.stream(max_output_tokens=12, **kw) as stream:
+        events = list(stream)
+    final = events[-1]
+    assert final.type == "response.incomplete"
+    [streamed] = final.response.output
+    assert (streamed.status, streamed.arguments) == ("incomplete", item.arguments)
+
+
+@slow
 def test_a_function_declared_without_parameters_is_called_with_none(client):
     # OpenAI: leaving out `parameters` defines a function with an empty parameter list.
     tools = [{"type": "function", "function": {"name": "now", "description": "The time."}}]

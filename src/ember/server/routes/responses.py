@@ -225,7 +225,7 @@ def _call_item(call: ParsedToolCall, status: str = "completed") -> dict[str, Any
         "type": "function_call",
         "call_id": call.id,
         "name": call.name,
-        "arguments": call.arguments if status == "completed" else "",
+        "arguments": "" if status == "in_progress" else call.arguments,
         "status": status,
     }
 
@@ -333,7 +333,7 @@ async def create_response(
         output.append(_message_item(_item_id("msg"), message.content, status, lps))
     for call in message.tool_calls or []:
         parsed = ParsedToolCall(call.function.name, call.function.arguments, call.id)
-        output.append(_call_item(parsed))
+        output.append(_call_item(parsed, status))  # incomplete: cut by max_output_tokens
     usage_info = _usage(len(prompt_ids), len(r.token_ids))
     return shell.build(status, output, usage_info)
 
@@ -437,7 +437,8 @@ async def _stream(
                 yield event(
                     "response.function_call_arguments.done", **ids, arguments=call.arguments
                 )
-                output[index] = _call_item(call)
+                cut = out.finished and out.finish_reason == "length"
+                output[index] = _call_item(call, "incomplete" if cut else "completed")
                 yield event("response.output_item.done", output_index=index, item=output[index])
             if out.finished:
                 finish_reason = out.finish_reason

@@ -80,9 +80,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
         v: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        cache = meta.kv_caches[layer]
-        cache[:, 0].index_copy_(0, meta.slot_mapping, k)
-        cache[:, 1].index_copy_(0, meta.slot_mapping, v)
+        cache = self._write_kv(layer, k, v, meta)
         out = torch.empty(q.shape, dtype=q.dtype)
         self._attend(cache, q, out, meta)
         return out

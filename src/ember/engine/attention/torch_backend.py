@@ -151,6 +151,16 @@ class TorchAttentionBackend(AttentionBackend):
         extra["prefills"] = prefills
         return AttentionMetadata(slot_mapping, spans, num_decode_seqs, kv_caches, extra)
 
+    @staticmethod
+    def _write_kv(
+        layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """The step's new keys and values into their slots; returns the layer's cache."""
+        cache = meta.kv_caches[layer]
+        cache[:, 0].index_copy_(0, meta.slot_mapping, k)
+        cache[:, 1].index_copy_(0, meta.slot_mapping, v)
+        return cache
+
     def forward(
         self,
         layer: int,
@@ -159,9 +169,7 @@ class TorchAttentionBackend(AttentionBackend):
         v: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        cache = meta.kv_caches[layer]
-        cache[:, 0].index_copy_(0, meta.slot_mapping, k)
-        cache[:, 1].index_copy_(0, meta.slot_mapping, v)
+        cache = self._write_kv(layer, k, v, meta)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # q may be a strided view
         gqa = self.num_heads != self.num_kv_heads
         kvh, d = self.num_kv_heads, self.head_dim

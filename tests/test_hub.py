@@ -198,10 +198,18 @@ def _wait_for_partial_file(root: Path, timeout: float = 30) -> None:
     """Until the client has written part of the stalled file to disk (the `.incomplete` file)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if any(p.stat().st_size >= 1 << 20 for p in root.rglob("*incomplete*") if p.is_file()):
+        if any(_size(p) >= 1 << 20 for p in root.rglob("*incomplete*")):
             return
         time.sleep(0.2)
     raise AssertionError("no partial file appeared")
+
+
+def _size(path: Path) -> int:
+    """A file's size, or 0 if it is gone: the client may rename it between listing and stat."""
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except FileNotFoundError:
+        return 0
 
 
 @pytest.mark.parametrize("source", ["huggingface", "modelscope"])

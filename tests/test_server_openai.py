@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import httpx
 import openai
@@ -514,3 +515,34 @@ def test_continuous_usage_stats_counts_as_it_streams(client, endpoint):
     else:
         others = list(client.completions.create(prompt="Once upon a time", **plain))
     assert [c.usage is not None for c in others] == [False] * (len(others) - 1) + [True]
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "chat-stream", "completions", "completions-stream"])
+def test_usage_counts_prompt_tokens_served_from_the_prefix_cache(client, endpoint):
+    # A prompt no other test sends: its first run finds nothing cached, the second most of it.
+    words = f"{uuid.uuid4().hex} " + " ".join(["tell me about the sea"] * 12)
+    kw = dict(model=MODEL, max_tokens=3, temperature=0)
+    if endpoint.endswith("stream"):
+        kw.update(stream=True, stream_options={"include_usage": True})
+
+    def usage():
+        if endpoint.startswith("chat"):
+            r = client.chat.completions.create(messages=[{"role": "user", "content": words}], **kw)
+        else:
+            r = client.completions.create(prompt=words, **kw)
+        return list(r)[-1].usage if kw.get("stream") else r.usage
+
+    first, second = usage(), usage()
+    # Only a chat template's opening (its default system prompt) can be shared the first time.
+    limit = 0 if endpoint.startswith("completions") else first.prompt_tokens // 3
+    assert first.prompt_tokens_details.cached_tokens <= limit
+    assert second.prompt_tokens == first.prompt_tokens > 60
+    assert first.prompt_tokens - 16 <= second.prompt_tokens_details.cached_tokens
+    assert second.prompt_tokens_details.cached_tokens < second.prompt_tokens
+
+
+def test_responses_usage_counts_cached_input_tokens(client):
+    text = f"{uuid.uuid4().hex} " + " ".join(["a story about a lighthouse keeper"] * 10)
+    runs = [client.responses.create(model=MODEL, input=text, max_output_tokens=3) for _ in "ab"]
+    assert runs[0].usage.input_tokens_details.cached_tokens <= runs[0].usage.input_tokens // 3
+    assert 0 < runs[1].usage.input_tokens_details.cached_tokens < runs[1].usage.input_tokens

@@ -284,7 +284,8 @@ async def chat_completions(
         model=model,
         system_fingerprint=state.fingerprint,
         choices=choices,
-        usage=usage(len(prompt_ids), completion_tokens),
+        # The prompt is counted once, so are its cached tokens: the first choice's.
+        usage=usage(len(prompt_ids), completion_tokens, results[0].num_cached_tokens),
         prompt_logprobs=None
         if req.prompt_logprobs is None
         else prompt_logprobs(state, prompt_ids, results[0].prompt_logprobs, req.prompt_logprobs),
@@ -306,13 +307,13 @@ async def _chat_stream(
 ) -> AsyncIterator[str]:
     def chunk(choices: list[P.ChatChunkChoice], usage_info: P.UsageInfo | None = None) -> str:
         if usage_info is None and continuous_usage:
-            usage_info = usage(prompt_len, completion_tokens)
+            usage_info = usage(prompt_len, completion_tokens, cached)
         return sse_chunk(
             P.ChatCompletionChunk, state, request_id, created, model, choices, usage_info
         )
 
     prompt_len = len(jobs[0][0])
-    completion_tokens = 0
+    completion_tokens = cached = 0
     parsers = [plan.new_parser() for _ in jobs]
     started = [False] * len(jobs)
     num_calls = [0] * len(jobs)  # tool calls streamed so far, per choice
@@ -325,6 +326,8 @@ async def _chat_stream(
                 yield chunk([P.ChatChunkChoice(index=i, delta=P.DeltaMessage(content=echo))])
         async for i, out in merged_streams(state, jobs, request_id, ticket):
             completion_tokens += len(out.new_token_ids)
+            if i == 0:
+                cached = out.num_cached_tokens
             text, calls = out.new_text, []
             parser = parsers[i]
             if parser is not None:
@@ -379,7 +382,7 @@ async def _chat_stream(
             for choice in choices:
                 yield chunk([choice])
         if include_usage:
-            yield chunk([], usage(prompt_len, completion_tokens))
+            yield chunk([], usage(prompt_len, completion_tokens, cached))
     except Exception as e:  # noqa: BLE001 (a stream that fails midway reports, then ends)
         yield sse_error(e)
     finally:

@@ -34,6 +34,7 @@ class SeqResult:
     prompt_logprobs: list[Logprob | None] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache served
 
     @property
     def cumulative_logprob(self) -> float:
@@ -319,6 +320,7 @@ async def collect(
         r.token_ids += out.new_token_ids
         r.text += out.new_text
         r.logprobs += out.new_logprobs or []
+        r.num_cached_tokens = out.num_cached_tokens
         if out.prompt_logprobs is not None:
             r.prompt_logprobs = out.prompt_logprobs
         if out.finished:
@@ -403,7 +405,7 @@ def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> P.Usag
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
-        prompt_tokens_details={"cached_tokens": cached} if cached else None,
+        prompt_tokens_details={"cached_tokens": cached},  # as OpenAI: present, even when 0
     )
 
 

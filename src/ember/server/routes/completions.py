@@ -203,9 +203,11 @@ async def completions(
     if score_only:
         results = [_scored(r) for r in results]
     choices = []
+    cached = 0
     for pi in range(len(prompts)):
         mine = [r for r, o in zip(results, owners) if o == pi]
         scored_prompt = mine[0].prompt_logprobs  # the first sample of each prompt scores it
+        cached += mine[0].num_cached_tokens  # and its cache hits count, as its tokens do once
         if best_of > req.n:
             mine = sorted(mine, key=lambda r: r.cumulative_logprob, reverse=True)[: req.n]
         for j, r in enumerate(mine):
@@ -236,7 +238,7 @@ async def completions(
         model=model,
         system_fingerprint=state.fingerprint,
         choices=choices,
-        usage=usage(prompt_tokens, completion_tokens),
+        usage=usage(prompt_tokens, completion_tokens, cached),
     )
 
 
@@ -258,12 +260,14 @@ async def _completion_stream(
 ) -> AsyncIterator[str]:
     def chunk(choices: list[P.CompletionChoice], usage_info: P.UsageInfo | None = None) -> str:
         if usage_info is None and continuous_usage:
-            usage_info = usage(prompt_tokens, completion_tokens)
+            usage_info = usage(prompt_tokens, completion_tokens, sum(cached.values()))
         return sse_chunk(
             P.CompletionResponse, state, request_id, created, model, choices, usage_info
         )
 
     completion_tokens = 0
+    first_of = {o: j for j, o in reversed(list(enumerate(owners)))}  # each prompt's first job
+    cached: dict[int, int] = {}  # prompt -> its first job's prefix-cache hits
     offsets = [len(prompt_texts[o]) for o in owners]
     echoed = [False] * len(jobs)
     # Echo with logprobs: the first sample of each prompt scores it (fan_out), and each
@@ -310,6 +314,8 @@ async def _completion_stream(
     try:
         async for i, out in merged_streams(state, jobs, request_id, ticket):
             pi = owners[i]
+            if first_of[pi] == i:
+                cached[pi] = out.num_cached_tokens
             ready = [(i, out)]
             if out.prompt_logprobs is not None and pi not in scores:
                 scores[pi] = out.prompt_logprobs
@@ -322,7 +328,7 @@ async def _completion_stream(
                 if (line := render(j, o)) is not None:
                     yield line
         if include_usage:
-            yield chunk([], usage(prompt_tokens, completion_tokens))
+            yield chunk([], usage(prompt_tokens, completion_tokens, sum(cached.values())))
     except Exception as e:  # noqa: BLE001
         yield sse_error(e)
     finally:

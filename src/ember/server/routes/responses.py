@@ -334,7 +334,7 @@ async def create_response(
     for call in message.tool_calls or []:
         parsed = ParsedToolCall(call.function.name, call.function.arguments, call.id)
         output.append(_call_item(parsed, status))  # incomplete: cut by max_output_tokens
-    usage_info = _usage(len(prompt_ids), len(r.token_ids))
+    usage_info = _usage(len(prompt_ids), len(r.token_ids), r.num_cached_tokens)
     return shell.build(status, output, usage_info)
 
 
@@ -369,7 +369,7 @@ async def _stream(
     output: list[dict[str, Any]] = []
     text_item: dict[str, Any] | None = None  # the message being written, once text arrives
     text = ""
-    completion_tokens = 0
+    completion_tokens = cached = 0
     parser = plan.new_parser()
     started = False
     finish_reason = None
@@ -399,6 +399,7 @@ async def _stream(
         yield event("response.in_progress", response=shell.build("in_progress", []))
         async for _, out in merged_streams(state, jobs, shell.id, ticket):
             completion_tokens += len(out.new_token_ids)
+            cached = out.num_cached_tokens
             delta, calls = out.new_text, []
             if parser is not None:
                 # The forced opener was part of the prompt; the parser reads it first.
@@ -445,7 +446,7 @@ async def _stream(
         status = _status(finish_reason)
         for e in close_text(status):
             yield e
-        final = shell.build(status, output, _usage(prompt_len, completion_tokens))
+        final = shell.build(status, output, _usage(prompt_len, completion_tokens, cached))
         kind = "response.completed" if status == "completed" else "response.incomplete"
         yield event(kind, response=final)
     except Exception as e:  # noqa: BLE001 (a stream that fails midway reports, then ends)

@@ -178,11 +178,11 @@ def test_cpu_decode_kernel_on_model_shapes(
 def test_cpu_backend_output_of_a_token_does_not_depend_on_the_step(
     heads: int, kv_heads: int, head_dim: int, block: int
 ) -> None:
-    """The last token of a 45-token sequence, computed as a decode, in a fresh prefill, in a
+    """The last token of a 100-token sequence, computed as a decode, in a fresh prefill, in a
     chunk after a cached prefix, and beside other sequences: the same bits each time."""
     needs_kernels()
     gen = torch.Generator().manual_seed(heads + head_dim)
-    n, num_blocks = 45, 64
+    n, num_blocks = 100, 64
     backend = CpuAttentionBackend(heads, kv_heads, head_dim, block)
     blocks = torch.randperm(num_blocks, generator=gen).tolist()
     table, other = blocks[: -(-n // block)], blocks[-(-n // block) :]

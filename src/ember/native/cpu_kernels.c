@@ -43,13 +43,14 @@ static inline float exp_nonpositive(float x) { return expf(fmaxf(x, -80.0f)); }
  * extensions: one AVX-512 register, two AVX2 halves, or NEON quarters), and every row goes
  * through the same inlined code, so no row's sums are ordered differently from another's.
  *
- * Work: a task is one KV head of a tile of up to TILE consecutive tokens of one sequence (a
- * decode is a tile of one). Its query rows (tokens x the KV head's query heads) go through a
- * chunk's keys in pairs that share the loads, and a chunk's keys stay in L1 for the whole tile,
- * which is what makes a long prefill nearly as fast as SDPA's matrix products. */
+ * Work: a task is one KV head of a tile of consecutive tokens of one sequence (at least 32,
+ * more while under 256 query rows; a decode is a tile of one). Its query rows (tokens x the
+ * KV head's query heads) go through a chunk's keys in pairs that share the loads, and a
+ * chunk's keys stay in L1 for the whole tile, which is what makes a long prefill nearly as
+ * fast as SDPA's matrix products. */
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
-enum { CH = 16, TILE = 32 };
+enum { CH = 16, TILE = 32, TILE_ROWS = 256 };
 
 static inline v16 v16_splat(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
@@ -279,13 +280,19 @@ void paged_attention(const float *q, int64_t q_stride, const float *cache, float
                      int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale) {
     const int64_t group = num_heads / num_kv_heads, kv_width = num_kv_heads * head_dim;
     const int64_t nv = head_dim / 16;
-    /* Tiles: runs of up to TILE tokens of one sequence. */
+    /* Tiles: runs of up to `tile` tokens of one sequence. A tile reads its keys once for all
+     * its rows, so with few query heads per KV head (Llama-2's 1) longer tiles save most of the
+     * cache traffic of a long prefill; but not so long that the cores run short of tiles. */
+    int64_t tile = TILE_ROWS / group;
+    const int64_t spread = rows * num_kv_heads / (4 * (int64_t)omp_get_max_threads());
+    tile = tile < spread ? tile : spread;
+    tile = tile > TILE ? tile : TILE;
     int64_t *tile_start = (int64_t *)malloc(sizeof(int64_t) * (size_t)(rows + 1));
     int64_t tiles = 0, longest = 1;
     for (int64_t r = 0; r < rows;) {
         const int64_t s = row_seq != NULL ? row_seq[r] : r;
         int64_t e = r + 1;
-        while (e < rows && e - r < TILE && row_seq != NULL && row_seq[e] == s) e++;
+        while (e < rows && e - r < tile && row_seq != NULL && row_seq[e] == s) e++;
         tile_start[tiles++] = r;
         longest = e - r > longest ? e - r : longest;
         r = e;

@@ -426,6 +426,36 @@ def test_forced_call_grammar_always_gives_a_call_that_parses_and_validates(fmt, 
     assert function is not None or len(seen) == 2  # "required" may pick any of the tools
 
 
+@pytest.mark.parametrize("fmt", ["hermes", "llama3_json", "chatglm3"])
+@pytest.mark.parametrize("max_calls", [None, 1])
+def test_answer_or_call_grammar_gives_the_json_answer_or_valid_calls(fmt, max_calls):
+    """tool_choice auto with a JSON response_format: every reply is the answer, matching its
+    schema, or calls that parse and validate; random walks take both branches."""
+    from ember.chat.tool_parsers import PARSERS, make_parser
+
+    grammar = PARSERS[fmt].answer_or_call_grammar(TOOLS, SCHEMA, max_calls)
+    spec = StructuredOutputsParams(grammar=grammar)
+    backend = _byte_backend()
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    answers = calls = most_calls = 0
+    for seed in range(24):
+        walked = _walk(backend, spec, seed, steps=800)
+        text = bytes(t for t in walked if t < 256).decode()  # past 255: the end of the reply
+        res = make_parser(fmt, list(schemas)).parse(text)
+        if res.tool_calls:
+            assert not res.content.strip(), text
+            for call in res.tool_calls:
+                jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+            calls += 1
+            most_calls = max(most_calls, len(res.tool_calls))
+        else:
+            jsonschema.validate(json.loads(res.content), SCHEMA)
+            answers += 1
+    assert answers and calls
+    parallel = fmt == "hermes" and max_calls is None
+    assert (most_calls > 1) == parallel
+
+
 def test_logprobs_of_masked_alternatives_are_finite(tiny_llm):
     p = SamplingParams(max_tokens=8, temperature=0, logprobs=5, structured_outputs={"json": SCHEMA})
     out = tiny_llm.generate([[5, 6]], p)[0].outputs[0]

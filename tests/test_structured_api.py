@@ -316,6 +316,35 @@ def test_responses_allowed_tools_calls_only_those(client):
     assert e.value.body["param"] == "tool_choice"
 
 
+class Report(BaseModel):
+    city: str = Field(max_length=20)
+    temperature_c: int = Field(ge=-90, le=60)
+
+
+@pytest.mark.parametrize(
+    "text", ["What is the weather in Paris?", "Write a JSON report: Paris is 21 degrees."]
+)
+def test_responses_with_tools_and_a_text_format_call_or_answer(client, text):
+    """Tools with tool_choice auto beside text.format: a function call whose arguments
+    validate, or the answer parsed into the format (the default model, greedy, calls for the
+    question and answers the report)."""
+    r = client.responses.parse(
+        model=MODEL,
+        input=text,
+        tools=[WEATHER_TOOL],
+        text_format=Report,
+        temperature=0,
+        max_output_tokens=64,
+    )
+    calls = [o for o in r.output if o.type == "function_call"]
+    if text.startswith("What"):
+        assert calls and r.output_parsed is None
+        for call in calls:
+            jsonschema.validate(json.loads(call.arguments), WEATHER_TOOL["parameters"])
+    else:
+        assert not calls and isinstance(r.output_parsed, Report)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_responses_forced_function_call_parses_and_validates(client, stream):
     kw = dict(

@@ -18,6 +18,7 @@ import jsonschema
 import openai
 import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
+from pydantic import BaseModel, Field
 
 from ember.chat.tool_parsers import (
     ChatGLM3Parser,
@@ -122,6 +123,29 @@ def test_hermes_call_cut_by_the_token_limit_comes_back_as_far_as_it_got(written,
     assert HermesParser(NAMES).parse(text).tool_calls == []
     other = text.replace("get_weather", "launch")
     assert HermesParser(NAMES).parse(other, cut=True).tool_calls == []
+
+
+@pytest.mark.parametrize(
+    "tail", ["<tool", "<tool_call>", '<tool_call>\n{"na', '<tool_call>\n{"name": "get_we']
+)
+def test_hermes_reply_cut_before_a_call_named_its_function_shows_none_of_it(tail):
+    """Out of tokens inside an opener, or before the name is whole: neither a call nor the
+    markup comes back, streamed or whole; the calls before it stay."""
+    done = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    text = "Sure. " + done + "\n" + tail
+    whole = HermesParser(NAMES).parse(text, cut=True)
+    streamed = HermesParser(NAMES)
+    parts = [streamed.feed(ch) for ch in text] + [streamed.finish(cut=True)]
+    merged = ParseResult()
+    for part in parts:
+        merged.merge(part)
+    for res in (whole, merged):
+        assert res.content == "Sure."
+        assert [(c.name, c.arguments) for c in res.tool_calls] == [
+            ("get_weather", '{"city": "Paris"}')
+        ]
+    # The model stopped there on its own: the text is kept, as before.
+    assert HermesParser(NAMES).parse("Sure. " + tail).content.endswith(tail.rstrip())
 
 
 @pytest.mark.parametrize("fmt", ["hermes", "llama3_json"])
@@ -745,6 +769,49 @@ def test_tool_history_without_tools_is_accepted(client):
     r = client.chat.completions.create(model=MODEL, messages=HISTORY, max_tokens=4)
     assert r.choices[0].message.tool_calls is None
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+class GetWeather(BaseModel):
+    """Get the current weather in a city"""
+
+    city: str = Field(max_length=20)
+
+
+class Report(BaseModel):
+    city: str = Field(max_length=20)
+    temperature_c: int = Field(ge=-90, le=60)
+
+
+REPORT = [{"role": "user", "content": "It is 21 degrees in Paris today. Report it."}]
+
+
+@slow
+@pytest.mark.parametrize("branch", ["call", "answer"])
+def test_auto_tools_with_a_response_format_give_a_valid_call_or_the_answer(client, branch):
+    """An agent with tools and an output type sends both: as from OpenAI, the reply is a call
+    or the answer in the format, each valid (before, the format held every reply to the
+    answer, and no call could come). The default model, greedy, calls for ASK and answers
+    REPORT; streamed, the same comes back."""
+    kw = dict(
+        model=MODEL,
+        messages=ASK if branch == "call" else REPORT,
+        tools=[openai.pydantic_function_tool(GetWeather)],
+        temperature=0,
+        max_tokens=64,
+    )
+    choice = client.chat.completions.parse(response_format=Report, **kw).choices[0]
+    if branch == "call":
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert choice.message.tool_calls
+        for call in choice.message.tool_calls:
+            assert isinstance(call.function.parsed_arguments, GetWeather)
+    else:
+        assert choice.finish_reason == "stop" and not choice.message.tool_calls
+        assert isinstance(choice.message.parsed, Report)
+    schema = {"name": "Report", "schema": Report.model_json_schema(), "strict": True}
+    fmt = {"type": "json_schema", "json_schema": schema}
+    streamed, _ = stream_final(client, response_format=fmt, **kw)
+    assert summary(streamed.choices[0]) == summary(choice)
 
 
 def _with_arguments(arguments: str) -> list[dict]:

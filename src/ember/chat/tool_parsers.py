@@ -31,7 +31,7 @@ from functools import cache
 from importlib import resources
 from typing import Any, ClassVar
 
-from ember.engine.json_schema import close_objects
+from ember.engine.json_schema import COMPACT_JSON, close_objects
 
 
 def tool_call_id() -> str:
@@ -100,12 +100,7 @@ def _call_from_object(obj: Any, args_required: bool) -> tuple[str, str] | None:
 # call, starting right after the forced prefix, so the call always parses and validates.
 
 # Arguments as json.dumps writes them; no "\/" escape, which Python literals (ChatGLM3) lack.
-_JSON_STYLE = {
-    "whitespace_flexible": False,
-    "item_separator": ", ",
-    "key_separator": ": ",
-    "json_allowed_escapes": 'nrbtfu"\\',
-}
+_JSON_STYLE = {**COMPACT_JSON, "json_allowed_escapes": 'nrbtfu"\\'}
 
 
 def _lit(text: str) -> str:
@@ -192,6 +187,28 @@ class ToolParser:
         `function` (or any of the tools) whose arguments match its parameter schema."""
         raise NotImplementedError
 
+    # Between two calls of one reply (None: the format writes one call per reply here).
+    CALL_SEPARATOR: ClassVar[str | None] = None
+    # Before a reply that is an answer, not a call (ChatGLM3's empty metadata line).
+    ANSWER_PREFIX: ClassVar[str] = ""
+
+    @classmethod
+    def answer_or_call_grammar(
+        cls, tools: list[dict[str, Any]], answer_schema: dict[str, Any], max_calls: int | None
+    ) -> str:
+        """A Lark grammar of a whole reply under tool_choice "auto" with a JSON response
+        format, as OpenAI serves it: either the answer, JSON matching `answer_schema`, or one
+        or more calls to the tools (each as `call_grammar` has it)."""
+        rules = cls.call_grammar(tools, None).replace("start:", "call:", 1)
+        prefix = cls.forced_prefix(None)
+        call = f"{_lit(prefix)} call" if prefix else "call"
+        calls = call
+        if cls.CALL_SEPARATOR is not None and max_calls != 1:
+            calls = f"{call} ({_lit(cls.CALL_SEPARATOR)} {call})*"
+        answer = f"{_lit(cls.ANSWER_PREFIX)} answer" if cls.ANSWER_PREFIX else "answer"
+        schema = {**close_objects(answer_schema), "x-guidance": COMPACT_JSON}
+        return f"start: {answer} | {calls}\n{rules}answer: %json{json.dumps(schema)}\n"
+
     # ---- for subclasses
 
     def _scan(self, out: ParseResult, final: bool) -> None:
@@ -235,6 +252,7 @@ class HermesParser(ToolParser):
 
     name = "hermes"
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
+    CALL_SEPARATOR = "\n"
 
     def __init__(
         self, tool_names: Collection[str] | None = None, max_calls: int | None = None
@@ -270,6 +288,9 @@ class HermesParser(ToolParser):
             if not self._in_call:
                 i = self._buf.find(self.OPEN)
                 if i < 0:
+                    if final and self.cut:  # out of tokens inside an opener: no text of it
+                        k = _partial_suffix(self._buf, self.OPEN)
+                        self._buf = self._buf[: len(self._buf) - k].rstrip() if k else self._buf
                     self._release_text(out, final, self.OPEN)
                     return
                 before = self._buf[:i]
@@ -290,6 +311,9 @@ class HermesParser(ToolParser):
             call = self._decode(body)
             if call is None and j < 0 and self.cut:  # the arguments as far as they got
                 call = self._cut_call(body)
+                if call is None and self._before_name(body):
+                    self._gap = ""  # out of tokens before the call named its function
+                    continue
             if call is None or not self._call(out, *call):
                 self._content(out, self._gap + self.OPEN + raw)
             self._gap = ""
@@ -303,6 +327,16 @@ class HermesParser(ToolParser):
         return _call_from_object(obj, args_required=False)
 
     _CUT_NAME = re.compile(r'\s*\{"name": ("(?:[^"\\]|\\.)*")')
+    _NAME_KEY = '{"name": "'
+
+    @classmethod
+    def _before_name(cls, body: str) -> bool:
+        """Whether `body` stops before a call's name was whole: `{"na`, `{"name": "get_w`."""
+        head = body.lstrip()
+        if cls._NAME_KEY.startswith(head):
+            return True
+        return head.startswith(cls._NAME_KEY) and '"' not in head[len(cls._NAME_KEY) :]
+
     _ARGS_KEY = ', "arguments": '
 
     @classmethod
@@ -364,6 +398,24 @@ class Llama3JsonParser(ToolParser):
             )
             rules[f"args_{i}"] = _json_rule(_parameters(f))
         return _lark(" | ".join(f"call_{i}" for i in range(len(fns))), rules)
+
+    @classmethod
+    def answer_or_call_grammar(
+        cls, tools: list[dict[str, Any]], answer_schema: dict[str, Any], max_calls: int | None
+    ) -> str:
+        """Answer and call both start with "{": one JSON value of either schema, since
+        llguidance's lexer, greedy, would not leave a literal call opener for the answer's
+        "{". One call, then: Llama 3.1 makes calls one at a time."""
+        calls = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": f["name"]}, "parameters": _parameters(f)},
+                "required": ["name", "parameters"],
+            }
+            for f in _tool_functions(tools, None)
+        ]
+        either = {"anyOf": [answer_schema, *calls], "x-guidance": COMPACT_JSON}
+        return _lark("value", {"value": f"%json{json.dumps(close_objects(either))}"})
 
     def _scan(self, out: ParseResult, final: bool) -> None:
         if self._mode == "start":
@@ -469,6 +521,7 @@ class ChatGLM3Parser(ToolParser):
 
     name = "chatglm3"
     SEP = "<|assistant|>"
+    ANSWER_PREFIX = "\n"  # an empty metadata line: what follows is the answer
 
     def __init__(
         self, tool_names: Collection[str] | None = None, max_calls: int | None = None

@@ -17,6 +17,10 @@ _SUB += ("anyOf", "oneOf", "allOf")  # allOf here has one member (pydantic annot
 _MAP = ("properties", "$defs", "definitions", "dependentSchemas")
 _OPEN = ("additionalProperties", "patternProperties", "unevaluatedProperties")
 
+# JSON written as `json.dumps` writes it: a separator with one space, no free whitespace. Small
+# models given free whitespace tend to write runs of newlines instead of the next key.
+COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
 
 def close_objects(schema: Any) -> Any:
     """A copy of `schema` whose objects with listed properties admit no other keys.

@@ -33,14 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ember.engine.json_schema import close_objects, schema_problem
+from ember.engine.json_schema import COMPACT_JSON, close_objects, schema_problem
 from ember.engine.request import SamplingParamsError
 
 log = logging.getLogger(__name__)
 
-# JSON written as `json.dumps` writes it: a separator with one space, no free whitespace. Small
-# models given free whitespace tend to write runs of newlines instead of the next key.
-_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _KINDS = ("json", "regex", "choice", "grammar", "json_object")
 
 
@@ -114,13 +111,13 @@ class StructuredOutputsParams:
 
         try:
             if self.json_object:
-                return LLMatcher.grammar_from_json_schema({"type": "object"}, _JSON_OPTIONS)
+                return LLMatcher.grammar_from_json_schema({"type": "object"}, COMPACT_JSON)
             if self.json is not None:
                 schema = json.loads(self.json) if isinstance(self.json, str) else self.json
                 # llguidance would take an unending recursion, then fail on its first token.
                 if problem := schema_problem(schema):
                     raise StructuredOutputsError(f"Invalid JSON Schema: {problem}.", self.param)
-                return LLMatcher.grammar_from_json_schema(close_objects(schema), _JSON_OPTIONS)
+                return LLMatcher.grammar_from_json_schema(close_objects(schema), COMPACT_JSON)
             if self.regex is not None:
                 return LLMatcher.grammar_from_regex(ascii_digits(self.regex))
             if self.choice is not None:

@@ -16,7 +16,13 @@ from ember.engine.request import Logprob, SamplingParams, fan_out
 from ember.engine.structured import StructuredOutputsParams
 from ember.server import protocol as P
 from ember.server.errors import APIError
-from ember.server.routes.chat_tools import ChatPlan, call_finish_reason, chat_message, chat_plan
+from ember.server.routes.chat_tools import (
+    ChatPlan,
+    answer_or_call,
+    call_finish_reason,
+    chat_message,
+    chat_plan,
+)
 from ember.server.routes.common import (
     SSE_HEADERS,
     collect,
@@ -214,6 +220,8 @@ def chat_params(
     if plan.call_grammar is not None:  # a forced call outranks any response_format
         forced = StructuredOutputsParams(grammar=plan.call_grammar, param="tools")
         params = dataclasses.replace(params, structured_outputs=forced)
+    elif (either := answer_or_call(plan, params.structured_outputs)) is not None:
+        params = dataclasses.replace(params, structured_outputs=either)
     return params
 
 

@@ -12,6 +12,7 @@ from ember.chat.templates import ChatFormatter
 from ember.chat.tool_parsers import PARSERS, ToolParser, chatml_tools_template, make_parser
 from ember.chat.tool_parsers import parser_for_template as template_parser
 from ember.engine.json_schema import schema_problem
+from ember.engine.structured import StructuredOutputsParams
 from ember.server import protocol as P
 from ember.server.errors import APIError
 from ember.server.routes.common import SeqResult
@@ -226,13 +227,7 @@ def chat_plan(req: P.ChatCompletionRequest, state: ServerState) -> ChatPlan:
             if allowed is None or t.function.name in allowed
         ]
         if forced:  # the call is decoded under a grammar of these functions' parameters
-            for f in (t["function"] for t in tools):
-                params = f.get("parameters")
-                wanted = function in (None, f["name"]) and isinstance(params, dict)
-                if wanted and (problem := schema_problem(params)):
-                    raise APIError(
-                        f"The parameters of function {f['name']!r}: {problem}.", param="tools"
-                    )
+            check_tool_schemas(tools, function)
         return ChatPlan(
             formatter,
             tools=tools,
@@ -247,6 +242,36 @@ def chat_plan(req: P.ChatCompletionRequest, state: ServerState) -> ChatPlan:
     if support.chatglm3:  # no tools, but the metadata line still has to go
         return ChatPlan(formatter, parser="chatglm3")
     return ChatPlan(formatter)
+
+
+def check_tool_schemas(tools: list[dict[str, Any]], function: str | None = None) -> None:
+    """Refuse parameter schemas no grammar can take, of `function` (None: of every tool)."""
+    for f in (t["function"] for t in tools):
+        params = f.get("parameters")
+        wanted = function in (None, f["name"]) and isinstance(params, dict)
+        if wanted and (problem := schema_problem(params)):
+            raise APIError(f"The parameters of function {f['name']!r}: {problem}.", param="tools")
+
+
+def answer_or_call(
+    plan: ChatPlan, spec: StructuredOutputsParams | None
+) -> StructuredOutputsParams | None:
+    """With tool_choice "auto" and a JSON response_format: the constraint under which the reply
+    is either the answer in that format or calls to the tools, as OpenAI serves the pair (an
+    agent with both tools and an output type sends it). None where that does not apply."""
+    if not plan.tool_names or plan.parser is None or spec is None:
+        return None
+    if spec.param != "response_format" or (spec.json is None and not spec.json_object):
+        return None
+    schema = {"type": "object"} if spec.json_object else spec.json
+    if not isinstance(schema, dict):
+        return None  # response_format always gives a schema object
+    if problem := schema_problem(schema):
+        raise APIError(f"Invalid JSON Schema: {problem}.", param="response_format")
+    check_tool_schemas(plan.tools or [])
+    parser = PARSERS[plan.parser]
+    grammar = parser.answer_or_call_grammar(plan.tools or [], schema, plan.max_calls)
+    return StructuredOutputsParams(grammar=grammar, param="response_format")
 
 
 def chat_message(plan: ChatPlan, r: SeqResult) -> tuple[P.ChatResponseMessage, str | None]:

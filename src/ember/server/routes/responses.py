@@ -331,9 +331,11 @@ async def create_response(
     if message.content:
         lps = _logprobs(state, r.logprobs) if want_logprobs else None
         output.append(_message_item(_item_id("msg"), message.content, status, lps))
-    for call in message.tool_calls or []:
+    calls = message.tool_calls or []
+    for k, call in enumerate(calls):
         parsed = ParsedToolCall(call.function.name, call.function.arguments, call.id)
-        output.append(_call_item(parsed, status))  # incomplete: cut by max_output_tokens
+        # Cut by max_output_tokens, only the last call can be unfinished: others closed.
+        output.append(_call_item(parsed, status if k == len(calls) - 1 else "completed"))
     usage_info = _usage(len(prompt_ids), len(r.token_ids), r.num_cached_tokens)
     return shell.build(status, output, usage_info)
 

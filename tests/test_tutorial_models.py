@@ -381,6 +381,25 @@ def test_chatglm3_tools_are_listed_in_the_system_turn(
     assert all(c.function.name == "get_weather" for c in calls)
 
 
+def test_chatglm3_auto_tools_with_a_response_format_answer_or_call(glm: Served) -> None:
+    """Random weights, sampled: each reply is the JSON answer (after the empty metadata line)
+    or a call of the tool, never text of neither, as the one grammar allows."""
+    answer = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": answer}}
+    messages = [{"role": "user", "content": "What's the weather like in Paris?"}]
+    kw = dict(tools=TOOLS, response_format=fmt, max_tokens=48, temperature=1.0, seed=3)
+    seen = set()
+    for choice in glm.chat(messages, n=8, **kw).choices:
+        if choice.finish_reason == "stop":
+            assert json.loads(choice.message.content)["ok"] in (True, False)
+        elif choice.finish_reason == "tool_calls":
+            [call] = choice.message.tool_calls
+            assert call.function.name == "get_weather" and not choice.message.content
+            assert isinstance(json.loads(call.function.arguments)["city"], str)
+        seen.add(choice.finish_reason)
+    assert seen & {"stop", "tool_calls"}, seen
+
+
 def test_chatglm3_tool_result_is_an_observation_turn(
     glm: Served, official: OfficialChatGLM3
 ) -> None:

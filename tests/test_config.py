@@ -41,3 +41,94 @@ def test_serve_with_a_bad_environment_value_exits_2_with_one_line() -> None:
         "ember serve: error: attention_backend must be one of auto, cpu, torch, triton; "
         "got 'flash' (flag --attention-backend, env EMBER_ATTENTION_BACKEND)"
     ]
+
+
+def _ember(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ember.cli", *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "args,env,message",
+    [
+        # Each of these once started a server that never became ready (or answered 500 forever).
+        (["--max-request-body", "12XB"], {}, "max_request_body must be a size"),
+        (["--max-num-seqs", "0"], {}, "max_num_seqs must be at least 1"),
+        ([], {"EMBER_MAX_NUM_SEQS": "-3"}, "max_num_seqs must be at least 1"),
+        (["--kv-cache-memory", "12XB"], {}, "kv_cache_memory must be a size"),
+        (["--block-size", "0"], {}, "block_size must be at least 1"),
+        (["--gpu-memory-utilization", "1.5"], {}, "gpu_memory_utilization must be at most 1.0"),
+        (["--drain-timeout", "-1"], {}, "drain_timeout must be at least 0.0"),
+        # Once a listener on port 70000 - 65536, and a traceback for any command at all.
+        (["--port", "70000"], {}, "argument --port: a TCP port is 0 to 65535, got 70000"),
+        ([], {"EMBER_PORT": "abc"}, "argument --port: not a whole number: 'abc'"),
+        ([], {"EMBER_MAX_NUM_SEQS": "abc"}, "argument --max-num-seqs: invalid int value: 'abc'"),
+        ([], {"EMBER_LOG_LEVEL": "verbose"}, "EMBER_LOG_LEVEL must be one of DEBUG, INFO"),
+    ],
+)
+def test_serve_refuses_a_bad_setting_at_once_with_one_line(args, env, message) -> None:
+    done = _ember("serve", *args, env=env)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in done.stderr
+
+
+def test_a_bad_variable_of_one_command_does_not_break_the_others() -> None:
+    done = _ember("pull", "--help", env={"EMBER_PORT": "abc", "EMBER_MAX_TOKENS": "x"})
+    assert done.returncode == 0 and "usage: ember pull" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["generate", "/nonexistent", "-p", "hi"], "ember generate: no model at /nonexistent"),
+        (["prepare", "/nonexistent"], "ember prepare: no model at /nonexistent"),
+        (["serve", "--device", "cuda:7"], "ember serve: --device cuda:7: "),
+        (
+            ["serve", "--tokenizer", "/nonexistent"],
+            "ember serve: --tokenizer /nonexistent: no such",
+        ),
+        (["serve", "--chat-template", "nosuch"], "ember serve: unknown built-in chat template"),
+    ],
+)
+def test_a_missing_path_or_device_is_one_line_not_a_traceback(args, message) -> None:
+    done = _ember(*args)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_bench_checks_its_output_path_before_the_run() -> None:
+    done = _ember("bench", "--url", "http://127.0.0.1:9", "--output", "/nonexistent/x.json")
+    assert done.returncode == 2
+    assert done.stderr.strip() == "ember bench: --output /nonexistent/x.json: no such directory"
+
+
+def test_api_key_flags_replace_the_environment_list(monkeypatch) -> None:
+    """Every flag replaces its EMBER_ twin; the repeatable ones did not (the key left in the
+    shell stayed valid beside the one given)."""
+    import ember.server.app
+    from ember import cli
+
+    seen = {}
+
+    def capture(engine_cfg, server_cfg, **kw):
+        seen["server"] = server_cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr(ember.server.app, "build_app", capture)
+    monkeypatch.setenv("EMBER_API_KEY", "envkey")
+    monkeypatch.setenv("EMBER_SERVED_MODEL_NAME", "env-name")
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--api-key", "sk-1", "--served-model-name", "given"])
+    assert seen["server"].api_keys == ["sk-1"]
+    assert seen["server"].served_model_names == ["given"]
+    with pytest.raises(SystemExit):
+        cli.main(["serve"])
+    assert seen["server"].api_keys == ["envkey"]
+    assert seen["server"].served_model_names == ["env-name"]

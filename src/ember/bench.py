@@ -22,6 +22,8 @@ from typing import Any
 
 import httpx
 
+from ember.config import positive_float, positive_int
+
 # Prompts differ from their first words on, so a prefix cache cannot serve them for free.
 _OPENERS = [
     "Write a short story about",
@@ -314,13 +316,6 @@ def _progress(args: argparse.Namespace) -> Any:
     )
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--url",
@@ -328,15 +323,15 @@ def _configure(p: argparse.ArgumentParser) -> None:
         help="Server base URL. [env EMBER_BENCH_URL; default http://127.0.0.1:8000]",
     )
     p.add_argument("--model", default=None, help="Model name; default: first of GET /v1/models.")
-    p.add_argument("--concurrency", "-c", type=_positive_int, default=1, help="Requests in flight.")
-    p.add_argument("--requests", "-n", type=_positive_int, default=16, help="Requests in total.")
-    p.add_argument("--max-tokens", type=_positive_int, default=64, help="Tokens per request.")
+    p.add_argument("--concurrency", "-c", type=positive_int, default=1, help="Requests in flight.")
+    p.add_argument("--requests", "-n", type=positive_int, default=16, help="Requests in total.")
+    p.add_argument("--max-tokens", type=positive_int, default=64, help="Tokens per request.")
     p.add_argument("--chat", action="store_true", help="Use /v1/chat/completions.")
     p.add_argument(
         "--api-key", default=None, help="Bearer token. [env EMBER_API_KEY or OPENAI_API_KEY]"
     )
     p.add_argument(
-        "--prompt-len", type=_positive_int, default=32, help="Approximate words per prompt."
+        "--prompt-len", type=positive_int, default=32, help="Approximate words per prompt."
     )
     p.add_argument("--seed", type=int, default=0, help="Seed for the prompts.")
     p.add_argument(
@@ -348,12 +343,15 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--temperature", type=float, default=None, help="Sampling temperature; default: server's."
     )
-    p.add_argument("--timeout", type=float, default=600.0, help="Seconds per request.")
+    p.add_argument("--timeout", type=positive_float, default=600.0, help="Seconds per request.")
     p.add_argument("--output", "-o", default=None, help="Also write the JSON to this file.")
     p.add_argument("--no-progress", action="store_true", help="No progress bar on stderr.")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        print(f"ember bench: --output {args.output}: no such directory", file=sys.stderr)
+        return 2  # said before the run, not after it
     try:
         report = asyncio.run(run_bench(args))
     except (RuntimeError, httpx.HTTPError) as e:
@@ -362,8 +360,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+        try:
+            with open(args.output, "w") as f:
+                f.write(text + "\n")
+        except OSError as e:
+            print(f"ember bench: --output {args.output}: {e.strerror}", file=sys.stderr)
+            return 2
     # Nothing finished: fail, so scripts notice; the JSON above still says why.
     return 1 if report["completed"] == 0 else 0
 

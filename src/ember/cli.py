@@ -15,7 +15,11 @@ from ember.config import (
     add_arguments,
     add_env_twins,
     from_namespace,
+    port,
+    positive_int,
 )
+
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
 def _engine_parser(
@@ -76,26 +80,37 @@ def _embedding_name(args: argparse.Namespace) -> str | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ember.hub import model_for_serve
+    from ember.hub import HubError, model_for_serve
 
     # A hub id (ORG/NAME, not a local path) is pulled into the cache first and served under that
     # id, as vLLM does; a local directory is checked so a wrong one fails now, with its reason.
     model = model_for_serve(
         args.model, args.source, args.revision, args.load_format, args.tokenizer
     )
+    for flag, path in (
+        ("--tokenizer", args.tokenizer),
+        ("--embedding-model", args.embedding_model),
+    ):
+        if path is not None and not os.path.isdir(path):
+            raise HubError(f"{flag} {path}: no such directory")
 
     import uvicorn
 
+    from ember.chat.templates import builtin_template
+    from ember.engine.runner import check_device
     from ember.models.loader import served_name
     from ember.server.app import build_app
     from ember.server.lifecycle import EmberServer
     from ember.server.state import ServerConfig
 
     cfg = from_namespace(EngineConfig, args, model=model)
+    check_device(cfg.device)  # now, not after the port is bound and the model half loaded
+    if cfg.chat_template and not os.path.isfile(cfg.chat_template):
+        builtin_template(cfg.chat_template)  # an unknown name: refused now, with the known ones
+    names = args.served_model_name or _env_list("EMBER_SERVED_MODEL_NAME")
     server_cfg = ServerConfig(
-        served_model_names=args.served_model_name
-        or [args.model if model != args.model else served_name(cfg.model)],
-        api_keys=args.api_key or [],
+        served_model_names=names or [args.model if model != args.model else served_name(cfg.model)],
+        api_keys=args.api_key or _env_list("EMBER_API_KEY"),
         allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
         default_max_tokens=args.default_max_tokens,
         embedding_model=args.embedding_model,
@@ -155,7 +170,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ember", description="Serve open LLMs, fast.")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR.")
+    parser.add_argument(
+        "--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS, help="Log verbosity."
+    )
     add_env_twins(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -177,21 +194,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--port",
-        type=int,
-        default=int(os.environ.get("EMBER_PORT", "8000")),
+        type=port,
+        default=os.environ.get("EMBER_PORT", "8000"),  # a string: argparse converts and checks
         help="[env EMBER_PORT]",
     )
+    # Repeatable flags: given on the command line they replace the environment's list, as every
+    # other flag replaces its EMBER_ twin (see cmd_serve), rather than adding to it.
     s.add_argument(
         "--served-model-name",
         action="append",
-        default=_env_list("EMBER_SERVED_MODEL_NAME") or None,
+        default=None,
         help="Name(s) clients use in `model` (repeatable); default: the directory or file name. "
         "[env EMBER_SERVED_MODEL_NAME, comma-separated]",
     )
     s.add_argument(
         "--api-key",
         action="append",
-        default=_env_list("EMBER_API_KEY") or None,
+        default=None,
         help="Require `Authorization: Bearer KEY` on /v1/* (repeatable). "
         "[env EMBER_API_KEY, comma-separated]",
     )
@@ -202,10 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--default-max-tokens",
-        type=int,
-        default=int(os.environ["EMBER_DEFAULT_MAX_TOKENS"])
-        if os.environ.get("EMBER_DEFAULT_MAX_TOKENS")
-        else None,
+        type=positive_int,
+        default=os.environ.get("EMBER_DEFAULT_MAX_TOKENS") or None,
         help="max_tokens when a request sets none; default: up to the context length. "
         "[env EMBER_DEFAULT_MAX_TOKENS]",
     )
@@ -251,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.log_level not in LOG_LEVELS:  # from EMBER_LOG_LEVEL, which argparse does not check
+        parser.error(f"EMBER_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -268,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # as argparse reports a bad flag: usage error, status 2
         print(f"ember {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (OSError, ValueError) as e:  # a missing path, a bad prompt or sampling value: one line
+        print(f"ember {args.command}: {_one_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

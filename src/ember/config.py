@@ -41,23 +41,30 @@ class EngineConfig:
         choices=["auto", "dummy"],
     )
     max_model_len: int | None = _opt(
-        "Longest prompt plus output, in tokens; default: the model's own, capped by the KV cache."
+        "Longest prompt plus output, in tokens; default: the model's own, capped by the KV cache.",
+        minimum=1,
     )
     block_size: int | None = _opt(
         "Tokens per KV cache block (the prefix cache shares whole blocks); default 8 on CPU, "
-        "where every prompt token skipped saves compute, and 16 on GPU."
+        "where every prompt token skipped saves compute, and 16 on GPU.",
+        minimum=1,
     )
     kv_cache_memory: str | None = _opt(
         "Bytes for the KV cache, e.g. 512MiB or 4GiB; default 512MiB on CPU, and on GPU what "
-        "--gpu-memory-utilization leaves after the weights."
+        "--gpu-memory-utilization leaves after the weights.",
+        size=True,
     )
     gpu_memory_utilization: float = _opt(
-        "Fraction of GPU memory Ember may use for weights, activations and KV cache.", default=0.9
+        "Fraction of GPU memory Ember may use for weights, activations and KV cache.",
+        default=0.9,
+        minimum=0.01,
+        maximum=1.0,
     )
-    max_num_seqs: int = _opt("Most sequences running in one step.", default=256)
+    max_num_seqs: int = _opt("Most sequences running in one step.", default=256, minimum=1)
     max_num_batched_tokens: int | None = _opt(
         "Token budget of one step (prefill chunks plus decodes); default 256 on CPU, where it "
-        "bounds how long a burst of prompts stalls running streams, and 4096 on GPU."
+        "bounds how long a burst of prompts stalls running streams, and 4096 on GPU.",
+        minimum=1,
     )
     enable_prefix_caching: bool = _opt("Reuse KV blocks of shared prompt prefixes.", default=True)
     enable_chunked_prefill: bool = _opt(
@@ -76,7 +83,8 @@ class EngineConfig:
         default=False,
     )
     chat_template: str | None = _opt(
-        "Chat template: a Jinja file, or a built-in name (chatml, llama-2, chatglm3); "
+        "Chat template: a Jinja file, or a built-in name (chatml, chatml-tools, llama-2, "
+        "chatglm3); "
         "default: the model's own."
     )
     tool_call_parser: str = _opt(
@@ -86,7 +94,7 @@ class EngineConfig:
         default="auto",
         choices=["auto", "hermes", "llama3_json", "chatglm3", "none"],
     )
-    num_threads: int | None = _opt("CPU threads for torch; default: all cores.")
+    num_threads: int | None = _opt("CPU threads for torch; default: all cores.", minimum=1)
     seed: int = _opt(
         "Seed for the random weights of --load-format dummy. Requests without a seed of their "
         "own are sampled from an unseeded generator; give `seed` in a request to reproduce it.",
@@ -96,9 +104,12 @@ class EngineConfig:
         "Threads that compile JSON Schemas and grammars for structured outputs, off the engine "
         "thread.",
         default=2,
+        minimum=1,
     )
     structured_outputs_cache_size: int = _opt(
-        "Compiled schemas and grammars kept for reuse (least recently used dropped).", default=256
+        "Compiled schemas and grammars kept for reuse (least recently used dropped).",
+        default=256,
+        minimum=0,
     )
     quantization: str = _opt(
         "Weights in compute: auto (a GGUF file keeps its own quantization, other checkpoints "
@@ -109,7 +120,9 @@ class EngineConfig:
         choices=["auto", "none", "int8", "int4"],
     )
     quantization_group_size: int = _opt(
-        "Weights per scale and minimum for --quantization int4: 32 or 128.", default=32
+        "Weights per scale and minimum for --quantization int4: 32 or 128.",
+        default=32,
+        choices=[32, 128],
     )
 
 
@@ -119,33 +132,38 @@ class ServingLimits:
 
     max_waiting_requests: int | None = _opt(
         "Most sequences admitted but not yet generating; beyond it a request gets 503 with "
-        "Retry-After at once. Default: --max-num-seqs (one more full batch). 0: no bound."
+        "Retry-After at once. Default: --max-num-seqs (one more full batch). 0: no bound.",
+        minimum=0,
     )
     max_waiting_tokens: int | None = _opt(
         "Most prompt tokens admitted but not yet generating, so one huge prompt counts for what "
         "it costs. Default: what the KV cache holds, at most 64 steps of --max-num-batched-tokens. "
-        "0: no bound."
+        "0: no bound.",
+        minimum=0,
     )
     request_timeout: float = _opt(
         "Seconds after which a request is aborted (its KV blocks freed) with a 504 error; "
         "0: no limit.",
         default=0.0,
+        minimum=0.0,
     )
     shutdown_grace: float = _opt(
         "Seconds after SIGTERM during which the server keeps accepting connections, /health is "
         "503 and new work gets 503, while endpoints drop the pod.",
         default=5.0,
+        minimum=0.0,
     )
     drain_timeout: float = _opt(
         "Seconds, after the grace, that in-flight requests get to finish before the server exits.",
         default=30.0,
+        minimum=0.0,
     )
     api_key_file: str | None = _opt(
         "File with API keys, one per line (a mounted Secret); re-read when it changes."
     )
     metrics_require_key: bool = _opt("Require an API key on /metrics too.", default=False)
     max_request_body: str = _opt(
-        "Largest request body, e.g. 8MiB; a bigger one gets 413.", default="8MiB"
+        "Largest request body, e.g. 8MiB; a bigger one gets 413.", default="8MiB", size=True
     )
 
 
@@ -156,6 +174,46 @@ def parse_bytes(text: str) -> int:
     number, unit = float(m.group(1)), (m.group(2) or "B").upper().rstrip("B").rstrip("I")
     scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit]
     return int(number * scale)
+
+
+# argparse types for hand-written flags: a bad value is a usage error that says what it needs.
+
+
+def _number(text: str, kind: type) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        whole = "whole " if kind is int else ""
+        raise argparse.ArgumentTypeError(f"not a {whole}number: {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(text, float)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port; 0 lets the system pick a free one."""
+    value = _number(text, int)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0 to 65535, got {value}")
+    return value
 
 
 def env_name(field_name: str) -> str:
@@ -186,7 +244,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         env = env_name(f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if env in os.environ:
-            default = _convert(tp, os.environ[env])
+            try:
+                default = _convert(tp, os.environ[env])
+            except ValueError:  # argparse converts it when this command runs, and says why
+                default = os.environ[env]
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} [env {env}; default {default!r}]"
         if _base_type(tp) is bool:
@@ -207,16 +268,31 @@ class ConfigError(ValueError):
     """A setting with a value it cannot take (from a flag, an EMBER_ variable or a keyword)."""
 
 
-def check_choices(config: Any) -> Any:
-    """Refuse a value outside a field's choices, wherever it came from: argparse checks only the
-    command line's own values, not defaults read from EMBER_ variables, and `ember.LLM(...)`
-    passes none of it."""
+def check_values(config: Any) -> Any:
+    """Refuse a value a field cannot take (outside its choices or bounds, or a size that does
+    not read), wherever it came from: argparse checks only the command line's own values, not
+    defaults read from EMBER_ variables, and `ember.LLM(...)` passes none of it. So a bad
+    setting stops `ember serve` before it loads a model, with one line naming it."""
     for f in dataclasses.fields(config):
-        choices = f.metadata.get("choices")
-        value = getattr(config, f.name)
-        if choices and value is not None and value not in choices:
+        value, meta = getattr(config, f.name), f.metadata
+        if value is None:
+            continue
+        problem = None
+        if meta.get("choices") and value not in meta["choices"]:
+            problem = f"must be one of {', '.join(map(str, meta['choices']))}"
+        elif "minimum" in meta and value < meta["minimum"]:
+            problem = f"must be at least {meta['minimum']}"
+        elif "maximum" in meta and value > meta["maximum"]:
+            problem = f"must be at most {meta['maximum']}"
+        elif meta.get("size"):
+            try:
+                if parse_bytes(value) <= 0:
+                    problem = "must be more than 0 bytes"
+            except ValueError:
+                problem = "must be a size such as 512MiB or 4GiB"
+        if problem:
             raise ConfigError(
-                f"{f.name} must be one of {', '.join(map(str, choices))}; got {value!r} "
+                f"{f.name} {problem}; got {value!r} "
                 f"(flag --{f.name.replace('_', '-')}, env {env_name(f.name)})"
             )
     return config
@@ -226,7 +302,7 @@ def from_namespace(cls: type, ns: argparse.Namespace, **overrides: Any) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in vars(ns).items() if k in names}
     values.update(overrides)
-    return check_choices(cls(**values))
+    return check_values(cls(**values))
 
 
 def from_env(cls: type, **kwargs: Any) -> Any:
@@ -243,8 +319,13 @@ def from_env(cls: type, **kwargs: Any) -> Any:
         if name in kwargs and (kwargs[name] is not None or _admits_none(hints[name])):
             values[name] = kwargs[name]
         elif env_name(name) in os.environ:
-            values[name] = _convert(hints[name], os.environ[env_name(name)])
-    return check_choices(cls(**values))
+            raw = os.environ[env_name(name)]
+            try:
+                values[name] = _convert(hints[name], raw)
+            except ValueError:
+                kind = _base_type(hints[name]).__name__
+                raise ConfigError(f"{env_name(name)} must be a {kind}; got {raw!r}") from None
+    return check_values(cls(**values))
 
 
 def _admits_none(tp: Any) -> bool:
@@ -263,6 +344,9 @@ def add_env_twins(parser: argparse.ArgumentParser, prefix: str = "EMBER_") -> No
             if action.nargs == 0:  # store_true / store_false
                 action.default = raw.strip().lower() in ("1", "true", "yes", "on")
             else:
-                action.default = action.type(raw) if callable(action.type) else raw
+                try:
+                    action.default = action.type(raw) if callable(action.type) else raw
+                except (ValueError, TypeError, argparse.ArgumentTypeError):
+                    action.default = raw  # converted (and refused) when this command runs
             action.required = False
         action.help = f"{action.help or ''} [env {env}; default {action.default!r}]".lstrip()

@@ -191,6 +191,8 @@ def _hf_pull(repo_id: str, revision: str | None, local_dir: str | None, include:
     from huggingface_hub import errors as hf_errors
 
     endpoint = _hf_endpoint()
+    if not endpoint.startswith(("https://", "http://")):
+        raise HubError(f"HF_ENDPOINT must be a URL such as https://hf-mirror.com; got {endpoint!r}")
     token = huggingface_hub.get_token()
     try:
         api = huggingface_hub.HfApi()

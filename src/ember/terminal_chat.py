@@ -475,7 +475,7 @@ def _first_key(raw: str | None) -> str | None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from ember.config import EngineConfig, add_arguments
+    from ember.config import EngineConfig, add_arguments, non_negative_float, positive_int
 
     help = "Chat in the terminal with a server (--url) or with the engine in-process."
     p = sub.add_parser("chat", help=help, description=help + "\n\n" + HELP)
@@ -503,15 +503,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-tokens",
-        type=int,
-        default=int(os.environ["EMBER_MAX_TOKENS"]) if _env("EMBER_MAX_TOKENS") else None,
+        type=positive_int,
+        default=_env("EMBER_MAX_TOKENS") or None,  # a string: argparse converts and checks it
         help="Longest reply in tokens; default: the server's (in-process: the context left). "
         "[env EMBER_MAX_TOKENS]",
     )
     p.add_argument(
         "--temperature",
-        type=float,
-        default=float(os.environ["EMBER_TEMPERATURE"]) if _env("EMBER_TEMPERATURE") else None,
+        type=non_negative_float,
+        default=_env("EMBER_TEMPERATURE") or None,
         help="Sampling temperature; default: the model's generation_config, else 1. "
         "[env EMBER_TEMPERATURE]",
     )

@@ -43,6 +43,19 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def check_device(name: str) -> None:
+    """Refuse a --device that cannot run here, with a line that says why."""
+    try:
+        device = pick_device(name)
+    except RuntimeError as e:  # torch's own words list every device type it knows
+        raise ValueError(f"--device {name!r}: {str(e).splitlines()[0]}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ValueError(f"--device {name}: no CUDA GPU is visible (torch is {build})")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return _DTYPES[name]
@@ -61,6 +74,7 @@ class StepInputs:
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, model_dir: Path, hf_config: dict) -> None:
         self.cfg = cfg
+        check_device(cfg.device)
         self.device = pick_device(cfg.device)
         self.bind_thread()
         self.dtype = pick_dtype(cfg.dtype, self.device)

@@ -10,6 +10,7 @@ import pytest
 from deploy_manifests import (
     CHART,
     KSERVE,
+    KUSTOMIZE,
     ROOT,
     T9K,
     as_pod,
@@ -410,6 +411,30 @@ def test_kserve_inferenceservice():
     validate(as_pod({"containers": [c]}))
 
 
+def _static_pods() -> list[tuple[str, dict]]:
+    """(file, pod spec) of every manifest written by hand: kustomize base, T9k, KServe."""
+    pods = []
+    (deploy,) = load_yaml(KUSTOMIZE / "base" / "deployment.yaml")
+    pods.append(("k8s/base", deploy["spec"]["template"]["spec"]))
+    for file in sorted(T9K.glob("*.yaml")):
+        (svc,) = load_yaml(file)
+        pods.append((file.name, svc["spec"]["custom"]["spec"]))
+    (isvc,) = load_yaml(KSERVE / "inferenceservice.yaml")
+    pods.append(("kserve", isvc["spec"]["predictor"]))
+    return pods
+
+
+@pytest.mark.parametrize("name,pod", _static_pods(), ids=[n for n, _ in _static_pods()])
+def test_hand_written_pods_outlast_the_drain_and_give_probes_time(name, pod):
+    """As the chart's defaults: the kubelet waits past Ember's 5 s grace and 30 s drain before
+    it kills the pod, and a probe of a busy server gets 5 s (Kubernetes' default is 1 s, which
+    a pod under load misses, and drops out of its Service)."""
+    assert pod["terminationGracePeriodSeconds"] > 5 + 30
+    (server,) = pod["containers"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert server[probe].get("timeoutSeconds", 1) >= 5, probe
+
+
 # ---------------------------------------------------------------- images
 
 
@@ -428,7 +453,10 @@ def test_dockerfile_serves_on_all_interfaces_as_a_non_root_user(file):
 
 
 def test_gpu_image_has_a_cuda_runtime_and_cpu_image_pins_cpu_torch():
-    assert "nvidia/cuda" in dockerfile("Dockerfile")["from"][-1]
+    gpu = dockerfile("Dockerfile")
+    assert "nvidia/cuda" in gpu["from"][-1]
+    # Triton compiles its CUDA launcher against Python.h on the first GPU kernel.
+    assert "python3-dev" in " ".join(gpu["run"])
     cpu = (CHART.parent.parent / "docker" / "Dockerfile.cpu").read_text()
     assert "ARG TORCH_VERSION=2.13.0" in cpu and "/whl/cpu" in cpu
 

@@ -155,7 +155,15 @@ def test_chat_stream_agrees_with_the_whole_reply(served: Served) -> None:
     assert finishes[-1] == whole.choices[0].finish_reason and not any(finishes[:-1])
     text = "".join(c.choices[0].delta.content or "" for c in with_choices)
     assert text == whole.choices[0].message.content
-    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert chunks[-1].choices == []
+    # The same counts; the second request found the first's prompt in the prefix cache.
+    usage, first = chunks[-1].usage, whole.usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (
+        first.prompt_tokens,
+        first.completion_tokens,
+    )
+    assert first.prompt_tokens_details.cached_tokens <= usage.prompt_tokens_details.cached_tokens
+    assert usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
     assert len({c.id for c in chunks}) == 1
 
 

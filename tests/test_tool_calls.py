@@ -148,6 +148,26 @@ def test_hermes_reply_cut_before_a_call_named_its_function_shows_none_of_it(tail
     assert HermesParser(NAMES).parse("Sure. " + tail).content.endswith(tail.rstrip())
 
 
+@pytest.mark.parametrize(
+    "tail", ["<tool", "<tool_call>\n", '<tool_call>\n{"name": "get_weather", "arg']
+)
+def test_hermes_call_broken_off_by_a_stop_string_is_dropped_whole(tail):
+    """A stop string of the request that matched inside a call: no call (it has no arguments
+    to give) and no markup in the content; calls closed before it stay."""
+    done = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    res = HermesParser(NAMES).parse("Sure. " + done + "\n" + tail, stopped=True)
+    assert res.content == "Sure."
+    assert [(c.name, c.complete) for c in res.tool_calls] == [("get_time", True)]
+
+
+def test_hermes_marks_only_a_call_the_tokens_ran_out_in_as_incomplete():
+    done = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    closed = HermesParser(NAMES).parse(done + "\n<tool_c", cut=True)
+    assert [c.complete for c in closed.tool_calls] == [True]
+    cut = HermesParser(NAMES).parse(done + '\n<tool_call>\n{"name": "get_time", "arg', cut=True)
+    assert [c.complete for c in cut.tool_calls] == [True, False]
+
+
 @pytest.mark.parametrize("fmt", ["hermes", "llama3_json"])
 def test_json_nested_past_the_decoders_limit_is_content(fmt):
     """A model can write brackets without end; that is text, not a failed request."""
@@ -780,6 +800,23 @@ class GetWeather(BaseModel):
 class Report(BaseModel):
     city: str = Field(max_length=20)
     temperature_c: int = Field(ge=-90, le=60)
+
+
+@slow
+def test_stop_strings_never_break_a_forced_call_nor_leak_its_markup(client):
+    """A stop string that matches inside a call: a forced call ignores it (its grammar says
+    where it ends); under auto (here with a JSON format, so that the default model calls) the
+    broken call is dropped, and no markup reaches the content, streamed or whole."""
+    kw = dict(model=MODEL, messages=ASK, tools=TOOLS, temperature=0, max_tokens=48)
+    for stop in (["}"], ["Paris"], ["\n"]):
+        forced = client.chat.completions.create(tool_choice="required", stop=stop, **kw)
+        check_choice(forced.choices[0], forced=True)
+        auto = dict(kw, stop=stop, response_format={"type": "json_object"})
+        whole = client.chat.completions.create(**auto).choices[0]
+        assert "<tool_call" not in (whole.message.content or ""), (stop, whole.message.content)
+        chunks = list(client.chat.completions.create(stream=True, **auto))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == (whole.message.content or ""), stop
 
 
 REPORT = [{"role": "user", "content": "It is 21 degrees in Paris today. Report it."}]

@@ -44,6 +44,7 @@ class ParsedToolCall:
     name: str
     arguments: str  # a JSON object, as OpenAI's API carries it
     id: str = field(default_factory=tool_call_id)
+    complete: bool = True  # False: the tokens ran out inside it (its arguments as far as they got)
 
 
 @dataclass
@@ -146,6 +147,7 @@ class ToolParser:
     ) -> None:
         self.tool_names = frozenset(tool_names) if tool_names is not None else None
         self.cut = False  # set by finish()
+        self.stopped = False  # set by finish(): a stop string ended the reply
         self.max_calls = max_calls
         self.num_calls = 0
         self._buf = ""
@@ -162,19 +164,21 @@ class ToolParser:
         self._scan(out, final=False)
         return out
 
-    def finish(self, cut: bool = False) -> ParseResult:
+    def finish(self, cut: bool = False, stopped: bool = False) -> ParseResult:
         """The rest of the reply; `cut`: it ran out of tokens, so a call it was writing is
-        returned as far as it got (as OpenAI does), where the format allows."""
+        returned as far as it got (as OpenAI does), where the format allows; `stopped`: a stop
+        string of the request ended it, so a call it was writing is dropped (a stop string is
+        meant for text; a call it broke has no arguments to give, and its markup is no text)."""
         out = ParseResult()
         if not self._finished:
-            self.cut = cut
+            self.cut, self.stopped = cut, stopped
             self._scan(out, final=True)
             self._finished = True
         return out
 
-    def parse(self, text: str, cut: bool = False) -> ParseResult:
+    def parse(self, text: str, cut: bool = False, stopped: bool = False) -> ParseResult:
         """A whole reply at once (the parser is used up)."""
-        return self.feed(text).merge(self.finish(cut))
+        return self.feed(text).merge(self.finish(cut, stopped))
 
     @classmethod
     def forced_prefix(cls, function: str | None) -> str:
@@ -224,12 +228,12 @@ class ToolParser:
                 self._strip_leading = False
         out.content += text
 
-    def _call(self, out: ParseResult, name: str, arguments: str) -> bool:
+    def _call(self, out: ParseResult, name: str, arguments: str, complete: bool = True) -> bool:
         """Record a call; False when its name is not one of the tools (the caller shows it)."""
         if not self._accepts(name):
             return False
         if self.max_calls is None or self.num_calls < self.max_calls:
-            out.tool_calls.append(ParsedToolCall(name, arguments))
+            out.tool_calls.append(ParsedToolCall(name, arguments, complete=complete))
         self.num_calls += 1
         self._strip_leading = True
         return True
@@ -288,7 +292,7 @@ class HermesParser(ToolParser):
             if not self._in_call:
                 i = self._buf.find(self.OPEN)
                 if i < 0:
-                    if final and self.cut:  # out of tokens inside an opener: no text of it
+                    if final and (self.cut or self.stopped):  # ended inside an opener
                         k = _partial_suffix(self._buf, self.OPEN)
                         self._buf = self._buf[: len(self._buf) - k].rstrip() if k else self._buf
                     self._release_text(out, final, self.OPEN)
@@ -308,13 +312,16 @@ class HermesParser(ToolParser):
             body, raw = self._buf[: j if j >= 0 else end], self._buf[:end]
             self._buf = self._buf[end:]
             self._in_call = False
-            call = self._decode(body)
+            call, complete = self._decode(body), True
             if call is None and j < 0 and self.cut:  # the arguments as far as they got
-                call = self._cut_call(body)
+                call, complete = self._cut_call(body), False
                 if call is None and self._before_name(body):
                     self._gap = ""  # out of tokens before the call named its function
                     continue
-            if call is None or not self._call(out, *call):
+            if call is None and j < 0 and self.stopped:
+                self._gap = ""  # a stop string broke the call off: neither call nor markup
+                continue
+            if call is None or not self._call(out, *call, complete=complete):
                 self._content(out, self._gap + self.OPEN + raw)
             self._gap = ""
 

@@ -22,6 +22,7 @@ from ember.server.routes.chat_tools import (
     call_finish_reason,
     chat_message,
     chat_plan,
+    end_reply,
 )
 from ember.server.routes.common import (
     SSE_HEADERS,
@@ -219,7 +220,9 @@ def chat_params(
         )
     if plan.call_grammar is not None:  # a forced call outranks any response_format
         forced = StructuredOutputsParams(grammar=plan.call_grammar, param="tools")
-        params = dataclasses.replace(params, structured_outputs=forced)
+        # The reply is the call and nothing else: its grammar says where it ends, and a stop
+        # string (meant for text) would only break it off.
+        params = dataclasses.replace(params, structured_outputs=forced, stop=None)
     elif (either := answer_or_call(plan, params.structured_outputs)) is not None:
         params = dataclasses.replace(params, structured_outputs=either)
     return params
@@ -342,7 +345,7 @@ async def _chat_stream(
                 # The forced opener was part of the prompt; the parser reads it first.
                 res = parser.feed(out.new_text if started[i] else plan.prefix + out.new_text)
                 if out.finished:
-                    res.merge(parser.finish(cut=out.finish_reason == "length"))
+                    res.merge(end_reply(parser, out.finish_reason, out.stop_reason))
                 text, calls = res.content, res.tool_calls
             started[i] = True
             if not text and not calls and not out.finished and not want_logprobs:

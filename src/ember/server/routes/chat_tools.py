@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ember.chat.templates import ChatFormatter
-from ember.chat.tool_parsers import PARSERS, ToolParser, chatml_tools_template, make_parser
+from ember.chat.tool_parsers import (
+    PARSERS,
+    ParseResult,
+    ToolParser,
+    chatml_tools_template,
+    make_parser,
+)
 from ember.chat.tool_parsers import parser_for_template as template_parser
 from ember.engine.json_schema import schema_problem
 from ember.engine.structured import StructuredOutputsParams
@@ -274,12 +280,21 @@ def answer_or_call(
     return StructuredOutputsParams(grammar=grammar, param="response_format")
 
 
-def chat_message(plan: ChatPlan, r: SeqResult) -> tuple[P.ChatResponseMessage, str | None]:
-    """The reply as an OpenAI message (content and tool calls), and its finish reason."""
+def read_reply(plan: ChatPlan, r: SeqResult) -> ParseResult:
+    """A whole reply read as content and calls, as the plan's parser reads it."""
     parser = plan.new_parser()
     if parser is None:
+        return ParseResult(content=r.text)
+    return parser.feed(plan.prefix + r.text).merge(
+        end_reply(parser, r.finish_reason, r.stop_reason)
+    )
+
+
+def chat_message(plan: ChatPlan, r: SeqResult) -> tuple[P.ChatResponseMessage, str | None]:
+    """The reply as an OpenAI message (content and tool calls), and its finish reason."""
+    if plan.parser is None:
         return P.ChatResponseMessage(content=r.text), r.finish_reason
-    res = parser.parse(plan.prefix + r.text, cut=r.finish_reason == "length")
+    res = read_reply(plan, r)
     if not res.tool_calls:
         return P.ChatResponseMessage(content=res.content), r.finish_reason
     reason = call_finish_reason(plan, r.finish_reason)
@@ -292,6 +307,14 @@ def chat_message(plan: ChatPlan, r: SeqResult) -> tuple[P.ChatResponseMessage, s
         for c in res.tool_calls
     ]
     return P.ChatResponseMessage(content=res.content or None, tool_calls=calls), reason
+
+
+def end_reply(
+    parser: ToolParser, finish_reason: str | None, stop_reason: int | str | None
+) -> ParseResult:
+    """The parser's last word, told how the reply ended: out of tokens, or at a stop string."""
+    stopped = finish_reason == "stop" and isinstance(stop_reason, str)
+    return parser.finish(cut=finish_reason == "length", stopped=stopped)
 
 
 def call_finish_reason(plan: ChatPlan, finish_reason: str | None) -> str:

@@ -25,7 +25,7 @@ from ember.engine.request import Logprob
 from ember.server import protocol as P
 from ember.server.errors import APIError, error_body, to_api_error, validation_message
 from ember.server.routes.chat import chat_logprobs, chat_params, chat_prompt
-from ember.server.routes.chat_tools import ChatPlan, chat_message
+from ember.server.routes.chat_tools import ChatPlan, end_reply, read_reply
 from ember.server.routes.common import (
     SSE_HEADERS,
     collect,
@@ -325,17 +325,14 @@ async def create_response(
 
     [r] = await until_disconnected(request, collect(state, jobs, shell.id, ticket))
     record(state, len(prompt_ids), len(r.token_ids))
-    message, _ = chat_message(plan, r)
+    reply = read_reply(plan, r)
     status = _status(r.finish_reason)
     output = []
-    if message.content:
+    if reply.content:
         lps = _logprobs(state, r.logprobs) if want_logprobs else None
-        output.append(_message_item(_item_id("msg"), message.content, status, lps))
-    calls = message.tool_calls or []
-    for k, call in enumerate(calls):
-        parsed = ParsedToolCall(call.function.name, call.function.arguments, call.id)
-        # Cut by max_output_tokens, only the last call can be unfinished: others closed.
-        output.append(_call_item(parsed, status if k == len(calls) - 1 else "completed"))
+        output.append(_message_item(_item_id("msg"), reply.content, status, lps))
+    for call in reply.tool_calls:  # incomplete: cut inside it by max_output_tokens
+        output.append(_call_item(call, "completed" if call.complete else "incomplete"))
     usage_info = _usage(len(prompt_ids), len(r.token_ids), r.num_cached_tokens)
     return shell.build(status, output, usage_info)
 
@@ -407,7 +404,7 @@ async def _stream(
                 # The forced opener was part of the prompt; the parser reads it first.
                 res = parser.feed(out.new_text if started else plan.prefix + out.new_text)
                 if out.finished:
-                    res.merge(parser.finish(cut=out.finish_reason == "length"))
+                    res.merge(end_reply(parser, out.finish_reason, out.stop_reason))
                 delta, calls = res.content, res.tool_calls
             started = True
             if want_logprobs:
@@ -440,8 +437,7 @@ async def _stream(
                 yield event(
                     "response.function_call_arguments.done", **ids, arguments=call.arguments
                 )
-                cut = out.finished and out.finish_reason == "length"
-                output[index] = _call_item(call, "incomplete" if cut else "completed")
+                output[index] = _call_item(call, "completed" if call.complete else "incomplete")
                 yield event("response.output_item.done", output_index=index, item=output[index])
             if out.finished:
                 finish_reason = out.finish_reason

@@ -819,6 +819,55 @@ def test_stop_strings_never_break_a_forced_call_nor_leak_its_markup(client):
         assert text == (whole.message.content or ""), stop
 
 
+BAD_SCHEMAS = [
+    {"type": "objekt"},
+    {"type": "object", "properties": {"x": {"$ref": "#/$defs/nope"}}},
+    {"type": "object", "properties": {"x": {"type": "string", "pattern": "(("}}},
+]
+
+
+@slow
+@pytest.mark.parametrize("bad", BAD_SCHEMAS, ids=["type", "ref", "pattern"])
+@pytest.mark.parametrize("where", ["tools", "response_format"])
+def test_a_bad_schema_beside_tools_is_a_400_naming_its_own_field(client, bad, where):
+    """Tools and a format compile into one grammar; a bad schema in either is named by its own
+    field, in a short message (not the combined grammar's text)."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}
+    if where == "tools":
+        tool["function"]["parameters"] = bad
+    else:
+        fmt["json_schema"]["schema"] = bad
+    for tool_choice in ("auto", "required"):
+        if tool_choice == "required" and where == "response_format":
+            continue  # a forced call outranks the format, which then plays no part
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(
+                model=MODEL,
+                messages=ASK,
+                tools=[tool],
+                tool_choice=tool_choice,
+                response_format=fmt,
+                max_tokens=8,
+            )
+        assert e.value.body["param"] == where
+        assert "start:" not in e.value.body["message"] and len(e.value.body["message"]) < 300
+
+
+@slow
+def test_keywords_the_grammar_cannot_enforce_are_not_refused(client):
+    """pydantic writes uniqueItems for a set: the format is served (that one keyword not
+    enforced), as vLLM serves it, not refused."""
+
+    class Tags(BaseModel):
+        tags: set[str] = Field(max_length=3)
+
+    r = client.chat.completions.parse(
+        model=MODEL, messages=ASK, response_format=Tags, max_tokens=40, temperature=0
+    )
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
 REPORT = [{"role": "user", "content": "It is 21 degrees in Paris today. Report it."}]
 
 

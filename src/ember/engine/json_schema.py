@@ -18,8 +18,15 @@ _MAP = ("properties", "$defs", "definitions", "dependentSchemas")
 _OPEN = ("additionalProperties", "patternProperties", "unevaluatedProperties")
 
 # JSON written as `json.dumps` writes it: a separator with one space, no free whitespace. Small
-# models given free whitespace tend to write runs of newlines instead of the next key.
-COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# models given free whitespace tend to write runs of newlines instead of the next key. Lenient:
+# keywords the compiler does not implement (uniqueItems, which pydantic writes for a set; not;
+# if/then) are not enforced rather than refused, as vLLM's backends treat them.
+COMPACT_JSON = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+    "lenient": True,
+}
 
 
 def close_objects(schema: Any) -> Any:
@@ -82,6 +89,20 @@ def nested_too_deeply(node: Any, limit: int = MAX_SCHEMA_NESTING) -> bool:
                     return True
                 stack.append((child, depth + 1))
     return False
+
+
+def schema_error(schema: Any) -> str | None:
+    """Why no grammar can be built from this schema, checked alone (None: one can), so that a
+    bad schema inside a combined grammar (tool calls, an answer format) is named by itself."""
+    if problem := schema_problem(schema):
+        return problem
+    from llguidance import LLMatcher
+
+    try:
+        grammar = LLMatcher.grammar_from_json_schema(close_objects(schema), COMPACT_JSON)
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return LLMatcher.validate_grammar(grammar).strip() or None
 
 
 def schema_problem(schema: Any) -> str | None:

@@ -17,7 +17,7 @@ from ember.chat.tool_parsers import (
     make_parser,
 )
 from ember.chat.tool_parsers import parser_for_template as template_parser
-from ember.engine.json_schema import schema_problem
+from ember.engine.json_schema import schema_error
 from ember.engine.structured import StructuredOutputsParams
 from ember.server import protocol as P
 from ember.server.errors import APIError
@@ -255,7 +255,7 @@ def check_tool_schemas(tools: list[dict[str, Any]], function: str | None = None)
     for f in (t["function"] for t in tools):
         params = f.get("parameters")
         wanted = function in (None, f["name"]) and isinstance(params, dict)
-        if wanted and (problem := schema_problem(params)):
+        if wanted and (problem := schema_error(params)):
             raise APIError(f"The parameters of function {f['name']!r}: {problem}.", param="tools")
 
 
@@ -272,7 +272,7 @@ def answer_or_call(
     schema = {"type": "object"} if spec.json_object else spec.json
     if not isinstance(schema, dict):
         return None  # response_format always gives a schema object
-    if problem := schema_problem(schema):
+    if problem := schema_error(schema):
         raise APIError(f"Invalid JSON Schema: {problem}.", param="response_format")
     check_tool_schemas(plan.tools or [])
     parser = PARSERS[plan.parser]

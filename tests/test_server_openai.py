@@ -216,6 +216,9 @@ def test_streams_end_with_the_stop_that_ended_them(client):
     ]
     assert whole.model_extra["stop_reason"] == stop
     assert [(c.finish_reason, c.model_extra["stop_reason"]) for c in ends] == [("stop", stop)]
+    # The model's own end of text is no stop of the request's: null, as in vLLM.
+    natural = client.chat.completions.create(**{**chat, "max_tokens": 96}).choices[0]
+    assert (natural.finish_reason, natural.model_extra["stop_reason"]) == ("stop", None)
 
 
 def test_logprob_bytes_are_each_tokens_own_even_mid_character(client, server):

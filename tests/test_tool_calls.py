@@ -819,6 +819,30 @@ def test_stop_strings_never_break_a_forced_call_nor_leak_its_markup(client):
         assert text == (whole.message.content or ""), stop
 
 
+@slow
+@pytest.mark.parametrize("name", ["", "a b!", 'q"uote', "x" * 65])
+def test_a_function_name_no_call_can_spell_is_a_400(client, name):
+    tool = {"type": "function", "function": {"name": name}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ASK, tools=[tool], max_tokens=4)
+    assert e.value.body["param"] == "tools.0.function.name"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(
+            model=MODEL, input="hi", tools=[{"type": "function", "name": name}], max_output_tokens=4
+        )
+    assert e.value.body["param"] == "tools.0.name"
+
+
+@slow
+def test_two_tools_of_one_name_and_required_without_tools_are_400s(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, WEATHER])
+    assert e.value.body["param"] == "tools" and "'get_weather'" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL, input="hi", tool_choice="required")
+    assert e.value.body["param"] == "tool_choice"
+
+
 BAD_SCHEMAS = [
     {"type": "objekt"},
     {"type": "object", "properties": {"x": {"$ref": "#/$defs/nope"}}},

@@ -459,7 +459,9 @@ class EngineCore:
             if token in (params.stop_token_ids or ()):
                 return "stop", token
             if not params.ignore_eos and token in self.eos_token_ids:
-                return "stop", token
+                # As vLLM: the model's own end of text is no stop_reason; another end token
+                # (generation_config's, like ChatGLM3's <|user|>) is named by its id.
+                return "stop", None if token == self.tokenizer.eos_token_id else token
         if params.max_tokens is not None and n_out >= params.max_tokens:
             return "length", None
         if seq.num_tokens >= self.max_model_len:

@@ -5,6 +5,7 @@ servers do, so clients that send newer fields keep working.
 
 from __future__ import annotations
 
+import re
 import time
 import typing
 import uuid
@@ -222,10 +223,22 @@ class UsageInfo(BaseModel):
 # ------------------------------------------------------------------ chat
 
 
+_FUNCTION_NAME = re.compile(r"[\w.:-]{1,64}")
+
+
 class FunctionDefinition(OpenAIBase):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _callable_name(cls, name: str) -> str:
+        # OpenAI's rule is [a-zA-Z0-9_-]{1,64}; dots and colons (namespaced tools) pass too. A
+        # name a call cannot spell (empty, spaces, quotes) would only come back as text.
+        if not _FUNCTION_NAME.fullmatch(name):
+            raise ValueError("a function name is 1 to 64 letters, digits, _, -, . or :")
+        return name
 
 
 class ToolDefinition(OpenAIBase):

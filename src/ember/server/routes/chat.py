@@ -58,7 +58,12 @@ def message_dicts(req: P.ChatCompletionRequest) -> list[dict[str, Any]]:
                 if part.type == "refusal" and m.role == "assistant" and isinstance(refusal, str):
                     texts.append(refusal)  # OpenAI's assistant parts are text or refusal
                     continue
-                if part.type != "text" or part.text is None:
+                if part.type == "text" and not isinstance(part.text, str):
+                    raise APIError(
+                        "A content part of type 'text' needs its text.",
+                        param=f"messages.{i}.content",
+                    )
+                if part.type != "text":
                     raise APIError(
                         f"Content parts of type {part.type!r} are not supported by this model; "
                         "send text parts.",

@@ -227,6 +227,12 @@ def chat_plan(req: P.ChatCompletionRequest, state: ServerState) -> ChatPlan:
             raise APIError(support.refusal, param="tools")
         forced = mode in ("required", "named")
         # With allowed_tools, the model sees and may call only those.
+        names = [t.function.name for t in req.tools or []]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise APIError(
+                f"tools name the function {twice[0]!r} more than once; names must differ.",
+                param="tools",
+            )
         tools = [
             t.model_dump(exclude_none=True)
             for t in req.tools or []

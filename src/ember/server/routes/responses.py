@@ -10,6 +10,7 @@ events when asked.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -125,7 +126,7 @@ def _chat_request(req: P.ResponsesRequest) -> P.ChatCompletionRequest:
                 f"Only function tools are supported; tools[{i}] is {tool.get('type')!r}.",
                 param=f"tools.{i}",
             )
-        fn = {k: tool[k] for k in ("name", "description", "parameters") if tool.get(k)}
+        fn = {k: tool[k] for k in ("name", "description", "parameters") if k in tool}
         tools.append({"type": "function", "function": fn})
     choice = req.tool_choice
     if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
@@ -156,7 +157,8 @@ def _chat_request(req: P.ResponsesRequest) -> P.ChatCompletionRequest:
         "model": req.model,
         "messages": _messages(req),
         "tools": tools or None,
-        "tool_choice": choice if tools else None,
+        # Without tools, "auto" and "none" mean nothing; "required" or a name is refused.
+        "tool_choice": choice if tools or choice not in (None, "auto", "none") else None,
         "parallel_tool_calls": req.parallel_tool_calls,
         "response_format": response_format,
         "max_tokens": req.max_output_tokens,
@@ -183,6 +185,8 @@ def _responses_param(param: str) -> str:
     """A chat request's field as the Responses request names it."""
     if param == "messages" or param.startswith("messages."):
         return "input"  # input items and messages do not pair up one to one
+    if re.fullmatch(r"tools\.\d+\.function\..+", param):  # its tools are flat
+        return param.replace(".function.", ".", 1)
     for chat_name, name in _FIELD_ORIGINS:
         if param == chat_name or param.startswith(chat_name + "."):
             return name + param.removeprefix(chat_name)

@@ -402,6 +402,7 @@ def test_retrieving_a_response_is_a_404_that_says_why(client):
     "extra, param",
     [
         ({"text": {"format": {"type": "json_schema"}}}, "text.format.name"),
+        ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
         (
             {"text": {"format": {"type": "json_schema", "name": "x", "schema": 5}}},
             "text.format.schema",

@@ -147,6 +147,10 @@ def _chat_request(req: P.ResponsesRequest) -> P.ChatCompletionRequest:
     fmt = (req.text or {}).get("format")
     response_format = None
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        if "name" in fmt and "schema" not in fmt:  # optional in Chat Completions, not here
+            raise APIError(
+                "text.format of type json_schema needs its schema.", param="text.format.schema"
+            )
         schema = {k: fmt.get(k) for k in ("name", "schema", "strict", "description")}
         response_format = {"type": "json_schema", "json_schema": schema}
     elif isinstance(fmt, dict) and fmt.get("type") in ("json_object", "text"):

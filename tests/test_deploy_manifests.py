@@ -253,6 +253,9 @@ BAD_VALUES = [
     ({"gpu": -1}, r"/gpu.*minimum"),
     ({"pull": {"mode": "sometimes"}}, r"/pull/mode.*initContainer"),
     ({"storage": {"mountPath": "models"}}, r"/storage/mountPath"),
+    # A key the chart does not have (a typo, or a feature it lacks) is refused, not ignored.
+    ({"replicas": 3}, r"additional properties 'replicas' not allowed"),
+    ({"ingress": {"enabled": True}}, r"additional properties 'ingress' not allowed"),
 ]
 
 

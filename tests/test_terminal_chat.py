@@ -196,6 +196,17 @@ def test_refused_key_says_so_and_exits(server):
 
 
 @pytest.mark.slow
+def test_a_model_the_server_does_not_serve_ends_the_chat_at_once(server):
+    chat = _spawn("--url", server, "--api-key", API_KEY, "--model", "nope")
+    chat.expect_exact("'nope' is not served at")
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 1
+    screen = _screen(chat)
+    assert "Traceback" not in screen and PROMPT not in screen
+
+
+@pytest.mark.slow
 def test_in_process_engine_matches_the_server(server, tmp_path):
     """Without --url the default model runs in-process, and answers as the server does."""
     # The session server runs the float weights (--quantization none); so does this engine.

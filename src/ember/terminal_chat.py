@@ -81,6 +81,10 @@ class RemoteBackend:
             if v is not None
         }
         names = self._served_models(required=model is None)
+        if model is not None and names and model not in names:  # said now, not every turn
+            raise ChatError(
+                f"{model!r} is not served at {url}; try one of: {', '.join(names)}", fatal=True
+            )
         self.model = model or names[0]
 
     def _served_models(self, required: bool) -> list[str]:

@@ -291,6 +291,11 @@ def test_no_network(hub, tmp_path, source):
     env = _env(hub, tmp_path, HF_ENDPOINT=dead, MODELSCOPE_ENDPOINT=dead)
     r = ember(["pull", "org/tiny", "--source", source], env)
     _fails_with_one_line(r, "cannot reach", dead)
+    # A --dir the failed pull created is not left behind, empty.
+    target = tmp_path / "new" / "tiny"
+    r = ember(["pull", "org/tiny", "--source", source, "--dir", str(target)], env)
+    _fails_with_one_line(r, "cannot reach", dead)
+    assert not target.exists()
 
 
 def test_a_repository_that_is_not_a_model(hub, tmp_path):

@@ -315,6 +315,7 @@ def pull(
     if not _REPO_ID.fullmatch(repo_id):
         raise HubError(f"{repo_id!r} is not a repository id (ORG/NAME)")
     fetch = _hf_pull if source == "huggingface" else _ms_pull
+    created = local_dir is not None and not Path(local_dir).exists()
     try:
         if local_dir is not None:
             try:
@@ -323,14 +324,25 @@ def pull(
                 raise HubError(f"cannot create {local_dir}: {e.strerror}") from e
         path = fetch(repo_id, revision, local_dir, include or [])
     except OSError as e:  # a read-only volume, no permission, ...
+        _remove_if_empty(local_dir if created else None)
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
             raise
         where = e.filename or local_dir or "the cache"
         raise HubError(f"cannot write {where}: {e.strerror}") from e
+    except HubError:
+        _remove_if_empty(local_dir if created else None)  # a failed pull leaves no empty folder
+        raise
     reason = unservable_reason(path)
     if reason is not None and not any(f.endswith(".gguf") for f in include or []):
         raise HubError(f"downloaded {repo_id} to {path}, but Ember cannot serve it: {reason}")
     return path
+
+
+def _remove_if_empty(directory: str | None) -> None:
+    """Remove a folder this pull created, if nothing came into it (a partial download stays)."""
+    if directory is not None:
+        with contextlib.suppress(OSError):  # not empty, or gone: leave it
+            Path(directory).rmdir()
 
 
 def is_hub_id(model: str) -> bool:

@@ -141,8 +141,11 @@ def page(browser, server):
 
 def test_first_visit_asks_for_the_key_then_a_reply_streams(page, server):
     # The model list answers 401 without a key: the page asks for one; a wrong one is refused.
+    page.wait_for_selector("#key-dialog[open]")
+    assert page.is_hidden("#key-wrong")  # no key was refused yet: no such line
     _enter_key(page, "wrong-key")
     page.wait_for_selector("#key-wrong:not([hidden])")
+    assert page.is_visible("#key-wrong")
     _enter_key(page)
     page.wait_for_selector("#key-dialog:not([open])", state="attached")
     # The form closes the dialog on submit; the model list is fetched with the key after that.
@@ -177,8 +180,12 @@ def test_first_visit_asks_for_the_key_then_a_reply_streams(page, server):
     assert reply["role"] == "assistant" and reply["content"].strip()
     assert page.inner_text(".msg.assistant .content").strip() == reply["content"].strip()
     stats = page.inner_text(".msg.assistant .stats")
-    assert re.fullmatch(r"first token \d+ ms · [\d.]+ tokens/s · \d+ tokens · smol", stats), stats
+    cut = r"(?: · cut off at max tokens)?"
+    assert re.fullmatch(rf"first token \d+ ms · [\d.]+ tokens/s · \d+ tokens{cut} · smol", stats)
     assert 1 <= reply["stats"]["completionTokens"] <= 8
+    # A reply that ran into max tokens says so (and only then).
+    assert ("cut off" in stats) == bool(reply.get("truncated"))
+    assert not reply.get("truncated") or reply["stats"]["completionTokens"] == 8
     assert conv["title"] == "Say hello. 你好 👋"
     page.screenshot(path=str(ARTIFACTS / "desktop-light.png"))
 
@@ -283,6 +290,44 @@ def test_stop_mid_stream_frees_the_server_slot(page, server):
     time.sleep(1)
     assert page.inner_text(".msg.assistant .content") == text
     _set(page, "#max-tokens", "8")
+
+
+def test_enter_while_a_reply_streams_keeps_the_draft_and_the_reply(page, server):
+    """Enter sends; while a reply streams it does nothing (it used to stop the reply and drop
+    nothing, leaving the draft unsent); Esc or the button stop."""
+    page.click("#new-chat")
+    _set(page, "#max-tokens", "1500")
+    _send(page, "Count from 1 to 1000, one number per line.")
+    page.wait_for_selector(
+        "#messages .msg.assistant .content:not(:empty)", timeout=STREAM_TIMEOUT_MS
+    )
+    page.fill("#input", "And then?")
+    page.press("#input", "Enter")
+    time.sleep(0.5)
+    assert page.is_visible("#send.stop") and page.input_value("#input") == "And then?"
+    assert not page.inner_text(".msg.assistant .stats").endswith("stopped")
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#send:not(.stop)", state="attached", timeout=5_000)
+    page.fill("#input", "")
+    _set(page, "#max-tokens", "8")
+
+
+def test_an_imported_reply_with_odd_stats_cannot_break_the_page(page):
+    bad = {
+        "id": "x",
+        "title": "Imported",
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello", "stats": {}},
+            {"role": "assistant", "content": "again", "stats": {"ttftMs": "12", "model": 5}},
+        ],
+    }
+    _import(page, bad)
+    page.wait_for_selector("#conv-list li.current >> text=Imported")
+    assert page.inner_text(".msg.assistant >> nth=0 >> .content").strip() == "hello"
+    page.reload()
+    page.wait_for_selector(".msg.assistant >> nth=1")
+    assert page.errors == []
 
 
 def test_dropped_connection_offers_retry(page):

@@ -74,8 +74,13 @@ function pickCurrent(): Conversation {
 
 function persist(): void {
   current.updated = Date.now();
-  saveConversations(conversations);
-  saveCurrentId(current.id);
+  try {
+    saveConversations(conversations);
+    saveCurrentId(current.id);
+  } catch {
+    // The browser's storage is full: the chat goes on, but say that history is not kept.
+    showNotice(t.storageFull);
+  }
 }
 
 // ---- static text -------------------------------------------------------------------------
@@ -275,10 +280,12 @@ function statsText(m: Message): string {
   const parts: string[] = [];
   const s = m.stats;
   if (s) {
-    if (s.ttftMs !== null) parts.push(`${t.ttft} ${Math.round(s.ttftMs)} ms`);
-    if (s.tokensPerSecond !== null) parts.push(`${s.tokensPerSecond.toFixed(1)} ${t.tokensPerSecond}`);
-    if (s.completionTokens !== null) parts.push(`${s.completionTokens} ${t.tokens}`);
-    if (s.model) parts.push(s.model);
+    // Typed checks: stats may come from an imported file or an older page.
+    if (typeof s.ttftMs === "number") parts.push(`${t.ttft} ${Math.round(s.ttftMs)} ms`);
+    if (typeof s.tokensPerSecond === "number") parts.push(`${s.tokensPerSecond.toFixed(1)} ${t.tokensPerSecond}`);
+    if (typeof s.completionTokens === "number") parts.push(`${s.completionTokens} ${t.tokens}`);
+    if (m.truncated) parts.push(t.truncated);
+    if (typeof s.model === "string" && s.model) parts.push(s.model);
   }
   if (m.stopped) parts.push(t.stopped);
   return parts.join(" · ");
@@ -427,6 +434,7 @@ async function generate(): Promise<void> {
       tokensPerSecond: rate,
       completionTokens: n,
     };
+    if (result.finishReason === "length") reply.truncated = true; // cut by max tokens
   } catch (e) {
     if (controller.signal.aborted) {
       reply.stopped = true;
@@ -471,7 +479,8 @@ function send(): void {
   if (!text) return;
   ui.input.value = "";
   current.messages.push({ role: "user", content: text });
-  if (current.title === t.untitled) current.title = text.split("\n")[0].slice(0, 40);
+  // By code points, not UTF-16 units: an emoji at the cut stays whole.
+  if (current.title === t.untitled) current.title = Array.from(text.split("\n")[0]).slice(0, 40).join("");
   persist();
   void generate();
 }
@@ -567,7 +576,8 @@ function initComposer(): void {
     // isComposing: Enter that confirms a Chinese/Japanese IME candidate must not send.
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
       e.preventDefault();
-      send();
+      // While a reply streams, Enter keeps the draft; Esc or the Stop button stop the reply.
+      if (!controller) send();
     }
   });
   document.addEventListener("keydown", (e) => {

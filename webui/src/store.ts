@@ -14,6 +14,8 @@ export interface Message {
   /** Set when the reply ended early: "stopped", "connection" or a server message. */
   error?: string;
   stopped?: boolean;
+  /** Set when the reply ran into its max tokens. */
+  truncated?: boolean;
 }
 
 export interface Conversation {
@@ -109,6 +111,19 @@ export function isConversation(x: unknown): x is Conversation {
   );
 }
 
+/** Stats from a file: only well-typed fields survive, so a bad file cannot break the page. */
+function cleanStats(s: unknown): ReplyStats | undefined {
+  if (typeof s !== "object" || s === null) return undefined;
+  const r = s as Record<string, unknown>;
+  const num = (v: unknown): number | null => (typeof v === "number" && Number.isFinite(v) ? v : null);
+  return {
+    model: typeof r.model === "string" ? r.model : "",
+    ttftMs: num(r.ttftMs),
+    tokensPerSecond: num(r.tokensPerSecond),
+    completionTokens: num(r.completionTokens),
+  };
+}
+
 /** A conversation read from an exported JSON file, with fresh id and times. */
 export function importConversation(text: string): Conversation | null {
   let data: unknown;
@@ -125,7 +140,7 @@ export function importConversation(text: string): Conversation | null {
     created: now,
     updated: now,
     system: typeof data.system === "string" ? data.system : "",
-    messages: data.messages.map((m) => ({ role: m.role, content: m.content, stats: m.stats })),
+    messages: data.messages.map((m) => ({ role: m.role, content: m.content, stats: cleanStats(m.stats) })),
   };
 }
 

@@ -323,9 +323,11 @@ def test_embeddings_count_against_admission_and_the_request_timeout(tiny_llama):
         assert len(asyncio.run(two())[0]) > 0
         assert eng.waiting_seqs == 0 and eng.waiting_tokens == 0
 
-        eng.request_timeout = 0.02  # 15 chunks of one token budget each take longer
+        # 60 chunks of a 4-token budget take several times longer, so the timer fires even
+        # when a loaded host starves the event loop (with 15 it once finished first).
+        eng.request_timeout = 0.02
         with pytest.raises(RequestTimeoutError):
-            asyncio.run(eng.embed_all([_ids(60, seed=3)]))
+            asyncio.run(eng.embed_all([_ids(240, seed=3)]))
         # That loop closed with a chunk still running; its result has nowhere to go, and
         # the engine must go on.
         time.sleep(0.2)

@@ -121,7 +121,13 @@ def test_admin_routes(server):
     assert httpx.get(server + "/version").json()["version"]
     assert httpx.get(server + "/openapi.json").status_code == 200
     tok = httpx.post(server + "/tokenize", json={"prompt": "Hello world"}, headers=AUTH).json()
-    assert tok["count"] == len(tok["tokens"]) > 0
+    assert tok["count"] == len(tok["tokens"]) > 0 and "token_strs" not in tok
+    strs = httpx.post(
+        server + "/tokenize",
+        json={"prompt": "Hello world", "return_token_strs": True},
+        headers=AUTH,
+    ).json()
+    assert strs["tokens"] == tok["tokens"] and strs["token_strs"] == ["Hello", "Ġworld"]
     text = httpx.post(server + "/detokenize", json={"tokens": tok["tokens"]}, headers=AUTH).json()
     assert text["prompt"] == "Hello world"
     chat = httpx.post(

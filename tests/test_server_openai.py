@@ -154,6 +154,16 @@ def test_completion_logprobs_shape(client):
     assert all(len(t) == 2 for t in lp.top_logprobs)
     assert "".join(lp.tokens) == r.choices[0].text
     assert lp.text_offset[0] == 0
+    # Sampled far from greedy: the chosen token is always in its top_logprobs (k + 1 at most).
+    hot = (
+        client.completions.create(
+            model=MODEL, prompt="Hi", max_tokens=12, temperature=2, seed=3, logprobs=1
+        )
+        .choices[0]
+        .logprobs
+    )
+    for token, logprob, top in zip(hot.tokens, hot.token_logprobs, hot.top_logprobs):
+        assert top[token] == logprob and 1 <= len(top) <= 2
 
 
 def test_best_of_picks_n(client):

@@ -402,6 +402,8 @@ class ResponsesRequest(OpenAIBase):
     metadata: dict[str, str] | None = None
     user: str | None = None
     seed: int | None = None
+    # "auto" is taken, but nothing is dropped: an input past the context is still a 400.
+    truncation: Literal["auto", "disabled"] | None = None
 
 
 # ------------------------------------------------------------------ completions
@@ -411,7 +413,8 @@ class CompletionRequest(SamplingFields):
     prompt: Inputs
     suffix: str | None = None
     # 0 only with echo: the prompt comes back (with its logprobs) and nothing is generated.
-    max_tokens: int | None = Field(16, ge=0)
+    # Unset: --default-max-tokens, else 16 (OpenAI's and vLLM's default here).
+    max_tokens: int | None = Field(None, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=MAX_N)
@@ -513,6 +516,7 @@ class TokenizeRequest(OpenAIBase):
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    return_token_strs: bool = False  # vLLM's: each token's vocabulary string too
 
 
 class DetokenizeRequest(OpenAIBase):

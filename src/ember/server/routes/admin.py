@@ -77,7 +77,10 @@ async def tokenize(req: P.TokenizeRequest, state: ServerState = Depends(get_stat
         _, tokens = chat_prompt(chat, state)  # exactly the ids a chat request would run on
     else:
         tokens = state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-    return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len}
+    out: dict = {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len}
+    if req.return_token_strs:
+        out["token_strs"] = state.tokenizer.convert_ids_to_tokens(tokens)
+    return out
 
 
 @router.post("/detokenize")

@@ -66,7 +66,11 @@ def _completion_logprobs(
         out.tokens.append(text)
         out.token_logprobs.append(lp.logprob)
         out.text_offset.append(offset)
-        out.top_logprobs.append({token_text(state, t): v for t, v in lp.top})
+        top = {token_text(state, t): v for t, v in lp.top}
+        # As OpenAI's legacy API and vLLM: the sampled token is always among them (so up to
+        # logprobs + 1 entries), that a client can read top_logprobs[i][tokens[i]].
+        top.setdefault(text, lp.logprob)
+        out.top_logprobs.append(top)
         offset += len(text)
     return out
 
@@ -83,9 +87,10 @@ def _echo_logprobs(
         out.tokens.append(text)
         out.text_offset.append(offset)
         out.token_logprobs.append(None if lp is None else lp.logprob)
-        out.top_logprobs.append(
-            None if lp is None else {token_text(state, t): v for t, v in lp.top[:k]}
-        )
+        top = None if lp is None else {token_text(state, t): v for t, v in lp.top[:k]}
+        if top is not None and lp is not None:
+            top.setdefault(text, lp.logprob)  # the prompt's own token, as for a sampled one
+        out.top_logprobs.append(top)
         offset += len(text)
     return out
 
@@ -153,9 +158,11 @@ async def completions(
     # best_of ranks by cumulative logprob, so each token's logprob is needed.
     lp = req.logprobs if req.logprobs is not None else (0 if best_of > req.n else None)
     jobs, owners = [], []
+    default_max_tokens = state.config.default_max_tokens or 16
     echo_logprobs = req.echo and req.logprobs is not None
     for pi, ids in enumerate(prompts):
-        params = sampling_params(req, state, len(ids), 1 if score_only else req.max_tokens, lp)
+        wanted = req.max_tokens if req.max_tokens is not None else default_max_tokens
+        params = sampling_params(req, state, len(ids), 1 if score_only else wanted, lp)
         if echo_logprobs:  # the echoed prompt comes with its own logprobs
             k = max(req.logprobs or 0, req.prompt_logprobs or 0)
             params = dataclasses.replace(params, prompt_logprobs=k)

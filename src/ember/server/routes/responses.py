@@ -285,7 +285,7 @@ class _Shell:
             "text": req.text or {"format": {"type": "text"}},
             "tool_choice": req.tool_choice or "auto",
             "tools": req.tools or [],
-            "truncation": "disabled",
+            "truncation": req.truncation or "disabled",
             "usage": usage_info,
             "user": req.user,
         }

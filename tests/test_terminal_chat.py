@@ -184,26 +184,26 @@ def test_ctrl_c_stops_the_reply_and_frees_the_slot(server, tmp_path):
     assert "Traceback" not in chat.logfile_read.getvalue()
 
 
-@pytest.mark.slow
-def test_refused_key_says_so_and_exits(server):
-    chat = _spawn("--url", server, "--api-key", "not-the-key")
-    chat.expect_exact("refused the API key (401)")
+def _ends_before_the_first_question(chat: pexpect.spawn, message: str) -> None:
+    """The chat says `message` and exits 1 before it ever prompts, with no traceback."""
+    chat.expect_exact(message)
     chat.expect(pexpect.EOF)
     chat.close()
     assert chat.exitstatus == 1
     screen = _screen(chat)
     assert "Traceback" not in screen and PROMPT not in screen
+
+
+@pytest.mark.slow
+def test_refused_key_says_so_and_exits(server):
+    chat = _spawn("--url", server, "--api-key", "not-the-key")
+    _ends_before_the_first_question(chat, "refused the API key (401)")
 
 
 @pytest.mark.slow
 def test_a_model_the_server_does_not_serve_ends_the_chat_at_once(server):
     chat = _spawn("--url", server, "--api-key", API_KEY, "--model", "nope")
-    chat.expect_exact("'nope' is not served at")
-    chat.expect(pexpect.EOF)
-    chat.close()
-    assert chat.exitstatus == 1
-    screen = _screen(chat)
-    assert "Traceback" not in screen and PROMPT not in screen
+    _ends_before_the_first_question(chat, "'nope' is not served at")
 
 
 @pytest.mark.slow

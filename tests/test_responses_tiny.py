@@ -147,3 +147,32 @@ def test_output_text_logprobs_when_included(tiny_sdk):
     assert len(done.logprobs) == len(streamed)
     plain = tiny_sdk.responses.create(**{k: v for k, v in kw.items() if k != "include"})
     assert plain.output[0].content[0].logprobs == []  # only when included
+
+
+def test_truncation_auto_drops_the_oldest_turns_until_the_input_fits(tiny_sdk):
+    """OpenAI's truncation "auto": past the context window, the conversation's oldest items go
+    (a call with its output), the instructions and the newest turn stay; "disabled" is a 400."""
+    long = "the quick brown fox " * 2
+    turns = []
+    for i in range(8):
+        turns += [
+            {"role": "user", "content": f"{i} {long}"},
+            {"type": "function_call", "call_id": f"c{i}", "name": "look", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": f"c{i}", "output": long},
+            {"role": "assistant", "content": long},
+        ]
+    turns.append({"role": "user", "content": "and now?"})
+    kw = dict(model="tiny", input=turns, instructions="be brief", max_output_tokens=4)
+    for truncation in ("disabled", None):
+        with pytest.raises(openai.BadRequestError) as e:
+            tiny_sdk.responses.create(**kw, **({"truncation": truncation} if truncation else {}))
+        assert e.value.body["code"] == "context_length_exceeded"
+    r = tiny_sdk.responses.create(**kw, truncation="auto")
+    assert r.truncation == "auto" and r.usage.output_tokens > 0
+    assert 512 - 4 - 180 < r.usage.input_tokens <= 512 - 4  # only as much dropped as needed
+    last = tiny_sdk.responses.create(**{**kw, "input": turns[-1:]}, truncation="auto")
+    assert last.usage.input_tokens < r.usage.input_tokens
+    # The newest turn alone past the window: nothing can be dropped, still a 400.
+    with pytest.raises(openai.BadRequestError) as e:
+        tiny_sdk.responses.create(**{**kw, "input": long * 40}, truncation="auto")
+    assert e.value.body["code"] == "context_length_exceeded"

@@ -530,6 +530,18 @@ def test_continuous_usage_stats_counts_as_it_streams(client, endpoint):
     assert [c.usage is not None for c in others] == [False] * (len(others) - 1) + [True]
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_stream_options_without_a_stream_is_refused(client, endpoint):
+    """OpenAI and vLLM answer 400: the options shape a stream, and there is none."""
+    kw = dict(model=MODEL, max_tokens=2, stream_options={"include_usage": True})
+    with pytest.raises(openai.BadRequestError) as e:
+        if endpoint == "chat":
+            client.chat.completions.create(messages=HELLO, **kw)
+        else:
+            client.completions.create(prompt="Hi", **kw)
+    assert e.value.body["param"] == "stream_options"
+
+
 @pytest.mark.parametrize("endpoint", ["chat", "chat-stream", "completions", "completions-stream"])
 def test_usage_counts_prompt_tokens_served_from_the_prefix_cache(client, endpoint):
     # A prompt no other test sends: its first run finds nothing cached, the second most of it.

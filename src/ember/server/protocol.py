@@ -402,7 +402,7 @@ class ResponsesRequest(OpenAIBase):
     metadata: dict[str, str] | None = None
     user: str | None = None
     seed: int | None = None
-    # "auto" is taken, but nothing is dropped: an input past the context is still a 400.
+    # "auto": an input past the context window drops its oldest turns until it fits.
     truncation: Literal["auto", "disabled"] | None = None
 
 

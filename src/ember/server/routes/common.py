@@ -54,6 +54,11 @@ def sampling_params(
             "prompt_logprobs come with the whole response, not in a stream.",
             param="prompt_logprobs",
         )
+    if req.stream_options is not None and not req.stream:
+        # As OpenAI and vLLM answer it: the options only shape a stream.
+        raise APIError(
+            "stream_options is only allowed when stream is true.", param="stream_options"
+        )
     gen = state.generation_defaults
     room = state.max_model_len - prompt_len
     if max_tokens is not None and max_tokens > room:

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from ember.chat.tool_parsers import ParsedToolCall
 from ember.engine.async_engine import AdmissionTicket
-from ember.engine.request import Logprob
+from ember.engine.request import Logprob, SamplingParams
 from ember.server import protocol as P
 from ember.server.errors import APIError, error_body, to_api_error, validation_message
 from ember.server.routes.chat import chat_logprobs, chat_params, chat_prompt
@@ -304,6 +304,38 @@ def _status(finish_reason: str | None) -> str:
     return "incomplete" if finish_reason == "length" else "completed"
 
 
+def _without_oldest_turn(messages: list[P.ChatMessage]) -> list[P.ChatMessage] | None:
+    """The conversation less its oldest turn: the first message after the instructions, and
+    what follows it up to the next user message (its calls' outputs must not lose their
+    calls). None when nothing of the conversation would be left."""
+    start = next((i for i, m in enumerate(messages) if m.role not in ("system", "developer")), 0)
+    end = start + 1
+    while end < len(messages) and messages[end].role != "user":
+        end += 1
+    if end >= len(messages):
+        return None
+    return messages[:start] + messages[end:]
+
+
+def _prompt_that_fits(
+    req: P.ResponsesRequest, chat: P.ChatCompletionRequest, state: ServerState, top: int | None
+) -> tuple[ChatPlan, list[int], SamplingParams]:
+    """The prompt and its sampling; with truncation "auto", as OpenAI does, an input past the
+    context window first drops the conversation's oldest turns until it fits."""
+    while True:
+        try:
+            plan, prompt_ids = chat_prompt(chat, state)
+            params = chat_params(chat, state, plan, len(prompt_ids), chat.max_tokens, top)
+            return plan, prompt_ids, params
+        except APIError as e:
+            if req.truncation != "auto" or e.code != "context_length_exceeded":
+                raise
+            shorter = _without_oldest_turn(chat.messages)
+            if shorter is None:
+                raise
+            chat = chat.model_copy(update={"messages": shorter})
+
+
 @router.post("/v1/responses")
 async def create_response(
     req: P.ResponsesRequest, request: Request, state: ServerState = Depends(get_state)
@@ -312,9 +344,8 @@ async def create_response(
     chat = _chat_request(req)
     want_logprobs = LOGPROBS in (req.include or [])
     try:
-        plan, prompt_ids = chat_prompt(chat, state)
         top = (req.top_logprobs or 0) if want_logprobs else None
-        params = chat_params(chat, state, plan, len(prompt_ids), chat.max_tokens, top)
+        plan, prompt_ids, params = _prompt_that_fits(req, chat, state, top)
         jobs = [(prompt_ids, params)]
         ticket = validate_jobs(state, jobs)
         await compile_structured(state, jobs)

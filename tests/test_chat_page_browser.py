@@ -459,3 +459,75 @@ def test_keyboard_only(browser, server):
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "send"
     page.context.close()
+
+
+def _long_reply(page) -> None:
+    """Starts a reply long enough to act on while it streams (at temperature 0 this prompt
+    runs past 400 tokens); waits for its first text."""
+    _set(page, "#max-tokens", "1500")
+    _set(page, "#temperature", "0")
+    _send(page, "Write a very long story about a dragon, at least 2000 words.")
+    page.wait_for_selector(
+        "#messages .msg.assistant .content:not(:empty)", timeout=STREAM_TIMEOUT_MS
+    )
+
+
+def _reply_text(page) -> str:
+    return page.inner_text(".msg.assistant >> nth=-1 >> .content")
+
+
+def test_two_tabs_keep_each_others_conversations(browser, server):
+    """Tabs of one profile share localStorage: each tab's save used to write its own list over
+    the other's, losing the conversation the other tab had just had."""
+    a = _ready_page(browser, server)
+    _set(a, "#max-tokens", "4")
+    b = a.context.new_page()
+    b.errors = []
+    b.on("pageerror", lambda e: b.errors.append(str(e)))
+    b.goto(server + "/")
+    b.wait_for_selector("#model option[value='smol']", state="attached")
+    _send(a, "alpha")
+    _wait_done(a)
+    b.click("#new-chat")
+    _send(b, "beta")
+    _wait_done(b)
+    a.wait_for_selector("#conv-list >> text=beta")  # shown in the other tab as it happens
+    _send(a, "alpha again")
+    _wait_done(a)
+    b.reload()
+    b.wait_for_selector("#conv-list >> text=alpha")
+    stored = {c["title"]: c for c in _stored(b)}
+    assert sorted(stored) == ["alpha", "beta"]
+    assert [m["content"] for m in stored["alpha"]["messages"][::2]] == ["alpha", "alpha again"]
+    assert len(stored["beta"]["messages"]) == 2
+    # A deletion in one tab is not undone by the other's next save.
+    b.click("#conv-list >> text=beta")
+    b.on("dialog", lambda d: d.accept())
+    b.click("#conv-list li.current >> text=Delete")
+    a.wait_for_selector("#conv-list >> text=beta", state="detached")
+    _send(a, "alpha three")
+    _wait_done(a)
+    assert [c["title"] for c in _stored(b)] == ["alpha"]
+    assert a.errors == [] and b.errors == []
+    a.context.close()
+
+
+def test_a_reply_redrawn_mid_stream_keeps_streaming_and_reload_keeps_its_text(browser, server):
+    page = _ready_page(browser, server)
+    _long_reply(page)
+    page.answers.append("Counting")
+    page.click("#conv-list li.current >> text=Rename")  # redraws the conversation
+    page.wait_for_selector("#conv-title >> text=Counting")
+    renamed = _reply_text(page)
+    deadline = time.time() + 60
+    while _reply_text(page) == renamed and time.time() < deadline:
+        time.sleep(0.2)
+    assert _reply_text(page) != renamed and page.is_visible("#send.stop")  # still streaming
+    page.reload()  # leaving mid-reply: the text so far stays, as a stopped reply
+    page.wait_for_selector(".msg.assistant .stats")
+    assert page.inner_text(".msg.assistant .stats").endswith("stopped")
+    kept = _stored(page)[0]["messages"][-1]
+    assert kept["stopped"] and kept["content"].startswith(renamed.split("\n")[0])
+    assert len(kept["content"]) >= len(renamed)
+    assert page.errors == []
+    page.context.close()

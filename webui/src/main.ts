@@ -8,12 +8,15 @@ import { AuthError, type ChatMessage, ConnectionError, listModels, streamChat } 
 import { lang, type Strings, t } from "./i18n";
 import { renderMarkdown } from "./render";
 import {
+  CONVERSATIONS_KEY,
   type Conversation,
   importConversation,
   loadApiKey,
   loadConversations,
   loadCurrentId,
   loadSettings,
+  markDeleted,
+  mergeConversations,
   type Message,
   newConversation,
   saveApiKey,
@@ -53,12 +56,14 @@ const ui = {
   keyCancel: $<HTMLButtonElement>("key-cancel"),
 };
 
-let conversations = loadConversations();
+let conversations = mergeConversations([], loadConversations());
 let current: Conversation = pickCurrent();
 const settings = loadSettings();
 let apiKey = loadApiKey();
 let controller: AbortController | null = null;
 let streamingEl: HTMLElement | null = null;
+// The reply being streamed and its conversation (always the current one while it streams).
+let streaming: { conv: Conversation; reply: Message } | null = null;
 let renderQueued = false;
 // A conversation whose reply was refused for want of a key: resent once a key is entered.
 let resendAfterKey: Conversation | null = null;
@@ -72,8 +77,11 @@ function pickCurrent(): Conversation {
   return c;
 }
 
-function persist(): void {
-  current.updated = Date.now();
+/** Saves `changed` (by default the current conversation) with the rest. Other tabs of the page
+ * may have saved theirs since: both are kept, and the current one is always this page's. */
+function persist(changed: Conversation = current): void {
+  changed.updated = Date.now();
+  conversations = mergeConversations(conversations, loadConversations(), current);
   try {
     saveConversations(conversations);
     saveCurrentId(current.id);
@@ -203,12 +211,13 @@ function rename(c: Conversation): void {
   const name = prompt(t.renamePrompt, c.title);
   if (name === null || !name.trim()) return;
   c.title = name.trim();
-  persist();
+  persist(c);
   renderAll();
 }
 
 function remove(c: Conversation): void {
   if (controller || !confirm(t.deleteConfirm)) return;
+  markDeleted(c.id);
   conversations = conversations.filter((x) => x !== c);
   current = conversations[0] ?? newConversation(t.untitled);
   if (!conversations.includes(current)) conversations.unshift(current);
@@ -259,6 +268,11 @@ function renderMessages(): void {
     return;
   }
   current.messages.forEach((m, i) => ui.messages.append(messageView(m, i)));
+  if (streaming?.conv === current) {
+    // Redrawn mid-reply (a rename, another tab's save): the reply streams on into the new view.
+    streamingEl = ui.messages.lastElementChild?.querySelector(".content") ?? null;
+    streamingEl?.classList.add("streaming");
+  }
   scrollToEnd(true);
 }
 
@@ -397,10 +411,9 @@ async function generate(): Promise<void> {
   const messages = requestMessages();
   const reply: Message = { role: "assistant", content: "" };
   conv.messages.push(reply);
+  streaming = { conv, reply };
   persist();
   renderAll();
-  streamingEl = ui.messages.lastElementChild?.querySelector(".content") ?? null;
-  streamingEl?.classList.add("streaming");
   controller = new AbortController();
   setBusy(true);
   const started = performance.now();
@@ -450,8 +463,9 @@ async function generate(): Promise<void> {
     }
   } finally {
     controller = null;
+    streaming = null;
     setBusy(false);
-    persist();
+    persist(conv);
     renderAll();
   }
 }
@@ -605,7 +619,10 @@ function initComposer(): void {
     }
     showNotice("");
     // An empty conversation (a fresh page) gives way to the imported one.
-    if (current.messages.length === 0) conversations = conversations.filter((x) => x !== current);
+    if (current.messages.length === 0) {
+      markDeleted(current.id);
+      conversations = conversations.filter((x) => x !== current);
+    }
     conversations.unshift(c);
     current = c;
     persist();
@@ -613,6 +630,28 @@ function initComposer(): void {
     renderAll();
   });
 }
+
+/** Another tab saved its conversations: show them here too. */
+function adoptOtherTabs(e: StorageEvent): void {
+  if (e.key !== CONVERSATIONS_KEY && e.key !== null) return;
+  conversations = mergeConversations(conversations, loadConversations(), streaming?.conv ?? null);
+  const same = conversations.find((c) => c.id === current.id);
+  if (same && same !== current) {
+    current = same; // the other tab added to the conversation shown here
+    renderAll();
+    return;
+  }
+  if (!same) conversations.unshift(current); // deleted there: it stays here until left
+  renderSidebar();
+}
+
+// Leaving or reloading mid-reply keeps the text so far, as a stopped reply.
+window.addEventListener("pagehide", () => {
+  if (!streaming) return;
+  streaming.reply.stopped = true;
+  persist(streaming.conv);
+});
+window.addEventListener("storage", adoptOtherTabs);
 
 applyStrings();
 initSettings();

@@ -59,6 +59,48 @@ export function saveConversations(list: Conversation[]): void {
   localStorage.setItem(CONVERSATIONS, JSON.stringify(list));
 }
 
+// Ids of deleted conversations, so that a page open in another tab does not bring them back.
+const DELETED = "ember.deleted";
+const MAX_DELETED = 500;
+
+export function loadDeleted(): Set<string> {
+  const ids = read<unknown>(DELETED, []);
+  return new Set(Array.isArray(ids) ? ids.filter((x): x is string => typeof x === "string") : []);
+}
+
+export function markDeleted(id: string): void {
+  const ids = [...loadDeleted(), id].slice(-MAX_DELETED);
+  try {
+    localStorage.setItem(DELETED, JSON.stringify(ids));
+  } catch {
+    // Storage full: the conversation is still deleted here, if not for other open tabs.
+  }
+}
+
+/**
+ * This page's conversations and those stored by other tabs of the same site: of two copies of
+ * one conversation the later updated wins, deleted ones stay deleted, newest created first.
+ * `keep`: a conversation whose copy here wins whatever the dates (the one streaming a reply).
+ */
+export function mergeConversations(
+  mine: Conversation[],
+  stored: Conversation[],
+  keep: Conversation | null = null,
+): Conversation[] {
+  const deleted = loadDeleted();
+  const byId = new Map<string, Conversation>();
+  for (const c of stored) if (!deleted.has(c.id)) byId.set(c.id, c);
+  for (const c of mine) {
+    const other = byId.get(c.id);
+    if (c === keep || (!deleted.has(c.id) && (!other || (c.updated ?? 0) >= (other.updated ?? 0)))) {
+      byId.set(c.id, c);
+    }
+  }
+  return [...byId.values()].sort((a, b) => (b.created ?? 0) - (a.created ?? 0));
+}
+
+export const CONVERSATIONS_KEY = CONVERSATIONS;
+
 export function loadCurrentId(): string | null {
   return localStorage.getItem(CURRENT);
 }

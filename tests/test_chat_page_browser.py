@@ -402,6 +402,9 @@ def test_stored_reply_renders_markdown_code_and_math_but_no_script(browser, serv
     assert shown.count("\\(") == 1 and "\\[" not in shown, shown  # only the code's
     assert reply.locator("pre code.hljs .hljs-keyword").first.inner_text() == "def"
     assert reply.locator("pre .copy-code").count() == 1
+    # The copy button sits above the code, not over its first line.
+    button, code = (reply.locator(s).first.bounding_box() for s in ("pre .copy-code", "pre code"))
+    assert button["y"] + button["height"] <= code["y"] + 1
     assert reply.locator("img, script, [onerror]").count() == 0
     assert reply.locator("a[href^='javascript']").count() == 0
     text = reply.inner_text()
@@ -409,6 +412,33 @@ def test_stored_reply_renders_markdown_code_and_math_but_no_script(browser, serv
     assert page.inner_text(".msg.user .content") == "<b>not bold</b> and <script>x</script>"
     assert page.title() != "pwned" and page.errors == []
     page.screenshot(path=str(ARTIFACTS / "desktop-markup-light.png"))
+    page.context.close()
+
+
+def test_dollar_prices_stay_text_and_tilde_fences_keep_latex_delimiters(browser, server):
+    """ "$5 and $x$" used to be read as one formula "5 and $x" (a red KaTeX error), and a ~~~
+    fence had its \\( \\) rewritten to $ as if it were prose."""
+    reply = (
+        "It costs $5 and $x$ is the unknown; between $5 and $10, pay $$y^2$$.\n\n"
+        "~~~latex\n\\(a+b\\) and $c$\n~~~\n\nand ``\\(d\\)`` stays."
+    )
+    page = _ready_page(browser, server)
+    conversation = {"id": "m", "title": "Prices", "system": "", "messages": []}
+    conversation["messages"] = [
+        {"role": "user", "content": "?"},
+        {"role": "assistant", "content": reply},
+    ]
+    _import(page, conversation)
+    box = page.locator(".msg.assistant .content")
+    box.locator(".katex").first.wait_for()
+    assert box.locator(".katex-error").count() == 0
+    assert box.locator(".katex").count() == 2  # x and y²
+    assert box.locator(".katex-html").evaluate_all("a => a.map(e => e.textContent)") == ["x", "y2"]
+    text = box.inner_text()
+    assert "costs $5 and" in text and "between $5 and $10, pay" in text
+    assert box.locator("pre code").inner_text().strip() == "\\(a+b\\) and $c$"
+    assert box.locator("p code").inner_text() == "\\(d\\)"
+    assert page.errors == []
     page.context.close()
 
 
@@ -445,6 +475,24 @@ def test_phone_width_in_chinese(browser, server, scheme):
         page.screenshot(path=str(ARTIFACTS / "desktop-dark.png"))
     assert page.errors == []
     page.context.close()
+
+
+def test_dismissing_the_key_dialog_says_a_key_is_needed(browser, server):
+    for dismiss in ("Escape", "#key-cancel"):
+        page = _new_page(browser, server)
+        page.wait_for_selector("#key-dialog[open]")
+        if dismiss.startswith("#"):
+            page.click(dismiss)
+        else:
+            page.keyboard.press(dismiss)
+        page.wait_for_selector("#key-dialog:not([open])", state="attached")
+        page.wait_for_selector("#notice >> text=API key needed")
+        page.click("#settings-toggle")
+        page.click("#set-key")  # and the key can still be given
+        _enter_key(page)
+        page.wait_for_selector("#model option[value='smol']", state="attached")
+        assert page.errors == []
+        page.context.close()
 
 
 def test_keyboard_only(browser, server):

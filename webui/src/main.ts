@@ -540,11 +540,17 @@ ui.keyForm.addEventListener("submit", async () => {
   if (conv) void generateAgain(conv);
 });
 
-ui.keyCancel.addEventListener("click", () => {
-  ui.keyDialog.close();
+/** The key dialog dismissed, by its button or Esc: say that the page still needs a key. */
+function keyDismissed(): void {
   resendAfterKey = null;
   showNotice(t.keyTitle);
+}
+
+ui.keyCancel.addEventListener("click", () => {
+  ui.keyDialog.close();
+  keyDismissed();
 });
+ui.keyDialog.addEventListener("cancel", keyDismissed);
 
 // ---- wiring -------------------------------------------------------------------------------
 

@@ -22,7 +22,8 @@ import sql from "highlight.js/lib/languages/sql";
 import typescript from "highlight.js/lib/languages/typescript";
 import xml from "highlight.js/lib/languages/xml";
 import yaml from "highlight.js/lib/languages/yaml";
-import { Marked } from "marked";
+import katex from "katex";
+import { Marked, type MarkedExtension, type TokenizerAndRendererExtension } from "marked";
 import { markedHighlight } from "marked-highlight";
 import markedKatex from "marked-katex-extension";
 
@@ -31,6 +32,38 @@ const languages = {
   sql, typescript, xml, yaml,
 };
 for (const [name, def] of Object.entries(languages)) hljs.registerLanguage(name, def);
+
+const KATEX = { throwOnError: false, output: "htmlAndMathml" } as const;
+
+// Inline math: $…$ (or $$…$$ in a line) whose text holds no unescaped $, starts and ends with
+// no space, and is followed by a space, punctuation or the end. Prices stay text: in "costs $5
+// and $x$" only x is math (the extension's own rule read "5 and $x" as math, an error).
+const INLINE_MATH = /^(\${1,2})(?!\$)((?:\\.|[^\\\n$\s])(?:(?:\\.|[^\\\n$])*?(?:\\.|[^\\\n$\s]))?)\1(?=[\s?!.,:;)\]'"？！。，：；）]|$)/;
+
+const inlineMath: TokenizerAndRendererExtension = {
+  name: "inlineMath",
+  level: "inline",
+  start(src: string) {
+    // A $ at the start or after a space, where math can begin.
+    for (let i = src.indexOf("$"); i >= 0; i = src.indexOf("$", i + 1)) {
+      if ((i === 0 || /\s/.test(src[i - 1])) && INLINE_MATH.test(src.slice(i))) return i;
+    }
+    return undefined;
+  },
+  tokenizer(src: string) {
+    const m = INLINE_MATH.exec(src);
+    if (m) return { type: "inlineMath", raw: m[0], text: m[2], displayMode: m[1].length === 2 };
+    return undefined;
+  },
+  renderer: (token) => katex.renderToString(token.text, { ...KATEX, displayMode: token.displayMode }),
+};
+
+// Display math ($$ on lines of their own) from the extension; inline math by the rule above.
+function mathExtension(): MarkedExtension {
+  const ext = markedKatex(KATEX);
+  ext.extensions = [...(ext.extensions ?? []).filter((e) => e.name !== "inlineKatex"), inlineMath];
+  return ext;
+}
 
 const HTML_ESCAPES: Record<string, string> = {
   "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;",
@@ -46,7 +79,7 @@ const marked = new Marked(
       return hljs.highlight(code, { language, ignoreIllegals: true }).value;
     },
   }),
-  markedKatex({ throwOnError: false, output: "htmlAndMathml" }),
+  mathExtension(),
   {
     gfm: true,
     breaks: true,
@@ -71,7 +104,7 @@ const PURIFY = {
 
 // Many models write math as \( … \) and \[ … \] (LaTeX's delimiters), which Markdown would read
 // as escaped brackets. Outside code they become the $ … $ and $$ … $$ that KaTeX typesets.
-const CODE_OR_MATH = /(```[\s\S]*?(?:```|$)|`[^`\n]*`)|\\\[([\s\S]+?)\\\]|\\\(([\s\S]+?)\\\)/g;
+const CODE_OR_MATH = /(```[\s\S]*?(?:```|$)|~~~[\s\S]*?(?:~~~|$)|``[^\n]*?``|`[^`\n]*`)|\\\[([\s\S]+?)\\\]|\\\(([\s\S]+?)\\\)/g;
 
 export function latexDelimitersToDollars(text: string): string {
   return text.replace(CODE_OR_MATH, (_match, code, display, inline) => {

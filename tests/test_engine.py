@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -87,6 +88,10 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny_llama):
     assert mixed[3].outputs[0].token_ids == alone
     other_seed = SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=20, ignore_eos=True)
     assert llm.generate([prompt], other_seed)[0].outputs[0].token_ids != alone
+    # Seeds are 64-bit: ones that differ only above the low 32 bits draw differently too.
+    high = [dataclasses.replace(seeded, seed=1234 + k * 2**32) for k in (1, 2**31)]
+    drawn = [llm.generate([prompt], p)[0].outputs[0].token_ids for p in high]
+    assert alone != drawn[0] != drawn[1] != alone
 
 
 def test_max_tokens_and_stop_token_ids_end_sequences(tiny_llama):

@@ -158,6 +158,10 @@ class EngineCore:
             # On the model's device, where the sampler draws the noise.
             # Any integer a client sends is a valid seed: fold it into the generator's 64 bits.
             seed = params.seed & 0xFFFF_FFFF_FFFF_FFFF
+            if self.runner.device.type == "cpu":
+                # The CPU generator (mt19937) keeps only 32 bits: fold the high half in, so
+                # seeds that differ there (1 and 2**32 + 1) do not draw alike.
+                seed = (seed ^ (seed >> 32)) & 0xFFFF_FFFF
             generator = torch.Generator(device=self.runner.device).manual_seed(seed)
         stop_ids = frozenset(params.stop_token_ids or ()) | self.eos_token_ids
         detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params)

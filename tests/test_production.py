@@ -349,3 +349,49 @@ def test_engine_death_ends_every_request_and_the_process():
             assert events[-1] == "[DONE]"
             assert json.loads(events[-2])["error"]["code"] == "engine_dead"
         assert proc.wait(timeout=GRACE + 30) == 1
+
+
+def test_requests_past_the_drain_timeout_end_with_a_reason_not_a_cut():
+    """SIGTERM with work that outlasts --drain-timeout: each request still running is ended
+    with a `shutting_down` error (a stream's last event, then [DONE]; a plain request's 503
+    with Retry-After), not cut by the closing server with tracebacks in its log."""
+    args = ["--max-model-len", "512", "--shutdown-grace", "0.5", "--drain-timeout", "2"]
+    with serve(args, {}) as (proc, base, log):
+        wait_healthy(proc, base, log)
+        chat = {
+            "messages": [{"role": "user", "content": "Tell a long story."}],
+            "max_tokens": 400,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        body = {"prompt": "Tell a long story:", "max_tokens": 480, "ignore_eos": True}
+
+        async def stream(client: httpx.AsyncClient, started: asyncio.Event) -> list[str]:
+            async with client.stream("POST", base + "/v1/chat/completions", json=chat) as r:
+                assert r.status_code == 200, await r.aread()
+                events = []
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        started.set()
+                return events
+
+        async def main():
+            async with httpx.AsyncClient(timeout=120) as client:
+                flags = [asyncio.Event() for _ in range(2)]
+                streams = [asyncio.create_task(stream(client, f)) for f in flags]
+                await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flags)), 120)
+                plain = asyncio.create_task(client.post(base + "/v1/completions", json=body))
+                await asyncio.sleep(0.3)
+                proc.send_signal(signal.SIGTERM)
+                return await plain, await asyncio.gather(*streams)
+
+        plain, streams = asyncio.run(main())
+        assert plain.status_code == 503 and plain.headers["retry-after"] == "1"
+        assert assert_error_shape(plain)["code"] == "shutting_down"
+        for events in streams:
+            assert events[-1] == "[DONE]"
+            assert json.loads(events[-2])["error"]["code"] == "shutting_down"
+        assert proc.wait(timeout=30) == 0
+    text = log.read_text()
+    assert "Traceback" not in text and "timeout graceful shutdown exceeded" not in text, text

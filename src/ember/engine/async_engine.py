@@ -41,6 +41,10 @@ class RequestTimeoutError(RuntimeError):
     """The request ran past its deadline and was aborted; its KV blocks are free."""
 
 
+class ServerShuttingDownError(RuntimeError):
+    """The server is going away and its drain time ran out before this request finished."""
+
+
 class RequestFailedError(RuntimeError):
     """Handling this one request failed inside the engine (the others go on)."""
 
@@ -105,6 +109,11 @@ class _Add:
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _AbortAll:
+    error: BaseException  # what every stream in flight is told
 
 
 @dataclass
@@ -351,6 +360,12 @@ class AsyncEngine:
         self._inbox.put(_Abort(request_id))
         self._wake.set()
 
+    def abort_all(self, error: BaseException) -> None:
+        """End every request in flight with `error` (each stream then says why, as at its
+        timeout, rather than being cut); their KV blocks are freed."""
+        self._inbox.put(_AbortAll(error))
+        self._wake.set()
+
     def shutdown(self) -> None:
         self._stopping = True
         self._wake.set()
@@ -386,6 +401,11 @@ class AsyncEngine:
                 self._streams[msg.request_id] = (msg.stream, msg.loop)
                 if msg.deadline is not None:
                     heapq.heappush(self._deadlines, (msg.deadline, msg.request_id))
+            elif isinstance(msg, _AbortAll):
+                for rid, (stream, loop) in self._streams.items():
+                    self.core.abort(rid)
+                    _send(loop, stream.put_nowait, msg.error)
+                self._streams.clear()
             else:
                 self.core.abort(msg.request_id)
                 self._streams.pop(msg.request_id, None)

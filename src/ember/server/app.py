@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 
 from ember.chat.templates import ChatFormatter, resolve_chat_template
 from ember.config import EngineConfig, parse_bytes
-from ember.engine.async_engine import Admission, AsyncEngine
+from ember.engine.async_engine import Admission, AsyncEngine, ServerShuttingDownError
 from ember.engine.core import EngineCore
 from ember.engine.request import SamplingParams
 from ember.server.errors import count_rejected, error_response, install_error_handlers
@@ -51,6 +51,7 @@ def load_engine(
         state.engine = AsyncEngine(
             core, admission, limits.request_timeout, on_death=state.lifecycle.engine_died
         )
+        state.lifecycle.on_drain_deadline = _ending_in_flight(state.engine)
         log.info(
             "admission: at most %s waiting sequences and %s waiting prompt tokens (0: no bound)",
             admission.max_waiting_requests,
@@ -78,6 +79,18 @@ def load_engine(
         state.load_error = e
         if on_error is not None:
             on_error(e)
+
+
+def _ending_in_flight(engine: AsyncEngine) -> Callable[[float], None]:
+    def end(drain_timeout: float) -> None:
+        engine.abort_all(
+            ServerShuttingDownError(
+                "The server shut down before this request finished (its drain timeout of "
+                f"{drain_timeout:g} seconds ran out); send it again."
+            )
+        )
+
+    return end
 
 
 async def _warm_up(engine: AsyncEngine, tokenizer) -> None:

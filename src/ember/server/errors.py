@@ -18,6 +18,7 @@ from ember.engine.async_engine import (
     EngineOverloadedError,
     RequestFailedError,
     RequestTimeoutError,
+    ServerShuttingDownError,
 )
 from ember.engine.core import PromptError
 from ember.engine.request import SamplingParamsError
@@ -86,6 +87,10 @@ def to_api_error(exc: Exception) -> APIError:
         )
     if isinstance(exc, RequestTimeoutError):
         return APIError(str(exc), 504, "server_error", code="timeout")
+    if isinstance(exc, ServerShuttingDownError):
+        return APIError(
+            str(exc), 503, "server_error", code="shutting_down", headers={"Retry-After": "1"}
+        )
     if isinstance(exc, EngineDeadError):
         return APIError(str(exc), 503, "server_error", code="engine_dead")
     if isinstance(exc, RequestFailedError):
@@ -190,7 +195,13 @@ def install_error_handlers(app: FastAPI) -> None:
             count_rejected(request.app.state.ember, "overloaded")
         return await _client_error(request, exc)
 
-    for kind in (EngineOverloadedError, RequestTimeoutError, EngineDeadError, RequestFailedError):
+    for kind in (
+        EngineOverloadedError,
+        RequestTimeoutError,
+        EngineDeadError,
+        RequestFailedError,
+        ServerShuttingDownError,
+    ):
         app.add_exception_handler(kind, _engine_error)
 
     @app.exception_handler(Exception)

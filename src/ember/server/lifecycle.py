@@ -4,7 +4,9 @@ On SIGTERM (or SIGINT) the pod is being removed from its Service's endpoints, wh
 few seconds to reach every proxy. So: /health turns 503 at once; for `--shutdown-grace` seconds
 the listener keeps accepting and answers new work with 503 (a refused connection would be an
 error for the client; a 503 is retried elsewhere); then it stops listening and in-flight
-requests get up to `--drain-timeout` seconds to finish; then the process exits 0.
+requests get up to `--drain-timeout` seconds to finish (those still running just before it
+ends are ended with a `shutting_down` error, so that each stream says why instead of being
+cut); then the process exits 0.
 
 If the engine loop dies, the same path runs without waiting for anything to drain, and the
 process exits 1 so that Kubernetes restarts it.
@@ -16,6 +18,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
@@ -34,6 +37,8 @@ class Lifecycle:
         self.began: float | None = None
         self._server: uvicorn.Server | None = None
         self._lock = threading.Lock()
+        # Called just before the drain timeout: end what is still running, with a reason.
+        self.on_drain_deadline: Callable[[float], None] | None = None
 
     def attach(self, server: uvicorn.Server) -> None:
         self._server = server
@@ -60,6 +65,16 @@ class Lifecycle:
     def _stop(self) -> None:
         if self._server is not None:
             self._server.should_exit = True
+        # uvicorn cancels what is left when the drain timeout ends, mid-stream and without a
+        # word; a moment before, the engine ends each request with an error it can send.
+        margin = min(1.0, self.drain_timeout / 2)
+        timer = threading.Timer(self.drain_timeout - margin, self._drain_deadline)
+        timer.daemon = True
+        timer.start()
+
+    def _drain_deadline(self) -> None:
+        if self.on_drain_deadline is not None:
+            self.on_drain_deadline(self.drain_timeout)
 
     def engine_died(self, exc: BaseException) -> None:
         """Called on the engine thread: every open request has had its error by now."""

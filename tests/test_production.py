@@ -100,6 +100,20 @@ def assert_error_shape(r: httpx.Response) -> dict:
     return err
 
 
+async def read_events(
+    client: httpx.AsyncClient, url: str, body: dict, started: asyncio.Event, **kw
+) -> list[str]:
+    """A stream's `data:` payloads, in order; `started` is set at the first."""
+    async with client.stream("POST", url, json={**body, "stream": True}, **kw) as r:
+        assert r.status_code == 200, await r.aread()
+        events = []
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                started.set()
+        return events
+
+
 @pytest.fixture(scope="module")
 def busy() -> Iterator[tuple[subprocess.Popen, str]]:
     args = [
@@ -266,17 +280,10 @@ def test_openapi_fuzzing_finds_no_5xx_and_no_schema_mismatch(busy, tmp_path):
 
 def test_sigterm_under_load_finishes_in_flight_and_exits_0(busy, capsys):
     proc, base = busy
-    body = {"prompt": "Count slowly:", "max_tokens": 16, "ignore_eos": True, "stream": True}
+    body = {"prompt": "Count slowly:", "max_tokens": 16, "ignore_eos": True}
 
-    async def stream(client: httpx.AsyncClient, started: asyncio.Event) -> list[str]:
-        async with client.stream("POST", base + "/v1/completions", json=body, headers=AUTH) as r:
-            assert r.status_code == 200
-            events = []
-            async for line in r.aiter_lines():
-                if line.startswith("data: "):
-                    events.append(line[6:])
-                    started.set()
-            return events
+    def stream(client: httpx.AsyncClient, started: asyncio.Event):
+        return read_events(client, base + "/v1/completions", body, started, headers=AUTH)
 
     async def main():
         async with httpx.AsyncClient(timeout=120) as client:
@@ -316,16 +323,8 @@ def test_engine_death_ends_every_request_and_the_process():
         assert (503, {"status": "loading"}) in seen  # /health is 503 while the model loads
         body = {"prompt": "Tell a long story:", "max_tokens": 400, "ignore_eos": True}
 
-        async def stream(client: httpx.AsyncClient, started: asyncio.Event) -> list[str]:
-            async with client.stream(
-                "POST", base + "/v1/completions", json={**body, "stream": True}
-            ) as r:
-                events = []
-                async for line in r.aiter_lines():
-                    if line.startswith("data: "):
-                        events.append(line[6:])
-                        started.set()
-                return events
+        def stream(client: httpx.AsyncClient, started: asyncio.Event):
+            return read_events(client, base + "/v1/completions", body, started)
 
         async def main():
             async with httpx.AsyncClient(timeout=120) as client:
@@ -362,19 +361,11 @@ def test_requests_past_the_drain_timeout_end_with_a_reason_not_a_cut():
             "messages": [{"role": "user", "content": "Tell a long story."}],
             "max_tokens": 400,
             "ignore_eos": True,
-            "stream": True,
         }
         body = {"prompt": "Tell a long story:", "max_tokens": 480, "ignore_eos": True}
 
-        async def stream(client: httpx.AsyncClient, started: asyncio.Event) -> list[str]:
-            async with client.stream("POST", base + "/v1/chat/completions", json=chat) as r:
-                assert r.status_code == 200, await r.aread()
-                events = []
-                async for line in r.aiter_lines():
-                    if line.startswith("data: "):
-                        events.append(line[6:])
-                        started.set()
-                return events
+        def stream(client: httpx.AsyncClient, started: asyncio.Event):
+            return read_events(client, base + "/v1/chat/completions", chat, started)
 
         async def main():
             async with httpx.AsyncClient(timeout=120) as client:

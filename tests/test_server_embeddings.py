@@ -49,6 +49,25 @@ def test_encoder_embeddings_match_the_reference_and_mean_something(client):
     assert r.usage.prompt_tokens > 0 and r.model == ENCODER
 
 
+def test_up_to_2048_inputs_as_openai_takes_them(client):
+    """OpenAI takes 2048 inputs a request (LangChain sends 1000 at once); the encoder runs them
+    in batches of similar lengths, each input's vector as if it ran alone."""
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    texts = [f"{i} " + " ".join(words[: i % 8] * (1 + i % 5)) for i in range(2048)]
+    r = client.embeddings.create(model=ENCODER, input=texts)
+    got = np.array([d.embedding for d in r.data])
+    assert [d.index for d in r.data] == list(range(2048)) and got.shape == (2048, 384)
+    sample = [0, 1, 7, 39, 500, 1023, 2047]
+    np.testing.assert_allclose(
+        got[sample], _reference_minilm([texts[i] for i in sample]), atol=1e-4
+    )
+    served = client.embeddings.create(model="smol", input=["a", "b"] * 150)
+    assert len(served.data) == 300
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model=ENCODER, input=["x"] * 2049)
+    assert e.value.body["param"] == "input"
+
+
 def test_served_model_embeddings_are_unit_vectors(client):
     r = client.embeddings.create(model="smol", input=["hello there", "general kenobi"])
     vecs = np.array([d.embedding for d in r.data])

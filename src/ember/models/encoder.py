@@ -13,6 +13,10 @@ import torch
 
 
 class SentenceEncoder:
+    # Padded tokens per forward pass: attention memory grows with the batch times the square
+    # of its longest input, so a request of 2048 long inputs runs as many small batches.
+    BATCH_TOKENS = 8192
+
     def __init__(self, path: str | Path, max_length: int | None = None) -> None:
         from transformers import AutoModel, AutoTokenizer
 
@@ -39,7 +43,23 @@ class SentenceEncoder:
 
     @torch.inference_mode()
     def encode(self, inputs: list[list[int]]) -> torch.Tensor:
-        """Token-id lists (from `tokenize`, or a client's own) to unit vectors."""
+        """Token-id lists (from `tokenize`, or a client's own) to unit vectors, in batches of
+        similar lengths (little padding) of at most BATCH_TOKENS padded tokens."""
+        order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+        out = torch.empty(len(inputs), self.dimensions)
+        start = 0
+        while start < len(order):
+            end = start + 1  # lengths ascend: the batch's last input is its longest
+            while end < len(order) and (end - start + 1) * len(inputs[order[end]]) <= (
+                self.BATCH_TOKENS
+            ):
+                end += 1
+            rows = order[start:end]
+            out[rows] = self._encode_batch([inputs[i] for i in rows])
+            start = end
+        return out
+
+    def _encode_batch(self, inputs: list[list[int]]) -> torch.Tensor:
         batch = self.tokenizer.pad({"input_ids": inputs}, return_tensors="pt")
         with self._lock:
             hidden = self.model(**batch).last_hidden_state

@@ -77,7 +77,8 @@ class OpenAIBase(BaseModel):
 # beyond them a request gets 400 naming the field (they are also in /openapi.json).
 MAX_N = 128  # n, best_of
 MAX_SEQUENCES = 256  # prompts x best_of in one /v1/completions request
-MAX_PROMPTS = 256  # prompts in one /v1/completions or /v1/embeddings request
+MAX_PROMPTS = 256  # prompts in one /v1/completions request
+MAX_EMBEDDING_INPUTS = 2048  # inputs in one /v1/embeddings request (OpenAI's limit)
 MAX_STOP = 16  # stop strings
 MAX_STOP_CHARS = 256  # characters per stop string
 MAX_STOP_TOKEN_IDS = 256
@@ -88,16 +89,24 @@ MAX_TOOLS = 128
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 TokenId = Annotated[int, Field(ge=0)]
 Text = Annotated[str, Field(min_length=1)]
-# A prompt or embedding input: text, texts, token ids, or lists of token ids; never empty.
-Inputs = (
-    Text
-    | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)]
-    | Annotated[list[TokenId], Field(min_length=1)]
-    | Annotated[
-        list[Annotated[list[TokenId], Field(min_length=1)]],
-        Field(min_length=1, max_length=MAX_PROMPTS),
-    ]
-)
+
+
+def _inputs(max_items: int) -> Any:
+    """A prompt or embedding input: text, texts, token ids, or lists of token ids; never
+    empty, and at most `max_items` of them."""
+    return (
+        Text
+        | Annotated[list[Text], Field(min_length=1, max_length=max_items)]
+        | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[
+            list[Annotated[list[TokenId], Field(min_length=1)]],
+            Field(min_length=1, max_length=max_items),
+        ]
+    )
+
+
+Inputs = _inputs(MAX_PROMPTS)
+EmbeddingInputs = _inputs(MAX_EMBEDDING_INPUTS)
 
 
 # ------------------------------------------------------------------ shared pieces
@@ -452,7 +461,7 @@ class CompletionResponse(BaseModel):
 
 class EmbeddingRequest(OpenAIBase):
     model: str | None = None
-    input: Inputs
+    input: EmbeddingInputs
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None

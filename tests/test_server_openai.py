@@ -331,6 +331,35 @@ def test_echo_with_logprobs_scores_the_prompt(client):
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_text_offsets_point_into_the_text_when_tokens_split_characters(client, stream):
+    """Byte-level tokens split an emoji; each token's text_offset is still where it starts in
+    the returned text (a split character's pieces add nothing until it is whole), as
+    lm-eval-harness reads them to find where a continuation begins."""
+    prompt = "Emoji list: 🍕🍔🍟 and 你好 ok"
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, echo=True, logprobs=0)
+    kw["extra_body"] = {"ignore_eos": True}
+    if stream:
+        chunks = list(client.completions.create(**kw, stream=True))
+        text = "".join(c.choices[0].text for c in chunks)
+        offsets = [
+            o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset
+        ]
+        tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    else:
+        r = client.completions.create(**kw)
+        text, lp = r.choices[0].text, r.choices[0].logprobs
+        offsets, tokens = lp.text_offset, lp.tokens
+    assert text.startswith(prompt) and len(offsets) == len(tokens) > 8
+    assert offsets == sorted(offsets) and offsets[-1] <= len(text)
+    # Where the prompt's last token starts, and where the first generated one does.
+    n = len(tokens) - 8
+    assert text[offsets[n - 1] :].startswith(" ok") and offsets[n] == len(prompt)
+    for i, tok in enumerate(tokens):
+        if "\ufffd" not in tok:  # a whole token's text is found where its offset says
+            assert text[offsets[i] : offsets[i] + len(tok)] == tok, (i, tok)
+
+
 def test_max_tokens_zero_with_echo_scores_the_prompt_alone(client):
     """As OpenAI's legacy API and vLLM: the prompt and its logprobs, nothing generated."""
     kw = dict(model=MODEL, prompt="The sky is blue", echo=True, logprobs=1, temperature=0)
@@ -347,6 +376,29 @@ def test_max_tokens_zero_with_echo_scores_the_prompt_alone(client):
     assert sum(len(c.choices[0].logprobs.tokens) for c in streamed) == n
     with pytest.raises(openai.BadRequestError, match="max_tokens"):  # no echo: nothing to give
         client.completions.create(model=MODEL, prompt="The sky", max_tokens=0)
+
+
+def test_a_prompt_past_the_context_is_named_as_the_prompt(client):
+    """/v1/completions says "prompt" where chat says "messages", and names the prompt, not
+    max_tokens, when the prompt alone fills the context (the server's is 2048 tokens)."""
+    cases = [  # (prompt tokens, max_tokens, echo)
+        (2048, None, False),
+        (2048, 5, False),
+        (2100, 5, False),
+        (2048, 0, True),  # scoring needs one position past the prompt
+    ]
+    for n, max_tokens, echo in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(
+                model=MODEL, prompt=[504] * n, max_tokens=max_tokens, echo=echo, logprobs=0
+            )
+        body = e.value.body
+        assert body["param"] == "prompt" and body["code"] == "context_length_exceeded", body
+        assert "messages" not in body["message"] and "1 in the completion" not in body["message"]
+    with pytest.raises(openai.BadRequestError) as e:  # the prompt fits: max_tokens is at fault
+        client.completions.create(model=MODEL, prompt=[504] * 2000, max_tokens=100)
+    assert e.value.body["param"] == "max_tokens"
+    assert "(2000 in the prompt, 100 in the completion)" in e.value.body["message"]
 
 
 def _raw(server: str, path: str, body: dict) -> dict:

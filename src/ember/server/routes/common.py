@@ -47,8 +47,10 @@ def sampling_params(
     prompt_len: int,
     max_tokens: int | None,
     logprobs: int | None,
+    prompt_name: str = "messages",
 ) -> SamplingParams:
-    """Request values, else the model's generation_config, else OpenAI's defaults."""
+    """Request values, else the model's generation_config, else OpenAI's defaults.
+    `prompt_name`: the request's field that holds the prompt, for context-length errors."""
     if req.prompt_logprobs is not None and req.stream:
         raise APIError(
             "prompt_logprobs come with the whole response, not in a stream.",
@@ -64,17 +66,18 @@ def sampling_params(
     if max_tokens is not None and max_tokens > room:
         raise APIError(
             f"This model's maximum context length is {state.max_model_len} tokens. However, you "
-            f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the messages, "
-            f"{max_tokens} in the completion). Please reduce the length of the messages or "
-            "completion.",
-            param="max_tokens",
+            f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the {prompt_name}, "
+            f"{max_tokens} in the completion). Please reduce the length of the {prompt_name} "
+            "or completion.",
+            # The prompt alone fills the context: no max_tokens would do.
+            param=prompt_name if room <= 0 else "max_tokens",
             code="context_length_exceeded",
         )
     if room <= 0:
         raise APIError(
             f"This model's maximum context length is {state.max_model_len} tokens. However, "
-            f"your messages resulted in {prompt_len} tokens. Please reduce their length.",
-            param="messages",
+            f"your {prompt_name} resulted in {prompt_len} tokens. Please reduce its length.",
+            param=prompt_name,
             code="context_length_exceeded",
         )
     if max_tokens is None:

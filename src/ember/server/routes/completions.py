@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from ember.server.routes.common import (
     sampling_params,
     sse_chunk,
     sse_error,
+    token_bytes,
     token_text,
     truncate_prompt,
     until_disconnected,
@@ -57,21 +59,35 @@ def _prompt_list(state: ServerState, prompt: Any) -> list[tuple[list[int], str |
     return out
 
 
+class TextOffsets:
+    """Where each token starts in the returned text, in characters. A token that holds part of
+    a character (an emoji's first bytes) adds nothing until the character is whole, as the
+    text grows, so the offsets never run past the text nor go back."""
+
+    def __init__(self, state: ServerState, start: int = 0) -> None:
+        self.state, self.chars = state, start
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def take(self, token_id: int, text: str) -> int:
+        at = self.chars
+        self.chars += len(self._utf8.decode(bytes(token_bytes(self.state, token_id, text))))
+        return at
+
+
 def _completion_logprobs(
-    state: ServerState, lps: list[Logprob], offset: int
+    state: ServerState, lps: list[Logprob], offsets: TextOffsets
 ) -> P.CompletionLogprobs:
     out = P.CompletionLogprobs()
     for lp in lps:
         text = token_text(state, lp.token_id)
         out.tokens.append(text)
         out.token_logprobs.append(lp.logprob)
-        out.text_offset.append(offset)
+        out.text_offset.append(offsets.take(lp.token_id, text))
         top = {token_text(state, t): v for t, v in lp.top}
         # As OpenAI's legacy API and vLLM: the sampled token is always among them (so up to
         # logprobs + 1 entries), that a client can read top_logprobs[i][tokens[i]].
         top.setdefault(text, lp.logprob)
         out.top_logprobs.append(top)
-        offset += len(text)
     return out
 
 
@@ -80,18 +96,17 @@ def _echo_logprobs(
 ) -> P.CompletionLogprobs:
     """The prompt's part of an echoed completion: the first token has no logprob."""
     out = P.CompletionLogprobs()
-    offset = 0
+    offsets = TextOffsets(state)
     for i, token_id in enumerate(prompt_ids):
         lp = lps[i] if lps and i < len(lps) else None
         text = token_text(state, token_id)
         out.tokens.append(text)
-        out.text_offset.append(offset)
+        out.text_offset.append(offsets.take(token_id, text))
         out.token_logprobs.append(None if lp is None else lp.logprob)
         top = None if lp is None else {token_text(state, t): v for t, v in lp.top[:k]}
         if top is not None and lp is not None:
             top.setdefault(text, lp.logprob)  # the prompt's own token, as for a sampled one
         out.top_logprobs.append(top)
-        offset += len(text)
     return out
 
 
@@ -162,7 +177,17 @@ async def completions(
     echo_logprobs = req.echo and req.logprobs is not None
     for pi, ids in enumerate(prompts):
         wanted = req.max_tokens if req.max_tokens is not None else default_max_tokens
-        params = sampling_params(req, state, len(ids), 1 if score_only else wanted, lp)
+        if score_only and len(ids) >= state.max_model_len:
+            raise APIError(
+                f"This model's maximum context length is {state.max_model_len} tokens, and "
+                f"scoring a prompt takes one position more than its length; your prompt has "
+                f"{len(ids)} tokens. Please reduce its length.",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        params = sampling_params(
+            req, state, len(ids), 1 if score_only else wanted, lp, prompt_name="prompt"
+        )
         if echo_logprobs:  # the echoed prompt comes with its own logprobs
             k = max(req.logprobs or 0, req.prompt_logprobs or 0)
             params = dataclasses.replace(params, prompt_logprobs=k)
@@ -221,7 +246,7 @@ async def completions(
             prefix = prompt_texts[pi]
             logprobs = None
             if req.logprobs is not None:
-                logprobs = _completion_logprobs(state, r.logprobs, len(prefix))
+                logprobs = _completion_logprobs(state, r.logprobs, TextOffsets(state, len(prefix)))
                 if echo_logprobs:
                     echoed = _echo_logprobs(state, prompts[pi], scored_prompt, req.logprobs)
                     logprobs = _join(echoed, logprobs)
@@ -275,7 +300,7 @@ async def _completion_stream(
     completion_tokens = 0
     first_of = {o: j for j, o in reversed(list(enumerate(owners)))}  # each prompt's first job
     cached: dict[int, int] = {}  # prompt -> its first job's prefix-cache hits
-    offsets = [len(prompt_texts[o]) for o in owners]
+    offsets = [TextOffsets(state, len(prompt_texts[o])) for o in owners]
     echoed = [False] * len(jobs)
     # Echo with logprobs: the first sample of each prompt scores it (fan_out), and each
     # sample's first chunk carries those scores; a sample that gets there first waits for them.
@@ -301,7 +326,6 @@ async def _completion_stream(
         logprobs = None
         if want_logprobs:
             logprobs = _completion_logprobs(state, out.new_logprobs or [], offsets[i])
-            offsets[i] += sum(len(t) for t in logprobs.tokens)
             if first and owners[i] in scored:
                 k = scored[owners[i]]  # logprobs: nothing else streams
                 prompt_part = _echo_logprobs(state, jobs[i][0], scores[owners[i]], k)

@@ -185,6 +185,32 @@ def test_streams_end_with_done_on_the_wire(served: Served) -> None:
     assert json.loads(events[-2])["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprob_tokens_spell_the_text_and_offsets_point_into_it(
+    served: Served, stream: bool
+) -> None:
+    """SentencePiece decodes a lone token without its word's space ("▁brown" as "brown"), so
+    logprobs' tokens once ran together ("Thequickbrown") and every text_offset after the first
+    word was off: scoring tools (lm-eval) read the offsets to split context and continuation."""
+    text = "The quick brown fox, 你好 🍕 jumps"
+    kw: dict[str, Any] = dict(max_tokens=6, temperature=0, echo=True, logprobs=1)
+    # Special tokens the random model writes stay in the text, so every token is found there.
+    kw["extra_body"] = {"ignore_eos": True, "skip_special_tokens": False}
+    if stream:
+        chunks = [c.choices[0] for c in served.complete(text, stream=True, **kw) if c.choices]
+        whole = "".join(c.text for c in chunks)
+        tokens = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+        offsets = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
+    else:
+        choice = served.complete(text, **kw).choices[0]
+        whole, tokens, offsets = choice.text, choice.logprobs.tokens, choice.logprobs.text_offset
+    assert text in whole and len(offsets) == len(tokens) > 6
+    assert offsets == sorted(offsets) and offsets[-1] <= len(whole)
+    for token, at in zip(tokens, offsets):
+        if "\ufffd" not in token:  # an emoji's byte pieces have no text of their own
+            assert whole[at : at + len(token)] == token, (token, at, whole)
+
+
 def test_served_name_of_a_dot_is_the_directory_name(
     chatglm3_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -12,6 +12,7 @@ vocabulary size and the special ids; chat formats live in `templates.py` and `ch
 
 from __future__ import annotations
 
+import functools
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -91,6 +92,30 @@ class BaseTokenizer(ABC):
     @abstractmethod
     def token_to_id(self, token: str) -> int | None:
         """The id of one vocabulary entry (e.g. "<|observation|>"), or None if there is none."""
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text as it reads inside a text (logprobs' tokens), special tokens
+        included. SentencePiece decodes a lone token without its leading space ("▁b" as "b"),
+        so the token is decoded after another one whose text is then taken off."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            anchor, head = self._anchor
+            both = self.decode(anchor + [token_id], skip_special_tokens=False)
+            if both.startswith(head):
+                text = both[len(head) :]
+            else:  # the two merged (a cleanup of spaces): the lone token's text
+                text = self.decode([token_id], skip_special_tokens=False)
+            self._token_texts[token_id] = text
+        return text
+
+    @functools.cached_property
+    def _token_texts(self) -> dict[int, str]:
+        return {}
+
+    @functools.cached_property
+    def _anchor(self) -> tuple[list[int], str]:
+        ids = self.encode_plain("a")[-1:]
+        return ids, self.decode(ids, skip_special_tokens=False)
 
 
 class Tokenizer(BaseTokenizer):

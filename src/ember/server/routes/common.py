@@ -396,7 +396,7 @@ def sse_error(exc: BaseException) -> str:
 
 
 def token_text(state: ServerState, token_id: int) -> str:
-    return state.tokenizer.decode([token_id], skip_special_tokens=False)
+    return state.tokenizer.token_text(token_id)
 
 
 def token_bytes(state: ServerState, token_id: int, text: str) -> list[int]:

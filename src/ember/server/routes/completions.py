@@ -59,30 +59,55 @@ def _prompt_list(state: ServerState, prompt: Any) -> list[tuple[list[int], str |
     return out
 
 
-class TextOffsets:
-    """Where each token starts in the returned text, in characters. A token that holds part of
-    a character (an emoji's first bytes) adds nothing until the character is whole, as the
-    text grows, so the offsets never run past the text nor go back."""
+class TokenTrail:
+    """A sequence's tokens as its returned text spells them, and where each starts in it.
 
-    def __init__(self, state: ServerState, start: int = 0) -> None:
-        self.state, self.chars = state, start
+    A token's text is read where it stands, after the few tokens before it: decoded alone it
+    can be wrong there (SentencePiece drops the space of a text's first word, ChatGLM3 that of
+    the first word after each special token, which Llama's <s> keeps). Offsets are characters
+    of the text: a token holding part of a character (an emoji's first bytes) adds nothing
+    until the character is whole, so offsets never run past the text nor go back; with
+    `skip_special`, special tokens are not in the text and add nothing either."""
+
+    WINDOW = 4  # tokens of context: enough for a character's bytes and a word's space
+
+    def __init__(
+        self,
+        state: ServerState,
+        context: list[int] = (),
+        start: int = 0,
+        skip_special: bool = False,
+    ) -> None:
+        self.state, self.chars, self.skip_special = state, start, skip_special
+        self._recent = list(context[-self.WINDOW :])
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
 
-    def take(self, token_id: int, text: str) -> int:
+    def take(self, token_id: int) -> tuple[str, int]:
+        """The token's text here, and its offset."""
+        tokenizer = self.state.tokenizer
+        text = token_text(self.state, token_id)
+        if "\ufffd" not in text:  # a whole token: its text in context
+            head = tokenizer.decode(self._recent, skip_special_tokens=False)
+            both = tokenizer.decode(self._recent + [token_id], skip_special_tokens=False)
+            if both.startswith(head):
+                text = both[len(head) :]
+        self._recent = (self._recent + [token_id])[-self.WINDOW :]
         at = self.chars
+        if self.skip_special and token_id in tokenizer.all_special_ids:
+            return text, at
         self.chars += len(self._utf8.decode(bytes(token_bytes(self.state, token_id, text))))
-        return at
+        return text, at
 
 
 def _completion_logprobs(
-    state: ServerState, lps: list[Logprob], offsets: TextOffsets
+    state: ServerState, lps: list[Logprob], trail: TokenTrail
 ) -> P.CompletionLogprobs:
     out = P.CompletionLogprobs()
     for lp in lps:
-        text = token_text(state, lp.token_id)
+        text, offset = trail.take(lp.token_id)
         out.tokens.append(text)
         out.token_logprobs.append(lp.logprob)
-        out.text_offset.append(offsets.take(lp.token_id, text))
+        out.text_offset.append(offset)
         top = {token_text(state, t): v for t, v in lp.top}
         # As OpenAI's legacy API and vLLM: the sampled token is always among them (so up to
         # logprobs + 1 entries), that a client can read top_logprobs[i][tokens[i]].
@@ -96,12 +121,12 @@ def _echo_logprobs(
 ) -> P.CompletionLogprobs:
     """The prompt's part of an echoed completion: the first token has no logprob."""
     out = P.CompletionLogprobs()
-    offsets = TextOffsets(state)
+    trail = TokenTrail(state)
     for i, token_id in enumerate(prompt_ids):
         lp = lps[i] if lps and i < len(lps) else None
-        text = token_text(state, token_id)
+        text, offset = trail.take(token_id)
         out.tokens.append(text)
-        out.text_offset.append(offsets.take(token_id, text))
+        out.text_offset.append(offset)
         out.token_logprobs.append(None if lp is None else lp.logprob)
         top = None if lp is None else {token_text(state, t): v for t, v in lp.top[:k]}
         if top is not None and lp is not None:
@@ -246,7 +271,8 @@ async def completions(
             prefix = prompt_texts[pi]
             logprobs = None
             if req.logprobs is not None:
-                logprobs = _completion_logprobs(state, r.logprobs, TextOffsets(state, len(prefix)))
+                trail = TokenTrail(state, prompts[pi], len(prefix), req.skip_special_tokens)
+                logprobs = _completion_logprobs(state, r.logprobs, trail)
                 if echo_logprobs:
                     echoed = _echo_logprobs(state, prompts[pi], scored_prompt, req.logprobs)
                     logprobs = _join(echoed, logprobs)
@@ -300,7 +326,10 @@ async def _completion_stream(
     completion_tokens = 0
     first_of = {o: j for j, o in reversed(list(enumerate(owners)))}  # each prompt's first job
     cached: dict[int, int] = {}  # prompt -> its first job's prefix-cache hits
-    offsets = [TextOffsets(state, len(prompt_texts[o])) for o in owners]
+    trails = [
+        TokenTrail(state, ids, len(prompt_texts[o]), p.skip_special_tokens)
+        for (ids, p), o in zip(jobs, owners)
+    ]
     echoed = [False] * len(jobs)
     # Echo with logprobs: the first sample of each prompt scores it (fan_out), and each
     # sample's first chunk carries those scores; a sample that gets there first waits for them.
@@ -325,7 +354,7 @@ async def _completion_stream(
             return None
         logprobs = None
         if want_logprobs:
-            logprobs = _completion_logprobs(state, out.new_logprobs or [], offsets[i])
+            logprobs = _completion_logprobs(state, out.new_logprobs or [], trails[i])
             if first and owners[i] in scored:
                 k = scored[owners[i]]  # logprobs: nothing else streams
                 prompt_part = _echo_logprobs(state, jobs[i][0], scores[owners[i]], k)

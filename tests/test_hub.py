@@ -434,3 +434,45 @@ def test_serve_pulls_a_hub_id_then_answers_a_chat(hub, tmp_path, monkeypatch):
         assert r.usage.completion_tokens > 0
     snapshot = tmp_path / "hf" / "hub" / "models--org--tiny" / "snapshots" / COMMIT
     assert _files(snapshot) == SERVED
+
+
+def test_a_pulled_model_is_found_again_without_the_hub(hub, tmp_path):
+    """A pod restarted during a hub outage (or with HF_HUB_OFFLINE=1) re-runs its pull: the
+    copy it has serves, in the cache (found by refs/main, also by huggingface_hub itself) and
+    in a --dir; a --dir whose download broke off does not count as a copy."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    target = tmp_path / "pvc" / "tiny"
+    cached = ember(["pull", "org/tiny"], _env(hub, tmp_path)).stdout.strip()
+    in_dir = ember(["pull", "org/tiny", "--dir", str(target)], _env(hub, tmp_path)).stdout.strip()
+    assert Path(cached).is_dir() and in_dir == str(target)
+    for env in (_env(hub, tmp_path, HF_ENDPOINT=dead), _env(hub, tmp_path, HF_HUB_OFFLINE="1")):
+        r = ember(["pull", "org/tiny"], env)
+        assert r.returncode == 0 and r.stdout.strip() == cached, r.stderr
+        r = ember(["pull", "org/tiny", "--dir", str(target)], env)
+        assert r.returncode == 0 and r.stdout.strip() == str(target), r.stderr
+    assert (
+        "using the copy already at"
+        in ember(["pull", "org/tiny"], _env(hub, tmp_path, HF_ENDPOINT=dead)).stderr
+    )
+    offline = _env(hub, tmp_path, HF_HUB_OFFLINE="1")
+    # transformers' offline reading of the repository id: refs/main names the snapshot.
+    read = "import huggingface_hub as h; print(h.hf_hub_download('org/tiny', 'config.json'))"
+    found = subprocess.run(
+        [sys.executable, "-c", read], env=offline, capture_output=True, text=True, timeout=60
+    )
+    assert found.stdout.strip() == str(Path(cached) / "config.json"), found.stderr
+    # A download that broke off in the --dir: not a copy, so the outage is the answer.
+    broken = target.parent / "broken"
+    (broken / ".cache" / "huggingface" / "download").mkdir(parents=True)
+    for name in SERVED:
+        (broken / name).parent.mkdir(parents=True, exist_ok=True)
+        (broken / name).write_bytes((target / name).read_bytes())
+    (broken / ".cache" / "huggingface" / "download" / "x.incomplete").write_bytes(b"12")
+    r = ember(["pull", "org/tiny", "--dir", str(broken)], _env(hub, tmp_path, HF_ENDPOINT=dead))
+    _fails_with_one_line(r, "cannot reach", dead)
+    r = ember(["pull", "org/tiny", "--dir", str(tmp_path / "none")], offline)
+    _fails_with_one_line(r, "HF_HUB_OFFLINE")

@@ -24,6 +24,7 @@ import errno
 import fnmatch
 import glob
 import json
+import logging
 import math
 import os
 import re
@@ -34,6 +35,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 SOURCES = ("huggingface", "modelscope")
 
@@ -186,13 +189,61 @@ def _hf_endpoint() -> str:
     return constants.ENDPOINT
 
 
+def _hf_local_copy(repo_id: str, revision: str | None, local_dir: str | None) -> Path | None:
+    """A whole copy pulled before (into the cache, or into `local_dir` with no download left
+    unfinished there) that Ember can serve, or None. Read from disk: huggingface_hub's own
+    offline lookup wants every file of the repository, and a pull skips some."""
+    if local_dir is not None:
+        path = Path(local_dir)
+        state = path / ".cache" / "huggingface"
+        if not state.is_dir() or any(state.rglob("*.incomplete")):
+            return None  # not pulled here, or a download broke off
+    else:
+        from huggingface_hub import constants
+        from huggingface_hub.file_download import repo_folder_name
+
+        repo = Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"))
+        commit = revision or "main"
+        if not re.fullmatch(r"[0-9a-f]{40}", commit):
+            try:
+                commit = (repo / "refs" / commit).read_text().strip()
+            except OSError:
+                return None
+        path = repo / "snapshots" / commit
+        if not path.is_dir():
+            return None
+    return path if unservable_reason(path) is None else None
+
+
+def _hf_remember_revision(repo_id: str, revision: str | None, commit: str | None) -> None:
+    """Record in the cache which commit `revision` named (refs/main), as huggingface_hub does
+    when it resolves a branch: offline, it and transformers find the snapshot by that name."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    name = revision or "main"
+    if commit is None or re.fullmatch(r"[0-9a-f]{40}", name):
+        return
+    ref = Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"))
+    ref = ref / "refs" / name
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    ref.write_text(commit)
+
+
 def _hf_pull(repo_id: str, revision: str | None, local_dir: str | None, include: list[str]) -> Path:
     import huggingface_hub
+    from huggingface_hub import constants
     from huggingface_hub import errors as hf_errors
 
     endpoint = _hf_endpoint()
     if not endpoint.startswith(("https://", "http://")):
         raise HubError(f"HF_ENDPOINT must be a URL such as https://hf-mirror.com; got {endpoint!r}")
+    if constants.HF_HUB_OFFLINE:
+        local = _hf_local_copy(repo_id, revision, local_dir)
+        if local is None:
+            where = local_dir or _hf_cache()
+            raise HubError(f"HF_HUB_OFFLINE is set and {where} holds no whole copy of {repo_id}")
+        return local
     token = huggingface_hub.get_token()
     try:
         api = huggingface_hub.HfApi()
@@ -206,6 +257,8 @@ def _hf_pull(repo_id: str, revision: str | None, local_dir: str | None, include:
             local_dir=local_dir,
             ignore_patterns=skipped or None,
         )
+        if local_dir is None:
+            _hf_remember_revision(repo_id, revision, info.sha)
     except hf_errors.GatedRepoError as e:
         if token:
             raise HubError(
@@ -228,6 +281,13 @@ def _hf_pull(repo_id: str, revision: str | None, local_dir: str | None, include:
         err = _disk_full(e, local_dir or _hf_cache()) or _connection_error(e, endpoint)
         if err is None:
             raise
+        if err.args[0].startswith("cannot reach"):
+            # The hub is out of reach (an outage, no egress): a copy pulled before still
+            # serves, as a restarted pod's initContainer needs.
+            local = _hf_local_copy(repo_id, revision, local_dir)
+            if local is not None:
+                log.warning("%s; using the copy already at %s", err, local)
+                return local
         raise err from e
     return Path(path)
 

@@ -10,7 +10,7 @@ import pytest
 
 from ember.bench import make_prompts, percentile, summarize
 
-from conftest import API_KEY
+from conftest import API_KEY, metric
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +31,7 @@ FIELDS = {
     "ttft_s",
     "tpot_s",
     "e2e_s",
+    "interrupted",
 }
 STATS = {"mean", "p50", "p90", "p99"}
 
@@ -83,6 +84,31 @@ def test_wrong_api_key_counts_errors(server):
     report = bench(server, "--model", "smol", "--api-key", "wrong", expect_rc=1)
     assert report["errors"] == 4
     assert any("401" in s for s in report["error_samples"])
+
+
+def test_an_openai_base_url_works_too(server):
+    report = bench(server + "/v1/", "--model", "smol")
+    check_ok(report, "/v1/completions")
+    assert report["url"] == server and report["interrupted"] is False
+
+
+def test_ctrl_c_reports_what_finished_without_a_traceback(server):
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "ember.bench", "--url", server, "--api-key", API_KEY]
+    cmd += ["--requests", "200", "--concurrency", "2", "--max-tokens", "64", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while metric(server, "ember:num_requests_running") < 1 and time.time() < deadline:
+        time.sleep(0.2)  # until its requests run
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    report = json.loads(out)
+    assert report["interrupted"] is True and report["completed"] < 200
+    assert err.strip().splitlines()[-1].startswith("ember bench: interrupted")
 
 
 def test_helpers():

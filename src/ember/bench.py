@@ -219,7 +219,7 @@ def _request_body(args: argparse.Namespace, model: str, prompt: str) -> dict[str
 
 
 async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    url = args.url.rstrip("/")
+    url = args.url.rstrip("/").removesuffix("/v1")  # an OpenAI base URL names the server too
     api_key = args.api_key or os.environ.get("EMBER_API_KEY") or os.environ.get("OPENAI_API_KEY")
     if api_key and "," in api_key:
         api_key = api_key.split(",")[0].strip()  # EMBER_API_KEY may list several for serve
@@ -256,8 +256,11 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         if progress is not None:
             progress.start()
+        interrupted = False
         try:
             await asyncio.gather(*(worker() for _ in range(min(args.concurrency, args.requests))))
+        except asyncio.CancelledError:  # Ctrl-C: the report of what finished
+            interrupted = True
         finally:
             if progress is not None:
                 progress.stop()
@@ -290,6 +293,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "tpot_s": summarize([t for r in ok if (t := r.tpot) is not None]),
         "itl_s": summarize(itl),
         "e2e_s": summarize([r.e2e for r in ok if r.e2e is not None]),
+        "interrupted": interrupted,
     }
 
 
@@ -357,6 +361,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except (RuntimeError, httpx.HTTPError) as e:
         print(f"ember bench: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before any request ran
+        print("ember bench: interrupted", file=sys.stderr)
+        return 130
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
@@ -366,6 +373,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         except OSError as e:
             print(f"ember bench: --output {args.output}: {e.strerror}", file=sys.stderr)
             return 2
+    if report["interrupted"]:
+        print("ember bench: interrupted; the report covers what finished", file=sys.stderr)
+        return 130
     # Nothing finished: fail, so scripts notice; the JSON above still says why.
     return 1 if report["completed"] == 0 else 0
 

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -198,6 +199,22 @@ def _ends_before_the_first_question(chat: pexpect.spawn, message: str) -> None:
 def test_refused_key_says_so_and_exits(server):
     chat = _spawn("--url", server, "--api-key", "not-the-key")
     _ends_before_the_first_question(chat, "refused the API key (401)")
+
+
+@pytest.mark.slow
+def test_a_refusal_is_one_line_when_piped(server):
+    """Not a terminal (a pipe, a log): rich would wrap at 80 columns, splitting the line."""
+    cmd = [sys.executable, "-m", "ember.cli", "chat", "--url", server]
+    r = subprocess.run(
+        [*cmd, "--api-key", "not-the-key"],
+        input="hi\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("error: ") and line.endswith("EMBER_API_KEY."), line
 
 
 @pytest.mark.slow

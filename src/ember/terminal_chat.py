@@ -419,7 +419,8 @@ def _read_message() -> str | None:
 
 
 def _report(console: Console, e: ChatError) -> None:
-    console.print(Text.assemble(("error: ", "red"), str(e)))  # plain text: no markup inside
+    # Plain text (no markup inside), one line whatever the width: logs and pipes read it whole.
+    console.print(Text.assemble(("error: ", "red"), str(e)), soft_wrap=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -441,7 +442,8 @@ def run(args: argparse.Namespace) -> int:
     chat = Chat(backend, args.system, console)
     where = f"at {args.url}" if args.url else "in this process"
     console.print(
-        Text(f"{backend.model} {where}. /help for commands, Ctrl-D to leave.", style="dim")
+        Text(f"{backend.model} {where}. /help for commands, Ctrl-D to leave.", style="dim"),
+        soft_wrap=True,
     )
     while True:
         line = _read_message()

@@ -139,6 +139,10 @@ def test_gpu_count_and_cpu_deployment():
     cpu = container(server_pod(render(VALUE_SETS["cpu"])), "server")
     assert "nvidia.com/gpu" not in cpu["resources"]["limits"]
     assert cpu["image"] == "ember:0.1.0-cpu"
+    # A tag that is set is the image's own: the CPU one's is not suffixed twice.
+    for tag in ("0.1.0-cpu", "mine"):
+        pod = server_pod(render({**VALUE_SETS["cpu"], "image": {"tag": tag}}))
+        assert container(pod, "server")["image"] == f"ember:{tag}"
 
 
 def test_llama2_is_one_value():

@@ -56,8 +56,12 @@ path: {{ printf "%s/%s" (trimSuffix "/" .Values.storage.mountPath) $dir | quote 
 {{- end -}}
 
 {{- define "ember.image" -}}
-{{- $tag := .Values.image.tag | default .Chart.AppVersion -}}
+{{- /* A tag that is set is used as it is; the default, appVersion, gets "-cpu" for gpu: 0. */ -}}
+{{- $tag := .Values.image.tag -}}
+{{- if not $tag -}}
+{{- $tag = .Chart.AppVersion -}}
 {{- if eq (int .Values.gpu) 0 -}}{{- $tag = printf "%s-cpu" $tag -}}{{- end -}}
+{{- end -}}
 {{- printf "%s:%s" .Values.image.repository $tag -}}
 {{- end -}}
 

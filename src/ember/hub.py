@@ -195,9 +195,8 @@ def _hf_local_copy(repo_id: str, revision: str | None, local_dir: str | None) ->
     offline lookup wants every file of the repository, and a pull skips some."""
     if local_dir is not None:
         path = Path(local_dir)
-        state = path / ".cache" / "huggingface"
-        if not state.is_dir() or any(state.rglob("*.incomplete")):
-            return None  # not pulled here, or a download broke off
+        if not _pulled_mark(local_dir).is_file():
+            return None  # not pulled here, or a pull broke off
     else:
         from huggingface_hub import constants
         from huggingface_hub.file_download import repo_folder_name
@@ -213,6 +212,11 @@ def _hf_local_copy(repo_id: str, revision: str | None, local_dir: str | None) ->
         if not path.is_dir():
             return None
     return path if unservable_reason(path) is None else None
+
+
+def _pulled_mark(local_dir: str) -> Path:
+    """Written into a --dir when a pull has finished there; removed when another begins."""
+    return Path(local_dir, ".cache", "huggingface", "ember-pulled")
 
 
 def _hf_remember_revision(repo_id: str, revision: str | None, commit: str | None) -> None:
@@ -251,6 +255,8 @@ def _hf_pull(repo_id: str, revision: str | None, local_dir: str | None, include:
         files = [s.rfilename for s in info.siblings or []]
         chosen = set(select_files(files, include))
         skipped = [glob.escape(f) for f in files if f not in chosen]
+        if local_dir is not None:
+            _pulled_mark(local_dir).unlink(missing_ok=True)
         path = huggingface_hub.snapshot_download(
             repo_id,
             revision=info.sha or revision,
@@ -259,6 +265,8 @@ def _hf_pull(repo_id: str, revision: str | None, local_dir: str | None, include:
         )
         if local_dir is None:
             _hf_remember_revision(repo_id, revision, info.sha)
+        else:
+            _pulled_mark(local_dir).write_text(f"{repo_id}@{info.sha}\n")
     except hf_errors.GatedRepoError as e:
         if token:
             raise HubError(
@@ -693,15 +701,36 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     m.set_defaults(func=cmd_models)
 
 
+# Where an interrupted Hugging Face pull leaves its unfinished files: huggingface_hub 2 writes
+# each into a temporary file of its own process, which no later run continues.
+_unfinished: list[Path] = []
+
+
 def _stop_now(signum: int, _frame: Any) -> None:
-    # Stop at once rather than let the download threads finish (Ctrl-C, a Job's pod deleted):
-    # the partial files stay where the next run resumes them.
+    # Stop at once rather than let the download threads finish (Ctrl-C, a Job's pod deleted).
+    # ModelScope's partial files stay where the next run resumes them; huggingface_hub's would
+    # only take space (up to a shard's size each time), as its own clean-up is skipped here.
+    for root in _unfinished:
+        for partial in root.rglob("*.incomplete"):
+            with contextlib.suppress(OSError):
+                partial.unlink()
     # (on a line of its own: a progress bar may be half drawn)
     print("\nember pull: interrupted; run it again to resume", file=sys.stderr, flush=True)
     os._exit(128 + signum)
 
 
+def _hf_download_area(repo_id: str, local_dir: str | None) -> Path:
+    if local_dir is not None:
+        return Path(local_dir, ".cache", "huggingface", "download")
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    return Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"))
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
+    if args.source == "huggingface" and _REPO_ID.fullmatch(args.repo_id):
+        _unfinished.append(_hf_download_area(args.repo_id, args.dir))
     signal.signal(signal.SIGINT, _stop_now)
     signal.signal(signal.SIGTERM, _stop_now)
     path = pull(args.repo_id, args.source, args.revision, args.dir, args.include)

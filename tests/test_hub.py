@@ -504,6 +504,29 @@ def test_serve_pulls_a_hub_id_then_answers_a_chat(hub, tmp_path, monkeypatch):
     assert _files(snapshot) == SERVED
 
 
+def test_a_modelscope_pull_is_found_again_without_the_hub(hub, tmp_path):
+    """The tutorial's other source: an outage at a pod's restart does not stop its pull."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    pull = ["pull", "org/tiny", "--source", "modelscope"]
+    target = tmp_path / "pvc" / "tiny"
+    cached = ember(pull, _env(hub, tmp_path)).stdout.strip()
+    assert ember([*pull, "--dir", str(target)], _env(hub, tmp_path)).stdout.strip() == str(target)
+    down = _env(hub, tmp_path, MODELSCOPE_ENDPOINT=dead)
+    r = ember(pull, down)
+    assert r.returncode == 0 and r.stdout.strip() == cached, r.stderr
+    assert "using the copy already at" in r.stderr
+    r = ember([*pull, "--dir", str(target)], down)
+    assert r.returncode == 0 and r.stdout.strip() == str(target), r.stderr
+    broken = target.parent / "broken"  # its files, but no record of a finished pull
+    shutil.copytree(target, broken)
+    (broken / ".cache" / "ember-pulled").unlink()
+    _fails_with_one_line(ember([*pull, "--dir", str(broken)], down), "cannot reach", dead)
+
+
 def test_a_pulled_model_is_found_again_without_the_hub(hub, tmp_path):
     """A pod restarted during a hub outage (or with HF_HUB_OFFLINE=1) re-runs its pull: the
     copy it has serves, in the cache (found by refs/main, also by huggingface_hub itself) and

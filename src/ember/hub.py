@@ -359,9 +359,14 @@ def _ms_pull(repo_id: str, revision: str | None, local_dir: str | None, include:
         files = [f.path for f in listing if f.type != "tree"]
         chosen = set(select_files(files, include, repo_id))
         skipped = [glob.escape(f) for f in files if f not in chosen]
+        if local_dir is not None:
+            _ms_pulled_mark(Path(local_dir)).unlink(missing_ok=True)
         path = snapshot_download(
             repo_id, revision=revision, local_dir=local_dir, ignore_patterns=skipped or None
         )
+        mark = _ms_pulled_mark(Path(path))
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.write_text(f"{repo_id}@{revision or 'master'}\n")
     except HubError:
         raise
     except Exception as e:
@@ -382,8 +387,34 @@ def _ms_pull(repo_id: str, revision: str | None, local_dir: str | None, include:
             err = HubError(f"{endpoint}: {_first_line(e)}")
         if err is None:
             raise
+        if err.args[0].startswith("cannot reach"):  # as for Hugging Face: the copy there is
+            local = _ms_local_copy(repo_id, revision, local_dir)
+            if local is not None:
+                log.warning("%s; using the copy already at %s", err, local)
+                return local
         raise err from e
     return Path(path)
+
+
+def _ms_pulled_mark(path: Path) -> Path:
+    """Written where a ModelScope pull has finished; removed from a --dir when another begins."""
+    return path / ".cache" / "ember-pulled"
+
+
+def _ms_local_copy(repo_id: str, revision: str | None, local_dir: str | None) -> Path | None:
+    """A whole copy pulled before from ModelScope that Ember can serve, or None."""
+    from modelscope_hub.compat.snapshot_download import snapshot_download
+
+    if local_dir is not None:
+        path = Path(local_dir)
+    else:
+        try:
+            path = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+        except Exception:  # noqa: BLE001 (not in the cache, in whatever way)
+            return None
+    if not _ms_pulled_mark(path).is_file():
+        return None
+    return path if unservable_reason(path) is None else None
 
 
 # ---------------------------------------------------------------- pull

@@ -420,6 +420,7 @@ def test_dollar_prices_stay_text_and_tilde_fences_keep_latex_delimiters(browser,
     fence had its \\( \\) rewritten to $ as if it were prose."""
     reply = (
         "It costs $5 and $x$ is the unknown; between $5 and $10, pay $$y^2$$.\n\n"
+        "设$z$为未知数，花了$5和$3元，US$7.\n\n"
         "~~~latex\n\\(a+b\\) and $c$\n~~~\n\nand ``\\(d\\)`` stays."
     )
     page = _ready_page(browser, server)
@@ -432,10 +433,12 @@ def test_dollar_prices_stay_text_and_tilde_fences_keep_latex_delimiters(browser,
     box = page.locator(".msg.assistant .content")
     box.locator(".katex").first.wait_for()
     assert box.locator(".katex-error").count() == 0
-    assert box.locator(".katex").count() == 2  # x and y²
-    assert box.locator(".katex-html").evaluate_all("a => a.map(e => e.textContent)") == ["x", "y2"]
+    assert box.locator(".katex").count() == 3  # x, y² and z (in Chinese text)
+    shown = box.locator(".katex-html").evaluate_all("a => a.map(e => e.textContent)")
+    assert shown == ["x", "y2", "z"]
     text = box.inner_text()
     assert "costs $5 and" in text and "between $5 and $10, pay" in text
+    assert "花了$5和$3元，US$7." in text
     assert box.locator("pre code").inner_text().strip() == "\\(a+b\\) and $c$"
     assert box.locator("p code").inner_text() == "\\(d\\)"
     assert page.errors == []

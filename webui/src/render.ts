@@ -35,18 +35,19 @@ for (const [name, def] of Object.entries(languages)) hljs.registerLanguage(name,
 
 const KATEX = { throwOnError: false, output: "htmlAndMathml" } as const;
 
-// Inline math: $…$ (or $$…$$ in a line) whose text holds no unescaped $, starts and ends with
-// no space, and is followed by a space, punctuation or the end. Prices stay text: in "costs $5
-// and $x$" only x is math (the extension's own rule read "5 and $x" as math, an error).
-const INLINE_MATH = /^(\${1,2})(?!\$)((?:\\.|[^\\\n$\s])(?:(?:\\.|[^\\\n$])*?(?:\\.|[^\\\n$\s]))?)\1(?=[\s?!.,:;)\]'"？！。，：；）]|$)/;
+// Inline math: $…$ (or $$…$$ in a line) whose text holds no unescaped $ and starts and ends
+// with no space, with no ASCII letter or digit just outside it (CJK text may touch it: 设$x$为).
+// Prices stay text: in "costs $5 and $x$" only x is math (the extension's own rule read
+// "5 and $x" as math, an error), and "花了$5和$3元" is all text.
+const INLINE_MATH = /^(\${1,2})(?!\$)((?:\\.|[^\\\n$\s])(?:(?:\\.|[^\\\n$])*?(?:\\.|[^\\\n$\s]))?)\1(?![A-Za-z0-9$])/;
 
 const inlineMath: TokenizerAndRendererExtension = {
   name: "inlineMath",
   level: "inline",
   start(src: string) {
-    // A $ at the start or after a space, where math can begin.
+    // A $ where math can begin: not right after an ASCII letter, digit or backslash (US$5).
     for (let i = src.indexOf("$"); i >= 0; i = src.indexOf("$", i + 1)) {
-      if ((i === 0 || /\s/.test(src[i - 1])) && INLINE_MATH.test(src.slice(i))) return i;
+      if ((i === 0 || !/[A-Za-z0-9\\]/.test(src[i - 1])) && INLINE_MATH.test(src.slice(i))) return i;
     }
     return undefined;
   },

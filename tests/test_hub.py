@@ -560,7 +560,7 @@ def test_a_pulled_model_is_found_again_without_the_hub(hub, tmp_path):
     # is not a copy, so the outage is the answer.
     broken = target.parent / "broken"
     shutil.copytree(target, broken)
-    (broken / ".cache" / "huggingface" / "ember-pulled").unlink()
+    (broken / ".cache" / "ember-pulled").unlink()
     r = ember(["pull", "org/tiny", "--dir", str(broken)], _env(hub, tmp_path, HF_ENDPOINT=dead))
     _fails_with_one_line(r, "cannot reach", dead)
     r = ember(["pull", "org/tiny", "--dir", str(tmp_path / "none")], offline)

@@ -72,6 +72,13 @@ _PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # ORG/NAME:QUANT, one GGUF file of a repository (as Ollama and llama.cpp's -hf name them).
 _GGUF_REF = re.compile(r"([A-Za-z0-9][\w.-]*/[\w.-]+):([\w.-]+)")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _split_ref(model: str) -> tuple[str, str | None]:
+    """ORG/NAME:QUANT as its repository id and quantization; anything else as it is."""
+    ref = _GGUF_REF.fullmatch(model)
+    return (ref.group(1), ref.group(2)) if ref else (model, None)
 
 
 def _any_case(text: str) -> str:
@@ -213,42 +220,53 @@ def _hf_local_copy(repo_id: str, revision: str | None, local_dir: str | None) ->
     unfinished there) that Ember can serve, or None. Read from disk: huggingface_hub's own
     offline lookup wants every file of the repository, and a pull skips some."""
     if local_dir is not None:
-        path = Path(local_dir)
-        if not _pulled_mark(local_dir).is_file():
-            return None  # not pulled here, or a pull broke off
-    else:
-        from huggingface_hub import constants
-        from huggingface_hub.file_download import repo_folder_name
-
-        repo = Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"))
-        commit = revision or "main"
-        if not re.fullmatch(r"[0-9a-f]{40}", commit):
-            try:
-                commit = (repo / "refs" / commit).read_text().strip()
-            except OSError:
-                return None
-        path = repo / "snapshots" / commit
-        if not path.is_dir():
+        return _whole_copy(Path(local_dir))
+    commit = revision or "main"
+    if not _COMMIT.fullmatch(commit):
+        try:
+            commit = (_hf_repo_cache(repo_id) / "refs" / commit).read_text().strip()
+        except OSError:
             return None
+    path = _hf_repo_cache(repo_id) / "snapshots" / commit
+    if not path.is_dir():
+        return None
     return path if unservable_reason(path) is None else None
 
 
-def _pulled_mark(local_dir: str) -> Path:
-    """Written into a --dir when a pull has finished there; removed when another begins."""
-    return Path(local_dir, ".cache", "huggingface", "ember-pulled")
+def _hf_repo_cache(repo_id: str) -> Path:
+    """A repository's folder in the Hugging Face cache (blobs, refs, snapshots)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    return Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"))
+
+
+def _pulled_mark(path: Path) -> Path:
+    """Written where a pull has finished (always in a --dir); removed from a --dir when
+    another pull begins, so a pull that broke off there leaves none."""
+    return path / ".cache" / "ember-pulled"
+
+
+def _whole_copy(path: Path) -> Path | None:
+    """`path`, if a pull finished there and Ember can serve what it holds."""
+    if not _pulled_mark(path).is_file():
+        return None  # not pulled here, or a pull broke off
+    return path if unservable_reason(path) is None else None
+
+
+def _mark_pulled(path: Path, what: str) -> None:
+    mark = _pulled_mark(path)
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    mark.write_text(what + "\n")
 
 
 def _hf_remember_revision(repo_id: str, revision: str | None, commit: str | None) -> None:
     """Record in the cache which commit `revision` named (refs/main), as huggingface_hub does
     when it resolves a branch: offline, it and transformers find the snapshot by that name."""
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
-
     name = revision or "main"
-    if commit is None or re.fullmatch(r"[0-9a-f]{40}", name):
+    if commit is None or _COMMIT.fullmatch(name):
         return
-    ref = Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"))
-    ref = ref / "refs" / name
+    ref = _hf_repo_cache(repo_id) / "refs" / name
     ref.parent.mkdir(parents=True, exist_ok=True)
     ref.write_text(commit)
 
@@ -275,7 +293,7 @@ def _hf_pull(repo_id: str, revision: str | None, local_dir: str | None, include:
         chosen = set(select_files(files, include, repo_id))
         skipped = [glob.escape(f) for f in files if f not in chosen]
         if local_dir is not None:
-            _pulled_mark(local_dir).unlink(missing_ok=True)
+            _pulled_mark(Path(local_dir)).unlink(missing_ok=True)
         path = huggingface_hub.snapshot_download(
             repo_id,
             revision=info.sha or revision,
@@ -285,7 +303,7 @@ def _hf_pull(repo_id: str, revision: str | None, local_dir: str | None, include:
         if local_dir is None:
             _hf_remember_revision(repo_id, revision, info.sha)
         else:
-            _pulled_mark(local_dir).write_text(f"{repo_id}@{info.sha}\n")
+            _mark_pulled(Path(local_dir), f"{repo_id}@{info.sha}")
     except hf_errors.GatedRepoError as e:
         if token:
             raise HubError(
@@ -305,16 +323,12 @@ def _hf_pull(repo_id: str, revision: str | None, local_dir: str | None, include:
             f"{endpoint} answered: {_first_line(e)}"
         ) from e
     except Exception as e:
-        err = _disk_full(e, local_dir or _hf_cache()) or _connection_error(e, endpoint)
+        unreachable = _connection_error(e, endpoint)
+        err = _disk_full(e, local_dir or _hf_cache()) or unreachable
         if err is None:
             raise
-        if err.args[0].startswith("cannot reach"):
-            # The hub is out of reach (an outage, no egress): a copy pulled before still
-            # serves, as a restarted pod's initContainer needs.
-            local = _hf_local_copy(repo_id, revision, local_dir)
-            if local is not None:
-                log.warning("%s; using the copy already at %s", err, local)
-                return local
+        if err is unreachable:
+            return _copy_pulled_before(err, _hf_local_copy(repo_id, revision, local_dir))
         raise err from e
     return Path(path)
 
@@ -360,13 +374,11 @@ def _ms_pull(repo_id: str, revision: str | None, local_dir: str | None, include:
         chosen = set(select_files(files, include, repo_id))
         skipped = [glob.escape(f) for f in files if f not in chosen]
         if local_dir is not None:
-            _ms_pulled_mark(Path(local_dir)).unlink(missing_ok=True)
+            _pulled_mark(Path(local_dir)).unlink(missing_ok=True)
         path = snapshot_download(
             repo_id, revision=revision, local_dir=local_dir, ignore_patterns=skipped or None
         )
-        mark = _ms_pulled_mark(Path(path))
-        mark.parent.mkdir(parents=True, exist_ok=True)
-        mark.write_text(f"{repo_id}@{revision or 'master'}\n")
+        _mark_pulled(Path(path), f"{repo_id}@{revision or 'master'}")
     except HubError:
         raise
     except Exception as e:
@@ -382,23 +394,16 @@ def _ms_pull(repo_id: str, revision: str | None, local_dir: str | None, include:
                     else "set MODELSCOPE_API_TOKEN"
                 )
                 raise HubError(f"{repo_id} needs authorisation on {endpoint}: {who}") from e
-        err = _disk_full(e, local_dir or _ms_cache()) or _connection_error(e, endpoint)
+        unreachable = _connection_error(e, endpoint)
+        err = _disk_full(e, local_dir or _ms_cache()) or unreachable
         if err is None and isinstance(e, ms_errors.HubError):
             err = HubError(f"{endpoint}: {_first_line(e)}")
         if err is None:
             raise
-        if err.args[0].startswith("cannot reach"):  # as for Hugging Face: the copy there is
-            local = _ms_local_copy(repo_id, revision, local_dir)
-            if local is not None:
-                log.warning("%s; using the copy already at %s", err, local)
-                return local
+        if err is unreachable:
+            return _copy_pulled_before(err, _ms_local_copy(repo_id, revision, local_dir))
         raise err from e
     return Path(path)
-
-
-def _ms_pulled_mark(path: Path) -> Path:
-    """Written where a ModelScope pull has finished; removed from a --dir when another begins."""
-    return path / ".cache" / "ember-pulled"
 
 
 def _ms_local_copy(repo_id: str, revision: str | None, local_dir: str | None) -> Path | None:
@@ -406,15 +411,21 @@ def _ms_local_copy(repo_id: str, revision: str | None, local_dir: str | None) ->
     from modelscope_hub.compat.snapshot_download import snapshot_download
 
     if local_dir is not None:
-        path = Path(local_dir)
-    else:
-        try:
-            path = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-        except Exception:  # noqa: BLE001 (not in the cache, in whatever way)
-            return None
-    if not _ms_pulled_mark(path).is_file():
+        return _whole_copy(Path(local_dir))
+    try:
+        path = snapshot_download(repo_id, revision=revision, local_files_only=True)
+    except Exception:  # noqa: BLE001 (not in the cache, in whatever way)
         return None
-    return path if unservable_reason(path) is None else None
+    return _whole_copy(Path(path))
+
+
+def _copy_pulled_before(unreachable: HubError, local: Path | None) -> Path:
+    """The hub is out of reach (an outage, no egress): a copy pulled before still serves, as a
+    restarted pod's initContainer needs; without one, the hub's absence is the answer."""
+    if local is None:
+        raise unreachable
+    log.warning("%s; using the copy already at %s", unreachable, local)
+    return local
 
 
 # ---------------------------------------------------------------- pull
@@ -431,9 +442,8 @@ def pull(
     for ORG/NAME:QUANT the one GGUF file of that quantization."""
     if source not in SOURCES:
         raise HubError(f"unknown source {source!r}: use {' or '.join(SOURCES)}")
-    quant = None
-    if ref := _GGUF_REF.fullmatch(repo_id):
-        repo_id, quant = ref.groups()
+    repo_id, quant = _split_ref(repo_id)
+    if quant is not None:
         include = [*(include or []), f"*{_any_case(quant)}*.gguf"]
     if not _REPO_ID.fullmatch(repo_id):
         raise HubError(f"{repo_id!r} is not a repository id (ORG/NAME)")
@@ -476,8 +486,7 @@ def _remove_if_empty(directory: str | None) -> None:
 
 def is_hub_id(model: str) -> bool:
     """ORG/NAME (or ORG/NAME:QUANT) that is not a path on this machine (as vLLM decides it)."""
-    ref = _REPO_ID.fullmatch(model) or _GGUF_REF.fullmatch(model)
-    return bool(ref) and not Path(model).exists()
+    return bool(_REPO_ID.fullmatch(_split_ref(model)[0])) and not Path(model).exists()
 
 
 def model_for_serve(
@@ -781,20 +790,11 @@ def _stop_now(signum: int, _frame: Any) -> None:
     os._exit(128 + signum)
 
 
-def _hf_download_area(repo_id: str, local_dir: str | None) -> Path:
-    if local_dir is not None:
-        return Path(local_dir, ".cache", "huggingface", "download")
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
-
-    return Path(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model"))
-
-
 def cmd_pull(args: argparse.Namespace) -> int:
-    ref = _GGUF_REF.fullmatch(args.repo_id)
-    repo_id = ref.group(1) if ref else args.repo_id
+    repo_id = _split_ref(args.repo_id)[0]
     if args.source == "huggingface" and _REPO_ID.fullmatch(repo_id):
-        _unfinished.append(_hf_download_area(repo_id, args.dir))
+        download = Path(args.dir, ".cache", "huggingface") if args.dir else None
+        _unfinished.append(download or _hf_repo_cache(repo_id))
     signal.signal(signal.SIGINT, _stop_now)
     signal.signal(signal.SIGTERM, _stop_now)
     path = pull(args.repo_id, args.source, args.revision, args.dir, args.include)

@@ -8,7 +8,7 @@ import { AuthError, type ChatMessage, ConnectionError, listModels, streamChat } 
 import { lang, type Strings, t } from "./i18n";
 import { renderMarkdown } from "./render";
 import {
-  CONVERSATIONS_KEY,
+  CONVERSATIONS,
   type Conversation,
   importConversation,
   loadApiKey,
@@ -19,6 +19,7 @@ import {
   mergeConversations,
   type Message,
   newConversation,
+  othersSaved,
   saveApiKey,
   saveConversations,
   saveCurrentId,
@@ -81,7 +82,8 @@ function pickCurrent(): Conversation {
  * may have saved theirs since: both are kept, and the current one is always this page's. */
 function persist(changed: Conversation = current): void {
   changed.updated = Date.now();
-  conversations = mergeConversations(conversations, loadConversations(), current);
+  // Read back only when another tab saved since: this runs on each keystroke of the system prompt.
+  if (othersSaved()) conversations = mergeConversations(conversations, loadConversations(), current);
   try {
     saveConversations(conversations);
     saveCurrentId(current.id);
@@ -639,7 +641,7 @@ function initComposer(): void {
 
 /** Another tab saved its conversations: show them here too. */
 function adoptOtherTabs(e: StorageEvent): void {
-  if (e.key !== CONVERSATIONS_KEY && e.key !== null) return;
+  if (e.key !== CONVERSATIONS && e.key !== null) return;
   conversations = mergeConversations(conversations, loadConversations(), streaming?.conv ?? null);
   const same = conversations.find((c) => c.id === current.id);
   if (same && same !== current) {

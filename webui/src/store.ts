@@ -34,7 +34,7 @@ export interface Settings {
   maxTokens: number | null;
 }
 
-const CONVERSATIONS = "ember.conversations";
+export const CONVERSATIONS = "ember.conversations";
 const CURRENT = "ember.current";
 const SETTINGS = "ember.settings";
 const API_KEY = "ember.apiKey";
@@ -55,8 +55,18 @@ export function loadConversations(): Conversation[] {
   return Array.isArray(list) ? list.filter(isConversation) : [];
 }
 
+// What this page last saved: when the stored list is still that, no other tab has saved since.
+let lastSaved: string | null = null;
+
 export function saveConversations(list: Conversation[]): void {
-  localStorage.setItem(CONVERSATIONS, JSON.stringify(list));
+  const text = JSON.stringify(list);
+  localStorage.setItem(CONVERSATIONS, text);
+  lastSaved = text;
+}
+
+/** Whether another tab of the page has saved its conversations since this page did. */
+export function othersSaved(): boolean {
+  return localStorage.getItem(CONVERSATIONS) !== lastSaved;
 }
 
 // Ids of deleted conversations, so that a page open in another tab does not bring them back.
@@ -98,8 +108,6 @@ export function mergeConversations(
   }
   return [...byId.values()].sort((a, b) => (b.created ?? 0) - (a.created ?? 0));
 }
-
-export const CONVERSATIONS_KEY = CONVERSATIONS;
 
 export function loadCurrentId(): string | null {
   return localStorage.getItem(CURRENT);

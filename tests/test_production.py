@@ -114,6 +114,16 @@ async def read_events(
         return events
 
 
+async def started_streams(
+    client: httpx.AsyncClient, url: str, body: dict, n: int, **kw
+) -> list[asyncio.Task]:
+    """`n` streams of `body` (tasks that give their events), once each has sent its first."""
+    flags = [asyncio.Event() for _ in range(n)]
+    tasks = [asyncio.create_task(read_events(client, url, body, f, **kw)) for f in flags]
+    await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flags)), 120)
+    return tasks
+
+
 @pytest.fixture(scope="module")
 def busy() -> Iterator[tuple[subprocess.Popen, str]]:
     args = [
@@ -282,15 +292,10 @@ def test_sigterm_under_load_finishes_in_flight_and_exits_0(busy, capsys):
     proc, base = busy
     body = {"prompt": "Count slowly:", "max_tokens": 16, "ignore_eos": True}
 
-    def stream(client: httpx.AsyncClient, started: asyncio.Event):
-        return read_events(client, base + "/v1/completions", body, started, headers=AUTH)
-
     async def main():
         async with httpx.AsyncClient(timeout=120) as client:
-            flags = [asyncio.Event() for _ in range(4)]
-            tasks = [asyncio.create_task(stream(client, f)) for f in flags]
-            for f in flags:
-                await f.wait()
+            url = base + "/v1/completions"
+            tasks = await started_streams(client, url, body, 4, headers=AUTH)
             t0 = time.perf_counter()
             proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.3)
@@ -323,15 +328,9 @@ def test_engine_death_ends_every_request_and_the_process():
         assert (503, {"status": "loading"}) in seen  # /health is 503 while the model loads
         body = {"prompt": "Tell a long story:", "max_tokens": 400, "ignore_eos": True}
 
-        def stream(client: httpx.AsyncClient, started: asyncio.Event):
-            return read_events(client, base + "/v1/completions", body, started)
-
         async def main():
             async with httpx.AsyncClient(timeout=120) as client:
-                flags = [asyncio.Event() for _ in range(3)]
-                streams = [asyncio.create_task(stream(client, f)) for f in flags]
-                for f in flags:
-                    await f.wait()
+                streams = await started_streams(client, base + "/v1/completions", body, 3)
                 plain = asyncio.create_task(client.post(base + "/v1/completions", json=body))
                 await asyncio.sleep(0.2)
                 fatal = await client.post(
@@ -364,14 +363,9 @@ def test_requests_past_the_drain_timeout_end_with_a_reason_not_a_cut():
         }
         body = {"prompt": "Tell a long story:", "max_tokens": 480, "ignore_eos": True}
 
-        def stream(client: httpx.AsyncClient, started: asyncio.Event):
-            return read_events(client, base + "/v1/chat/completions", chat, started)
-
         async def main():
             async with httpx.AsyncClient(timeout=120) as client:
-                flags = [asyncio.Event() for _ in range(2)]
-                streams = [asyncio.create_task(stream(client, f)) for f in flags]
-                await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flags)), 120)
+                streams = await started_streams(client, base + "/v1/chat/completions", chat, 2)
                 plain = asyncio.create_task(client.post(base + "/v1/completions", json=body))
                 await asyncio.sleep(0.3)
                 proc.send_signal(signal.SIGTERM)

@@ -129,7 +129,7 @@ def _echo_logprobs(
         out.text_offset.append(offset)
         out.token_logprobs.append(None if lp is None else lp.logprob)
         top = None if lp is None else {token_text(state, t): v for t, v in lp.top[:k]}
-        if top is not None and lp is not None:
+        if top is not None:
             top.setdefault(text, lp.logprob)  # the prompt's own token, as for a sampled one
         out.top_logprobs.append(top)
     return out

@@ -92,6 +92,15 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny_llama):
     high = [dataclasses.replace(seeded, seed=1234 + k * 2**32) for k in (1, 2**31)]
     drawn = [llm.generate([prompt], p)[0].outputs[0].token_ids for p in high]
     assert alone != drawn[0] != drawn[1] != alone
+    # A request's n samples take consecutive seeds; where they cross zero, all still differ.
+    fanned = dataclasses.replace(seeded, n=4, seed=-2)
+    samples = [o.token_ids for o in llm.generate([prompt], fanned)[0].outputs]
+    assert len({tuple(t) for t in samples}) == 4
+    # -1 is no seed at all, as vLLM reads it: two requests draw differently.
+    unseeded = dataclasses.replace(seeded, seed=-1)
+    assert unseeded.seed is None
+    twice = [llm.generate([prompt], unseeded)[0].outputs[0].token_ids for _ in range(2)]
+    assert twice[0] != twice[1]
 
 
 def test_max_tokens_and_stop_token_ids_end_sequences(tiny_llama):

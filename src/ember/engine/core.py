@@ -160,8 +160,10 @@ class EngineCore:
             seed = params.seed & 0xFFFF_FFFF_FFFF_FFFF
             if self.runner.device.type == "cpu":
                 # The CPU generator (mt19937) keeps only 32 bits: fold the high half in, so
-                # seeds that differ there (1 and 2**32 + 1) do not draw alike.
-                seed = (seed ^ (seed >> 32)) & 0xFFFF_FFFF
+                # seeds that differ there (1 and 2**32 + 1) do not draw alike. Adding it times
+                # a large odd constant (not xor-ing it) keeps the n consecutive seeds of one
+                # request apart where they cross zero (-1 and 0) or a multiple of 2**32.
+                seed = ((seed & 0xFFFF_FFFF) + (seed >> 32) * 0x9E37_79B9) & 0xFFFF_FFFF
             generator = torch.Generator(device=self.runner.device).manual_seed(seed)
         stop_ids = frozenset(params.stop_token_ids or ()) | self.eos_token_ids
         detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params)

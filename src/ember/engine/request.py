@@ -73,6 +73,8 @@ class SamplingParams:
             )
         if self.top_k is None or self.top_k < 0:
             self.top_k = 0
+        if self.seed == -1:  # vLLM's rule (and many front ends' "random"): no seed
+            self.seed = None
         self._validate()
 
     def _validate(self) -> None:

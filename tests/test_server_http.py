@@ -380,3 +380,24 @@ def test_chat_template_kwargs_cannot_set_the_renderers_own_arguments(server, key
         assert r.json()["error"]["param"] == "chat_template_kwargs" and key in r.text
     body["chat_template_kwargs"] = {"enable_thinking": False}  # a template variable: fine
     assert httpx.post(server + "/v1/chat/completions", json=body, headers=AUTH).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "message",
+    [{"role": "user"}, {"role": "user", "content": None}, {"role": "system", "content": None}],
+)
+def test_a_user_or_system_message_without_content_is_a_400(server, message):
+    """As OpenAI's API: only an assistant message with calls (or a tool result) may leave its
+    content out; an empty user turn would otherwise generate from nothing."""
+    messages = (
+        [message] if message["role"] == "user" else [message, {"role": "user", "content": "Hi"}]
+    )
+    r = httpx.post(
+        server + "/v1/chat/completions",
+        json={"model": "smol", "messages": messages, "max_tokens": 4},
+        headers=AUTH,
+    )
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == "messages.0.content" and "needs content" in error["message"]

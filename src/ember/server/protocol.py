@@ -11,7 +11,14 @@ import typing
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ember.chat.tool_parsers import tool_call_id
 
@@ -273,11 +280,23 @@ class ContentPart(OpenAIBase):
 
 class ChatMessage(OpenAIBase):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS)] | None = None
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS)] | None = Field(
+        None, validate_default=True
+    )
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     function_call: FunctionCall | None = None  # the legacy form of one tool call
+
+    @field_validator("content")
+    @classmethod
+    def _has_content(cls, content: Any, info: ValidationInfo) -> Any:
+        # As OpenAI's API: what a user or the system says is required; only an assistant
+        # message (with calls) and a tool result may leave it out.
+        role = info.data.get("role")
+        if content is None and role in ("system", "developer", "user"):
+            raise ValueError(f"a {role} message needs content (a string or parts)")
+        return content
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -132,3 +132,29 @@ def test_api_key_flags_replace_the_environment_list(monkeypatch) -> None:
         cli.main(["serve"])
     assert seen["server"].api_keys == ["envkey"]
     assert seen["server"].served_model_names == ["env-name"]
+
+
+@pytest.mark.parametrize(
+    "argv, env, named",
+    [
+        (["serve", "--api-key", ""], None, "--api-key"),
+        (["serve", "--api-key", " "], None, "--api-key"),
+        (["serve"], "", "EMBER_API_KEY"),
+        (["serve"], " , ", "EMBER_API_KEY"),
+    ],
+)
+def test_an_empty_api_key_is_refused_not_read_as_no_key(monkeypatch, capsys, argv, env, named):
+    """An empty key (say, a Kubernetes Secret without a value) would open the server to all."""
+    import ember.server.app
+    from ember import cli
+
+    def never(*args, **kw):
+        raise AssertionError("the server was built")
+
+    monkeypatch.setattr(ember.server.app, "build_app", never)
+    monkeypatch.delenv("EMBER_API_KEY", raising=False)
+    if env is not None:
+        monkeypatch.setenv("EMBER_API_KEY", env)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert named in err and "empty" in err

@@ -10,6 +10,7 @@ import sys
 import time
 
 from ember.config import (
+    ConfigError,
     EngineConfig,
     ServingLimits,
     add_arguments,
@@ -67,6 +68,22 @@ def _env_list(name: str) -> list[str]:
     return [v.strip() for v in raw.split(",") if v.strip()]
 
 
+def _api_keys(args: argparse.Namespace) -> list[str]:
+    """The keys to require. One set but empty is refused: it would serve with no keys at all,
+    and an empty Kubernetes Secret is a mistake to catch, not a way to open the server."""
+    if args.api_key is not None:
+        keys = [k.strip() for k in args.api_key if k.strip()]
+        if not keys:
+            raise ConfigError("--api-key is empty; give a key, or leave it out to serve without")
+        return keys
+    if "EMBER_API_KEY" in os.environ and not _env_list("EMBER_API_KEY"):
+        raise ConfigError(
+            "EMBER_API_KEY is set but empty (a Secret without a value?); give a key, or unset "
+            "it to serve without"
+        )
+    return _env_list("EMBER_API_KEY")
+
+
 def _embedding_name(args: argparse.Namespace) -> str | None:
     if not args.embedding_model:
         return None
@@ -110,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     names = args.served_model_name or _env_list("EMBER_SERVED_MODEL_NAME")
     server_cfg = ServerConfig(
         served_model_names=names or [args.model if model != args.model else served_name(cfg.model)],
-        api_keys=args.api_key or _env_list("EMBER_API_KEY"),
+        api_keys=_api_keys(args),
         allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
         default_max_tokens=args.default_max_tokens,
         embedding_model=args.embedding_model,
@@ -276,7 +293,6 @@ def main(argv: list[str] | None = None) -> int:
     # Per-request client logs would drown the bench's progress bar and the server's own log.
     for noisy in ("httpx", "httpcore", "httpx2"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-    from ember.config import ConfigError
     from ember.hub import HubError
 
     try:

@@ -2,7 +2,8 @@
 one request, schema-driven fuzzing, SIGTERM under load, and an engine loop that dies.
 
 One server (small admission bounds, a detokenize fault armed) serves the tests in file order;
-the SIGTERM test ends it. The engine-death test starts its own.
+the SIGTERM test ends it. The engine-death, drain-deadline and stop-while-loading tests start
+their own.
 """
 
 from __future__ import annotations
@@ -380,3 +381,20 @@ def test_requests_past_the_drain_timeout_end_with_a_reason_not_a_cut():
         assert proc.wait(timeout=30) == 0
     text = log.read_text()
     assert "Traceback" not in text and "timeout graceful shutdown exceeded" not in text, text
+
+
+def test_sigterm_while_the_model_loads_exits_0():
+    """A pod deleted during its start: the process ends cleanly, not aborted by finalizing the
+    interpreter around a loader thread deep in torch (exit -6, "terminate called ...")."""
+    with serve(["--shutdown-grace", "0.1"], {}) as (proc, base, log):
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(base + "/health", timeout=2).json() == {"status": "loading"}:
+                    break
+            time.sleep(0.05)
+        time.sleep(1.5)  # into the weights and the warm-up, where a stop used to abort
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    text = log.read_text()
+    assert "Fatal Python error" not in text and "terminate called" not in text, text

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Callable
@@ -248,6 +249,13 @@ def build_app(
         if not load_in_background:
             await asyncio.to_thread(loader.join)
         yield
+        if loader.is_alive():
+            # Stopped mid-load (a pod deleted during its start): the loader is deep in torch,
+            # and finalizing the interpreter around it aborts the process. Nothing is served
+            # yet and every cache write is a rename, so leave at once, as a clean stop.
+            log.info("stopped while the model was loading")
+            logging.shutdown()
+            os._exit(0)
         if state.engine is not None:
             state.engine.shutdown()
 

@@ -285,6 +285,16 @@ def test_unworkable_values_fail_the_schema_clearly(values, message):
             {"server": {"terminationGracePeriodSeconds": 30}},
             r"terminationGracePeriodSeconds \(30\) must exceed",
         ),
+        (  # fractions count: 5.9 + 30.9 is past 36 (integer sums said 35)
+            {
+                "server": {
+                    "shutdownGrace": 5.9,
+                    "drainTimeout": 30.9,
+                    "terminationGracePeriodSeconds": 36,
+                }
+            },
+            r"terminationGracePeriodSeconds \(36\) must exceed .* \(36.8\)",
+        ),
     ],
 )
 def test_values_the_schema_cannot_judge_fail_rendering_clearly(values, message):

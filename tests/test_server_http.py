@@ -401,3 +401,35 @@ def test_a_user_or_system_message_without_content_is_a_400(server, message):
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error"
     assert error["param"] == "messages.0.content" and "needs content" in error["message"]
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_tokenizing_a_huge_prompt_does_not_stall_the_server(server, route):
+    """Megabytes of prompt take seconds to tokenize; that happens off the event loop, so
+    health probes (and streams) are answered meanwhile, and the prompt then gets its 400."""
+    import concurrent.futures as cf
+
+    text = "hello world, " * 400_000  # 5.2 MB, about 1.2M tokens
+    body = {"model": "smol", "max_tokens": 4}
+    if route == "/v1/completions":
+        body["prompt"] = text
+    else:
+        body["messages"] = [{"role": "user", "content": text}]
+
+    def huge() -> tuple[httpx.Response, float]:
+        start = time.monotonic()
+        r = httpx.post(server + route, json=body, headers=AUTH, timeout=120)
+        return r, time.monotonic() - start
+
+    with cf.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(huge)
+        waits = []
+        while not pending.done():
+            start = time.monotonic()
+            assert httpx.get(server + "/health", timeout=60).status_code == 200
+            waits.append(time.monotonic() - start)
+            time.sleep(0.05)
+        r, took = pending.result()
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert took > 1.0, "too quick to tell; make the prompt longer"
+    assert max(waits) < 0.5, (max(waits), took)

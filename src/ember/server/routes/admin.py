@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import ember
 from ember.server import protocol as P
 from ember.server.errors import APIError, error_body
+from ember.server.routes.common import tokenize_off_loop
 from ember.server.state import ServerState, get_state
 
 router = APIRouter()
@@ -63,7 +64,9 @@ async def version() -> dict:
 
 
 @router.post("/tokenize")
-async def tokenize(req: P.TokenizeRequest, state: ServerState = Depends(get_state)) -> dict:
+async def tokenize(
+    req: P.TokenizeRequest, request: Request, state: ServerState = Depends(get_state)
+) -> dict:
     state.check_model(req.model)
     if (req.prompt is None) == (req.messages is None):
         raise APIError("Give exactly one of prompt or messages.", param="prompt")
@@ -74,9 +77,12 @@ async def tokenize(req: P.TokenizeRequest, state: ServerState = Depends(get_stat
         chat = P.ChatCompletionRequest(
             **{f: getattr(req, f) for f in req.model_fields_set & _CHAT_FIELDS}
         )
-        _, tokens = chat_prompt(chat, state)  # exactly the ids a chat request would run on
+        # exactly the ids a chat request would run on
+        _, tokens = await tokenize_off_loop(request, chat_prompt, chat, state)
     else:
-        tokens = state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        tokens = await tokenize_off_loop(
+            request, state.tokenizer.encode, req.prompt, req.add_special_tokens
+        )
     out: dict = {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len}
     if req.return_token_strs:
         out["token_strs"] = state.tokenizer.convert_ids_to_tokens(tokens)

@@ -36,6 +36,7 @@ from ember.server.routes.common import (
     sse_error,
     token_bytes,
     token_text,
+    tokenize_off_loop,
     truncate_prompt,
     until_disconnected,
     usage,
@@ -243,7 +244,7 @@ async def chat_completions(
             f"This model writes text only; modalities {req.modalities} cannot be served.",
             param="modalities",
         )
-    plan, prompt_ids = chat_prompt(req, state)
+    plan, prompt_ids = await tokenize_off_loop(request, chat_prompt, req, state)
     prompt_ids = truncate_prompt(req, state, prompt_ids)
     top = req.top_logprobs if req.logprobs else None
     if req.top_logprobs is not None and not req.logprobs:

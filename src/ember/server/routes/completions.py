@@ -28,6 +28,7 @@ from ember.server.routes.common import (
     sse_error,
     token_bytes,
     token_text,
+    tokenize_off_loop,
     truncate_prompt,
     until_disconnected,
     usage,
@@ -185,7 +186,7 @@ async def completions(
             param="max_tokens",
         )
     given = []
-    for ids, text in _prompt_list(state, req.prompt):
+    for ids, text in await tokenize_off_loop(request, _prompt_list, state, req.prompt):
         kept = truncate_prompt(req, state, ids)
         given.append((kept, text if len(kept) == len(ids) else None))  # echo gives what ran
     prompts = [ids for ids, _ in given]

@@ -10,7 +10,13 @@ from fastapi import APIRouter, Depends, Request
 from ember.engine.core import PromptError
 from ember.server import protocol as P
 from ember.server.errors import APIError
-from ember.server.routes.common import kept_tokens, truncate_prompt, until_disconnected, usage
+from ember.server.routes.common import (
+    kept_tokens,
+    tokenize_off_loop,
+    truncate_prompt,
+    until_disconnected,
+    usage,
+)
 from ember.server.state import ServerState, get_state
 
 router = APIRouter()
@@ -41,7 +47,10 @@ async def embeddings(
     if use_encoder:
         enc = state.encoder
         keep = kept_tokens(req.truncate_prompt_tokens, enc.max_length)
-        ids = [enc.tokenize([x], keep)[0] if isinstance(x, str) else list(x) for x in inputs]
+        ids = await tokenize_off_loop(
+            request,
+            lambda: [enc.tokenize([x], keep)[0] if isinstance(x, str) else list(x) for x in inputs],
+        )
         if keep is not None:
             ids = [seq[-keep:] for seq in ids]
         vocab = len(enc.tokenizer)
@@ -57,7 +66,10 @@ async def embeddings(
         dims = enc.dimensions
         vectors = (await asyncio.to_thread(enc.encode, ids)).tolist()
     else:
-        ids = [state.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in inputs]
+        ids = await tokenize_off_loop(
+            request,
+            lambda: [state.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in inputs],
+        )
         ids = [truncate_prompt(req, state, seq) for seq in ids]
 
         # Long or many inputs take many forward passes: stop if the client went away.

@@ -33,6 +33,7 @@ from ember.server.routes.common import (
     compile_structured,
     merged_streams,
     record,
+    tokenize_off_loop,
     until_disconnected,
     validate_jobs,
 )
@@ -345,7 +346,9 @@ async def create_response(
     want_logprobs = LOGPROBS in (req.include or [])
     try:
         top = (req.top_logprobs or 0) if want_logprobs else None
-        plan, prompt_ids, params = _prompt_that_fits(req, chat, state, top)
+        plan, prompt_ids, params = await tokenize_off_loop(
+            request, _prompt_that_fits, req, chat, state, top
+        )
         jobs = [(prompt_ids, params)]
         ticket = validate_jobs(state, jobs)
         await compile_structured(state, jobs)

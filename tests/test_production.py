@@ -398,3 +398,34 @@ def test_sigterm_while_the_model_loads_exits_0():
         assert proc.wait(timeout=30) == 0
     text = log.read_text()
     assert "Fatal Python error" not in text and "terminate called" not in text, text
+
+
+def test_a_second_ctrl_c_ends_each_request_with_a_reason_and_quits():
+    """The first Ctrl-C drains; a second quits at once, but each request still in flight is
+    ended with a `shutting_down` error (not cut mid-stream with tracebacks in the log)."""
+    args = ["--max-model-len", "512", "--shutdown-grace", "30"]
+    with serve(args, {}) as (proc, base, log):
+        wait_healthy(proc, base, log)
+        body = {"prompt": "Tell a long story:", "max_tokens": 480, "ignore_eos": True}
+
+        async def main():
+            async with httpx.AsyncClient(timeout=120) as client:
+                streams = await started_streams(client, base + "/v1/completions", body, 2)
+                plain = asyncio.create_task(client.post(base + "/v1/completions", json=body))
+                await asyncio.sleep(0.3)
+                proc.send_signal(signal.SIGINT)
+                await asyncio.sleep(0.5)
+                proc.send_signal(signal.SIGINT)
+                return await plain, await asyncio.gather(*streams)
+
+        start = time.monotonic()
+        plain, streams = asyncio.run(main())
+        assert time.monotonic() - start < 10  # not the 30 s grace
+        assert plain.status_code == 503 and assert_error_shape(plain)["code"] == "shutting_down"
+        for events in streams:
+            assert events[-1] == "[DONE]"
+            error = json.loads(events[-2])["error"]
+            assert error["code"] == "shutting_down" and "second interrupt" in error["message"]
+        assert proc.wait(timeout=30) == 0
+    text = log.read_text()
+    assert "Traceback" not in text, text

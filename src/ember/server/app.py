@@ -82,12 +82,11 @@ def load_engine(
             on_error(e)
 
 
-def _ending_in_flight(engine: AsyncEngine) -> Callable[[float], None]:
-    def end(drain_timeout: float) -> None:
+def _ending_in_flight(engine: AsyncEngine) -> Callable[[str], None]:
+    def end(why: str) -> None:
         engine.abort_all(
             ServerShuttingDownError(
-                "The server shut down before this request finished (its drain timeout of "
-                f"{drain_timeout:g} seconds ran out); send it again."
+                f"The server shut down before this request finished ({why}); send it again."
             )
         )
 

@@ -6,7 +6,7 @@ the listener keeps accepting and answers new work with 503 (a refused connection
 error for the client; a 503 is retried elsewhere); then it stops listening and in-flight
 requests get up to `--drain-timeout` seconds to finish (those still running just before it
 ends are ended with a `shutting_down` error, so that each stream says why instead of being
-cut); then the process exits 0.
+cut); then the process exits 0. A second Ctrl-C ends them so at once, and quits.
 
 If the engine loop dies, the same path runs without waiting for anything to drain, and the
 process exits 1 so that Kubernetes restarts it.
@@ -25,6 +25,16 @@ import uvicorn
 
 log = logging.getLogger(__name__)
 
+# After a second Ctrl-C, how long the requests it ended get to send their last event (seconds).
+QUIT_MARGIN = 0.5
+
+
+def _after(seconds: float, fn: Callable[[], None]) -> None:
+    """Run `fn` on a daemon thread after `seconds`: a timer never keeps the process up."""
+    timer = threading.Timer(seconds, fn)
+    timer.daemon = True
+    timer.start()
+
 
 class Lifecycle:
     """What the middleware and /health read: is the server going away, and why."""
@@ -37,8 +47,9 @@ class Lifecycle:
         self.began: float | None = None
         self._server: uvicorn.Server | None = None
         self._lock = threading.Lock()
-        # Called just before the drain timeout: end what is still running, with a reason.
-        self.on_drain_deadline: Callable[[float], None] | None = None
+        # Called just before the drain timeout (or at a second Ctrl-C): end what is still
+        # running, with the reason given.
+        self.on_drain_deadline: Callable[[str], None] | None = None
 
     def attach(self, server: uvicorn.Server) -> None:
         self._server = server
@@ -58,9 +69,7 @@ class Lifecycle:
             grace,
             self.drain_timeout,
         )
-        timer = threading.Timer(grace, self._stop)
-        timer.daemon = True
-        timer.start()
+        _after(grace, self._stop)
 
     def _stop(self) -> None:
         if self._server is not None:
@@ -68,13 +77,25 @@ class Lifecycle:
         # uvicorn cancels what is left when the drain timeout ends, mid-stream and without a
         # word; a moment before, the engine ends each request with an error it can send.
         margin = min(1.0, self.drain_timeout / 2)
-        timer = threading.Timer(self.drain_timeout - margin, self._drain_deadline)
-        timer.daemon = True
-        timer.start()
+        _after(self.drain_timeout - margin, self._drain_deadline)
 
     def _drain_deadline(self) -> None:
         if self.on_drain_deadline is not None:
-            self.on_drain_deadline(self.drain_timeout)
+            self.on_drain_deadline(f"its drain timeout of {self.drain_timeout:g} seconds ran out")
+
+    def quit_now(self) -> None:
+        """A second Ctrl-C: end every request now, each told why, then close at once."""
+        log.warning("interrupted again: ending the requests in flight and quitting")
+        if self.on_drain_deadline is not None:
+            self.on_drain_deadline("it was stopped by a second interrupt")
+        if self._server is not None:
+            self._server.should_exit = True
+        # What the ended requests still have to write goes out in a moment; then close.
+        _after(QUIT_MARGIN, self._force_exit)
+
+    def _force_exit(self) -> None:
+        if self._server is not None:
+            self._server.force_exit = True
 
     def engine_died(self, exc: BaseException) -> None:
         """Called on the engine thread: every open request has had its error by now."""
@@ -94,6 +115,6 @@ class EmberServer(uvicorn.Server):
         # _captured_signals, so the process exits with the Lifecycle's status instead.
         if self.lifecycle.draining:
             if sig == signal.SIGINT:  # a second Ctrl-C: quit now
-                self.force_exit = self.should_exit = True
+                self.lifecycle.quit_now()
             return
         self.lifecycle.begin(f"received {signal.Signals(sig).name}")

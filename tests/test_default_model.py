@@ -127,3 +127,21 @@ def test_greedy_matches_transformers_on_a_prompt_of_thousands_of_tokens(llm, ref
             pad_token_id=2,
         )
     assert got == out[0, len(ids) :].tolist()
+
+
+@pytest.mark.parametrize("size", [3_000_000, 50_000_000])  # cut in the header; in the weights
+def test_a_cut_gguf_file_is_named_as_such_and_leaves_nothing_in_the_cache(
+    tmp_path, monkeypatch, size
+):
+    """A download that stopped midway: the error says so (gguf's own is numpy's, about
+    reshaping an array), and the conversion leaves no half-written directory behind."""
+    from ember.models.loader import converted_gguf_dir
+
+    cut = tmp_path / "model.gguf"
+    with open(default_model_path(), "rb") as f:
+        cut.write_bytes(f.read(size))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(cache))
+    with pytest.raises(ValueError, match="is not a whole GGUF file.*fetch it again"):
+        converted_gguf_dir(cut)
+    assert not list((cache / "gguf").iterdir())

@@ -172,9 +172,21 @@ def gguf_index(path: Path) -> dict[str, Any]:
             return index
     except (OSError, ValueError):
         pass
+    return _write_gguf_index(_gguf_reader(path), path)
+
+
+def _gguf_reader(path: Path) -> Any:
+    """gguf's reader of the file, or a ValueError that says what is wrong with it (gguf's own
+    errors on a short file are numpy's, about reshaping arrays)."""
     from gguf import GGUFReader
 
-    return _write_gguf_index(GGUFReader(str(path)), path)
+    try:
+        return GGUFReader(str(path))
+    except (ValueError, IndexError, KeyError, OSError) as e:
+        raise ValueError(
+            f"{path} is not a whole GGUF file ({e}); a download that stopped midway leaves one "
+            "like this: fetch it again"
+        ) from e
 
 
 def _gguf_index_path(path: Path) -> Path:
@@ -302,7 +314,11 @@ def converted_gguf_dir(path: Path) -> Path:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    convert_gguf(path, tmp)
+    try:
+        convert_gguf(path, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
@@ -310,11 +326,10 @@ def converted_gguf_dir(path: Path) -> Path:
 
 def convert_gguf(path: Path, out: Path) -> None:
     """Write a Hugging Face style directory for a Llama-architecture GGUF file."""
-    from gguf import GGUFReader
     from gguf.quants import dequantize
     from safetensors.torch import save_file
 
-    reader = GGUFReader(str(path))
+    reader = _gguf_reader(path)
     _write_gguf_index(reader, path)  # the first load then needs no second parse
     arch = _gguf_field(reader, "general.architecture")
     if arch not in ("llama", "qwen2", "mistral"):

@@ -158,3 +158,18 @@ def test_an_empty_api_key_is_refused_not_read_as_no_key(monkeypatch, capsys, arg
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert named in err and "empty" in err
+
+
+@pytest.mark.parametrize("flag, value", [("--max-tokens", "0"), ("--temperature", "-1")])
+def test_ember_generate_refuses_a_bad_sampling_value_before_loading(
+    monkeypatch, capsys, flag, value
+):
+    import ember
+    from ember import cli
+
+    def never(**kw):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(ember, "LLM", never)
+    assert cli.main(["generate", "-p", "hi", flag, value]) == 1
+    assert flag[2:].replace("-", "_") in capsys.readouterr().err

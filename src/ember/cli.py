@@ -41,11 +41,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import ember
 
     cfg = from_namespace(EngineConfig, args)
-    t0 = time.perf_counter()
-    llm = ember.LLM(**vars(cfg))
+    # Checked before the model loads, so a bad value fails at once.
     params = ember.SamplingParams(
         temperature=args.temperature, max_tokens=args.max_tokens, seed=args.sampling_seed
     )
+    t0 = time.perf_counter()
+    llm = ember.LLM(**vars(cfg))
     if args.raw:
         result = llm.generate([args.prompt], params)[0]
     else:

@@ -87,6 +87,14 @@ def test_cors_preflight_is_answered(server):
     assert r.headers["access-control-allow-origin"] in ("*", "http://nextchat.example")
 
 
+def test_a_page_elsewhere_may_read_the_request_id_and_retry_after(server):
+    """A browser client (NextChat) reads only the response headers CORS exposes: an
+    overloaded server's Retry-After is one it needs."""
+    r = httpx.get(server + "/v1/models", headers={**AUTH, "Origin": "http://nextchat.example"})
+    exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
+    assert {"x-request-id", "retry-after"} <= exposed
+
+
 def test_auth_guards_v1_but_not_health(server):
     assert httpx.get(server + "/health").status_code == 200
     head = httpx.head(server + "/health")  # as some load balancers probe

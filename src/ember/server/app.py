@@ -269,7 +269,8 @@ def build_app(
         allow_credentials="*" not in server_cfg.allowed_origins,
         allow_methods=["*"],
         allow_headers=["*"],
-        expose_headers=["x-request-id"],
+        # Pages elsewhere (NextChat) may read these; Retry-After says when to come back.
+        expose_headers=["x-request-id", "retry-after"],
     )
     app.include_router(models.router)
     app.include_router(chat.router)

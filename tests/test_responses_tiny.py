@@ -31,6 +31,12 @@ def test_response_from_a_string(tiny_sdk):
     assert r.output[0].type == "message" and r.output[0].content[0].type == "output_text"
     assert r.output[0].status == "incomplete" and r.output_text  # cut off, text kept
     assert r.usage.output_tokens == 5 and r.usage.total_tokens > 5
+    # The sampling it ran with, as OpenAI echoes it: unset means the defaults, not null.
+    assert (r.temperature, r.top_p) == (1.0, 1.0)
+    greedy = tiny_sdk.responses.create(
+        model="tiny", input="hello", temperature=0, max_output_tokens=2
+    )
+    assert (greedy.temperature, greedy.top_p) == (0.0, 1.0)
 
 
 def test_response_text_format_always_validates(tiny_sdk):

@@ -252,8 +252,10 @@ def _usage(prompt_tokens: int, output_tokens: int, cached: int = 0) -> dict[str,
 class _Shell:
     """The response object around the output: what every event that carries it repeats."""
 
-    def __init__(self, req: P.ResponsesRequest, model: str) -> None:
+    def __init__(self, req: P.ResponsesRequest, model: str, params: SamplingParams) -> None:
         self.req, self.model = req, model
+        # Echoed as sampled, as OpenAI does: unset ones at their defaults, not null.
+        self.temperature, self.top_p = params.temperature, params.top_p
         self.id = _item_id("resp")
         self.created = int(time.time())
 
@@ -281,8 +283,8 @@ class _Shell:
             "parallel_tool_calls": req.parallel_tool_calls is not False,
             "previous_response_id": None,
             "store": False,
-            "temperature": req.temperature,
-            "top_p": req.top_p,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
             "text": req.text or {"format": {"type": "text"}},
             "tool_choice": req.tool_choice or "auto",
             "tools": req.tools or [],
@@ -360,7 +362,7 @@ async def create_response(
         if err is e:
             raise
         raise err from e
-    shell = _Shell(req, model)
+    shell = _Shell(req, model, params)
     if req.stream:
         gen = _stream(state, plan, jobs, shell, ticket, want_logprobs)
         return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)

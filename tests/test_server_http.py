@@ -179,6 +179,7 @@ def test_metrics_count_requests_and_tokens(server):
     assert _metric(after, gen) - _metric(before, gen) == 5
     done = 'ember:request_success_total{finished_reason="length"'
     assert _metric(after, done) - _metric(before, done) == 1
+    assert "_created" not in after  # no timestamp gauge beside each counter and histogram
 
 
 def test_client_disconnect_mid_stream_frees_the_request(server):

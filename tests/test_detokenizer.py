@@ -355,3 +355,44 @@ def test_kept_special_tokens_are_written_and_the_others_skipped(smol: Tokenizer)
     params = SamplingParams(keep_special_token_ids=[start])
     detok, _ = stream(smol, chat_prompt(smol), output, params)
     assert detok.output_text == "a<|im_start|>bc"
+
+
+def test_plain_and_special_encodes_on_threads_at_once_do_not_race(smol: Tokenizer) -> None:
+    """Large prompts are tokenized on worker threads while others are tokenized on the event
+    loop; text read as plain (a typed "<|im_start|>" stays text) and as a template (it is the
+    control token) must each come out right, and neither may fail."""
+    import sys
+    import threading
+
+    marker = "<|im_start|>"
+    plain, special = smol.encode_plain(marker), smol.encode(marker, add_special_tokens=False)
+    assert plain != special and len(special) == 1
+    problems: list[str] = []
+
+    def repeat(fn, want) -> None:
+        try:
+            for _ in range(300):
+                if fn(marker) != want:
+                    problems.append(f"{fn.__name__} gave other ids")
+        except Exception as e:  # noqa: BLE001 (tokenizers' "Already borrowed" among them)
+            problems.append(repr(e))
+
+    def big() -> None:
+        for _ in range(3):
+            smol.encode("hello world, " * 20_000)
+
+    threads = [
+        threading.Thread(target=repeat, args=(smol.encode_plain, plain)),
+        threading.Thread(target=repeat, args=(lambda t: smol.encode(t, False), special)),
+        threading.Thread(target=big),
+    ]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns often, as under load
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not problems, problems[:3]

@@ -129,6 +129,17 @@ class Tokenizer(BaseTokenizer):
         self.chat_template = getattr(hf_tokenizer, "chat_template", None)
         self.all_special_ids = frozenset(hf_tokenizer.all_special_ids)
         self.stop_token_ids = frozenset()
+        # Plain text has a Rust tokenizer of its own that reads special-token strings as text.
+        # transformers' split_special_tokens=True flips that setting on the shared one for the
+        # call, which races with prompts tokenized at once on other threads (and the flip,
+        # while another thread encodes, is tokenizers' "Already borrowed" error).
+        backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+        self._plain = None
+        if backend is not None:
+            from tokenizers import Tokenizer as RustTokenizer
+
+            self._plain = RustTokenizer.from_str(backend.to_str())
+            self._plain.encode_special_tokens = True
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         text = require_unicode(text)
@@ -136,6 +147,8 @@ class Tokenizer(BaseTokenizer):
 
     def encode_plain(self, text: str) -> list[int]:
         text = require_unicode(text)
+        if self._plain is not None:
+            return self._plain.encode_batch([text], add_special_tokens=False)[0].ids
         return list(self.hf.encode(text, add_special_tokens=False, split_special_tokens=True))
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:

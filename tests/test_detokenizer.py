@@ -299,21 +299,44 @@ def test_tokens_after_a_stop_string_are_ignored(smol: Tokenizer) -> None:
 
 
 @pytest.mark.parametrize("step", [1, 2, 1000])
-def test_stop_strings_wait_for_the_gate(smol: Tokenizer, step: int) -> None:
-    # A ChatGLM3-style reply: a metadata line, then the content; "\n" stops only the content.
+def test_stop_strings_skip_the_metadata_line(smol: Tokenizer, step: int) -> None:
+    # A ChatGLM3 reply: a metadata line, then the content; "\n" stops only the content.
     output = ids_of(smol, "\nHello there\nsecond line")
-    params = SamplingParams(stop=["\n"], stop_strings_after="\n")
+    params = SamplingParams(stop=["\n"], metadata_line_names=[])
     detok, results = stream(smol, [], output, params, step=step)
     assert results[-1][1] == "\n"
     assert detok.output_text == "\nHello there"
 
 
-def test_a_stop_string_before_the_gate_does_not_match(smol: Tokenizer) -> None:
-    output = ids_of(smol, "tool STOP name: STOP here")
-    params = SamplingParams(stop=["STOP"], stop_strings_after="name:")
-    detok, results = stream(smol, [], output, params)
+@pytest.mark.parametrize("step", [1, 2, 1000])
+def test_a_tool_name_metadata_line_is_skipped_too(smol: Tokenizer, step: int) -> None:
+    output = ids_of(smol, "get_weather\ntool_call(city='Paris')")
+    params = SamplingParams(stop=["weather", "city"], metadata_line_names=["get_weather"])
+    detok, results = stream(smol, [], output, params, step=step)
+    assert results[-1][1] == "city"
+    assert detok.output_text == "get_weather\ntool_call("
+
+
+@pytest.mark.parametrize("step", [1, 2, 1000])
+@pytest.mark.parametrize("names", [[], ["get_weather"]])
+def test_a_first_line_that_is_no_metadata_is_content_for_stop_strings(
+    smol: Tokenizer, step: int, names: list[str]
+) -> None:
+    """A reply that skips the metadata line: its first line is text, and stops apply to it
+    (they once waited for a first newline that might never come)."""
+    output = ids_of(smol, "Hello STOP there")
+    params = SamplingParams(stop=["STOP"], metadata_line_names=names)
+    detok, results = stream(smol, [], output, params, step=step)
     assert results[-1][1] == "STOP"
-    assert detok.output_text == "tool STOP name: "
+    assert detok.output_text == "Hello "
+
+
+def test_a_first_line_held_as_possible_metadata_is_released_at_the_end(smol: Tokenizer) -> None:
+    output = ids_of(smol, "get_wea")
+    params = SamplingParams(stop=["wea"], metadata_line_names=["get_weather"])
+    detok, results = stream(smol, [], output, params)
+    assert all(text == "" for text, _ in results)
+    assert detok.flush() == "get_wea" and detok.output_text == "get_wea"
 
 
 @pytest.mark.parametrize("step", [1, 3])
@@ -341,9 +364,9 @@ def test_a_stop_string_begun_before_min_tokens_and_ended_after_counts(smol: Toke
     assert [r[1] for r in results] == [None] * 4 and detok.output_text == "abcd"
 
 
-def test_min_tokens_keeps_the_gate(smol: Tokenizer) -> None:
+def test_min_tokens_keeps_the_metadata_line_unchecked(smol: Tokenizer) -> None:
     output = ids_of(smol, "\nHello there\nsecond line")
-    params = SamplingParams(stop=["\n"], stop_strings_after="\n", min_tokens=1)
+    params = SamplingParams(stop=["\n"], metadata_line_names=[], min_tokens=1)
     detok, results = stream(smol, [], output, params)
     assert results[-1][1] == "\n"
     assert detok.output_text == "\nHello there"

@@ -383,6 +383,48 @@ def test_chatglm3_stop_strings_apply_to_the_content_not_the_metadata_line(glm: S
     assert checked  # some replies kept text: the metadata line's newline did not stop them
 
 
+def test_chatglm3_a_first_line_that_is_no_metadata_line_is_checked_for_stop_strings(
+    glm: Served,
+) -> None:
+    """A reply that skips the metadata line (no newline at all here) is all content, and a
+    stop string in it ends it; stops once waited for a first newline that never came."""
+    newline = glm.sp.piece_to_id("<0x0A>")
+    messages = [{"role": "user", "content": "Say something."}]
+    kw: dict[str, Any] = dict(seed=3, temperature=1.0, max_tokens=12)
+    kw["logit_bias"] = {str(newline): -100}
+    prompt = glm.tokenize(messages=messages)
+    raw = glm.complete(prompt, **kw).choices[0].text
+    at = next(
+        i
+        for i in range(2, len(raw) - 1)
+        if all(c.isprintable() and not c.isspace() and c != "\ufffd" for c in raw[i : i + 2])
+    )
+    stop = raw[at : at + 2]
+    reply = glm.chat(messages, **kw, stop=[stop]).choices[0]
+    assert reply.finish_reason == "stop"
+    assert reply.message.content == raw[: raw.index(stop)].strip()
+
+
+def test_chatglm3_continued_message_is_text_as_written(glm: Served) -> None:
+    """continue_final_message: the reply goes on with the assistant message the request began,
+    so it has no metadata line to drop; leading newlines are its text."""
+    newline = glm.sp.piece_to_id("<0x0A>")
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Here is a list:"},
+    ]
+    kw: dict[str, Any] = dict(max_tokens=3, logit_bias={str(newline): 100})
+    body = {"continue_final_message": True, "add_generation_prompt": False}
+    reply = glm.chat(messages, **kw, extra_body=body).choices[0]
+    assert reply.message.content == "\n\n\n" and reply.finish_reason == "length"
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in glm.chat(messages, **kw, extra_body=body, stream=True)
+        if c.choices
+    )
+    assert streamed == "\n\n\n"
+
+
 @pytest.mark.parametrize("tag", ["<|system|>", "[MASK]", "sop"])
 def test_chatglm3_other_special_tokens_never_reach_the_reply(glm: Served, tag: str) -> None:
     # Only <|assistant|> is kept for the reply parser; any other special the model writes

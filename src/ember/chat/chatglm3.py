@@ -14,6 +14,8 @@ item whose metadata is the function name and whose content is
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,31 @@ ROLES = {
     "tool": "observation",
     "function": "observation",
 }
+
+
+# ---- a reply's metadata line: blank (plain text follows) or the name of the tool it calls
+
+_NAME_CHARS = re.compile(r"[\w.\-]+")
+
+
+def is_tool_name(name: str, names: Collection[str] | None) -> bool:
+    """Whether a whole metadata line (stripped) names a tool: one of `names` (None: any)."""
+    if names is None:
+        return bool(_NAME_CHARS.fullmatch(name))
+    return name in names
+
+
+def may_be_metadata(line: str, names: Collection[str] | None) -> bool:
+    """Whether an unfinished first line could still become a blank or tool metadata line."""
+    head = line.lstrip()
+    if not head:
+        return True
+    name = head.rstrip()
+    if names is None:
+        return bool(_NAME_CHARS.fullmatch(name))
+    if name != head:  # trailing whitespace only after a whole name
+        return name in names
+    return any(n.startswith(name) for n in names)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ Two things make streaming text harder than decoding once at the end:
 
 from __future__ import annotations
 
+from ember.chat.chatglm3 import is_tool_name, may_be_metadata
 from ember.chat.tokenizer import BaseTokenizer
 from ember.engine.request import SamplingParams
 
@@ -51,11 +52,13 @@ class IncrementalDetokenizer:
         stop = params.stop if isinstance(params.stop, list) else [params.stop or ""]
         self._stops: list[str] = [s for s in stop if s]
         self._max_stop_len = max((len(s) for s in self._stops), default=0)
-        self._gate = params.stop_strings_after or None  # stops wait until this text went by
+        # ChatGLM3's metadata line: the names it may hold while undecided, then None.
+        names = params.metadata_line_names
+        self._metadata_names = None if names is None else frozenset(names)
+        self._metadata_held = ""  # the first line so far, while it may be metadata
         # vLLM's rule: stop strings, like eos, count only after min_tokens tokens.
         self._min_tokens = params.min_tokens
         self._num_tokens = 0
-        self._gate_tail = ""  # the end of the text emitted before the gate, to find it across steps
 
         # Only the prompt's tail is kept: it is context for the first window, never emitted.
         self._ids: list[int] = list(prompt_token_ids[-INITIAL_PROMPT_CONTEXT:])
@@ -110,8 +113,8 @@ class IncrementalDetokenizer:
         if self._finished:
             return ""
         self._finished = True
-        text = self._pending + self._decode_step(final=True)
-        self._pending = ""
+        text = self._metadata_held + self._pending + self._decode_step(final=True)
+        self._pending = self._metadata_held = ""
         return self._emit(text)
 
     def _decode_step(self, final: bool) -> str:
@@ -148,15 +151,15 @@ class IncrementalDetokenizer:
     def _apply_stops(self, new_text: str) -> tuple[str, str | None]:
         if not self._stops:
             return self._emit(new_text), None
+        head = ""
+        if self._metadata_names is not None:
+            head, new_text = self._past_metadata_line(new_text)
+            if not new_text:
+                return head, None
         if self._num_tokens <= self._min_tokens:
-            if self._gate is not None:
-                self._gate_end(new_text)
-                return self._emit(new_text), None
             # No stop counts yet, but one may begin here and end after min_tokens: hold back
             # what could be its start, as later.
-            return self._hold_possible_stop(self._pending + new_text), None
-        if self._gate is not None:
-            return self._pass_gate(new_text)
+            return head + self._hold_possible_stop(self._pending + new_text), None
         text = self._pending + new_text
         # Held text holds no whole stop string, so a match must end inside the new text.
         start = max(0, len(self._pending) - self._max_stop_len + 1)
@@ -166,38 +169,31 @@ class IncrementalDetokenizer:
             self._pending = ""
             self._finished = True
             end = pos + len(stop) if self._include_stop else pos
-            return self._emit(text[:end]), stop
-        return self._hold_possible_stop(text), None
+            return head + self._emit(text[:end]), stop
+        return head + self._hold_possible_stop(text), None
+
+    def _past_metadata_line(self, new_text: str) -> tuple[str, str]:
+        """(the metadata line, emitted unchecked; the text after it, for stop strings). The
+        first line is held while it may still be metadata; one that cannot be is content, and
+        all of it is checked. ("", "") while undecided."""
+        seen = self._metadata_held + new_text
+        nl = seen.find("\n")
+        line = seen if nl < 0 else seen[:nl]
+        names = self._metadata_names
+        if nl < 0 and may_be_metadata(line, names):
+            self._metadata_held = seen
+            return "", ""
+        self._metadata_names, self._metadata_held = None, ""
+        name = line.strip()
+        if nl >= 0 and (not name or is_tool_name(name, names)):
+            return self._emit(seen[: nl + 1]), seen[nl + 1 :]
+        return "", seen
 
     def _hold_possible_stop(self, text: str) -> str:
         """Emit `text` but for an end that may be the start of a stop string, kept pending."""
         hold = self._partial_stop_len(text)
         self._pending = text[len(text) - hold :] if hold else ""
         return self._emit(text[: len(text) - hold])
-
-    def _gate_end(self, new_text: str) -> int | None:
-        """Look for the gate in the text so far: once found, it is passed (None from then on)
-        and the result is how many characters of `new_text` follow it; else None."""
-        gate = self._gate
-        assert gate is not None
-        seen = self._gate_tail + new_text
-        at = seen.find(gate)
-        if at < 0:
-            self._gate_tail = seen[-(len(gate) - 1) :] if len(gate) > 1 else ""
-            return None
-        self._gate = None
-        return len(seen) - (at + len(gate))
-
-    def _pass_gate(self, new_text: str) -> tuple[str, str | None]:
-        """Emit text up to the end of the gate unchecked; check what follows it for stops."""
-        after = self._gate_end(new_text)  # characters of new_text past the gate
-        if after is None:
-            return self._emit(new_text), None
-        head = self._emit(new_text[: len(new_text) - after])
-        if not after:
-            return head, None
-        text, stop = self._apply_stops(new_text[len(new_text) - after :])
-        return head + text, stop
 
     def _find_stop(self, text: str, start: int) -> tuple[int, str] | None:
         """The stop string that completes first in `text` (a streamed text would reach it

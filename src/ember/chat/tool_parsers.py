@@ -31,6 +31,7 @@ from functools import cache
 from importlib import resources
 from typing import Any, ClassVar
 
+from ember.chat.chatglm3 import is_tool_name, may_be_metadata
 from ember.engine.json_schema import COMPACT_JSON, close_objects
 
 
@@ -179,6 +180,10 @@ class ToolParser:
     def parse(self, text: str, cut: bool = False, stopped: bool = False) -> ParseResult:
         """A whole reply at once (the parser is used up)."""
         return self.feed(text).merge(self.finish(cut, stopped))
+
+    def continue_message(self) -> None:
+        """The reply continues a message the request began (continue_final_message): it is
+        that message's rest, not the start of a reply."""
 
     @classmethod
     def forced_prefix(cls, function: str | None) -> str:
@@ -474,7 +479,6 @@ class Llama3JsonParser(ToolParser):
 
 _FENCED = re.compile(r"```[\w+-]*[ \t]*\n(.*?)\n?[ \t]*```", re.DOTALL)
 _JSON_NAMES = {"true": True, "false": False, "null": None}
-_NAME_CHARS = re.compile(r"[\w.\-]+")
 
 
 class _JsonNames(ast.NodeTransformer):
@@ -570,23 +574,6 @@ class ChatGLM3Parser(ToolParser):
             calls.append(f"call_{i}")
         return _lark(" | ".join(calls), rules)
 
-    def _may_be_metadata(self, line: str) -> bool:
-        """Whether an unfinished first line could still become an empty or tool metadata line."""
-        head = line.lstrip()
-        if not head:
-            return True
-        name = head.rstrip()
-        if self.tool_names is None:
-            return bool(_NAME_CHARS.fullmatch(name))
-        if name != head:  # trailing whitespace only after a whole name
-            return name in self.tool_names
-        return any(n.startswith(name) for n in self.tool_names)
-
-    def _is_tool(self, name: str) -> bool:
-        if self.tool_names is None:
-            return bool(_NAME_CHARS.fullmatch(name))
-        return name in self.tool_names
-
     def _scan(self, out: ParseResult, final: bool) -> None:
         while True:
             if self._mode == "meta":
@@ -600,12 +587,12 @@ class ChatGLM3Parser(ToolParser):
                     self._buf = self._buf[nl + 1 :]
                     self._mode = "text"
                     continue
-                if nl >= 0 and self._is_tool(name):
+                if nl >= 0 and is_tool_name(name, self.tool_names):
                     self._tool = (name, self._buf[: nl + 1])
                     self._buf = self._buf[nl + 1 :]
                     self._mode = "tool"
                     continue
-                if nl < 0 and not final and self._may_be_metadata(line):
+                if nl < 0 and not final and may_be_metadata(line, self.tool_names):
                     return  # wait for the rest of the line
                 self._mode = "text"
                 continue
@@ -637,6 +624,11 @@ class ChatGLM3Parser(ToolParser):
         self._mode = "meta"
         self._strip_leading = True
 
+    def continue_message(self) -> None:
+        # No metadata line to read, and the text as written, leading newlines included.
+        self._mode = "text"
+        self._strip_leading = False
+
 
 PARSERS: dict[str, type[ToolParser]] = {
     p.name: p for p in (HermesParser, Llama3JsonParser, ChatGLM3Parser)
@@ -644,9 +636,15 @@ PARSERS: dict[str, type[ToolParser]] = {
 
 
 def make_parser(
-    name: str, tool_names: Collection[str] | None = None, max_calls: int | None = None
+    name: str,
+    tool_names: Collection[str] | None = None,
+    max_calls: int | None = None,
+    continuing: bool = False,
 ) -> ToolParser:
-    return PARSERS[name](tool_names, max_calls)
+    parser = PARSERS[name](tool_names, max_calls)
+    if continuing:
+        parser.continue_message()
+    return parser
 
 
 def parser_for_template(template: str | None) -> str | None:

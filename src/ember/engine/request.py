@@ -40,9 +40,10 @@ class SamplingParams:
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
-    # Stop strings are matched only after the first occurrence of this text in the output:
-    # a ChatGLM3 reply opens with a metadata line, and "\n" there is not the reply's content.
-    stop_strings_after: str | None = None
+    # A ChatGLM3 reply opens with a metadata line: blank, or the name of one of these tools.
+    # Stop strings do not look into that line (its "\n" is no content); a first line that can
+    # be no such line is content, and they do. None: the reply has no metadata line.
+    metadata_line_names: list[str] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k: the sampled token plus top-k alternatives
     prompt_logprobs: int | None = None

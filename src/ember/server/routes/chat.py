@@ -175,6 +175,7 @@ def _template_kwargs(req: P.ChatCompletionRequest) -> dict[str, Any]:
 def chat_prompt(req: P.ChatCompletionRequest, state: ServerState) -> tuple[ChatPlan, list[int]]:
     """The prompt ids a chat request runs on (shared with /tokenize), and how to read replies."""
     plan = chat_plan(req, state)
+    plan.continuing = req.continue_final_message
     add_generation_prompt = req.add_generation_prompt
     if req.continue_final_message:
         if plan.prefix:
@@ -216,13 +217,14 @@ def chat_params(
     if plan.parser == "chatglm3":
         # Its segments are separated by <|assistant|>: the parser must see it (and drops it).
         # Stop tokens (<|user|>, <|observation|>, eos) never reach the text either way.
-        # Stop strings belong to the content, not to the metadata line before the first "\n".
-        gate = None if plan.prefix else "\n"  # a forced prefix already closed that line
+        # Stop strings belong to the content, not to the metadata line that opens a reply; a
+        # forced prefix already closed that line, and a continued message has none.
+        names = None if plan.prefix or plan.continuing else plan.tool_names
         keep = [state.tokenizer.token_to_id("<|assistant|>")]
         params = dataclasses.replace(
             params,
             keep_special_token_ids=[t for t in keep if t is not None],
-            stop_strings_after=gate,
+            metadata_line_names=names,
         )
     if plan.call_grammar is not None:  # a forced call outranks any response_format
         forced = StructuredOutputsParams(grammar=plan.call_grammar, param="tools")

@@ -92,12 +92,13 @@ class ChatPlan:
     # tool_choice named one function: its call ends with finish_reason "stop", as OpenAI's
     # (and vLLM's) do; "auto" and "required" calls end with "tool_calls".
     named_call: bool = False
+    continuing: bool = False  # the reply continues the request's last message
 
     def new_parser(self) -> ToolParser | None:
         """A parser per choice: each keeps its own streaming state."""
         if self.parser is None:
             return None
-        return make_parser(self.parser, self.tool_names, self.max_calls)
+        return make_parser(self.parser, self.tool_names, self.max_calls, self.continuing)
 
 
 def legacy_functions(req: P.ChatCompletionRequest) -> P.ChatCompletionRequest:

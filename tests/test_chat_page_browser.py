@@ -415,6 +415,55 @@ def test_stored_reply_renders_markdown_code_and_math_but_no_script(browser, serv
     page.context.close()
 
 
+def test_display_math_after_a_line_of_text_is_typeset_and_code_keeps_its_delimiters(
+    browser, server
+):
+    """Models write display math right after a line of text ("so:\n$$…$$", "is \\[…\\]."):
+    Markdown read it as more of that paragraph and showed the $$. A ```` fence holding ```
+    is still code, its \\[…\\] kept as written."""
+    reply = (
+        "The integral is:\n$$\n\\int_0^1 x\\,dx\n$$\nand the answer is \\[x+1\\].\n\n"
+        "````\n```\n\\[kept\\]\n```\n````"
+    )
+    page = _ready_page(browser, server)
+    conversation = {"id": "d", "title": "Display", "system": "", "messages": []}
+    conversation["messages"] = [
+        {"role": "user", "content": "?"},
+        {"role": "assistant", "content": reply},
+    ]
+    _import(page, conversation)
+    box = page.locator(".msg.assistant .content")
+    box.locator(".katex-display").first.wait_for()
+    assert box.locator(".katex-display").count() == 2
+    assert box.locator(".katex-error").count() == 0
+    text = box.inner_text()
+    assert "$$" not in text and "The integral is:" in text and "and the answer is" in text
+    assert box.locator("pre code").inner_text().strip() == "```\n\\[kept\\]\n```"
+    assert page.errors == []
+    page.context.close()
+
+
+def test_a_reply_too_deep_to_render_is_shown_as_text_and_breaks_nothing(browser, server):
+    """Thousands of ">" (or nested \\frac) overflow the Markdown and math parsers' stacks. The
+    page once stopped rendering, then sending, and stayed broken after a reload."""
+    deep = ">" * 3000 + " hi"
+    page = _ready_page(browser, server)
+    conversation = {"id": "z", "title": "Deep", "system": "", "messages": []}
+    conversation["messages"] = [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": deep},
+    ]
+    _import(page, conversation)
+    box = page.locator(".msg.assistant .content")
+    box.wait_for()
+    assert box.inner_text().strip() == deep
+    page.reload()
+    page.wait_for_selector("#model option[value='smol']", state="attached")
+    assert page.locator(".msg.assistant .content").inner_text().strip() == deep
+    assert page.errors == []
+    page.context.close()
+
+
 def test_dollar_prices_stay_text_and_tilde_fences_keep_latex_delimiters(browser, server):
     """ "$5 and $x$" used to be read as one formula "5 and $x" (a red KaTeX error), and a ~~~
     fence had its \\( \\) rewritten to $ as if it were prose."""

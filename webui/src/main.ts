@@ -352,7 +352,7 @@ function startEdit(art: HTMLElement, box: HTMLElement, index: number): void {
     void generate();
   };
   area.addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+    if (e.key === "Enter" && !e.shiftKey && !composing(e)) {
       e.preventDefault();
       submit();
     } else if (e.key === "Escape") {
@@ -535,8 +535,9 @@ function askForKey(wrong: boolean): void {
 // The dialog's form closes it on submit; a refused key opens it again.
 ui.keyForm.addEventListener("submit", async () => {
   apiKey = ui.keyInput.value.trim();
-  saveApiKey(apiKey);
+  const kept = saveApiKey(apiKey); // storage full: the key still serves this visit
   if (!(await loadModels())) return;
+  if (!kept) showNotice(t.keyNotSaved);
   const conv = resendAfterKey;
   resendAfterKey = null;
   if (conv) void generateAgain(conv);
@@ -589,14 +590,20 @@ function initSettings(): void {
   ui.setKey.addEventListener("click", () => askForKey(false));
 }
 
+/** Whether a key press belongs to an IME composition. Safari ends the composition before the
+ * keydown of the Enter that confirms it, which then says isComposing false but keyCode 229. */
+function composing(e: KeyboardEvent): boolean {
+  return e.isComposing || e.keyCode === 229;
+}
+
 function initComposer(): void {
   ui.composer.addEventListener("submit", (e) => {
     e.preventDefault();
     send();
   });
   ui.input.addEventListener("keydown", (e) => {
-    // isComposing: Enter that confirms a Chinese/Japanese IME candidate must not send.
-    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+    // Enter that confirms a Chinese/Japanese IME candidate must not send.
+    if (e.key === "Enter" && !e.shiftKey && !composing(e)) {
       e.preventDefault();
       // While a reply streams, Enter keeps the draft; Esc or the Stop button stop the reply.
       if (!controller) send();

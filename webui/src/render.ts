@@ -104,18 +104,32 @@ const PURIFY = {
 };
 
 // Many models write math as \( … \) and \[ … \] (LaTeX's delimiters), which Markdown would read
-// as escaped brackets. Outside code they become the $ … $ and $$ … $$ that KaTeX typesets.
-const CODE_OR_MATH = /(```[\s\S]*?(?:```|$)|~~~[\s\S]*?(?:~~~|$)|``[^\n]*?``|`[^`\n]*`)|\\\[([\s\S]+?)\\\]|\\\(([\s\S]+?)\\\)/g;
+// as escaped brackets. Outside code they become the $ … $ and $$ … $$ that KaTeX typesets. A
+// display block ($$ lines, or \[ … \]) gets a blank line before it: right after a line of text
+// Markdown would read it as more of that paragraph, and show the $$ (and eat its \, escapes).
+// Code is a fence of 3 or more ` or ~ (to its like), or a `span`: kept as written.
+const CODE_OR_MATH =
+  /((`{3,}|~{3,})[\s\S]*?(?:\2|$)|``[^\n]*?``|`[^`\n]*`)|\\\[([\s\S]+?)\\\]|\\\(([\s\S]+?)\\\)|(^|\n)[ \t]*\$\$[ \t]*\n([\s\S]*?)\n[ \t]*\$\$[ \t]*(?=\n|$)/g;
 
 export function latexDelimitersToDollars(text: string): string {
-  return text.replace(CODE_OR_MATH, (_match, code, display, inline) => {
-    if (code !== undefined) return code;
-    if (display !== undefined) return `\n$$\n${display.trim()}\n$$\n`;
-    return `$${inline.trim()}$`;
-  });
+  return text.replace(
+    CODE_OR_MATH,
+    (_match, code, _fence, display, inline, lead, block) => {
+      if (code !== undefined) return code;
+      if (display !== undefined) return `\n\n$$\n${display.trim()}\n$$\n\n`;
+      if (inline !== undefined) return `$${inline.trim()}$`;
+      return `${lead}\n$$\n${block}\n$$\n`;
+    },
+  );
 }
 
 export function renderMarkdown(text: string): string {
-  const html = marked.parse(latexDelimitersToDollars(text), { async: false });
-  return DOMPurify.sanitize(html, PURIFY);
+  try {
+    const html = marked.parse(latexDelimitersToDollars(text), { async: false });
+    return DOMPurify.sanitize(html, PURIFY);
+  } catch {
+    // A reply nested past what the parsers' recursion takes (thousands of ">" or \frac{…}) is
+    // shown as its text: one message that cannot be rendered must not break the page.
+    return `<p class="unrendered">${escapeHtml(text).replace(/\n/g, "<br>")}</p>`;
+  }
 }

@@ -52,7 +52,11 @@ function read<T>(key: string, fallback: T): T {
 
 export function loadConversations(): Conversation[] {
   const list = read<unknown>(CONVERSATIONS, []);
-  return Array.isArray(list) ? list.filter(isConversation) : [];
+  if (!Array.isArray(list)) return [];
+  // Saved by an older page, or by hand: a missing system prompt is an empty one.
+  return list
+    .filter(isConversation)
+    .map((c) => (typeof c.system === "string" ? c : { ...c, system: "" }));
 }
 
 // What this page last saved: when the stored list is still that, no other tab has saved since.
@@ -121,16 +125,26 @@ export function loadSettings(): Settings {
   return { ...DEFAULT_SETTINGS, ...read<Partial<Settings>>(SETTINGS, {}) };
 }
 
-export function saveSettings(s: Settings): void {
-  localStorage.setItem(SETTINGS, JSON.stringify(s));
+/** Stores a value; false when the browser's storage is full (the page goes on without it). */
+function write(key: string, value: string): boolean {
+  try {
+    localStorage.setItem(key, value);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+export function saveSettings(s: Settings): boolean {
+  return write(SETTINGS, JSON.stringify(s));
 }
 
 export function loadApiKey(): string {
   return localStorage.getItem(API_KEY) ?? "";
 }
 
-export function saveApiKey(key: string): void {
-  localStorage.setItem(API_KEY, key);
+export function saveApiKey(key: string): boolean {
+  return write(API_KEY, key);
 }
 
 // crypto.randomUUID() exists only in secure contexts; the page is often served over plain http.

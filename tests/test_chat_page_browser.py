@@ -112,6 +112,18 @@ def _stored(page) -> list[dict]:
     return json.loads(page.evaluate("localStorage.getItem('ember.conversations')"))
 
 
+def _shown_reply(browser, server, reply: str):
+    """A ready page showing `reply` as the answer to "?" (imported): the page, the reply's box."""
+    page = _ready_page(browser, server)
+    conversation = {"id": "r", "title": "Reply", "system": "", "messages": []}
+    conversation["messages"] = [
+        {"role": "user", "content": "?"},
+        {"role": "assistant", "content": reply},
+    ]
+    _import(page, conversation)
+    return page, page.locator(".msg.assistant .content")
+
+
 def _import(page, conversation: dict) -> None:
     page.set_input_files(
         "#import-file",
@@ -425,14 +437,7 @@ def test_display_math_after_a_line_of_text_is_typeset_and_code_keeps_its_delimit
         "The integral is:\n$$\n\\int_0^1 x\\,dx\n$$\nand the answer is \\[x+1\\].\n\n"
         "````\n```\n\\[kept\\]\n```\n````"
     )
-    page = _ready_page(browser, server)
-    conversation = {"id": "d", "title": "Display", "system": "", "messages": []}
-    conversation["messages"] = [
-        {"role": "user", "content": "?"},
-        {"role": "assistant", "content": reply},
-    ]
-    _import(page, conversation)
-    box = page.locator(".msg.assistant .content")
+    page, box = _shown_reply(browser, server, reply)
     box.locator(".katex-display").first.wait_for()
     assert box.locator(".katex-display").count() == 2
     assert box.locator(".katex-error").count() == 0
@@ -447,14 +452,7 @@ def test_a_reply_too_deep_to_render_is_shown_as_text_and_breaks_nothing(browser,
     """Thousands of ">" (or nested \\frac) overflow the Markdown and math parsers' stacks. The
     page once stopped rendering, then sending, and stayed broken after a reload."""
     deep = ">" * 3000 + " hi"
-    page = _ready_page(browser, server)
-    conversation = {"id": "z", "title": "Deep", "system": "", "messages": []}
-    conversation["messages"] = [
-        {"role": "user", "content": "first"},
-        {"role": "assistant", "content": deep},
-    ]
-    _import(page, conversation)
-    box = page.locator(".msg.assistant .content")
+    page, box = _shown_reply(browser, server, deep)
     box.wait_for()
     assert box.inner_text().strip() == deep
     page.reload()
@@ -472,14 +470,7 @@ def test_dollar_prices_stay_text_and_tilde_fences_keep_latex_delimiters(browser,
         "设$z$为未知数，花了$5和$3元，US$7.\n\n"
         "~~~latex\n\\(a+b\\) and $c$\n~~~\n\nand ``\\(d\\)`` stays."
     )
-    page = _ready_page(browser, server)
-    conversation = {"id": "m", "title": "Prices", "system": "", "messages": []}
-    conversation["messages"] = [
-        {"role": "user", "content": "?"},
-        {"role": "assistant", "content": reply},
-    ]
-    _import(page, conversation)
-    box = page.locator(".msg.assistant .content")
+    page, box = _shown_reply(browser, server, reply)
     box.locator(".katex").first.wait_for()
     assert box.locator(".katex-error").count() == 0
     assert box.locator(".katex").count() == 3  # x, y² and z (in Chinese text)

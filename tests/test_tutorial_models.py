@@ -211,6 +211,21 @@ def test_logprob_tokens_spell_the_text_and_offsets_point_into_it(
             assert whole[at : at + len(token)] == token, (token, at, whole)
 
 
+def test_a_byte_that_begins_no_character_keeps_the_offsets_in_the_text(served: Served) -> None:
+    """A lone byte token (byte fallback) that no continuation follows is a U+FFFD of its own in
+    the text; the token after it starts one character later (it once got the byte's offset)."""
+    lone = served.sp.piece_to_id("<0xE4>")
+    words = served.tokenize(prompt="a 大", add_special_tokens=False)
+    prompt = served.tokenize(prompt="x") + [lone] + words
+    kw: dict[str, Any] = dict(max_tokens=1, echo=True, logprobs=0)
+    choice = served.complete(prompt, **kw, extra_body={"skip_special_tokens": False}).choices[0]
+    whole, tokens, offsets = choice.text, choice.logprobs.tokens, choice.logprobs.text_offset
+    assert "\ufffd" in whole and offsets == sorted(offsets)
+    for token, at in zip(tokens, offsets):
+        if "\ufffd" not in token:
+            assert whole[at : at + len(token)] == token, (tokens, offsets, whole)
+
+
 def test_served_name_of_a_dot_is_the_directory_name(
     chatglm3_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -93,10 +93,15 @@ class TokenTrail:
             if both.startswith(head):
                 text = both[len(head) :]
         self._recent = (self._recent + [token_id])[-self.WINDOW :]
-        at = self.chars
         if self.skip_special and token_id in tokenizer.all_special_ids:
-            return text, at
-        self.chars += len(self._utf8.decode(bytes(token_bytes(self.state, token_id, text))))
+            return text, self.chars
+        data = bytes(token_bytes(self.state, token_id, text))
+        if self._utf8.getstate()[0] and data and not 0x80 <= data[0] <= 0xBF:
+            # The character the bytes before began never completes: its U+FFFD in the text
+            # comes before this token, which starts after it.
+            self.chars += len(self._utf8.decode(b"", final=True))
+        at = self.chars
+        self.chars += len(self._utf8.decode(data))
         return text, at
 
 

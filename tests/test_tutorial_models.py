@@ -226,6 +226,27 @@ def test_a_byte_that_begins_no_character_keeps_the_offsets_in_the_text(served: S
             assert whole[at : at + len(token)] == token, (tokens, offsets, whole)
 
 
+def test_offline_llm_without_sampling_params_samples_as_the_server_does(
+    llama: Served, llama2_dir: Path
+) -> None:
+    """ember.LLM with no SamplingParams takes generation_config.json's temperature and top_p,
+    as the server does for a request that sets none (and vLLM's LLM does): the same seeded
+    draw as the server's."""
+    import dataclasses
+
+    import ember
+
+    llm = ember.LLM(str(llama2_dir), max_model_len=MAX_MODEL_LEN, kv_cache_memory="8MiB")
+    defaults = llm.get_default_sampling_params()
+    assert (defaults.temperature, defaults.top_p) == (0.6, 0.9)
+    messages = [{"role": "user", "content": "Hello there"}]
+    params = dataclasses.replace(defaults, seed=7, max_tokens=10, ignore_eos=True)
+    offline = llm.chat(messages, params)[0].outputs[0].text
+    body = {"ignore_eos": True}
+    served = llama.chat(messages, seed=7, max_tokens=10, extra_body=body).choices[0]
+    assert served.message.content == offline
+
+
 def test_served_name_of_a_dot_is_the_directory_name(
     chatglm3_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -54,6 +54,12 @@ class LLM:
         self.chat_formatter = ChatFormatter(self.tokenizer, template)
         self._ids = itertools.count()
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a call without sampling params runs with: SamplingParams' defaults, but for
+        what the model's generation_config.json sets (temperature, top_p, ...), as vLLM's LLM
+        takes them. Explicit SamplingParams are used as given."""
+        return SamplingParams(**self.engine.sampling_defaults)
+
     def generate(
         self,
         prompts: str | list[str] | list[int] | list[list[int]],
@@ -110,7 +116,7 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None,
     ) -> list[RequestResult]:
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(items)
         else:

@@ -152,7 +152,6 @@ class LocalBackend:
         from ember.engine.async_engine import AsyncEngine
         from ember.engine.core import EngineCore
         from ember.models.loader import served_name
-        from ember.server.app import GENERATION_DEFAULT_KEYS
 
         cfg = from_namespace(EngineConfig, args)
         core = EngineCore(cfg)
@@ -162,12 +161,7 @@ class LocalBackend:
         self.model = served_name(cfg.model)
         self.max_model_len = core.max_model_len
         # Sampling as the server does it: the request's values, else generation_config's.
-        gen = core.generation_config
-        self.defaults = (
-            {k: gen[k] for k in GENERATION_DEFAULT_KEYS if k in gen}
-            if gen.get("do_sample") is not False
-            else {}
-        )
+        self.defaults = core.sampling_defaults
         if args.temperature is not None:
             self.defaults["temperature"] = args.temperature
         self.max_tokens = args.max_tokens

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -89,6 +90,10 @@ def _as_id_set(value: object) -> set[int]:
     return {int(v) for v in value}  # type: ignore[union-attr]
 
 
+# What a model's generation_config.json may set as the sampling defaults (vLLM's set).
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
 class EngineCore:
     def __init__(self, cfg: EngineConfig) -> None:
         self.cfg = cfg
@@ -127,6 +132,16 @@ class EngineCore:
         self.load_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ requests
+
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The sampling values the model's generation_config.json sets, for what a request
+        leaves unset, as vLLM applies them; none when it says do_sample false (greedy models
+        get their defaults from the request)."""
+        gen = self.generation_config
+        if gen.get("do_sample") is False:
+            return {}
+        return {k: gen[k] for k in GENERATION_DEFAULT_KEYS if k in gen}
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if not prompt_token_ids:

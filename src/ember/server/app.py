@@ -33,7 +33,6 @@ from ember.server.state import ServerConfig, ServerState
 log = logging.getLogger(__name__)
 
 # Keys a client may not override in generation_config.json: only sampling defaults are taken.
-GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 PROTECTED_PREFIXES = ("/v1/", "/dashboard/", "/tokenize", "/detokenize")
 
 
@@ -60,9 +59,7 @@ def load_engine(
         )
         template = resolve_chat_template(engine_cfg.chat_template, core.tokenizer, core.hf_config)
         state.formatter = ChatFormatter(core.tokenizer, template)
-        gen = core.generation_config
-        if gen.get("do_sample") is not False:
-            state.generation_defaults = {k: gen[k] for k in GENERATION_DEFAULT_KEYS if k in gen}
+        state.generation_defaults = core.sampling_defaults
         digest = hashlib.sha256(repr(sorted(asdict(engine_cfg).items())).encode()).hexdigest()
         state.fingerprint = "fp_" + digest[:10]
         state.metrics = ServerMetrics(state)

@@ -355,6 +355,39 @@ def test_dropped_connection_offers_retry(page):
     assert page.inner_text(".msg.assistant .stats").endswith("· smol")
 
 
+@pytest.mark.parametrize(
+    "status, body, said, unsaid",
+    [
+        # A chunk that is no JSON object: the server's fault, not a lost connection.
+        (
+            200,
+            'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\ndata: not json\n\n',
+            "not a chat chunk",
+            "connection was lost",
+        ),
+        # A proxy's HTML error page: its status line, not the page's markup.
+        (
+            503,
+            "<html><body><h1>503 Service Temporarily Unavailable</h1></body></html>",
+            "HTTP 503",
+            "<html",
+        ),
+    ],
+)
+def test_a_reply_the_page_cannot_read_says_why(browser, server, status, body, said, unsaid):
+    page = _ready_page(browser, server)
+    kind = "text/event-stream" if status == 200 else "text/html"
+    page.route(
+        "**/v1/chat/completions",
+        lambda route: route.fulfill(status=status, body=body, headers={"content-type": kind}),
+    )
+    _send(page, "Hi")
+    error = page.wait_for_selector(".msg.assistant >> nth=-1 >> .error").inner_text()
+    assert said in error and unsaid not in error, error
+    assert page.errors == []
+    page.context.close()
+
+
 def test_model_reply_with_markup_renders_as_text(browser, server):
     """A real reply from the model holding an <img onerror> and a <script>: the model is shown a
     conversation (imported, so it can hold an example turn) in which it repeats the user, so

@@ -56,7 +56,11 @@ async function errorMessage(res: Response): Promise<string> {
   } catch {
     // not JSON: fall through to the raw text
   }
-  return text.trim() || `HTTP ${res.status} ${res.statusText}`;
+  const status = `HTTP ${res.status} ${res.statusText}`.trim();
+  // A proxy's HTML error page says nothing its status line does not; long text is cut.
+  const raw = text.trim();
+  if (!raw || raw.startsWith("<")) return status;
+  return raw.length > 300 ? `${raw.slice(0, 300)}…` : raw;
 }
 
 /** fetch() that turns network failures into ConnectionError and keeps aborts as they are. */
@@ -77,6 +81,20 @@ export async function listModels(apiKey: string): Promise<string[]> {
   // Ember names the chat model's root on its cards; the embedding encoder's card has none.
   const chat = cards.filter((m) => m.root);
   return (chat.length ? chat : cards).map((m) => m.id);
+}
+
+/** One event's data as a chunk: an object, or the server's reply is not one the page reads. */
+function readChunk(data: string): any {
+  let chunk: unknown;
+  try {
+    chunk = JSON.parse(data);
+  } catch {
+    chunk = null;
+  }
+  if (typeof chunk !== "object" || chunk === null) {
+    throw new ServerError(`The server sent an event that is not a chat chunk: ${data.slice(0, 100)}`, 502);
+  }
+  return chunk;
 }
 
 /** Streams one chat completion; onDelta gets each piece of reply text as it arrives. */
@@ -107,17 +125,19 @@ export async function streamChat(
         done = true;
         break;
       }
-      const chunk = JSON.parse(next.value.data);
+      const chunk = readChunk(next.value.data);
       if (chunk.error) throw new ServerError(chunk.error.message ?? String(chunk.error), 500);
       if (chunk.model) result.model = chunk.model;
       if (chunk.usage) result.completionTokens = chunk.usage.completion_tokens ?? null;
       for (const choice of chunk.choices ?? []) {
         const text = choice.delta?.content;
-        if (text) onDelta(text);
+        if (typeof text === "string" && text) onDelta(text);
         if (choice.finish_reason) result.finishReason = choice.finish_reason;
       }
     }
   } catch (e) {
+    // Hang up, so that the server stops generating what nobody will read.
+    if (!signal.aborted) void events.cancel().catch(() => undefined);
     if (signal.aborted || e instanceof ServerError) throw e;
     throw new ConnectionError(String(e));
   } finally {

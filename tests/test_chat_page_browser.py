@@ -388,6 +388,40 @@ def test_a_reply_the_page_cannot_read_says_why(browser, server, status, body, sa
     page.context.close()
 
 
+def test_a_title_keeps_whole_characters_and_safari_ime_enter_does_not_send(browser, server):
+    """A title is cut at 40 characters as a reader counts them (a flag is one; it was cut to a
+    lone regional indicator). Safari ends an IME composition before the keydown of the Enter
+    that confirms it (isComposing false, keyCode 229): that Enter must not send."""
+    page = _ready_page(browser, server)
+    sent = []
+    chunk = 'data: {"choices": [{"delta": {"content": "ok"}, "finish_reason": "stop"}]}\n\n'
+
+    def reply(route):
+        sent.append(route.request.post_data)
+        headers = {"content-type": "text/event-stream"}
+        route.fulfill(status=200, body=chunk + "data: [DONE]\n\n", headers=headers)
+
+    page.route("**/v1/chat/completions", reply)
+    page.fill("#input", "你好")
+    page.evaluate(
+        """() => {
+        const input = document.querySelector("#input");
+        input.dispatchEvent(new CompositionEvent("compositionstart"));
+        input.dispatchEvent(new CompositionEvent("compositionend", {data: "你好"}));
+        input.dispatchEvent(new KeyboardEvent("keydown", {key: "Enter", keyCode: 229,
+            isComposing: false, bubbles: true, cancelable: true}));
+    }"""
+    )
+    page.wait_for_timeout(300)
+    assert sent == [] and page.input_value("#input") == "你好"
+    _send(page, "a" * 39 + "🇨🇳 rest of the line")
+    page.wait_for_selector(".msg.assistant .stats", state="attached")
+    assert len(sent) == 1
+    assert _stored(page)[0]["title"] == "a" * 39 + "🇨🇳"
+    assert page.errors == []
+    page.context.close()
+
+
 def test_model_reply_with_markup_renders_as_text(browser, server):
     """A real reply from the model holding an <img onerror> and a <script>: the model is shown a
     conversation (imported, so it can hold an example turn) in which it repeats the user, so

@@ -159,8 +159,16 @@ function download(name: string, type: string, text: string): void {
   setTimeout(() => URL.revokeObjectURL(url), 1000);
 }
 
+/** The first `n` characters as a reader counts them: a flag or a family emoji is one, never
+ * cut in half (nor a UTF-16 surrogate pair). */
+function firstChars(text: string, n: number): string {
+  if (typeof Intl.Segmenter !== "function") return Array.from(text).slice(0, n).join(""); // Firefox < 125
+  const graphemes = new Intl.Segmenter(undefined, { granularity: "grapheme" }).segment(text);
+  return Array.from(graphemes, (g) => g.segment).slice(0, n).join("");
+}
+
 function fileName(c: Conversation, ext: string): string {
-  const base = c.title.replace(/[\\/:*?"<>|\s]+/g, "_").slice(0, 60) || "conversation";
+  const base = firstChars(c.title.replace(/[\\/:*?"<>|\s]+/g, "_"), 60) || "conversation";
   return `${base}.${ext}`;
 }
 
@@ -496,7 +504,7 @@ function send(): void {
   ui.input.value = "";
   current.messages.push({ role: "user", content: text });
   // By code points, not UTF-16 units: an emoji at the cut stays whole.
-  if (current.title === t.untitled) current.title = Array.from(text.split("\n")[0]).slice(0, 40).join("");
+  if (current.title === t.untitled) current.title = firstChars(text.split("\n")[0], 40);
   persist();
   void generate();
 }

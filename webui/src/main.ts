@@ -66,6 +66,8 @@ let streamingEl: HTMLElement | null = null;
 // The reply being streamed and its conversation (always the current one while it streams).
 let streaming: { conv: Conversation; reply: Message } | null = null;
 let renderQueued = false;
+let lastRenderEnd = 0; // when the streaming reply was last rendered (performance.now)
+let lastRenderCost = 0; // and how long that took, ms
 // A conversation whose reply was refused for want of a key: resent once a key is entered.
 let resendAfterKey: Conversation | null = null;
 
@@ -383,17 +385,27 @@ function scrollToEnd(force = false): void {
   if (force || nearBottom()) ui.messages.scrollTop = ui.messages.scrollHeight;
 }
 
-/** Re-renders the streaming reply at most once per frame. */
+/** Re-renders the streaming reply at most once per frame, and for a long reply (whose every
+ * render parses all of it again) only after four times its last render's cost, so that the
+ * page keeps most of its time for scrolling and typing. */
 function queueRender(m: Message): void {
   if (renderQueued) return;
   renderQueued = true;
-  requestAnimationFrame(() => {
-    renderQueued = false;
-    if (!streamingEl) return;
-    const stick = nearBottom();
-    fillContent(streamingEl, m);
-    if (stick) scrollToEnd(true);
-  });
+  const wait = Math.max(0, lastRenderEnd + 4 * lastRenderCost - performance.now());
+  setTimeout(
+    () =>
+      requestAnimationFrame(() => {
+        renderQueued = false;
+        if (!streamingEl) return;
+        const stick = nearBottom();
+        const start = performance.now();
+        fillContent(streamingEl, m);
+        lastRenderEnd = performance.now();
+        lastRenderCost = lastRenderEnd - start;
+        if (stick) scrollToEnd(true);
+      }),
+    wait,
+  );
 }
 
 // ---- generation ---------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import threading
 import uuid
 from collections.abc import Callable
@@ -230,7 +229,11 @@ def build_app(
     server_cfg: ServerConfig,
     load_in_background: bool = True,
     on_load_error: Callable[[BaseException], None] | None = None,
+    on_stop_while_loading: Callable[[], None] | None = None,
 ) -> FastAPI:
+    """The app; its lifespan loads the model (on a thread unless `load_in_background` is
+    false). `on_load_error`: called when the load fails; `on_stop_while_loading`: called when
+    the server stops before the load is done (the CLI ends the process there)."""
     state = ServerState(server_cfg)
 
     @asynccontextmanager
@@ -245,13 +248,8 @@ def build_app(
         if not load_in_background:
             await asyncio.to_thread(loader.join)
         yield
-        if loader.is_alive():
-            # Stopped mid-load (a pod deleted during its start): the loader is deep in torch,
-            # and finalizing the interpreter around it aborts the process. Nothing is served
-            # yet and every cache write is a rename, so leave at once, as a clean stop.
-            log.info("stopped while the model was loading")
-            logging.shutdown()
-            os._exit(0)
+        if loader.is_alive() and on_stop_while_loading is not None:
+            on_stop_while_loading()
         if state.engine is not None:
             state.engine.shutdown()
 

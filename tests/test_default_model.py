@@ -142,6 +142,6 @@ def test_a_cut_gguf_file_is_named_as_such_and_leaves_nothing_in_the_cache(
         cut.write_bytes(f.read(size))
     cache = tmp_path / "cache"
     monkeypatch.setenv("EMBER_CACHE_DIR", str(cache))
-    with pytest.raises(ValueError, match="is not a whole GGUF file.*fetch it again"):
+    with pytest.raises(ValueError, match="cannot be read as a GGUF file.*fetch it again"):
         converted_gguf_dir(cut)
     assert not list((cache / "gguf").iterdir())

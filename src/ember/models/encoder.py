@@ -28,17 +28,19 @@ class SentenceEncoder:
         )
         self.dimensions = int(self.model.config.hidden_size)
         self._lock = threading.Lock()  # one forward at a time on a CPU-bound model
+        # transformers sets each call's truncation on the shared Rust tokenizer: calls on
+        # several threads at once would cut one another's texts.
+        self._tokenize_lock = threading.Lock()
 
     def tokenize(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
         """Token ids, cut to `max_length` (at most the model's own) with the special tokens
         kept, as sentence-transformers cuts long texts."""
         from ember.chat.tokenizer import require_unicode
 
-        enc = self.tokenizer(
-            [require_unicode(t) for t in texts],
-            truncation=True,
-            max_length=min(max_length or self.max_length, self.max_length),
-        )
+        texts = [require_unicode(t) for t in texts]
+        limit = min(max_length or self.max_length, self.max_length)
+        with self._tokenize_lock:
+            enc = self.tokenizer(texts, truncation=True, max_length=limit)
         return [list(ids) for ids in enc["input_ids"]]
 
     @torch.inference_mode()

@@ -182,10 +182,10 @@ def _gguf_reader(path: Path) -> Any:
 
     try:
         return GGUFReader(str(path))
-    except (ValueError, IndexError, KeyError, OSError) as e:
+    except (ValueError, IndexError) as e:  # not OSError: a missing or unreadable file says so
         raise ValueError(
-            f"{path} is not a whole GGUF file ({e}); a download that stopped midway leaves one "
-            "like this: fetch it again"
+            f"{path} cannot be read as a GGUF file ({e}); if its download stopped midway, "
+            "fetch it again"
         ) from e
 
 

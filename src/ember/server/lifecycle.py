@@ -84,7 +84,12 @@ class Lifecycle:
             self.on_drain_deadline(f"its drain timeout of {self.drain_timeout:g} seconds ran out")
 
     def quit_now(self) -> None:
-        """A second Ctrl-C: end every request now, each told why, then close at once."""
+        """A second Ctrl-C: end every request now, each told why, then close at once. Called
+        in a signal handler, which may have interrupted a holder of the engine's locks: the
+        work runs on a thread of its own."""
+        _after(0.0, self._quit)
+
+    def _quit(self) -> None:
         log.warning("interrupted again: ending the requests in flight and quitting")
         if self.on_drain_deadline is not None:
             self.on_drain_deadline("it was stopped by a second interrupt")

@@ -47,9 +47,10 @@ async def embeddings(
     if use_encoder:
         enc = state.encoder
         keep = kept_tokens(req.truncate_prompt_tokens, enc.max_length)
-        ids = await tokenize_off_loop(
-            request,
-            lambda: [enc.tokenize([x], keep)[0] if isinstance(x, str) else list(x) for x in inputs],
+        # Always on a thread: the encoder's tokenizer takes one call at a time (a lock the
+        # event loop must never wait on).
+        ids = await asyncio.to_thread(
+            lambda: [enc.tokenize([x], keep)[0] if isinstance(x, str) else list(x) for x in inputs]
         )
         if keep is not None:
             ids = [seq[-keep:] for seq in ids]

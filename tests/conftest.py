@@ -3,7 +3,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -117,6 +117,23 @@ def metric(base: str, name: str) -> float:
         for line in text.splitlines()
         if line.startswith(name) and not line.startswith("#")
     )
+
+
+def run_at_once(*targets: Callable[[], None]) -> None:
+    """Run the functions on threads at once, the interpreter switching between them as often
+    as it can (as under load), to bring out races between them."""
+    import threading
+
+    threads = [threading.Thread(target=t) for t in targets]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
 
 
 def _free_port() -> int:

@@ -12,6 +12,8 @@ from ember.chat.detokenizer import IncrementalDetokenizer
 from ember.chat.tokenizer import Tokenizer
 from ember.engine.request import SamplingParams
 
+from conftest import run_at_once
+
 REPLACEMENT = "\ufffd"
 CJK_EMOJI = "你好，世界！今天天气很好。🎉👍🏽 ok 🇫🇷 数据 done"
 
@@ -384,9 +386,6 @@ def test_plain_and_special_encodes_on_threads_at_once_do_not_race(smol: Tokenize
     """Large prompts are tokenized on worker threads while others are tokenized on the event
     loop; text read as plain (a typed "<|im_start|>" stays text) and as a template (it is the
     control token) must each come out right, and neither may fail."""
-    import sys
-    import threading
-
     marker = "<|im_start|>"
     plain, special = smol.encode_plain(marker), smol.encode(marker, add_special_tokens=False)
     assert plain != special and len(special) == 1
@@ -404,20 +403,11 @@ def test_plain_and_special_encodes_on_threads_at_once_do_not_race(smol: Tokenize
         for _ in range(3):
             smol.encode("hello world, " * 20_000)
 
-    threads = [
-        threading.Thread(target=repeat, args=(smol.encode_plain, plain)),
-        threading.Thread(target=repeat, args=(lambda t: smol.encode(t, False), special)),
-        threading.Thread(target=big),
-    ]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # threads take turns often, as under load
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
+    run_at_once(
+        lambda: repeat(smol.encode_plain, plain),
+        lambda: repeat(lambda t: smol.encode(t, False), special),
+        big,
+    )
     assert not problems, problems[:3]
 
 

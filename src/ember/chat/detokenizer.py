@@ -56,6 +56,7 @@ class IncrementalDetokenizer:
         names = params.metadata_line_names
         self._metadata_names = None if names is None else frozenset(names)
         self._metadata_held = ""  # the first line so far, while it may be metadata
+        self._metadata_under = 0  # of it, the characters that came within min_tokens
         # vLLM's rule: stop strings, like eos, count only after min_tokens tokens.
         self._min_tokens = params.min_tokens
         self._num_tokens = 0
@@ -151,15 +152,20 @@ class IncrementalDetokenizer:
     def _apply_stops(self, new_text: str) -> tuple[str, str | None]:
         if not self._stops:
             return self._emit(new_text), None
-        head = ""
+        head, under = "", 0
         if self._metadata_names is not None:
-            head, new_text = self._past_metadata_line(new_text)
+            head, new_text, under = self._past_metadata_line(new_text)
             if not new_text:
                 return head, None
         if self._num_tokens <= self._min_tokens:
-            # No stop counts yet, but one may begin here and end after min_tokens: hold back
-            # what could be its start, as later.
-            return head + self._hold_possible_stop(self._pending + new_text), None
+            under = len(new_text)
+        if under:
+            # No stop counts in text from within min_tokens, but one may begin there and end
+            # after them: hold back what could be its start, as later.
+            head += self._hold_possible_stop(self._pending + new_text[:under])
+            new_text = new_text[under:]
+            if not new_text:
+                return head, None
         text = self._pending + new_text
         # Held text holds no whole stop string, so a match must end inside the new text.
         start = max(0, len(self._pending) - self._max_stop_len + 1)
@@ -172,22 +178,26 @@ class IncrementalDetokenizer:
             return head + self._emit(text[:end]), stop
         return head + self._hold_possible_stop(text), None
 
-    def _past_metadata_line(self, new_text: str) -> tuple[str, str]:
-        """(the metadata line, emitted unchecked; the text after it, for stop strings). The
-        first line is held while it may still be metadata; one that cannot be is content, and
-        all of it is checked. ("", "") while undecided."""
+    def _past_metadata_line(self, new_text: str) -> tuple[str, str, int]:
+        """(the metadata line, emitted unchecked; the text after it, for stop strings; how
+        many of its first characters came within min_tokens). The first line is held while
+        it may still be metadata; one that cannot be is content, and all of it is checked.
+        ("", "", 0) while undecided."""
         seen = self._metadata_held + new_text
+        under = self._metadata_under
+        if self._num_tokens <= self._min_tokens:
+            under += len(new_text)
         nl = seen.find("\n")
         line = seen if nl < 0 else seen[:nl]
         names = self._metadata_names
         if nl < 0 and may_be_metadata(line, names):
-            self._metadata_held = seen
-            return "", ""
-        self._metadata_names, self._metadata_held = None, ""
+            self._metadata_held, self._metadata_under = seen, under
+            return "", "", 0
+        self._metadata_names, self._metadata_held, self._metadata_under = None, "", 0
         name = line.strip()
         if nl >= 0 and (not name or is_tool_name(name, names)):
-            return self._emit(seen[: nl + 1]), seen[nl + 1 :]
-        return "", seen
+            return self._emit(seen[: nl + 1]), seen[nl + 1 :], max(0, under - nl - 1)
+        return "", seen, under
 
     def _hold_possible_stop(self, text: str) -> str:
         """Emit `text` but for an end that may be the start of a stop string, kept pending."""

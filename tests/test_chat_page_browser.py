@@ -502,12 +502,16 @@ def test_display_math_after_a_line_of_text_is_typeset_and_code_keeps_its_delimit
     is still code, its \\[…\\] kept as written."""
     reply = (
         "The integral is:\n$$\n\\int_0^1 x\\,dx\n$$\nand the answer is \\[x+1\\].\n\n"
-        "````\n```\n\\[kept\\]\n```\n````"
+        "````\n```\n\\[kept\\]\n```\n````\n\n"
+        "1. First:\n   $$\n   y^2\n   $$\n   more about it\n2. Second"
     )
     page, box = _shown_reply(browser, server, reply)
     box.locator(".katex-display").first.wait_for()
-    assert box.locator(".katex-display").count() == 2
+    assert box.locator(".katex-display").count() == 3
     assert box.locator(".katex-error").count() == 0
+    # In a list item, the block stays in the item, and the list goes on.
+    assert box.locator("ol > li").count() == 2
+    assert box.locator("ol > li").first.locator(".katex-display").count() == 1
     text = box.inner_text()
     assert "$$" not in text and "The integral is:" in text and "and the answer is" in text
     assert box.locator("pre code").inner_text().strip() == "```\n\\[kept\\]\n```"

@@ -109,16 +109,19 @@ const PURIFY = {
 // Markdown would read it as more of that paragraph, and show the $$ (and eat its \, escapes).
 // Code is a fence of 3 or more ` or ~ (to its like), or a `span`: kept as written.
 const CODE_OR_MATH =
-  /((`{3,}|~{3,})[\s\S]*?(?:\2|$)|``[^\n]*?``|`[^`\n]*`)|\\\[([\s\S]+?)\\\]|\\\(([\s\S]+?)\\\)|(^|\n)[ \t]*\$\$[ \t]*\n([\s\S]*?)\n[ \t]*\$\$[ \t]*(?=\n|$)/g;
+  /((`{3,}|~{3,})[\s\S]*?(?:\2|$)|``[^\n]*?``|`[^`\n]*`)|\\\[([\s\S]+?)\\\]|\\\(([\s\S]+?)\\\)|(^|\n)([ \t]*)\$\$[ \t]*\n([\s\S]*?)\n[ \t]*\$\$[ \t]*(?=\n|$)/g;
 
 export function latexDelimitersToDollars(text: string): string {
   return text.replace(
     CODE_OR_MATH,
-    (_match, code, _fence, display, inline, lead, block) => {
+    (match, code, _fence, display, inline, lead, indent, block) => {
       if (code !== undefined) return code;
       if (display !== undefined) return `\n\n$$\n${display.trim()}\n$$\n\n`;
       if (inline !== undefined) return `$${inline.trim()}$`;
-      return `${lead}\n$$\n${block}\n$$\n`;
+      // Indented 4 or more, the lines are a code block; less, they may belong to a list item,
+      // so they keep their indent.
+      if (indent.replace(/\t/g, "    ").length >= 4) return match;
+      return `${lead}\n${indent}$$\n${block}\n${indent}$$\n`;
     },
   );
 }

@@ -119,6 +119,14 @@ def metric(base: str, name: str) -> float:
     )
 
 
+def default_sigint() -> None:
+    """A child's preexec_fn where the test sends Ctrl-C (SIGINT): a shell starts background
+    jobs with SIGINT ignored, and a child inherits that, so Python would never see it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_at_once(*targets: Callable[[], None]) -> None:
     """Run the functions on threads at once, the interpreter switching between them as often
     as it can (as under load), to bring out races between them."""

@@ -10,7 +10,7 @@ import pytest
 
 from ember.bench import make_prompts, percentile, summarize
 
-from conftest import API_KEY, metric
+from conftest import API_KEY, default_sigint, metric
 
 pytestmark = pytest.mark.slow
 
@@ -98,13 +98,24 @@ def test_ctrl_c_reports_what_finished_without_a_traceback(server):
 
     cmd = [sys.executable, "-m", "ember.bench", "--url", server, "--api-key", API_KEY]
     cmd += ["--requests", "200", "--concurrency", "2", "--max-tokens", "64", "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while metric(server, "ember:num_requests_running") < 1 and time.time() < deadline:
-        time.sleep(0.2)  # until its requests run
-    time.sleep(1)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,
+    )
+    try:
+        deadline = time.time() + 120
+        while metric(server, "ember:num_requests_running") < 1 and time.time() < deadline:
+            time.sleep(0.2)  # until its requests run
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # never left running: the server is shared by later tests
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 130 and "Traceback" not in err, err
     report = json.loads(out)
     assert report["interrupted"] is True and report["completed"] < 200

@@ -20,7 +20,7 @@ import pytest
 from ember.hub import HubError, is_hub_id, select_files
 
 from checkpoints import write_checkpoint
-from conftest import ember_serve
+from conftest import default_sigint, ember_serve
 from hub_server import COMMIT, Hub, HubServer, Repo
 
 # Weights over huggingface_hub's 10 MiB read chunk, so a dropped transfer leaves bytes to resume.
@@ -251,7 +251,12 @@ def test_an_interrupted_pull_resumes_on_the_next_run(hub, repo_dir, tmp_path, so
     env = _env(hub, tmp_path)
     args = [sys.executable, "-m", "ember.cli", "pull", "org/tiny", "--source", source]
     proc = subprocess.Popen(
-        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        args,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,
     )
     try:
         assert hub.stalled.wait(60), "the download never started"

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ember.terminal_chat import finished_length
 
-from conftest import API_KEY
+from conftest import API_KEY, default_sigint
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 PROMPT = ">>> "
@@ -38,10 +37,7 @@ def _spawn(*args: str, env: dict[str, str] | None = None) -> pexpect.spawn:
         encoding="utf-8",
         timeout=90,
         dimensions=(40, 120),
-        # Ctrl-C must reach the program as a terminal's does, also when this test run was
-        # started in the background (a shell starts background jobs with SIGINT ignored, and a
-        # child inherits that: Python then never raises KeyboardInterrupt).
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=default_sigint,  # Ctrl-C reaches it as a terminal's does
     )
     child.logfile_read = io.StringIO()  # everything the terminal showed
     return child

@@ -674,6 +674,35 @@ def test_two_tabs_keep_each_others_conversations(browser, server):
     a.context.close()
 
 
+def test_a_conversation_streaming_in_one_tab_takes_no_new_message_in_another(browser, server):
+    """The streaming tab saves its copy of the conversation when the reply ends: a message the
+    other tab sent into it meanwhile was silently lost. Now the other tab says why it waits,
+    keeps the draft, and sends once the reply is done."""
+    a = _ready_page(browser, server)
+    _long_reply(a)
+    b = a.context.new_page()
+    b.errors = []
+    b.on("pageerror", lambda e: b.errors.append(str(e)))
+    b.goto(server + "/")  # opens the conversation A is streaming into
+    b.wait_for_selector("#model option[value='smol']", state="attached")
+    before = len(_stored(b)[0]["messages"])
+    _send(b, "question from B")
+    b.wait_for_selector("#notice >> text=Another tab")
+    assert b.input_value("#input") == "question from B"
+    assert b.locator("#send.stop").count() == 0
+    a.focus("#input")
+    a.keyboard.press("Escape")  # A's reply ends
+    a.wait_for_selector("#send:not(.stop)", state="attached", timeout=STREAM_TIMEOUT_MS)
+    _set(b, "#max-tokens", "8")
+    b.press("#input", "Enter")
+    _wait_done(b)
+    a.wait_for_selector("#messages >> text=question from B")
+    messages = _stored(a)[0]["messages"]
+    assert len(messages) == before + 2 and messages[before]["content"] == "question from B"
+    assert a.errors == [] and b.errors == []
+    a.context.close()
+
+
 def test_a_reply_redrawn_mid_stream_keeps_streaming_and_reload_keeps_its_text(browser, server):
     page = _ready_page(browser, server)
     _long_reply(page)

@@ -9,6 +9,7 @@ import { lang, type Strings, t } from "./i18n";
 import { renderMarkdown } from "./render";
 import {
   CONVERSATIONS,
+  HEARTBEAT_MS,
   type Conversation,
   importConversation,
   loadApiKey,
@@ -16,6 +17,7 @@ import {
   loadCurrentId,
   loadSettings,
   markDeleted,
+  markStreaming,
   mergeConversations,
   type Message,
   newConversation,
@@ -24,6 +26,7 @@ import {
   saveConversations,
   saveCurrentId,
   saveSettings,
+  streamingElsewhere,
   toMarkdown,
 } from "./store";
 
@@ -354,7 +357,7 @@ function startEdit(art: HTMLElement, box: HTMLElement, index: number): void {
   const row = el("div", "row");
   const submit = () => {
     const text = area.value.trim();
-    if (!text) return;
+    if (!text || busyElsewhere()) return;
     current.messages = current.messages.slice(0, index);
     current.messages.push({ role: "user", content: text });
     persist();
@@ -430,6 +433,8 @@ function requestMessages(): ChatMessage[] {
 
 async function generate(): Promise<void> {
   const conv = current;
+  markStreaming(conv.id, true);
+  const heartbeat = setInterval(() => markStreaming(conv.id, true), HEARTBEAT_MS);
   const messages = requestMessages();
   const reply: Message = { role: "assistant", content: "" };
   conv.messages.push(reply);
@@ -484,6 +489,8 @@ async function generate(): Promise<void> {
       reply.error = `${t.serverError} ${(e as Error).message}`;
     }
   } finally {
+    clearInterval(heartbeat);
+    markStreaming(conv.id, false);
     controller = null;
     streaming = null;
     setBusy(false);
@@ -492,13 +499,20 @@ async function generate(): Promise<void> {
   }
 }
 
+/** True (with a notice) when another tab is streaming a reply into this conversation. */
+function busyElsewhere(): boolean {
+  if (!streamingElsewhere(current.id)) return false;
+  showNotice(t.busyElsewhere);
+  return true;
+}
+
 async function generateAgain(conv: Conversation): Promise<void> {
-  if (conv !== current || controller) return;
+  if (conv !== current || controller || busyElsewhere()) return;
   await generate();
 }
 
 function regenerate(): void {
-  if (controller) return;
+  if (controller || busyElsewhere()) return;
   const msgs = current.messages;
   if (msgs.length && msgs[msgs.length - 1].role === "assistant") msgs.pop();
   if (!msgs.length) return;
@@ -512,7 +526,7 @@ function send(): void {
     return;
   }
   const text = ui.input.value.trim();
-  if (!text) return;
+  if (!text || busyElsewhere()) return; // the draft stays
   ui.input.value = "";
   current.messages.push({ role: "user", content: text });
   // By code points, not UTF-16 units: an emoji at the cut stays whole.
@@ -684,6 +698,7 @@ function adoptOtherTabs(e: StorageEvent): void {
 window.addEventListener("pagehide", () => {
   if (!streaming) return;
   streaming.reply.stopped = true;
+  markStreaming(streaming.conv.id, false);
   persist(streaming.conv);
 });
 window.addEventListener("storage", adoptOtherTabs);

@@ -35,6 +35,8 @@ export interface Settings {
 }
 
 export const CONVERSATIONS = "ember.conversations";
+// Conversations getting a reply now, and in which tab: conversation id -> {tab, at}.
+const STREAMING = "ember.streaming";
 const CURRENT = "ember.current";
 const SETTINGS = "ember.settings";
 const API_KEY = "ember.apiKey";
@@ -147,11 +149,50 @@ export function saveApiKey(key: string): boolean {
   return write(API_KEY, key);
 }
 
+// A tab streaming a reply marks its conversation, and renews the mark every HEARTBEAT_MS; a
+// mark older than STALE_MS is a tab that closed or crashed mid-reply.
+export const HEARTBEAT_MS = 2_000;
+const STALE_MS = 8_000;
+
+interface StreamingMark {
+  tab: string;
+  at: number;
+}
+
+function liveMarks(): Record<string, StreamingMark> {
+  const marks = read<Record<string, StreamingMark>>(STREAMING, {});
+  const live: Record<string, StreamingMark> = {};
+  if (typeof marks !== "object" || marks === null) return live;
+  for (const [id, m] of Object.entries(marks)) {
+    if (typeof m?.tab === "string" && typeof m.at === "number" && Date.now() - m.at < STALE_MS) {
+      live[id] = m;
+    }
+  }
+  return live;
+}
+
+/** Marks (or unmarks) a conversation as getting a reply in this tab. */
+export function markStreaming(conversationId: string, on: boolean): void {
+  const marks = liveMarks();
+  if (on) marks[conversationId] = { tab: TAB_ID, at: Date.now() };
+  else if (marks[conversationId]?.tab === TAB_ID) delete marks[conversationId];
+  write(STREAMING, JSON.stringify(marks));
+}
+
+/** Whether another tab is streaming a reply into this conversation now: its save at the end
+ * would overwrite whatever this tab added meanwhile. */
+export function streamingElsewhere(conversationId: string): boolean {
+  const mark = liveMarks()[conversationId];
+  return mark !== undefined && mark.tab !== TAB_ID;
+}
+
 // crypto.randomUUID() exists only in secure contexts; the page is often served over plain http.
 function newId(): string {
   const bytes = crypto.getRandomValues(new Uint8Array(16));
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
+
+export const TAB_ID = newId();
 
 export function newConversation(title: string): Conversation {
   const now = Date.now();

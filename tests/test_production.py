@@ -125,6 +125,35 @@ async def started_streams(
     return tasks
 
 
+LONG_COMPLETION = {"prompt": "Tell a long story:", "max_tokens": 480, "ignore_eos": True}
+
+
+def signalled_mid_work(
+    proc: subprocess.Popen, base: str, path: str, body: dict, signals: list[tuple[float, int]]
+) -> tuple[httpx.Response, list[list[str]]]:
+    """Two streams of `body` on `path` and a long plain completion in flight, then each
+    (pause, signal) of `signals` sent: the plain response and each stream's events."""
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as client:
+            streams = await started_streams(client, base + path, body, 2)
+            post = client.post(base + "/v1/completions", json=LONG_COMPLETION)
+            plain = asyncio.create_task(post)
+            for pause, sig in signals:
+                await asyncio.sleep(pause)
+                proc.send_signal(sig)
+            return await plain, await asyncio.gather(*streams)
+
+    return asyncio.run(main())
+
+
+def stream_errors(streams: list[list[str]]) -> list[dict]:
+    """Each stream's last event before [DONE], an error: what ended it."""
+    for events in streams:
+        assert events[-1] == "[DONE]"
+    return [json.loads(events[-2])["error"] for events in streams]
+
+
 @pytest.fixture(scope="module")
 def busy() -> Iterator[tuple[subprocess.Popen, str]]:
     args = [
@@ -362,22 +391,12 @@ def test_requests_past_the_drain_timeout_end_with_a_reason_not_a_cut():
             "max_tokens": 400,
             "ignore_eos": True,
         }
-        body = {"prompt": "Tell a long story:", "max_tokens": 480, "ignore_eos": True}
-
-        async def main():
-            async with httpx.AsyncClient(timeout=120) as client:
-                streams = await started_streams(client, base + "/v1/chat/completions", chat, 2)
-                plain = asyncio.create_task(client.post(base + "/v1/completions", json=body))
-                await asyncio.sleep(0.3)
-                proc.send_signal(signal.SIGTERM)
-                return await plain, await asyncio.gather(*streams)
-
-        plain, streams = asyncio.run(main())
+        signals = [(0.3, signal.SIGTERM)]
+        plain, streams = signalled_mid_work(proc, base, "/v1/chat/completions", chat, signals)
         assert plain.status_code == 503 and plain.headers["retry-after"] == "1"
         assert assert_error_shape(plain)["code"] == "shutting_down"
-        for events in streams:
-            assert events[-1] == "[DONE]"
-            assert json.loads(events[-2])["error"]["code"] == "shutting_down"
+        for error in stream_errors(streams):
+            assert error["code"] == "shutting_down"
         assert proc.wait(timeout=30) == 0
     text = log.read_text()
     assert "Traceback" not in text and "timeout graceful shutdown exceeded" not in text, text
@@ -406,25 +425,12 @@ def test_a_second_ctrl_c_ends_each_request_with_a_reason_and_quits():
     args = ["--max-model-len", "512", "--shutdown-grace", "30"]
     with serve(args, {}) as (proc, base, log):
         wait_healthy(proc, base, log)
-        body = {"prompt": "Tell a long story:", "max_tokens": 480, "ignore_eos": True}
-
-        async def main():
-            async with httpx.AsyncClient(timeout=120) as client:
-                streams = await started_streams(client, base + "/v1/completions", body, 2)
-                plain = asyncio.create_task(client.post(base + "/v1/completions", json=body))
-                await asyncio.sleep(0.3)
-                proc.send_signal(signal.SIGINT)
-                await asyncio.sleep(0.5)
-                proc.send_signal(signal.SIGINT)
-                return await plain, await asyncio.gather(*streams)
-
         start = time.monotonic()
-        plain, streams = asyncio.run(main())
+        signals = [(0.3, signal.SIGINT), (0.5, signal.SIGINT)]
+        plain, streams = signalled_mid_work(proc, base, "/v1/completions", LONG_COMPLETION, signals)
         assert time.monotonic() - start < 10  # not the 30 s grace
         assert plain.status_code == 503 and assert_error_shape(plain)["code"] == "shutting_down"
-        for events in streams:
-            assert events[-1] == "[DONE]"
-            error = json.loads(events[-2])["error"]
+        for error in stream_errors(streams):
             assert error["code"] == "shutting_down" and "second interrupt" in error["message"]
         assert proc.wait(timeout=30) == 0
     text = log.read_text()

@@ -125,7 +125,7 @@ def test_cjk_and_emoji_split_across_byte_tokens_never_yield_replacement_char(
     assert any(text == "" for text, _ in results)  # ...so some steps had to hold text back
     for text, _ in results:
         assert REPLACEMENT not in text
-    assert "".join(text for text, _ in results) + detok.flush() == CJK_EMOJI
+    assert "".join(text for text, _ in results) + detok.flush()[0] == CJK_EMOJI
 
 
 def test_byte_fallback_characters_reassemble_without_replacement_char(
@@ -137,7 +137,7 @@ def test_byte_fallback_characters_reassemble_without_replacement_char(
     detok, results = stream(sentencepiece, ids_of(sentencepiece, "hello"), output)
     for chunk, _ in results:
         assert REPLACEMENT not in chunk
-    assert detok.output_text + detok.flush() == " " + text  # the space before "the" is kept
+    assert detok.output_text + detok.flush()[0] == " " + text  # the space before "the" is kept
 
 
 @pytest.mark.parametrize("step", [1, 2, 3, 7, 1000])
@@ -174,7 +174,7 @@ def test_flush_emits_an_incomplete_final_character_as_full_decode_does(smol: Tok
     output = ids_of(smol, "ok 🎉")[:-1]  # cut inside the emoji's bytes
     detok, results = stream(smol, chat_prompt(smol), output)
     assert detok.output_text == "ok"
-    assert detok.flush() == smol.decode(output)[len("ok") :]
+    assert detok.flush()[0] == smol.decode(output)[len("ok") :]
     assert detok.output_text == smol.decode(output)
 
 
@@ -231,7 +231,7 @@ def test_stop_string_spanning_several_tokens_is_never_emitted_even_partially(
     assert_never_leaks(results, before)
     assert results[-1][1] == stop
     assert detok.output_text == before
-    assert detok.flush() == ""
+    assert detok.flush()[0] == ""
 
 
 def test_stop_string_completed_by_a_multibyte_character(smol: Tokenizer) -> None:
@@ -283,7 +283,7 @@ def test_flush_returns_text_held_back_as_a_possible_stop_when_no_stop_matched(
     detok, results = stream(smol, [], output, SamplingParams(stop=["<END_OF_ANSWER>"]))
     assert all(stop is None for _, stop in results)
     assert detok.output_text == "Hello "
-    assert detok.flush() == "<END"
+    assert detok.flush()[0] == "<END"
     assert detok.output_text == "Hello <END"
 
 
@@ -296,7 +296,7 @@ def test_tokens_after_a_stop_string_are_ignored(smol: Tokenizer) -> None:
     detok = IncrementalDetokenizer(smol, [], SamplingParams(stop=["STOP"]))
     detok.add_tokens(ids_of(smol, "a STOP"))
     assert detok.add_tokens(ids_of(smol, " more")) == ("", None)
-    assert detok.flush() == ""
+    assert detok.flush()[0] == ""
     assert detok.output_text == "a "
 
 
@@ -333,12 +333,22 @@ def test_a_first_line_that_is_no_metadata_is_content_for_stop_strings(
     assert detok.output_text == "Hello "
 
 
-def test_a_first_line_held_as_possible_metadata_is_released_at_the_end(smol: Tokenizer) -> None:
+def test_a_first_line_held_as_possible_metadata_and_ended_is_content(smol: Tokenizer) -> None:
+    """A reply that ends (eos, max_tokens) on a line held as a possible tool name has no
+    metadata line: that line is its content, so stop strings apply to it at the end."""
     output = ids_of(smol, "get_wea")
     params = SamplingParams(stop=["wea"], metadata_line_names=["get_weather"])
     detok, results = stream(smol, [], output, params)
     assert all(text == "" for text, _ in results)
-    assert detok.flush() == "get_wea" and detok.output_text == "get_wea"
+    assert detok.flush() == ("get_", "wea") and detok.output_text == "get_"
+    # No stop string in it: all of it, and a possible start of one too.
+    params = SamplingParams(stop=["weather"], metadata_line_names=["get_weather"])
+    detok, _ = stream(smol, [], output, params)
+    assert detok.flush() == ("get_wea", None) and detok.output_text == "get_wea"
+    # Within min_tokens, no stop string counts.
+    params = SamplingParams(stop=["wea"], metadata_line_names=["get_weather"], min_tokens=9)
+    detok, _ = stream(smol, [], output, params)
+    assert detok.flush() == ("get_wea", None)
 
 
 @pytest.mark.parametrize("step", [1, 3])
@@ -376,7 +386,7 @@ def test_min_tokens_hold_for_a_first_line_held_as_possible_metadata(
     params = SamplingParams(stop=["ge"], min_tokens=3, metadata_line_names=names)
     detok, results = stream(smol, [], output, params)
     assert all(stop is None for _, stop in results)
-    assert detok.output_text + detok.flush() == "get is here"
+    assert detok.output_text + detok.flush()[0] == "get is here"
 
 
 def test_min_tokens_keeps_the_metadata_line_unchecked(smol: Tokenizer) -> None:

@@ -154,6 +154,28 @@ def test_min_tokens_holds_back_stop_strings(tiny_llama):
     assert out.text == head + free.text[len(head) :].split(stop)[0]
 
 
+def test_a_first_line_held_as_possible_metadata_is_stop_checked_when_the_output_ends(
+    tiny_llama,
+):
+    """ChatGLM3 holds a reply's first line while it may still name a tool. One ended by
+    max_tokens was no metadata line but content, so a stop string in it ends the output."""
+    llm = ember.LLM(str(tiny_llama), dtype="float32")
+    for seed in range(50):
+        prompt = _ids(8, seed=seed)
+        free = llm.generate([prompt], _greedy(6))[0].outputs[0]
+        if "\n" not in free.text and len(free.text.strip()) > 4:
+            break
+    else:
+        pytest.fail("no output without a newline")
+    text = free.text
+    held = dict(metadata_line_names=[text + "zzz"])  # the whole output may begin that name
+    assert llm.generate([prompt], _greedy(6, **held))[0].outputs[0].text == text
+    stop = text[2:4]
+    out = llm.generate([prompt], _greedy(6, stop=[stop], **held))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[: text.index(stop)]
+
+
 def test_logprobs_come_with_top_alternatives(tiny_llama):
     llm = ember.LLM(str(tiny_llama), dtype="float32")
     out = llm.generate([_ids(8, seed=8)], _greedy(5, logprobs=3))[0].outputs[0]

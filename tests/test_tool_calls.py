@@ -1206,9 +1206,9 @@ class Script:
         for k, token in enumerate(ids):
             last = k == len(ids) - 1
             # A stop token's text is never detokenized, as in the engine.
-            text = detok.flush() if token == self.stop_id else detok.add_tokens([token])[0]
+            text = detok.flush()[0] if token == self.stop_id else detok.add_tokens([token])[0]
             if last and token != self.stop_id:
-                text += detok.flush()
+                text += detok.flush()[0]
             yield RequestOutput(
                 request_id,
                 list(prompt_ids),

@@ -106,17 +106,31 @@ class IncrementalDetokenizer:
             return "", None
         return self._apply_stops(new_text)
 
-    def flush(self) -> str:
-        """The sequence ended for another reason (eos, length, abort): return the held-back text.
+    def flush(self) -> tuple[str, str | None]:
+        """The sequence ended for another reason (eos, length, abort): return the held-back
+        text, and the stop string it holds, if any.
 
-        A character left incomplete at the end is emitted as U+FFFD, as a full decode gives it.
+        Only a first line held as possible ChatGLM3 metadata can hold one: ended undecided, it
+        is content, so stop strings apply to it. A character left incomplete at the end is
+        emitted as U+FFFD, as a full decode gives it.
         """
         if self._finished:
-            return ""
+            return "", None
+        held, under = self._metadata_held, self._metadata_under
+        self._metadata_names, self._metadata_held, self._metadata_under = None, "", 0
+        rest = self._decode_step(final=True)
+        stop = None
+        if held and self._stops:  # nothing is pending before the first line is decided
+            if self._num_tokens <= self._min_tokens:
+                under += len(rest)
+            text, stop = self._check_stops(held + rest, under)
+            if stop is None:  # no stop string can complete now
+                text += self._emit(self._pending)
+        else:
+            text = self._emit(held + self._pending + rest)
+        self._pending = ""
         self._finished = True
-        text = self._metadata_held + self._pending + self._decode_step(final=True)
-        self._pending = self._metadata_held = ""
-        return self._emit(text)
+        return text, stop
 
     def _decode_step(self, final: bool) -> str:
         """Decode the window and return the text the unread ids add, or "" to wait for more."""
@@ -159,6 +173,13 @@ class IncrementalDetokenizer:
                 return head, None
         if self._num_tokens <= self._min_tokens:
             under = len(new_text)
+        text, stop = self._check_stops(new_text, under)
+        return head + text, stop
+
+    def _check_stops(self, new_text: str, under: int) -> tuple[str, str | None]:
+        """Emit `new_text` up to the first stop string it completes (of its first `under`
+        characters, from within min_tokens, none counts); hold back a possible start of one."""
+        head = ""
         if under:
             # No stop counts in text from within min_tokens, but one may begin there and end
             # after them: hold back what could be its start, as later.

@@ -379,7 +379,8 @@ class EngineCore:
         reason, stop_reason = self._check_stop(seq, token)
         self.faults.on_detokenize(token)
         if reason == "stop":  # a stop token: its text is not part of the output
-            text = live.detok.flush()
+            text, stop_str = live.detok.flush()
+            stop_reason = stop_str or stop_reason
         else:
             if reason is None and live.matcher is not None and self._grammar_done(live, token):
                 reason = "stop"  # the grammar allows nothing more: the output is complete
@@ -387,7 +388,10 @@ class EngineCore:
             if stop_str is not None:
                 reason, stop_reason = "stop", stop_str
             elif reason is not None:
-                text += live.detok.flush()
+                rest, stop_str = live.detok.flush()
+                text += rest
+                if stop_str is not None:  # in a held first line, decided only now
+                    reason, stop_reason = "stop", stop_str
         if reason is not None:
             self.scheduler.finish(seq, reason, stop_reason)
             del self.live[seq.request_id]

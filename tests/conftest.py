@@ -59,7 +59,8 @@ def pytest_collection_modifyitems(config, items) -> None:
         return
     skip = pytest.mark.skip(reason="needs CUDA (gpu marker)")
     for item in items:
-        if "gpu" in item.keywords:
+        # The marker, not the keyword: a parameter id such as "gpu" is a keyword too.
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
 
 

@@ -145,6 +145,72 @@ def test_gpu_count_and_cpu_deployment():
         assert container(pod, "server")["image"] == f"ember:{tag}"
 
 
+def test_gpu_pods_fail_without_a_usable_gpu_rather_than_serve_on_the_cpu():
+    """A pod given a GPU runs with EMBER_DEVICE=cuda: on a node whose driver torch's CUDA build
+    cannot use, Ember exits with why, where `auto` would load a 7B model onto four CPUs."""
+    import torch
+
+    from ember.engine.runner import check_device
+
+    env = env_map(container(server_pod(render(VALUE_SETS["gpu"])), "server"))
+    assert env["EMBER_DEVICE"] == "cuda"
+    env = env_map(container(server_pod(render(VALUE_SETS["cpu"])), "server"))
+    assert "EMBER_DEVICE" not in env
+    for name, pod in _static_pods():
+        (server,) = pod["containers"]
+        assert "nvidia.com/gpu" in server["resources"]["limits"], name
+        assert env_map(server).get("EMBER_DEVICE") == "cuda", name
+    if not torch.cuda.is_available():  # here, the check that makes such a pod exit
+        with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+            check_device("cuda")
+
+
+def test_numbers_given_with_set_are_taken():
+    """`helm --set` and values files give 4096 or 20240101 as numbers: the values that may be
+    numbers take them, and the objects carry them as the strings Kubernetes wants (a values
+    file's numbers are float64 to Helm, which print as 2.0240101e+07 unless written whole)."""
+    values = {
+        "image": {"tag": 20241201},
+        "model": {"revision": 20240101},
+        "apiKey": {"value": 12345},
+        "autoscaling": {"enabled": True, "targetAverageValue": 2},
+        "server": {"extraArgs": ["--max-model-len", 4096, "--gpu-memory-utilization", 0.85]},
+    }
+    docs = render(values)
+    for obj in docs:
+        validate(obj)
+    pod = server_pod(docs)
+    server = container(pod, "server")
+    assert server["args"][-4:] == ["--max-model-len", "4096", "--gpu-memory-utilization", "0.85"]
+    assert server["image"] == "ember:20241201"
+    pull_args = container(pod, "pull", init=True)["args"]
+    assert pull_args[pull_args.index("--revision") + 1] == "20240101"
+    assert list(one(docs, "Secret")["stringData"].values()) == ["12345"]
+    (metric,) = one(docs, "HorizontalPodAutoscaler")["spec"]["metrics"]
+    assert metric["pods"]["target"]["averageValue"] == "2"
+
+
+def test_the_pull_job_is_a_new_job_when_its_pod_would_change():
+    """A Job's pod template is immutable, so `helm upgrade` to another model (or image) must
+    bring a Job of another name; the same values keep the same Job, which is not run again."""
+    job = {"pull": {"mode": "job"}}
+
+    def job_name(values, release="chat"):
+        return one(render({**job, **values}, name=release), "Job", "pull")["metadata"]["name"]
+
+    chatglm3 = job_name({})
+    assert chatglm3 == job_name({}) and chatglm3.startswith("chat-ember-pull-")
+    others = [
+        job_name({"model": {"preset": "llama2-7b-chat"}}),
+        job_name({"model": {"revision": "v1.0.0"}}),
+        job_name({"image": {"tag": "0.1.1"}}),
+    ]
+    assert len({chatglm3, *others}) == 4
+    # The name is a DNS label (it becomes the pods' job-name label), whatever the release's.
+    long = job_name({}, release="r" * 53)
+    assert len(long) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", long)
+
+
 def test_llama2_is_one_value():
     base, llama = render(), render(VALUE_SETS["llama2"])
     server = container(server_pod(llama), "server")
@@ -471,7 +537,15 @@ def test_dockerfile_serves_on_all_interfaces_as_a_non_root_user(file):
 
 def test_gpu_image_has_a_cuda_runtime_and_cpu_image_pins_cpu_torch():
     gpu = dockerfile("Dockerfile")
-    assert "nvidia/cuda" in gpu["from"][-1]
+    text = (CHART.parent.parent / "docker" / "Dockerfile").read_text()
+    assert gpu["from"][-1] == "FROM ${CUDA_IMAGE}"
+    (base,) = re.findall(r"^ARG CUDA_IMAGE=(\S+)$", text, re.M)
+    # torch from PyPI is its CUDA 13.0 build: the base's CUDA and the driver it asks for match.
+    assert base.startswith("nvidia/cuda:13.0.") and base.endswith("-runtime-ubuntu24.04")
+    assert 'torch==${TORCH_VERSION}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}' in text
+    # Ubuntu 24.04's user `ubuntu` holds uid 1000: useradd --uid 1000 fails unless it goes first.
+    (user_run,) = [r for r in gpu["run"] if "useradd" in r]
+    assert user_run.index("userdel --remove ubuntu") < user_run.index("useradd --uid 1000")
     # Triton compiles its CUDA launcher against Python.h on the first GPU kernel.
     assert "python3-dev" in " ".join(gpu["run"])
     cpu = (CHART.parent.parent / "docker" / "Dockerfile.cpu").read_text()

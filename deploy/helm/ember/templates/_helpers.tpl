@@ -26,6 +26,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 app.kubernetes.io/component: server
 {{- end -}}
 
+{{/* A value that may come as a number, as a string: Helm reads numbers in values files as
+float64, which print as 2.0240101e+07; a whole one prints as an integer. */}}
+{{- define "ember.str" -}}
+{{- if and (kindIs "float64" .) (eq . (floor .)) -}}{{ int64 . }}{{- else -}}{{ . }}{{- end -}}
+{{- end -}}
+
 {{/* The model after the preset is applied: name, dir, source, repoId, revision (YAML). */}}
 {{- define "ember.model" -}}
 {{- $m := .Values.model -}}
@@ -47,7 +53,7 @@ name: {{ $name | quote }}
 dir: {{ $dir | quote }}
 source: {{ $m.source | quote }}
 repoId: {{ $repo | default "" | quote }}
-revision: {{ $m.revision | default "" | quote }}
+revision: {{ include "ember.str" ($m.revision | default "") | quote }}
 path: {{ printf "%s/%s" (trimSuffix "/" .Values.storage.mountPath) $dir | quote }}
 {{- end -}}
 
@@ -57,7 +63,7 @@ path: {{ printf "%s/%s" (trimSuffix "/" .Values.storage.mountPath) $dir | quote 
 
 {{- define "ember.image" -}}
 {{- /* A tag that is set is used as it is; the default, appVersion, gets "-cpu" for gpu: 0. */ -}}
-{{- $tag := .Values.image.tag -}}
+{{- $tag := include "ember.str" (.Values.image.tag | default "") -}}
 {{- if not $tag -}}
 {{- $tag = .Chart.AppVersion -}}
 {{- if eq (int .Values.gpu) 0 -}}{{- $tag = printf "%s-cpu" $tag -}}{{- end -}}

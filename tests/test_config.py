@@ -103,6 +103,23 @@ def test_a_missing_path_or_device_is_one_line_not_a_traceback(args, message) -> 
     assert "Traceback" not in done.stderr
 
 
+def test_serve_exits_1_when_it_cannot_listen() -> None:
+    """A port already taken fails the start while the model loads: the process says so and
+    exits 1 (it once exited 0, as a stop asked for, and restart-on-failure never came)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        done = _ember("serve", "--host", "127.0.0.1", "--port", port)
+    assert done.returncode == 1, done.stderr
+    assert "address already in use" in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "ember serve: the server could not start (see the error above)"
+    )
+
+
 def test_bench_checks_its_output_path_before_the_run() -> None:
     done = _ember("bench", "--url", "http://127.0.0.1:9", "--output", "/nonexistent/x.json")
     assert done.returncode == 2
@@ -139,12 +156,18 @@ def test_api_key_flags_replace_the_environment_list(monkeypatch) -> None:
     [
         (["serve", "--api-key", ""], None, "--api-key"),
         (["serve", "--api-key", " "], None, "--api-key"),
-        (["serve"], "", "EMBER_API_KEY"),
-        (["serve"], " , ", "EMBER_API_KEY"),
+        (["serve"], {"EMBER_API_KEY": ""}, "EMBER_API_KEY"),
+        (["serve"], {"EMBER_API_KEY": " , "}, "EMBER_API_KEY"),
+        (["serve", "--served-model-name", ""], None, "--served-model-name"),
+        (["serve", "--served-model-name", "a", "--served-model-name", " "], None, "--served"),
+        (["serve"], {"EMBER_SERVED_MODEL_NAME": ","}, "EMBER_SERVED_MODEL_NAME"),
     ],
 )
-def test_an_empty_api_key_is_refused_not_read_as_no_key(monkeypatch, capsys, argv, env, named):
-    """An empty key (say, a Kubernetes Secret without a value) would open the server to all."""
+def test_an_empty_api_key_or_name_is_refused_not_read_as_none(
+    monkeypatch, capsys, argv, env, named
+):
+    """An empty key (say, a Kubernetes Secret without a value) would open the server to all;
+    a model served under an empty name could be named by no client."""
     import ember.server.app
     from ember import cli
 
@@ -153,8 +176,9 @@ def test_an_empty_api_key_is_refused_not_read_as_no_key(monkeypatch, capsys, arg
 
     monkeypatch.setattr(ember.server.app, "build_app", never)
     monkeypatch.delenv("EMBER_API_KEY", raising=False)
-    if env is not None:
-        monkeypatch.setenv("EMBER_API_KEY", env)
+    monkeypatch.delenv("EMBER_SERVED_MODEL_NAME", raising=False)
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert named in err and "empty" in err

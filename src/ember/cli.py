@@ -85,6 +85,18 @@ def _api_keys(args: argparse.Namespace) -> list[str]:
     return _env_list("EMBER_API_KEY")
 
 
+def _served_names(args: argparse.Namespace) -> list[str]:
+    """The names given, if any; an empty one is refused (no client could name the model)."""
+    if args.served_model_name is not None:
+        names = [n.strip() for n in args.served_model_name]
+        if not all(names):
+            raise ConfigError("--served-model-name is empty; give a name, or leave it out")
+        return names
+    if "EMBER_SERVED_MODEL_NAME" in os.environ and not _env_list("EMBER_SERVED_MODEL_NAME"):
+        raise ConfigError("EMBER_SERVED_MODEL_NAME is set but empty; give a name, or unset it")
+    return _env_list("EMBER_SERVED_MODEL_NAME")
+
+
 def _embedding_name(args: argparse.Namespace) -> str | None:
     if not args.embedding_model:
         return None
@@ -97,13 +109,17 @@ def _embedding_name(args: argparse.Namespace) -> str | None:
     return path.parent.name if path.name == "model" else path.name
 
 
-def _quit_mid_load() -> None:
-    """Stopped while the model loads (a pod deleted during its start): the loader thread is
-    deep in torch, and finalizing the interpreter around it aborts the process. Nothing is
-    served yet and every cache write is a rename, so leave at once, as a clean stop."""
-    logging.getLogger("ember.server").info("stopped while the model was loading")
+def _quit_mid_load(asked_to_stop: bool) -> None:
+    """Stopped while the model loads: the loader thread is deep in torch, and finalizing the
+    interpreter around it aborts the process. Nothing is served yet and every cache write is a
+    rename, so leave at once: a clean stop when a signal asked for it (a pod deleted during its
+    start), a failure when the server could not start (its port taken, its address wrong)."""
+    if asked_to_stop:
+        logging.getLogger("ember.server").info("stopped while the model was loading")
+    else:
+        print("ember serve: the server could not start (see the error above)", file=sys.stderr)
     logging.shutdown()
-    os._exit(0)
+    os._exit(0 if asked_to_stop else 1)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -134,7 +150,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_device(cfg.device)  # now, not after the port is bound and the model half loaded
     if cfg.chat_template and not os.path.isfile(cfg.chat_template):
         builtin_template(cfg.chat_template)  # an unknown name: refused now, with the known ones
-    names = args.served_model_name or _env_list("EMBER_SERVED_MODEL_NAME")
+    names = _served_names(args)
     server_cfg = ServerConfig(
         served_model_names=names or [args.model if model != args.model else served_name(cfg.model)],
         api_keys=_api_keys(args),
@@ -152,7 +168,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = build_app(cfg, server_cfg, on_load_error=stop, on_stop_while_loading=_quit_mid_load)
+    def quit_mid_load() -> None:
+        # Only a signal begins the drain; a failed start (port in use) stops without one.
+        _quit_mid_load(asked_to_stop=app.state.ember.lifecycle.draining)
+
+    app = build_app(cfg, server_cfg, on_load_error=stop, on_stop_while_loading=quit_mid_load)
     # The engine thread takes the GIL back after every torch op; with the default 5 ms switch
     # interval a busy event loop (a burst of requests, 32 streams writing) makes it wait that
     # long each time. 0.5 ms measured 3-5% more tokens/s at 32 streams on 2 cores.

@@ -257,6 +257,48 @@ def test_logprob_bytes_are_each_tokens_own_even_mid_character(client, server):
             assert alt.bytes and (alt.token != "\ufffd" or alt.bytes != [0xEF, 0xBF, 0xBD])
 
 
+def test_tokens_as_token_ids_tell_apart_the_pieces_of_characters(client, server):
+    """vLLM's return_tokens_as_token_ids: each token is named "token_id:N". By text, the
+    tokens that hold parts of characters all read U+FFFD and overwrite each other in a
+    completion's top_logprobs; by id every alternative is there."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"prompt": "🐱🐶中文", "add_special_tokens": False}
+    ids = httpx.post(server + "/tokenize", json=body, headers=auth).json()["tokens"]
+    common = dict(model=MODEL, prompt="Emoji: 🐱", max_tokens=6, temperature=1.0, seed=3)
+    common.update(logprobs=5, extra_body={"allowed_token_ids": ids})
+    by_text = client.completions.create(**common).choices[0]
+    common["extra_body"] = {"allowed_token_ids": ids, "return_tokens_as_token_ids": True}
+    by_id = client.completions.create(**common).choices[0]
+    assert by_id.text == by_text.text and len(by_id.logprobs.tokens) == 6
+    assert by_id.logprobs.text_offset == by_text.logprobs.text_offset
+    assert by_id.logprobs.token_logprobs == by_text.logprobs.token_logprobs
+    sampled = [int(t.removeprefix("token_id:")) for t in by_id.logprobs.tokens]
+    assert set(sampled) <= set(ids)
+    spelled = httpx.post(server + "/detokenize", json={"tokens": sampled}, headers=auth)
+    assert spelled.json()["prompt"] == by_text.text
+    for name, top in zip(by_id.logprobs.tokens, by_id.logprobs.top_logprobs):
+        assert len(top) >= 5 and top[name] is not None
+        assert all(k.startswith("token_id:") for k in top)
+    assert any(len(top) < 5 for top in by_text.logprobs.top_logprobs)  # collided by text
+    # Streamed, the same names; in chat, the same for each token and its alternatives.
+    stream = client.completions.create(**common, stream=True)
+    assert [t for c in stream for t in c.choices[0].logprobs.tokens] == by_id.logprobs.tokens
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Emoji: 🐱"}],
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"allowed_token_ids": ids, "return_tokens_as_token_ids": True},
+    )
+    content = r.choices[0].message.content
+    tokens = r.choices[0].logprobs.content
+    assert b"".join(bytes(t.bytes) for t in tokens).decode("utf-8", "replace") == content
+    for t in tokens:
+        assert t.token.startswith("token_id:") and len(t.top_logprobs) == 3
+        assert all(alt.token.startswith("token_id:") for alt in t.top_logprobs)
+
+
 def test_context_overflow_names_the_token_counts(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt="hi " * 10, max_tokens=5000)

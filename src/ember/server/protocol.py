@@ -175,6 +175,11 @@ class SamplingFields(OpenAIBase):
     include_stop_str_in_output: bool = Field(
         False, description="Keep the stop string that ended the output in its text."
     )
+    return_tokens_as_token_ids: bool = Field(
+        False,
+        description='With logprobs, name each token "token_id:N" (vLLM\'s): tokens that hold '
+        "part of a character all read as U+FFFD otherwise.",
+    )
     allowed_token_ids: list[TokenId] | None = Field(
         None, min_length=1, max_length=MAX_LOGIT_BIAS, description="Sample only these token ids."
     )

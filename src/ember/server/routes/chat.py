@@ -107,24 +107,23 @@ def _json_or_text(s: str) -> Any:
         return s
 
 
-def chat_logprobs(state: ServerState, lps: list[Logprob]) -> P.ChoiceLogprobs:
+def chat_logprobs(state: ServerState, lps: list[Logprob], as_ids: bool = False) -> P.ChoiceLogprobs:
+    """OpenAI's logprobs content; `as_ids`: tokens named "token_id:N", their bytes still the
+    token's own."""
+
+    def entry(token_id: int) -> tuple[str, list[int]]:
+        text = token_text(state, token_id)
+        return token_text(state, token_id, as_ids), token_bytes(state, token_id, text)
+
     content = []
     for lp in lps:
-        text = token_text(state, lp.token_id)
+        token, data = entry(lp.token_id)
+        top = []
+        for tid, v in lp.top:
+            t, b = entry(tid)
+            top.append(P.TopLogprob(token=t, logprob=v, bytes=b))
         content.append(
-            P.TokenLogprob(
-                token=text,
-                logprob=lp.logprob,
-                bytes=token_bytes(state, lp.token_id, text),
-                top_logprobs=[
-                    P.TopLogprob(
-                        token=(t := token_text(state, tid)),
-                        logprob=v,
-                        bytes=token_bytes(state, tid, t),
-                    )
-                    for tid, v in lp.top
-                ],
-            )
+            P.TokenLogprob(token=token, logprob=lp.logprob, bytes=data, top_logprobs=top)
         )
     return P.ChoiceLogprobs(content=content)
 
@@ -277,6 +276,7 @@ async def chat_completions(
             ticket,
             echo,
             continuous,
+            req.return_tokens_as_token_ids,
         )
         return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -292,7 +292,11 @@ async def chat_completions(
             P.ChatChoice(
                 index=i,
                 message=message,
-                logprobs=chat_logprobs(state, r.logprobs) if req.logprobs else None,
+                logprobs=(
+                    chat_logprobs(state, r.logprobs, req.return_tokens_as_token_ids)
+                    if req.logprobs
+                    else None
+                ),
                 finish_reason=finish_reason,
                 stop_reason=r.stop_reason,
             )
@@ -323,6 +327,7 @@ async def _chat_stream(
     ticket: AdmissionTicket | None = None,
     echo: str = "",
     continuous_usage: bool = False,
+    as_ids: bool = False,
 ) -> AsyncIterator[str]:
     def chunk(choices: list[P.ChatChunkChoice], usage_info: P.UsageInfo | None = None) -> str:
         if usage_info is None and continuous_usage:
@@ -364,7 +369,7 @@ async def _chat_stream(
                     P.ChatChunkChoice(
                         index=i,
                         delta=P.DeltaMessage(content=text) if text else P.DeltaMessage(),
-                        logprobs=chat_logprobs(state, out.new_logprobs or [])
+                        logprobs=chat_logprobs(state, out.new_logprobs or [], as_ids)
                         if want_logprobs
                         else None,
                     )

@@ -410,8 +410,10 @@ def sse_error(exc: BaseException) -> str:
     return "data: " + json.dumps(error_body(err.message, err.type, err.param, err.code)) + "\n\n"
 
 
-def token_text(state: ServerState, token_id: int) -> str:
-    return state.tokenizer.token_text(token_id)
+def token_text(state: ServerState, token_id: int, as_id: bool = False) -> str:
+    """A token's name in logprobs: its text, or with vLLM's `return_tokens_as_token_ids`
+    "token_id:N" (the only name that tells apart tokens holding parts of characters)."""
+    return f"token_id:{token_id}" if as_id else state.tokenizer.token_text(token_id)
 
 
 def token_bytes(state: ServerState, token_id: int, text: str) -> list[int]:

@@ -106,24 +106,30 @@ class TokenTrail:
 
 
 def _completion_logprobs(
-    state: ServerState, lps: list[Logprob], trail: TokenTrail
+    state: ServerState, lps: list[Logprob], trail: TokenTrail, as_ids: bool = False
 ) -> P.CompletionLogprobs:
+    """`as_ids`: tokens named "token_id:N" (vLLM's return_tokens_as_token_ids)."""
     out = P.CompletionLogprobs()
     for lp in lps:
         text, offset = trail.take(lp.token_id)
-        out.tokens.append(text)
+        name = token_text(state, lp.token_id, as_id=True) if as_ids else text
+        out.tokens.append(name)
         out.token_logprobs.append(lp.logprob)
         out.text_offset.append(offset)
-        top = {token_text(state, t): v for t, v in lp.top}
+        top = {token_text(state, t, as_ids): v for t, v in lp.top}
         # As OpenAI's legacy API and vLLM: the sampled token is always among them (so up to
         # logprobs + 1 entries), that a client can read top_logprobs[i][tokens[i]].
-        top.setdefault(text, lp.logprob)
+        top.setdefault(name, lp.logprob)
         out.top_logprobs.append(top)
     return out
 
 
 def _echo_logprobs(
-    state: ServerState, prompt_ids: list[int], lps: list[Logprob | None] | None, k: int
+    state: ServerState,
+    prompt_ids: list[int],
+    lps: list[Logprob | None] | None,
+    k: int,
+    as_ids: bool = False,
 ) -> P.CompletionLogprobs:
     """The prompt's part of an echoed completion: the first token has no logprob."""
     out = P.CompletionLogprobs()
@@ -131,12 +137,13 @@ def _echo_logprobs(
     for i, token_id in enumerate(prompt_ids):
         lp = lps[i] if lps and i < len(lps) else None
         text, offset = trail.take(token_id)
-        out.tokens.append(text)
+        name = token_text(state, token_id, as_id=True) if as_ids else text
+        out.tokens.append(name)
         out.text_offset.append(offset)
         out.token_logprobs.append(None if lp is None else lp.logprob)
-        top = None if lp is None else {token_text(state, t): v for t, v in lp.top[:k]}
+        top = None if lp is None else {token_text(state, t, as_ids): v for t, v in lp.top[:k]}
         if top is not None:
-            top.setdefault(text, lp.logprob)  # the prompt's own token, as for a sampled one
+            top.setdefault(name, lp.logprob)  # the prompt's own token, as for a sampled one
         out.top_logprobs.append(top)
     return out
 
@@ -206,6 +213,7 @@ async def completions(
     jobs, owners = [], []
     default_max_tokens = state.config.default_max_tokens or 16
     echo_logprobs = req.echo and req.logprobs is not None
+    as_ids = req.return_tokens_as_token_ids
     for pi, ids in enumerate(prompts):
         wanted = req.max_tokens if req.max_tokens is not None else default_max_tokens
         if score_only and len(ids) >= state.max_model_len:
@@ -259,6 +267,7 @@ async def completions(
             ticket,
             score_only,
             continuous,
+            as_ids,
         )
         return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -278,9 +287,9 @@ async def completions(
             logprobs = None
             if req.logprobs is not None:
                 trail = TokenTrail(state, prompts[pi], len(prefix), req.skip_special_tokens)
-                logprobs = _completion_logprobs(state, r.logprobs, trail)
+                logprobs = _completion_logprobs(state, r.logprobs, trail, as_ids)
                 if echo_logprobs:
-                    echoed = _echo_logprobs(state, prompts[pi], scored_prompt, req.logprobs)
+                    echoed = _echo_logprobs(state, prompts[pi], scored_prompt, req.logprobs, as_ids)
                     logprobs = _join(echoed, logprobs)
             choices.append(
                 P.CompletionChoice(
@@ -321,6 +330,7 @@ async def _completion_stream(
     ticket: AdmissionTicket | None = None,
     score_only: bool = False,
     continuous_usage: bool = False,
+    as_ids: bool = False,
 ) -> AsyncIterator[str]:
     def chunk(choices: list[P.CompletionChoice], usage_info: P.UsageInfo | None = None) -> str:
         if usage_info is None and continuous_usage:
@@ -360,10 +370,10 @@ async def _completion_stream(
             return None
         logprobs = None
         if want_logprobs:
-            logprobs = _completion_logprobs(state, out.new_logprobs or [], trails[i])
+            logprobs = _completion_logprobs(state, out.new_logprobs or [], trails[i], as_ids)
             if first and owners[i] in scored:
                 k = scored[owners[i]]  # logprobs: nothing else streams
-                prompt_part = _echo_logprobs(state, jobs[i][0], scores[owners[i]], k)
+                prompt_part = _echo_logprobs(state, jobs[i][0], scores[owners[i]], k, as_ids)
                 logprobs = _join(prompt_part, logprobs)
         return chunk(
             [

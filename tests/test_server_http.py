@@ -182,6 +182,27 @@ def test_metrics_count_requests_and_tokens(server):
     assert "_created" not in after  # no timestamp gauge beside each counter and histogram
 
 
+def test_prefix_cache_counters_start_at_the_first_request(tiny_llama):
+    """The warm-up prefill before "ready" is no client's lookup: a fresh server's counters
+    are 0, and one request's prompt adds its own tokens."""
+    from fastapi.testclient import TestClient
+
+    from ember.config import EngineConfig
+    from ember.server.app import build_app
+    from ember.server.state import ServerConfig
+
+    cfg = EngineConfig(
+        model=str(tiny_llama), dtype="float32", device="cpu", kv_cache_memory="8MiB", block_size=4
+    )
+    app = build_app(cfg, ServerConfig(["tiny"]), load_in_background=False)
+    with TestClient(app) as http:
+        queries = "ember:prefix_cache_queries_total"
+        assert _metric(http.get("/metrics").text, queries) == 0
+        body = {"model": "tiny", "prompt": [5, 6, 7, 8, 9, 10, 11], "max_tokens": 1}
+        assert http.post("/v1/completions", json=body).status_code == 200
+        assert _metric(http.get("/metrics").text, queries) == 7
+
+
 def test_client_disconnect_mid_stream_frees_the_request(server):
     body = {
         "model": "smol",

@@ -67,6 +67,8 @@ def load_engine(
 
             state.encoder = SentenceEncoder(state.config.embedding_model)
         asyncio.run(_warm_up(state.engine, core.tokenizer))
+        # The warm-up is no client's: its prompt does not count as prefix-cache lookups.
+        core.allocator.prefix_queries = core.allocator.prefix_hits = 0
         state.ready.set()
         log.info("model ready: %s (loaded in %.1fs)", state.model_name, core.load_seconds)
     except BaseException as e:  # noqa: BLE001 (reported by /health and every route)

@@ -104,6 +104,14 @@ def test_chat_response_format_json_schema_streams_what_it_returns(tiny_sdk):
             "text.format",
         ),
         ({"max_output_tokens": 10**6}, "max_output_tokens"),  # past the context
+        # Each of these once answered 500 (and the connection closed) or ran as text.
+        ({"tool_choice": {"type": "allowed_tools", "tools": 5}}, "tool_choice.tools"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]},
+            "input.0.content.0.text",
+        ),
+        ({"input": [{"role": "user"}]}, "input.0.content"),
+        ({"input": [{"type": "function_call_output", "output": "4"}]}, "input.0.call_id"),
     ],
 )
 def test_responses_bad_requests_are_400(tiny_sdk, body, param):

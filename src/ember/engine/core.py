@@ -22,12 +22,13 @@ from ember.engine.request import (
     Logprob,
     RequestOutput,
     SamplingParams,
+    SamplingParamsError,
     Sequence,
 )
 from ember.engine.runner import ModelRunner
 from ember.engine.sampler import Sampler, SamplingRow
 from ember.engine.scheduler import ScheduledSeq, Scheduler
-from ember.engine.structured import GrammarBackend, GrammarMatcher
+from ember.engine.structured import GrammarBackend, GrammarMatcher, StructuredOutputsError
 from ember.models import loader
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,29 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+
+
+def _param(item: Sequence | SamplingRow) -> str:
+    spec = item.params.structured_outputs
+    return (spec.param if spec is not None else None) or "structured_outputs"
+
+
+def _grammar_failed(matcher: GrammarMatcher) -> str:
+    return f"The structured output's grammar cannot go on here: {matcher.error()}"
+
+
+def _unmeetable(seq: Sequence) -> str:
+    return (
+        "No token the structured output allows here is allowed by the request's other "
+        "constraints (allowed_token_ids, bad_words, logit_bias, min_tokens), so no output "
+        f"can meet them all; it stopped after {seq.num_output_tokens} tokens."
+    )
+
+
+def _allowed(mask_row: torch.Tensor, token: int) -> bool:
+    """Whether a grammar mask row (int32 words, one bit per token id) allows `token`."""
+    word = token // 32
+    return 0 <= word < mask_row.numel() and bool((int(mask_row[word]) >> (token % 32)) & 1)
 
 
 def _is_decode(s: ScheduledSeq) -> bool:
@@ -327,6 +351,12 @@ class EngineCore:
             )
             self.structured.apply_bitmask(logits, [j for j, _ in constrained], bitmask)
         token_ids, logprobs, failed = self._sample(logits, rows)
+        outside = set()  # rows whose token the grammar's mask did not allow
+        for k, (j, m) in enumerate(constrained):
+            if m.is_error():  # the grammar could not say what may come next (a limit of it)
+                failed.setdefault(j, StructuredOutputsError(_grammar_failed(m), _param(rows[j])))
+            elif not _allowed(bitmask[k], token_ids[j]):
+                outside.add(j)
 
         for item in batch:
             item.seq.num_computed_tokens += item.num_new_tokens
@@ -338,7 +368,7 @@ class EngineCore:
                 outputs.append(self._fail(item.seq, failed[i]))
                 continue
             try:
-                outputs.append(self._emit(item.seq, token, logprob, now))
+                outputs.append(self._emit(item.seq, token, logprob, now, i in outside))
             except Exception as e:  # noqa: BLE001 (one request's fault fails that request only)
                 log.exception("request %s failed after sampling", item.seq.request_id)
                 outputs.append(self._fail(item.seq, e))
@@ -369,20 +399,40 @@ class EngineCore:
         return token_ids, logprobs, failed
 
     def _emit(
-        self, seq: Sequence, token: int, logprob: Logprob | None, now: float
+        self,
+        seq: Sequence,
+        token: int,
+        logprob: Logprob | None,
+        now: float,
+        outside_mask: bool = False,
     ) -> RequestOutput:
-        """Append a sampled token, detokenize it, check the stops: one sequence's share."""
+        """Append a sampled token, detokenize it, check the stops: one sequence's share.
+        `outside_mask`: the grammar's mask did not allow the token (other rules banned all
+        it did)."""
         live = self.live[seq.request_id]
         seq.token_ids.append(token)
         if seq.first_token_time is None:
             seq.first_token_time = now
         reason, stop_reason = self._check_stop(seq, token)
         self.faults.on_detokenize(token)
+        kept = True
+        matcher = live.matcher
+        grammar_bound = matcher is not None and reason is None and token not in live.stop_ids
+        if grammar_bound and (outside_mask or not matcher.accept(token)):
+            seq.token_ids.pop()  # outside the grammar: not part of the output
+            kept = False
+            if not outside_mask:  # allowed, yet the grammar failed on it (a limit of it)
+                return self._fail(
+                    seq, StructuredOutputsError(_grammar_failed(matcher), _param(seq))
+                )
+            if not matcher.is_accepting():
+                return self._fail(seq, StructuredOutputsError(_unmeetable(seq), _param(seq)))
+            reason = "stop"  # complete as it is: min_tokens or a ban kept its end away
         if reason == "stop":  # a stop token: its text is not part of the output
             text, stop_str = live.detok.flush()
             stop_reason = stop_str or stop_reason
         else:
-            if reason is None and live.matcher is not None and self._grammar_done(live, token):
+            if reason is None and live.matcher is not None and live.matcher.is_terminated():
                 reason = "stop"  # the grammar allows nothing more: the output is complete
             text, stop_str = live.detok.add_tokens([token])
             if stop_str is not None:
@@ -398,12 +448,12 @@ class EngineCore:
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,
-            new_token_ids=[token],
+            new_token_ids=[token] if kept else [],
             new_text=text,
             finished=reason is not None,
             finish_reason=reason,
             stop_reason=stop_reason,
-            new_logprobs=None if logprob is None else [logprob],
+            new_logprobs=None if logprob is None or not kept else [logprob],
             num_cached_tokens=seq.num_cached_tokens,
             num_output_tokens=seq.num_output_tokens,
             prompt_logprobs=self._take_prompt_logprobs(live),
@@ -415,7 +465,9 @@ class EngineCore:
         )
 
     def _fail(self, seq: Sequence, exc: BaseException) -> RequestOutput:
-        """End one sequence with an error and free its blocks; the step goes on."""
+        """End one sequence with an error and free its blocks; the step goes on. A
+        SamplingParamsError is the request's own fault (a 400), any other the server's."""
+        client = isinstance(exc, SamplingParamsError)
         self.live.pop(seq.request_id, None)
         self.scheduler.finish(seq, "error")
         return RequestOutput(
@@ -427,7 +479,8 @@ class EngineCore:
             finish_reason="error",
             num_cached_tokens=seq.num_cached_tokens,
             num_output_tokens=seq.num_output_tokens,
-            error=f"{type(exc).__name__}: {exc}",
+            error=str(exc) if client else f"{type(exc).__name__}: {exc}",
+            error_param=(exc.param or "") if client else None,
         )
 
     def _add_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
@@ -459,23 +512,6 @@ class EngineCore:
             return None
         live.prompt_logprobs_sent = True
         return live.prompt_logprobs
-
-    @staticmethod
-    def _grammar_done(live: _Live, token: int) -> bool:
-        """Advance the sequence's grammar by its new token; True when nothing more may follow."""
-        matcher = live.matcher
-        assert matcher is not None
-        if token in live.stop_ids:  # only sampled where the grammar accepts (min_tokens aside)
-            return False
-        if not matcher.accept(token):  # masked out, so only a bug gets here: end, don't garble
-            log.warning(
-                "request %s: token %d is outside its grammar: %s",
-                live.seq.request_id,
-                token,
-                matcher.error(),
-            )
-            return True
-        return matcher.is_terminated()
 
     def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
         params = seq.params

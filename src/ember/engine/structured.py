@@ -243,12 +243,33 @@ class GrammarBackend:
             raise StructuredOutputsError(
                 f"Invalid {spec._what()}: {template.get_error()}", spec.param
             )
+        error = self._first_steps_error(GrammarMatcher(template.deep_copy()))
+        if error:
+            raise StructuredOutputsError(f"Invalid {spec._what()}: {error}", spec.param)
         compiled = _Compiled(grammar, template)
         with self._lock:
             self._cache[key] = compiled
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return compiled
+
+    def _first_steps_error(self, matcher: GrammarMatcher, steps: int = 4) -> str | None:
+        """Some limits (a lexer row of over 2,000 alternatives) show only when the grammar
+        runs: walk its first few tokens (each time the lowest allowed id) so such a grammar
+        is refused up front, not failed mid-reply."""
+        mask = self.allocate_bitmask(1)
+        for _ in range(steps):
+            matcher.fill_bitmask(mask, 0)
+            words = torch.nonzero(mask[0])
+            if matcher.is_error() or not len(words):
+                break
+            word = int(words[0])
+            bits = int(mask[0, word]) & 0xFFFFFFFF
+            if not matcher.accept(word * 32 + (bits & -bits).bit_length() - 1):
+                break
+            if matcher.is_terminated():
+                break
+        return matcher.error() if matcher.is_error() else None
 
     def compile_async(self, spec: StructuredOutputsParams) -> Future[_Compiled]:
         """Compile on the backend's thread pool (llguidance drops the GIL while it works)."""

@@ -176,14 +176,21 @@ class AuthAndRequestId:
                     return
             receive = _replay(body, receive)
 
-        if (
-            scope["method"] == "POST"
-            and "origin" not in headers
-            and _not_json(headers.get("content-type", ""))
-        ):
+        if scope["method"] == "POST" and _not_json(headers.get("content-type", "")):
+            if "origin" in headers:
+                # A page in a browser: a form or text/plain POST skips CORS preflight, so it
+                # gets no JSON reading.
+                await reply(
+                    error_response(
+                        415,
+                        "Send the request body as JSON, with Content-Type: application/json.",
+                        "invalid_request_error",
+                        code="unsupported_media_type",
+                    )
+                )
+                return
             # Every POST route reads JSON, and `curl -d '{...}'` labels it a form: read it as
-            # JSON whatever the label, as llama.cpp's and Ollama's servers do. Not for pages in
-            # a browser (they send Origin), where a form or text/plain POST skips CORS preflight.
+            # JSON whatever the label, as llama.cpp's and Ollama's servers do.
             scope = dict(scope)
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
             scope["headers"].append((b"content-type", b"application/json"))
@@ -209,7 +216,7 @@ class AuthAndRequestId:
 
 def _not_json(content_type: str) -> bool:
     kind = content_type.split(";")[0].strip().lower()
-    return kind in ("", "application/x-www-form-urlencoded", "text/plain")
+    return kind != "application/json" and not kind.endswith("+json")
 
 
 def _replay(body: bytes, receive):

@@ -56,13 +56,15 @@ def _text_of(content: Any, param: str) -> str:
     if not isinstance(content, list):
         raise APIError("Message content must be a string or a list of parts.", param=param)
     texts = []
-    for part in content:
+    for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind not in ("input_text", "output_text", "text"):
             raise APIError(
                 f"Content parts of type {kind!r} are not supported; send input_text.", param=param
             )
-        texts.append(str(part.get("text") or ""))
+        if not isinstance(part.get("text"), str):
+            raise APIError(f"A {kind} part needs its text, a string.", param=f"{param}.{j}.text")
+        texts.append(part["text"])
     return "".join(texts)
 
 
@@ -80,7 +82,10 @@ def _messages(req: P.ResponsesRequest) -> list[dict[str, Any]]:
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
                 raise APIError(f"Unknown message role {role!r}.", param=param + ".role")
-            messages.append({"role": role, "content": _text_of(item.get("content"), param)})
+            if item.get("content") is None:  # as OpenAI: a message without it is a 400
+                raise APIError(f"A {role} message needs its content.", param=param + ".content")
+            content = _text_of(item["content"], param + ".content")
+            messages.append({"role": role, "content": content})
         elif kind == "function_call":
             if not isinstance(item.get("name"), str) or not item["name"]:
                 raise APIError("A function_call item needs its function's name.", param=param)
@@ -95,8 +100,15 @@ def _messages(req: P.ResponsesRequest) -> list[dict[str, Any]]:
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str) or not item["call_id"]:
+                raise APIError(
+                    "A function_call_output item needs the call_id of its function_call.",
+                    param=param + ".call_id",
+                )
             output = item.get("output")
-            text = output if isinstance(output, str) else _text_of(output, param)
+            if output is None:
+                raise APIError("A function_call_output item needs its output.", param=param)
+            text = output if isinstance(output, str) else _text_of(output, param + ".output")
             messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": text})
         elif kind == "reasoning":
             continue  # nothing of it reaches the model
@@ -131,6 +143,11 @@ def _chat_request(req: P.ResponsesRequest) -> P.ChatCompletionRequest:
         tools.append({"type": "function", "function": fn})
     choice = req.tool_choice
     if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        if not isinstance(choice.get("tools"), list):
+            raise APIError(
+                "tool_choice of type allowed_tools needs its tools, a list.",
+                param="tool_choice.tools",
+            )
         allowed = [
             {"type": t.get("type"), "function": {"name": t.get("name")}}
             if isinstance(t, dict)

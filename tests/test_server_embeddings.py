@@ -99,6 +99,16 @@ def test_dimensions_and_empty_input_are_400(client):
         client.embeddings.create(model="nope", input="hi")
 
 
+@pytest.mark.parametrize("model", [ENCODER, "smol"])
+def test_a_wrong_dimensions_is_refused_before_any_work(client, model):
+    """Before the inputs are even read: it once waited for every vector to be computed."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model=model, input=[[10**9]], dimensions=3)
+    assert e.value.body["param"] == "dimensions"
+    right = len(client.embeddings.create(model=model, input="hi").data[0].embedding)
+    assert client.embeddings.create(model=model, input="hi", dimensions=right).data
+
+
 def test_served_model_embeddings_equal_a_mean_pooling_reference(client):
     """The served LLM's vector: its final hidden states (after the last norm), mean-pooled over
     the input's tokens and L2-normalised, as transformers computes them from the same GGUF."""

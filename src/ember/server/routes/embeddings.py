@@ -44,6 +44,11 @@ async def embeddings(
     if any(isinstance(x, str) and not x for x in inputs):
         raise APIError("input strings must not be empty.", param="input")
     use_encoder = state.encoder is not None and model == state.config.embedding_model_name
+    # Checked before any work: a wrong one once waited for every vector to be computed.
+    dims = (
+        state.encoder.dimensions if use_encoder else state.engine.core.hf_config.get("hidden_size")
+    )
+    _check_dimensions(req, dims)
     if use_encoder:
         enc = state.encoder
         keep = kept_tokens(req.truncate_prompt_tokens, enc.max_length)
@@ -64,7 +69,6 @@ async def embeddings(
                 f"{longest}; shorten it or set truncate_prompt_tokens.",
                 param="input",
             )
-        dims = enc.dimensions
         vectors = (await asyncio.to_thread(enc.encode, ids)).tolist()
     else:
         ids = await tokenize_off_loop(
@@ -78,12 +82,7 @@ async def embeddings(
             vectors = await until_disconnected(request, state.engine.embed_all(ids))
         except PromptError as e:
             raise APIError(str(e), param="input") from e
-        dims = len(vectors[0])
-    if req.dimensions is not None and req.dimensions != dims:
-        raise APIError(
-            f"This model gives {dims}-dimensional embeddings; dimensions cannot change that.",
-            param="dimensions",
-        )
+        _check_dimensions(req, len(vectors[0]))  # where the config does not say
     data = []
     for i, vec in enumerate(vectors):
         if req.encoding_format == "base64":
@@ -93,3 +92,11 @@ async def embeddings(
             data.append(P.EmbeddingData(index=i, embedding=vec))
     n_tokens = sum(len(x) for x in ids)
     return P.EmbeddingResponse(data=data, model=model, usage=usage(n_tokens, 0))
+
+
+def _check_dimensions(req: P.EmbeddingRequest, dims: int | None) -> None:
+    if dims is not None and req.dimensions is not None and req.dimensions != dims:
+        raise APIError(
+            f"This model gives {dims}-dimensional embeddings; dimensions cannot change that.",
+            param="dimensions",
+        )

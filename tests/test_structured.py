@@ -405,15 +405,43 @@ TOOLS = [
 ]
 
 
+# Schemas that refer to their own definitions (pydantic writes $defs; draft 7 definitions).
+REF_SCHEMA = {
+    "$defs": {"Loc": {"type": "object", "properties": {"city": {"type": "string"}}}},
+    "type": "object",
+    "properties": {"loc": {"$ref": "#/$defs/Loc"}},
+    "required": ["loc"],
+    "additionalProperties": False,
+}
+REF_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "definitions": {"U": {"enum": ["c", "f"]}},
+                "type": "object",
+                "properties": {"unit": {"$ref": "#/definitions/U"}, "days": {"type": "integer"}},
+                "required": ["unit"],
+            },
+        },
+    },
+    TOOLS[1],
+]
+CASES = {"plain": (TOOLS, SCHEMA), "refs": (REF_TOOLS, REF_SCHEMA)}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("fmt", ["hermes", "llama3_json", "chatglm3"])
 @pytest.mark.parametrize("function", [None, "get_weather", "set.flag"])
-def test_forced_call_grammar_always_gives_a_call_that_parses_and_validates(fmt, function):
+def test_forced_call_grammar_always_gives_a_call_that_parses_and_validates(fmt, function, case):
     from ember.chat.tool_parsers import PARSERS, make_parser
 
+    tools, _ = CASES[case]
     parser_cls = PARSERS[fmt]
     backend = _byte_backend()
-    spec = StructuredOutputsParams(grammar=parser_cls.call_grammar(TOOLS, function))
-    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    spec = StructuredOutputsParams(grammar=parser_cls.call_grammar(tools, function))
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
     seen = set()
     for seed in range(6):
         text = bytes(_walk(backend, spec, seed)).decode()
@@ -426,17 +454,20 @@ def test_forced_call_grammar_always_gives_a_call_that_parses_and_validates(fmt, 
     assert function is not None or len(seen) == 2  # "required" may pick any of the tools
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("fmt", ["hermes", "llama3_json", "chatglm3"])
 @pytest.mark.parametrize("max_calls", [None, 1])
-def test_answer_or_call_grammar_gives_the_json_answer_or_valid_calls(fmt, max_calls):
+def test_answer_or_call_grammar_gives_the_json_answer_or_valid_calls(fmt, max_calls, case):
     """tool_choice auto with a JSON response_format: every reply is the answer, matching its
-    schema, or calls that parse and validate; random walks take both branches."""
+    schema, or calls that parse and validate; random walks take both branches. With refs:
+    Llama 3.1's union of all the schemas once left their "#/$defs/..." pointing at nothing."""
     from ember.chat.tool_parsers import PARSERS, make_parser
 
-    grammar = PARSERS[fmt].answer_or_call_grammar(TOOLS, SCHEMA, max_calls)
+    tools, answer_schema = CASES[case]
+    grammar = PARSERS[fmt].answer_or_call_grammar(tools, answer_schema, max_calls)
     spec = StructuredOutputsParams(grammar=grammar)
     backend = _byte_backend()
-    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
     answers = calls = most_calls = 0
     for seed in range(24):
         walked = _walk(backend, spec, seed, steps=800)
@@ -449,7 +480,7 @@ def test_answer_or_call_grammar_gives_the_json_answer_or_valid_calls(fmt, max_ca
             calls += 1
             most_calls = max(most_calls, len(res.tool_calls))
         else:
-            jsonschema.validate(json.loads(res.content), SCHEMA)
+            jsonschema.validate(json.loads(res.content), answer_schema)
             answers += 1
     assert answers and calls
     parallel = fmt == "hermes" and max_calls is None

@@ -28,6 +28,7 @@ from ember.chat.tool_parsers import (
     ToolParser,
     chatglm3_arguments,
     chatml_tools_template,
+    make_parser,
     parser_for_template,
 )
 
@@ -69,6 +70,39 @@ HERMES_TWO = (
     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>\n'
     '<tool_call>\n{"name": "get_time", "arguments": {"tz": "Europe/Paris"}}\n</tool_call>'
 )
+
+
+@pytest.mark.parametrize(
+    "fmt, text",
+    [
+        (
+            "hermes",
+            '<tool_call>\n{"name": "f", "arguments": {"x": 1e999, "y": [-1e999]}}\n</tool_call>',
+        ),
+        ("llama3_json", '{"name": "f", "parameters": {"x": 1e999, "y": [-1e999]}}'),
+        ("chatglm3", "f\n```python\ntool_call(x=1e999, y=[-1e999])\n```"),
+    ],
+)
+def test_arguments_past_a_doubles_range_stay_json(fmt, text):
+    """1e999 is JSON, but Python reads it as infinity and once wrote it back as Infinity,
+    which JSON.parse and other strict parsers refuse."""
+    (call,) = make_parser(fmt, ["f"]).parse(text).tool_calls
+    assert call.arguments == '{"x": 1e999, "y": [-1e999]}'
+    strict = json.loads(call.arguments, parse_constant=lambda name: pytest.fail(name))
+    assert strict == {"x": float("inf"), "y": [float("-inf")]}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '<tool_call>\n{"name": "f", "arguments": {"x": NaN}}\n</tool_call>',
+        '<tool_call>\n{"name": "f", "arguments": "{\\"x\\": Infinity}"}\n</tool_call>',
+    ],
+)
+def test_a_call_with_no_json_arguments_is_no_call(text):
+    """NaN and Infinity are no JSON: such a call is left as the text it is."""
+    res = make_parser("hermes", ["f"]).parse(text)
+    assert not res.tool_calls and ("NaN" in res.content or "Infinity" in res.content)
 
 
 def test_hermes_text_then_several_calls():

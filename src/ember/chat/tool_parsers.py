@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 import uuid
 from collections.abc import Collection
@@ -73,15 +74,41 @@ def _arguments_json(value: Any) -> str | None:
     """A call's arguments as a JSON object string, or None when they are not an object."""
     if isinstance(value, str):  # some models write the arguments as a JSON string
         try:
-            value = json.loads(value)
+            value = json_loads(value)
         except (ValueError, RecursionError):  # RecursionError: nested past json's limit
             return None
     if not isinstance(value, dict):
         return None
     try:
-        return json.dumps(value, ensure_ascii=False)
-    except RecursionError:
+        text = json.dumps(_mark_overflow(value), ensure_ascii=False, allow_nan=False)
+    except (ValueError, RecursionError):
         return None
+    # A number past a double's range (1e999, which JSON allows) reads as infinity: it is
+    # written back as such a number, never as the Infinity that is no JSON.
+    return text.replace(_OVERFLOW_JSON["+"], "1e999").replace(_OVERFLOW_JSON["-"], "-1e999")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def json_loads(text: str) -> Any:
+    """JSON as the spec has it: NaN and Infinity, which Python's json reads, are refused."""
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+_OVERFLOW = {"+": "\x00ember:+1e999\x00", "-": "\x00ember:-1e999\x00"}
+_OVERFLOW_JSON = {k: json.dumps(v) for k, v in _OVERFLOW.items()}
+
+
+def _mark_overflow(value: Any) -> Any:
+    if isinstance(value, float) and math.isinf(value):
+        return _OVERFLOW["+" if value > 0 else "-"]
+    if isinstance(value, dict):
+        return {k: _mark_overflow(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mark_overflow(v) for v in value]
+    return value
 
 
 def _call_from_object(obj: Any, args_required: bool) -> tuple[str, str] | None:
@@ -109,13 +136,28 @@ def _lit(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def _json_rule(schema: Any, defs: Any = None) -> str:
-    """%json of a schema; with no schema, any object."""
+def _json_rule(schema: Any, root: dict[str, Any] | None = None) -> str:
+    """%json of a schema; with no schema, any object. `root`: the tool's parameters, whose
+    definitions a property's schema may refer to."""
     schema = dict(close_objects(schema)) if isinstance(schema, dict) else {"type": "object"}
-    if defs and "$defs" not in schema:  # a property that refers to its tool's $defs
-        schema["$defs"] = defs
+    for key in ("$defs", "definitions"):  # draft 2019's name and draft 7's
+        if root and isinstance(root.get(key), dict) and key not in schema:
+            schema[key] = close_objects(root[key])
     schema["x-guidance"] = _JSON_STYLE
     return "%json " + json.dumps(schema, ensure_ascii=False)
+
+
+def _rooted(schema: Any, root: str) -> Any:
+    """`schema` with each local `$ref` ("#", "#/$defs/X", ...) moved under `root`."""
+    if isinstance(schema, list):
+        return [_rooted(v, root) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _rooted(v, root) for k, v in schema.items()}
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+        out["$ref"] = root + ref[1:]
+    return out
 
 
 def _tool_functions(tools: list[dict[str, Any]], function: str | None) -> list[dict[str, Any]]:
@@ -333,7 +375,7 @@ class HermesParser(ToolParser):
     @staticmethod
     def _decode(body: str) -> tuple[str, str] | None:
         try:
-            obj = json.loads(body)
+            obj = json_loads(body)
         except (ValueError, RecursionError):
             return None
         return _call_from_object(obj, args_required=False)
@@ -367,7 +409,7 @@ class HermesParser(ToolParser):
         args = args[: len(args) - cut]
         for whole in (args[:-1], args) if args.endswith("}") else (args,):
             try:
-                json.loads(whole)
+                json_loads(whole)
                 return name, whole
             except (ValueError, RecursionError):
                 pass
@@ -418,16 +460,30 @@ class Llama3JsonParser(ToolParser):
         """Answer and call both start with "{": one JSON value of either schema, since
         llguidance's lexer, greedy, would not leave a literal call opener for the answer's
         "{". One call, then: Llama 3.1 makes calls one at a time."""
-        calls = [
-            {
-                "type": "object",
-                "properties": {"name": {"const": f["name"]}, "parameters": _parameters(f)},
-                "required": ["name", "parameters"],
-            }
-            for f in _tool_functions(tools, None)
-        ]
-        either = {"anyOf": [answer_schema, *calls], "x-guidance": COMPACT_JSON}
-        return _lark("value", {"value": f"%json{json.dumps(close_objects(either))}"})
+        fns = _tool_functions(tools, None)
+        # Each schema sits in $defs under a name of its own, its "#..." refs moved under it,
+        # so that a schema's own $defs still resolve inside the union.
+        defs = {"answer": _rooted(close_objects(answer_schema), "#/$defs/answer")}
+        calls = []
+        for i, f in enumerate(fns):
+            defs[f"call_{i}"] = _rooted(close_objects(_parameters(f)), f"#/$defs/call_{i}")
+            calls.append(
+                {
+                    "type": "object",
+                    "properties": {
+                        "name": {"const": f["name"]},
+                        "parameters": {"$ref": f"#/$defs/call_{i}"},
+                    },
+                    "required": ["name", "parameters"],
+                    "additionalProperties": False,
+                }
+            )
+        either = {
+            "anyOf": [{"$ref": "#/$defs/answer"}, *calls],
+            "$defs": defs,
+            "x-guidance": COMPACT_JSON,
+        }
+        return _lark("value", {"value": f"%json{json.dumps(either)}"})
 
     def _scan(self, out: ParseResult, final: bool) -> None:
         if self._mode == "start":
@@ -457,7 +513,7 @@ class Llama3JsonParser(ToolParser):
         text = text.strip()
         if text.startswith(cls.TAG):
             text = text[len(cls.TAG) :]
-        decoder = json.JSONDecoder()
+        decoder = json.JSONDecoder(parse_constant=_reject_constant)
         calls: list[tuple[str, str]] = []
         pos = 0
         while True:
@@ -512,7 +568,7 @@ def chatglm3_arguments(code: str) -> str | None:
         ):
             return None
         kwargs = {kw.arg: ast.literal_eval(_JsonNames().visit(kw.value)) for kw in call.keywords}
-        return json.dumps(kwargs, ensure_ascii=False, allow_nan=False)
+        return _arguments_json(kwargs)
     except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
         return None
 
@@ -563,11 +619,11 @@ class ChatGLM3Parser(ToolParser):
                 required, optional = list(props), []
             parts = []
             for j, k in enumerate(required):
-                rules[f"v_{i}_{k_index(props, k)}"] = _json_rule(props[k], params.get("$defs"))
+                rules[f"v_{i}_{k_index(props, k)}"] = _json_rule(props[k], params)
                 sep = ", " if j else ""
                 parts.append(f"{_lit(sep + k + '=')} v_{i}_{k_index(props, k)}")
             for k in optional:
-                rules[f"v_{i}_{k_index(props, k)}"] = _json_rule(props[k], params.get("$defs"))
+                rules[f"v_{i}_{k_index(props, k)}"] = _json_rule(props[k], params)
                 parts.append(f"({_lit(', ' + k + '=')} v_{i}_{k_index(props, k)})?")
             head = ("" if function is not None else f["name"] + "\n") + "```python\ntool_call("
             rules[f"call_{i}"] = " ".join([_lit(head), *parts, _lit(")\n```")])

@@ -464,7 +464,10 @@ def test_retrieving_a_response_is_a_404_that_says_why(client):
         ),
         ({"max_output_tokens": 0}, "max_output_tokens"),
         ({"truncation": "bogus"}, "truncation"),
-        ({"input": [{"type": "function_call_output", "call_id": 5, "output": "x"}]}, "input"),
+        (
+            {"input": [{"type": "function_call_output", "call_id": 5, "output": "x"}]},
+            "input.0.call_id",
+        ),
         ({"input": [{"type": "function_call", "arguments": "{}"}]}, "input.0"),
     ],
 )

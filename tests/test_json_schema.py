@@ -53,6 +53,33 @@ def test_a_schema_that_says_what_extra_keys_may_do_keeps_it(schema):
     assert close_objects(schema) == schema
 
 
+def test_an_intersection_leaves_only_itself_and_what_it_refers_to_open():
+    """One allOf once left every object in the schema open to extra keys."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "user": {"type": "object", "properties": {"name": {"type": "string"}}},
+            "meta": {"allOf": [{"$ref": "#/$defs/Id"}, {"required": ["id"]}]},
+            "point": {"$ref": "#/$defs/Point"},
+        },
+        "$defs": {
+            "Id": {"properties": {"id": {"type": "integer"}}, "allOf": [{"$ref": "#/$defs/Base"}]},
+            "Base": {"properties": {"kind": {}}},
+            "Point": {"properties": {"x": {}}},
+        },
+    }
+    out = close_objects(schema)
+    assert out["additionalProperties"] is False
+    assert out["properties"]["user"]["additionalProperties"] is False
+    assert out["$defs"]["Point"]["additionalProperties"] is False
+    assert out["properties"]["meta"] == schema["properties"]["meta"]
+    assert out["$defs"]["Id"] == schema["$defs"]["Id"]  # reached from the allOf
+    assert out["$defs"]["Base"] == schema["$defs"]["Base"]  # and through Id
+    # An intersection that refers to the root keeps the whole schema as it is.
+    recursive = {"properties": {"a": {"allOf": [{"$ref": "#"}, {"required": ["a"]}]}}}
+    assert close_objects(recursive) == recursive
+
+
 def test_a_single_member_allof_is_closed():
     """pydantic writes a described $ref as an allOf of one member."""
     out = close_objects({"allOf": [{"properties": {"a": {}}}], "description": "d"})

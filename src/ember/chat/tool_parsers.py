@@ -142,7 +142,7 @@ def _json_rule(schema: Any, root: dict[str, Any] | None = None) -> str:
     schema = dict(close_objects(schema)) if isinstance(schema, dict) else {"type": "object"}
     for key in ("$defs", "definitions"):  # draft 2019's name and draft 7's
         if root and isinstance(root.get(key), dict) and key not in schema:
-            schema[key] = close_objects(root[key])
+            schema[key] = root[key]  # as written: closing it alone could break an allOf
     schema["x-guidance"] = _JSON_STYLE
     return "%json " + json.dumps(schema, ensure_ascii=False)
 

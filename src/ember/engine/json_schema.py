@@ -32,43 +32,73 @@ COMPACT_JSON = {
 def close_objects(schema: Any) -> Any:
     """A copy of `schema` whose objects with listed properties admit no other keys.
 
-    A schema that intersects objects (an `allOf` of several members, or listed properties beside
-    a `$ref`, `anyOf` or `oneOf`) is returned as it is: each part closed on its own would refuse
-    the keys the others add.
+    An intersection of objects (an `allOf` of several members, or listed properties beside a
+    `$ref`, `anyOf` or `oneOf`) is left as it is, and so is each definition it refers to: each
+    part closed on its own would refuse the keys the others add. The rest is closed.
     """
-    if _has_intersection(schema):
+    open_defs = _intersected_defs(schema)
+    if open_defs is None:  # an intersection refers to the root or past a definition
         return schema
-    return _close(schema)
+    return _close(schema, open_defs)
 
 
-def _close(node: Any) -> Any:
+def _close(node: Any, open_defs: set[str]) -> Any:
     if isinstance(node, list):
-        return [_close(n) for n in node]
-    if not isinstance(node, dict):
+        return [_close(n, open_defs) for n in node]
+    if not isinstance(node, dict) or _is_intersection(node):
         return node
     out = dict(node)
     for key in _SUB:
         if isinstance(out.get(key), dict | list):
-            out[key] = _close(out[key])
+            out[key] = _close(out[key], open_defs)
     for key in _MAP:
         if isinstance(out.get(key), dict):
-            out[key] = {k: _close(v) for k, v in out[key].items()}
+            out[key] = {
+                k: v if f"#/{key}/{k}" in open_defs else _close(v, open_defs)
+                for k, v in out[key].items()
+            }
     if isinstance(out.get("properties"), dict) and not any(k in out for k in _OPEN):
         out["additionalProperties"] = False
     return out
 
 
-def _has_intersection(node: Any) -> bool:
-    if isinstance(node, list):
-        return any(_has_intersection(n) for n in node)
-    if not isinstance(node, dict):
-        return False
+def _is_intersection(node: dict[str, Any]) -> bool:
     all_of = node.get("allOf")
     if isinstance(all_of, list) and len(all_of) > 1:
         return True
-    if "properties" in node and any(k in node for k in ("$ref", "anyOf", "oneOf", "allOf")):
-        return True
-    return any(_has_intersection(v) for v in node.values() if isinstance(v, dict | list))
+    return "properties" in node and any(k in node for k in ("$ref", "anyOf", "oneOf", "allOf"))
+
+
+def _intersected_defs(schema: Any) -> set[str] | None:
+    """The refs ("#/$defs/Name") of the definitions an intersection reaches, directly or
+    through other definitions; None when one reaches something else (the root itself)."""
+    found: set[str] = set()
+    todo = [n for n in _walk(schema) if isinstance(n, dict) and _is_intersection(n)]
+    while todo:
+        for node in _walk(todo.pop()):
+            ref = node.get("$ref") if isinstance(node, dict) else None
+            if not isinstance(ref, str) or ref in found:
+                continue
+            parts = ref.split("/")
+            if len(parts) != 3 or parts[0] != "#" or parts[1] not in ("$defs", "definitions"):
+                return None
+            target = schema.get(parts[1], {}).get(parts[2]) if isinstance(schema, dict) else None
+            if not isinstance(target, dict):
+                return None
+            found.add(ref)
+            todo.append(target)
+    return found
+
+
+def _walk(node: Any) -> list[Any]:
+    """Every dict and list in `node`, itself included."""
+    out, stack = [], [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict | list):
+            out.append(item)
+            stack.extend(item.values() if isinstance(item, dict) else item)
+    return out
 
 
 # JSON nesting (objects and arrays) a schema may have: the grammar compiler parses deeper

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ember.engine.core import EngineCore, KVCacheFullError
-from ember.engine.request import RequestOutput, SamplingParams, SamplingParamsError
+from ember.engine.request import RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -275,8 +275,8 @@ class AsyncEngine:
                     raise item
                 if item.error is not None:
                     finished = True
-                    if item.error_param is not None:
-                        raise SamplingParamsError(item.error, item.error_param or None)
+                    if item.rejection is not None:
+                        raise item.rejection
                     raise RequestFailedError(item.error)
                 yield item
                 if item.finished:

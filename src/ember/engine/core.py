@@ -432,7 +432,7 @@ class EngineCore:
             text, stop_str = live.detok.flush()
             stop_reason = stop_str or stop_reason
         else:
-            if reason is None and live.matcher is not None and live.matcher.is_terminated():
+            if reason is None and matcher is not None and matcher.is_terminated():
                 reason = "stop"  # the grammar allows nothing more: the output is complete
             text, stop_str = live.detok.add_tokens([token])
             if stop_str is not None:
@@ -467,7 +467,6 @@ class EngineCore:
     def _fail(self, seq: Sequence, exc: BaseException) -> RequestOutput:
         """End one sequence with an error and free its blocks; the step goes on. A
         SamplingParamsError is the request's own fault (a 400), any other the server's."""
-        client = isinstance(exc, SamplingParamsError)
         self.live.pop(seq.request_id, None)
         self.scheduler.finish(seq, "error")
         return RequestOutput(
@@ -479,8 +478,8 @@ class EngineCore:
             finish_reason="error",
             num_cached_tokens=seq.num_cached_tokens,
             num_output_tokens=seq.num_output_tokens,
-            error=str(exc) if client else f"{type(exc).__name__}: {exc}",
-            error_param=(exc.param or "") if client else None,
+            error=f"{type(exc).__name__}: {exc}",
+            rejection=exc if isinstance(exc, SamplingParamsError) else None,
         )
 
     def _add_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:

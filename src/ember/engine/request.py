@@ -286,6 +286,6 @@ class RequestOutput:
     # Set (with finished and finish_reason "error") when handling this sequence failed; the
     # other sequences of the step are not affected.
     error: str | None = None
-    # The failure was the request's own (constraints no output can meet): a 400 naming this
-    # parameter, not a server error.
-    error_param: str | None = None
+    # The failure was the request's own (constraints no output can meet): raised to its
+    # caller as it is (a 400), not as a server error.
+    rejection: SamplingParamsError | None = None

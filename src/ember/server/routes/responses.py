@@ -109,7 +109,7 @@ def _messages(req: P.ResponsesRequest) -> list[dict[str, Any]]:
             if output is None:
                 raise APIError("A function_call_output item needs its output.", param=param)
             text = output if isinstance(output, str) else _text_of(output, param + ".output")
-            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": text})
+            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": text})
         elif kind == "reasoning":
             continue  # nothing of it reaches the model
         else:

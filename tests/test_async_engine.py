@@ -210,20 +210,20 @@ def test_a_long_embedding_lets_streams_step_between_its_chunks(tiny_llama):
     steps: list[int] = []  # engine steps run so far
     chunks: list[int] = []  # the step count when each embedding chunk ran
     tokens: list[int] = []
-    step, advance = eng.core.step, eng.core.embed_advance
+    step, advance = eng.core.step, eng.core.embed_step
 
     def counting_step():
         steps.append(1)
         return step()
 
-    jobs: list[int] = []  # the job each chunk belonged to
+    jobs: list[int] = []  # the request (batch) each chunk belonged to
 
-    def counting_advance(job):
+    def counting_advance(batch):
         chunks.append(len(steps))
-        jobs.append(id(job))
-        return advance(job)
+        jobs.append(id(batch))
+        return advance(batch)
 
-    eng.core.step, eng.core.embed_advance = counting_step, counting_advance
+    eng.core.step, eng.core.embed_step = counting_step, counting_advance
     params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
 
     async def stream():
@@ -264,8 +264,54 @@ def test_a_long_embedding_lets_streams_step_between_its_chunks(tiny_llama):
             await eng.call(lambda core: None)
 
         asyncio.run(two_at_once())
-        assert len(jobs) == 6 and len(set(jobs[:3])) == len(set(jobs[3:])) == 1  # one at a time
+        assert len(jobs) == 6 and len(set(jobs)) == 2  # three budget-sized passes each,
+        assert jobs[0] != jobs[1]  # taking turns
         assert eng.core.allocator.num_free_blocks == total
+    finally:
+        eng.shutdown()
+
+
+def test_short_embedding_inputs_share_forward_passes_and_equal_their_single_vectors(tiny_llama):
+    eng = _tiny_engine(tiny_llama, max_num_batched_tokens=16)
+    total = eng.core.allocator.num_blocks
+    passes: list[list[int]] = []  # the chunk lengths of each forward pass
+    chunks = eng.core.runner.embed_chunks
+
+    def counting(parts):
+        passes.append([end - start for _, _, start, end in parts])
+        return chunks(parts)
+
+    # Ten inputs of 5 tokens, a 20-token one and a 3-token one under a budget of 16: every
+    # pass but the last is full, inputs split across passes as chunked prefill splits them.
+    inputs = [_ids(5, seed=20 + i) for i in range(10)] + [_ids(20, seed=40), _ids(3, seed=41)]
+    try:
+        alone = [asyncio.run(eng.embed(ids)) for ids in inputs]
+        eng.core.runner.embed_chunks = counting
+        together = asyncio.run(eng.embed_all(inputs))
+        asyncio.run(eng.call(lambda core: None))  # after the posted clean-up
+        assert passes == [[5, 5, 5, 1], [4, 5, 5, 2], [3, 5, 5, 3], [2, 14], [6, 3]]
+        for got, want in zip(together, alone):
+            assert got == pytest.approx(want, abs=1e-5)
+        assert eng.core.allocator.num_free_blocks == total
+    finally:
+        eng.shutdown()
+
+
+def test_embedding_inputs_start_only_as_the_kv_room_allows(tiny_llama):
+    from ember.engine.core import EmbeddingBatch
+
+    eng = _tiny_engine(tiny_llama, kv_cache_memory="64KiB", max_num_batched_tokens=512)
+    core = eng.core
+    try:
+        free = core.allocator.num_free_blocks
+        size = (free // 2) * 4  # two such inputs fill the pool
+        inputs = [_ids(size, seed=50 + i) for i in range(3)]
+        batch = EmbeddingBatch(inputs)
+        assert not core.embed_step(batch)  # the third waited for room
+        assert batch.next == 2 and batch.vectors[2] is None and None not in batch.vectors[:2]
+        assert core.embed_step(batch) and core.allocator.num_free_blocks == free
+        assert [len(v) for v in batch.vectors] == [len(batch.vectors[0])] * 3
+        assert batch.vectors[2] == pytest.approx(core.embed(inputs[2]), abs=1e-5)
     finally:
         eng.shutdown()
 

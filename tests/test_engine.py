@@ -290,7 +290,8 @@ def test_embedding_is_prefilled_in_budget_sized_chunks_and_matches_transformers(
     assert llm.engine.allocator.usage() == 0.0  # its blocks went back to the pool
     text = "hello world"
     assert llm.embed(text) == llm.embed([llm.tokenizer.encode(text)])
-    assert llm.embed([text, prompt])[1] == llm.embed(prompt)[0]
+    # Sharing passes with another input splits it into other chunks: equal up to rounding.
+    assert llm.embed([text, prompt])[1] == pytest.approx(llm.embed(prompt)[0], abs=1e-6)
 
 
 def test_an_embedding_input_may_fill_the_context_but_not_pass_it(tiny_llama):

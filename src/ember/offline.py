@@ -106,9 +106,7 @@ class LLM:
         if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
             inputs = [inputs]  # type: ignore[list-item]
         ids = [self.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in inputs]
-        for seq in ids:  # every input checked before any runs
-            self.engine.validate_embedding(seq)
-        return [self.engine.embed(seq) for seq in ids]
+        return self.engine.embed_many(ids)
 
     def _run(
         self,

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ember.engine.core import EngineCore, KVCacheFullError
+from ember.engine.core import EmbeddingBatch, EngineCore, KVCacheFullError
 from ember.engine.request import RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -330,27 +330,22 @@ class AsyncEngine:
         return (await self.embed_all([prompt_token_ids]))[0]
 
     async def _embed_each(self, inputs: list[list[int]]) -> list[list[float]]:
+        """A forward pass (one token budget) per engine call, so that generation steps run in
+        between; concurrent embedding requests take turns pass by pass. The KV blocks go back
+        even if cancelled."""
         lock = self._embed_locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
-        out = []
-        for ids in inputs:
-            # One at a time, as each holds its input's KV blocks until it is done.
-            async with lock:
-                out.append(await self._embed(ids))
-        return out
-
-    async def _embed(self, prompt_token_ids: list[int]) -> list[float]:
-        """A token budget per engine call, so that other requests' steps run in between; the
-        KV blocks go back even if cancelled."""
+        batch = EmbeddingBatch(inputs)
         try:
-            job = await self.call(lambda core: core.embed_begin(prompt_token_ids))
-        except KVCacheFullError as e:
-            raise EngineOverloadedError(str(e), self.retry_after(len(prompt_token_ids))) from e
-        try:
-            while (vector := await self.call(lambda core: core.embed_advance(job))) is None:
-                pass
-            return vector
+            while True:
+                async with lock:
+                    try:
+                        if await self.call(lambda core: core.embed_step(batch)):
+                            return batch.vectors  # type: ignore[return-value]
+                    except KVCacheFullError as e:
+                        n = len(inputs[batch.next])
+                        raise EngineOverloadedError(str(e), self.retry_after(n)) from e
         finally:
-            self.post(lambda core: core.embed_end(job))
+            self.post(lambda core: core.embed_end(batch))
 
     def post(self, fn: Callable[[EngineCore], Any]) -> None:
         """Run `fn(core)` between engine steps without waiting for it: clean-up that must

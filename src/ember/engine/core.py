@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -59,13 +59,27 @@ class _Live:
 
 @dataclass
 class EmbeddingJob:
-    """One served-model embedding in progress: its input, its borrowed KV blocks, and the sum
-    of the hidden states computed so far."""
+    """One served-model embedding input in progress: its place in the request, its tokens,
+    its borrowed KV blocks, and the sum of the hidden states computed so far."""
 
+    index: int
     token_ids: list[int]
-    blocks: list[int] | None
+    blocks: list[int]
     done_tokens: int = 0
     total: torch.Tensor | None = None
+
+
+@dataclass
+class EmbeddingBatch:
+    """One request's served-model embeddings: its inputs, those running, and the vectors."""
+
+    inputs: list[list[int]]
+    next: int = 0  # the next input to start
+    running: list[EmbeddingJob] = field(default_factory=list)
+    vectors: list[list[float] | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.vectors = [None] * len(self.inputs)
 
 
 @dataclass
@@ -253,49 +267,69 @@ class EngineCore:
                 f"the input has {n} tokens."
             )
 
-    def embed_begin(self, prompt_token_ids: list[int]) -> EmbeddingJob:
-        """Start a served-model embedding: check the input and borrow its KV blocks from the
-        pool (never published to the prefix cache). `embed_advance` runs it a token budget at
-        a time, so generation steps go on in between; `embed_end` gives the blocks back."""
-        self.validate_embedding(prompt_token_ids)
-        allocator = self.allocator
-        need = allocator.blocks_needed(len(prompt_token_ids))
-        if not allocator.can_allocate(need):
-            raise KVCacheFullError(
-                f"The KV cache has no room for this {len(prompt_token_ids)}-token input right "
-                "now; retry the embedding request."
-            )
-        return EmbeddingJob(list(prompt_token_ids), allocator.allocate(need))
+    def embed_step(self, batch: EmbeddingBatch) -> bool:
+        """One forward pass of a request's served-model embeddings, batched as prefill is:
+        start inputs while the pass's token budget has room and the KV pool has blocks for
+        them (borrowed, never published to the prefix cache), prefill the started ones' next
+        chunks in order, and give a finished input's blocks back at once. True when every
+        input has its vector. KVCacheFullError if an input cannot start while none runs."""
+        allocator, budget = self.allocator, self.scheduler.max_num_batched_tokens
+        planned = sum(len(job.token_ids) - job.done_tokens for job in batch.running)
+        while batch.next < len(batch.inputs) and planned < budget:
+            ids = batch.inputs[batch.next]
+            need = allocator.blocks_needed(len(ids))
+            if not allocator.can_allocate(need):
+                if batch.running:
+                    break  # the ones running make room as they finish
+                raise KVCacheFullError(
+                    f"The KV cache has no room for this {len(ids)}-token input right now; "
+                    "retry the embedding request."
+                )
+            batch.running.append(EmbeddingJob(batch.next, list(ids), allocator.allocate(need)))
+            batch.next += 1
+            planned += len(ids)
+        parts: list[tuple[EmbeddingJob, int]] = []  # (job, end of its chunk)
+        for job in batch.running:
+            take = min(len(job.token_ids) - job.done_tokens, budget)
+            if take <= 0:
+                break
+            parts.append((job, job.done_tokens + take))
+            budget -= take
+        sums = self.runner.embed_chunks(
+            [(job.token_ids, job.blocks, job.done_tokens, end) for job, end in parts]
+        )
+        for (job, end), part in zip(parts, sums):
+            job.total = part if job.total is None else job.total + part
+            job.done_tokens = end
+            if end == len(job.token_ids):
+                mean = job.total / end
+                batch.vectors[job.index] = torch.nn.functional.normalize(mean, dim=-1).tolist()
+                allocator.free_blocks(job.blocks)
+                batch.running.remove(job)
+        return batch.next == len(batch.inputs) and not batch.running
 
-    def embed_advance(self, job: EmbeddingJob) -> list[float] | None:
-        """Prefill the job's next chunk (at most the scheduler's token budget); the vector once
-        the last chunk is done, None before."""
-        if job.blocks is None:
-            raise RuntimeError("this embedding job has ended")
-        n = len(job.token_ids)
-        end = min(job.done_tokens + self.scheduler.max_num_batched_tokens, n)
-        part = self.runner.embed_chunk(job.token_ids, job.blocks, job.done_tokens, end)
-        job.total = part if job.total is None else job.total + part
-        job.done_tokens = end
-        if end < n:
-            return None
-        return torch.nn.functional.normalize(job.total / n, dim=-1).tolist()
-
-    def embed_end(self, job: EmbeddingJob) -> None:
-        """Give the job's blocks back (safe to call more than once)."""
-        if job.blocks is not None:
+    def embed_end(self, batch: EmbeddingBatch) -> None:
+        """Give back the blocks of the batch's unfinished inputs (safe to call again)."""
+        for job in batch.running:
             self.allocator.free_blocks(job.blocks)
-            job.blocks = None
+        batch.running.clear()
+
+    def embed_many(self, inputs: list[list[int]]) -> list[list[float]]:
+        """Mean-pooled, L2-normalised last hidden state of the served model for each input,
+        as many inputs per forward pass as a token budget holds."""
+        for ids in inputs:  # every input checked before any runs
+            self.validate_embedding(ids)
+        batch = EmbeddingBatch(inputs)
+        try:
+            while not self.embed_step(batch):
+                pass
+        finally:
+            self.embed_end(batch)
+        return batch.vectors  # type: ignore[return-value]
 
     def embed(self, prompt_token_ids: list[int]) -> list[float]:
-        """Mean-pooled, L2-normalised last hidden state of the served model for one input."""
-        job = self.embed_begin(prompt_token_ids)
-        try:
-            while (vector := self.embed_advance(job)) is None:
-                pass
-            return vector
-        finally:
-            self.embed_end(job)
+        """`embed_many` of one input."""
+        return self.embed_many([prompt_token_ids])[0]
 
     # ------------------------------------------------------------------ the step
 

@@ -393,13 +393,24 @@ class ModelRunner:
         fill_decode_rows(rows, batch, self.block_size)
 
     @torch.inference_mode()
-    def embed_chunk(
-        self, token_ids: list[int], blocks: list[int], start: int, end: int
-    ) -> torch.Tensor:
-        """Prefill tokens [start, end) of one input, attending to [0, start) through the KV
-        cache as chunked prefill does; returns the sum of their last hidden states (float32)."""
-        span = SeqSpan(0, end - start, end, blocks)
-        meta = self.backend.build_metadata([span], 0, self.kv_caches, self.device)
-        ids = torch.tensor(token_ids[start:end], dtype=torch.long, device=self.device)
-        positions = torch.arange(start, end, device=self.device)
-        return self.model(ids, positions, meta).float().sum(0)
+    def embed_chunks(
+        self, parts: list[tuple[list[int], list[int], int, int]]
+    ) -> list[torch.Tensor]:
+        """One forward pass over several inputs' chunks, each `(token_ids, blocks, start,
+        end)`: tokens [start, end) attend to [0, start) through the KV cache as chunked
+        prefill does. Returns each chunk's sum of last hidden states (float32)."""
+        ids: list[int] = []
+        positions: list[int] = []
+        spans: list[SeqSpan] = []
+        for token_ids, blocks, start, end in parts:
+            spans.append(SeqSpan(len(ids), end - start, end, blocks))
+            ids.extend(token_ids[start:end])
+            positions.extend(range(start, end))
+        meta = self.backend.build_metadata(spans, 0, self.kv_caches, self.device)
+        dev = self.device
+        hidden = self.model(
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            meta,
+        ).float()
+        return [hidden[s.query_start : s.query_start + s.query_len].sum(0) for s in spans]

@@ -719,6 +719,162 @@ def test_a_reply_redrawn_mid_stream_keeps_streaming_and_reload_keeps_its_text(br
     assert page.inner_text(".msg.assistant .stats").endswith("stopped")
     kept = _stored(page)[0]["messages"][-1]
     assert kept["stopped"] and kept["content"].startswith(renamed.split("\n")[0])
+    assert "error" not in kept  # the page's own leaving cut the stream: no "connection lost"
     assert len(kept["content"]) >= len(renamed)
+    assert page.errors == []
+    page.context.close()
+
+
+def test_a_message_refused_for_want_of_a_key_keeps_a_retry(browser, server):
+    """Dismissing the key dialog after a refused message used to leave the message with no
+    reply and no way to ask again; the banner stayed up after replies came through."""
+    page = _new_page(browser, server)
+    page.wait_for_selector("#key-dialog[open]")
+    page.click("#key-cancel")
+    _send(page, "hello")
+    page.wait_for_selector("#key-dialog[open]")
+    page.click("#key-cancel")
+    page.wait_for_selector(".msg.assistant .error button.retry")
+    assert "API key needed" in page.inner_text(".msg.assistant .error")
+    assert page.is_visible("#notice")
+    page.click("#settings-toggle")
+    page.click("#set-key")
+    _enter_key(page)
+    page.wait_for_selector("#model option[value='smol']", state="attached")
+    _set(page, "#max-tokens", "4")
+    page.click(".msg.assistant .error button.retry")
+    _wait_done(page)
+    assert page.query_selector(".msg.assistant .error") is None
+    assert len(page.query_selector_all(".msg")) == 2  # the refused reply was replaced
+    assert page.is_hidden("#notice")
+    assert page.errors == []
+    page.context.close()
+
+
+def test_settings_show_and_send_only_what_the_server_takes(browser, server):
+    page = _ready_page(browser, server)
+    bodies: list[dict] = []
+    page.on(
+        "request",
+        lambda r: (
+            bodies.append(json.loads(r.post_data))
+            if r.url.endswith("/v1/chat/completions")
+            else None
+        ),
+    )
+    for selector, typed, shown in [
+        ("#temperature", "5", "2"),
+        ("#top-p", "0", "0.01"),
+        ("#max-tokens", "0", ""),  # no limit of 0: empty, the server decides
+        ("#max-tokens", "-5", ""),
+        ("#max-tokens", "3.7", "3"),
+    ]:
+        _set(page, selector, typed)
+        assert page.input_value(selector) == shown, selector
+    _send(page, "hi")
+    _wait_done(page)
+    assert page.query_selector(".msg.assistant .error") is None
+    assert bodies[-1]["temperature"] == 2 and bodies[-1]["top_p"] == 0.01
+    assert bodies[-1]["max_tokens"] == 3
+    assert page.errors == []
+    page.context.close()
+
+
+def test_a_double_click_on_send_does_not_stop_the_reply(browser, server):
+    page = _ready_page(browser, server)
+    _set(page, "#max-tokens", "8")
+    page.fill("#input", "Say hello.")
+    page.dblclick("#send")
+    _wait_done(page)
+    assert not page.inner_text(".msg.assistant .stats").endswith("stopped")
+    assert _stored(page)[0]["messages"][-1]["content"]
+    assert page.errors == []
+    page.context.close()
+
+
+def test_the_message_box_grows_with_its_text(browser, server):
+    page = _ready_page(browser, server)
+    empty = page.evaluate("document.getElementById('input').offsetHeight")
+    page.fill("#input", "line\n" * 4)
+    page.dispatch_event("#input", "input")
+    four = page.evaluate("document.getElementById('input').offsetHeight")
+    page.fill("#input", "line\n" * 40)
+    page.dispatch_event("#input", "input")
+    box = page.evaluate(
+        "(() => { const e = document.getElementById('input');"
+        " return [e.offsetHeight, e.scrollHeight > e.clientHeight,"
+        " parseFloat(getComputedStyle(e).maxHeight)]; })()"
+    )
+    assert empty < four < box[0] <= box[2] + 1 and box[1]  # capped, then it scrolls
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#send.stop", state="attached")
+    page.click("#send")  # stop it: only the box's size matters here
+    _wait_done(page)
+    assert page.evaluate("document.getElementById('input').offsetHeight") == empty
+    assert page.errors == []
+    page.context.close()
+
+
+def test_a_wide_table_scrolls_sideways_instead_of_breaking_words(browser, server):
+    head = "| " + " | ".join(f"Column{i}" for i in range(10)) + " |"
+    rule = "|" + "---|" * 10
+    row = "| " + " | ".join(f"value{i}" for i in range(10)) + " |"
+    for viewport in (PHONE, DESKTOP):
+        page, box = _shown_reply(browser, server, f"{head}\n{rule}\n{row}\n")
+        page.set_viewport_size(viewport)
+        page.wait_for_selector(".msg.assistant table")
+        table = page.evaluate(
+            "(() => { const t = document.querySelector('.msg.assistant table');"
+            " const th = t.querySelector('th'); const line = parseFloat(getComputedStyle(th)"
+            ".lineHeight) || 24; return [t.scrollWidth, t.clientWidth, th.clientHeight, line]; })()"
+        )
+        scroll_width, client_width, cell_height, line = table
+        assert cell_height < 2.5 * line, f"a header cell is {cell_height}px tall at {viewport}"
+        if viewport is PHONE:
+            assert scroll_width > client_width  # it scrolls
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= PHONE["width"]  # the table, not the page
+        page.context.close()
+
+
+def test_a_hand_written_conversation_without_id_or_title_imports(browser, server):
+    page = _ready_page(browser, server)
+    page.fill("#input", "")
+    _set(page, "#system", "Be brief.")  # an empty chat with a system prompt of its own stays
+    _import(
+        page,
+        {
+            "messages": [
+                {"role": "user", "content": "Hi there\nsecond line"},
+                {"role": "assistant", "content": "Hello!"},
+            ]
+        },
+    )
+    page.wait_for_selector("#conv-title >> text=Hi there")
+    assert page.is_hidden("#notice")
+    titles = [c["title"] for c in _stored(page)]
+    assert titles[0] == "Hi there" and len(titles) == 2
+    assert page.errors == []
+    page.context.close()
+
+
+def test_the_phone_sidebar_keeps_keyboard_focus_and_gives_it_back(browser, server):
+    page = _ready_page(browser, server, viewport=PHONE)
+    page.focus("#menu-toggle")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#sidebar.open")
+    for _ in range(12):  # Tab never reaches the page behind the overlay
+        page.keyboard.press("Tab")
+        inside = page.evaluate(
+            "document.getElementById('sidebar').contains(document.activeElement)"
+            " || document.activeElement === document.body"
+        )
+        assert inside, page.evaluate("document.activeElement.outerHTML")
+    page.focus("#new-chat")
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#sidebar:not(.open)", state="attached")
+    assert page.evaluate("document.activeElement.id") == "menu-toggle"
+    page.keyboard.press("Tab")  # and the page is usable again
+    assert page.evaluate("document.activeElement.id") != "menu-toggle"
     assert page.errors == []
     page.context.close()

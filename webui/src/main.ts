@@ -34,6 +34,7 @@ const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as 
 
 const ui = {
   sidebar: $<HTMLElement>("sidebar"),
+  main: document.querySelector("main") as HTMLElement,
   backdrop: $<HTMLElement>("backdrop"),
   newChat: $<HTMLButtonElement>("new-chat"),
   convList: $<HTMLUListElement>("conv-list"),
@@ -73,6 +74,8 @@ let lastRenderEnd = 0; // when the streaming reply was last rendered (performanc
 let lastRenderCost = 0; // and how long that took, ms
 // A conversation whose reply was refused for want of a key: resent once a key is entered.
 let resendAfterKey: Conversation | null = null;
+let leaving = false; // the page is being unloaded (a reload, a link): a cut stream is no error
+let sentAt = 0; // when the last reply was asked for (performance.now)
 
 function pickCurrent(): Conversation {
   const id = loadCurrentId();
@@ -252,18 +255,25 @@ function startNew(): void {
   ui.input.focus();
 }
 
+// The width below which the sidebar slides over the page (style.css's media query).
+const phoneWidth = window.matchMedia("(max-width: 720px)");
+
 function openSidebar(): void {
   ui.sidebar.classList.add("open");
   ui.backdrop.hidden = false;
+  ui.main.inert = true; // Tab stays in the sidebar while it covers the page
   ui.menuToggle.setAttribute("aria-expanded", "true");
   ui.newChat.focus();
 }
 
 function closeSidebar(): void {
   if (!ui.sidebar.classList.contains("open")) return;
+  const hadFocus = ui.sidebar.contains(document.activeElement);
   ui.sidebar.classList.remove("open");
   ui.backdrop.hidden = true;
+  ui.main.inert = false;
   ui.menuToggle.setAttribute("aria-expanded", "false");
+  if (hadFocus) ui.menuToggle.focus(); // keyboard users land where they opened it
 }
 
 // ---- messages -----------------------------------------------------------------------------
@@ -433,6 +443,10 @@ function requestMessages(): ChatMessage[] {
 
 async function generate(): Promise<void> {
   const conv = current;
+  // Whatever the notice said (a key, another tab, full storage) is asked again by this send:
+  // a refusal or a failed save shows it anew.
+  showNotice("");
+  sentAt = performance.now();
   markStreaming(conv.id, true);
   const heartbeat = setInterval(() => markStreaming(conv.id, true), HEARTBEAT_MS);
   const messages = requestMessages();
@@ -480,9 +494,12 @@ async function generate(): Promise<void> {
       reply.stopped = true;
       reply.stats = { model, ttftMs: first === null ? null : first - started, tokensPerSecond: null, completionTokens: null };
     } else if (e instanceof AuthError) {
-      conv.messages.pop();
+      // Kept with a Retry, so a dismissed dialog never strands the message without an answer.
+      reply.error = t.keyTitle;
       resendAfterKey = conv;
       askForKey(Boolean(apiKey));
+    } else if (leaving) {
+      reply.stopped = true; // the page is going away: its fetch was cut, not the server's reply
     } else if (e instanceof ConnectionError) {
       reply.error = t.connectionLost;
     } else {
@@ -506,9 +523,9 @@ function busyElsewhere(): boolean {
   return true;
 }
 
-async function generateAgain(conv: Conversation): Promise<void> {
-  if (conv !== current || controller || busyElsewhere()) return;
-  await generate();
+/** Asks again for the reply a missing key refused (its failed reply is replaced). */
+function generateAgain(conv: Conversation): void {
+  if (conv === current) regenerate();
 }
 
 function regenerate(): void {
@@ -522,12 +539,14 @@ function regenerate(): void {
 
 function send(): void {
   if (controller) {
-    controller.abort();
+    // The second click of a double click on Send lands on Stop: not a request to stop.
+    if (performance.now() - sentAt > 400) controller.abort();
     return;
   }
   const text = ui.input.value.trim();
   if (!text || busyElsewhere()) return; // the draft stays
   ui.input.value = "";
+  fitInput();
   current.messages.push({ role: "user", content: text });
   // By code points, not UTF-16 units: an emoji at the cut stays whole.
   if (current.title === t.untitled) current.title = firstChars(text.split("\n")[0], 40);
@@ -574,7 +593,7 @@ ui.keyForm.addEventListener("submit", async () => {
   if (!kept) showNotice(t.keyNotSaved);
   const conv = resendAfterKey;
   resendAfterKey = null;
-  if (conv) void generateAgain(conv);
+  if (conv) generateAgain(conv);
 });
 
 /** The key dialog dismissed, by its button or Esc: say that the page still needs a key. */
@@ -591,6 +610,10 @@ ui.keyDialog.addEventListener("cancel", keyDismissed);
 
 // ---- wiring -------------------------------------------------------------------------------
 
+function clamp(v: number, low: number, high: number): number {
+  return Math.min(high, Math.max(low, v));
+}
+
 function numberOr(input: HTMLInputElement, fallback: number | null): number | null {
   const v = input.valueAsNumber;
   return Number.isFinite(v) ? v : fallback;
@@ -600,11 +623,17 @@ function initSettings(): void {
   ui.temperature.value = String(settings.temperature);
   ui.topP.value = String(settings.topP);
   ui.maxTokens.value = settings.maxTokens === null ? "" : String(settings.maxTokens);
+  // Values the server would refuse are brought into its ranges, and the fields show what is
+  // sent: temperature 0-2, top p above 0 and at most 1, max tokens a whole number from 1
+  // (anything else: empty, the server decides).
   const update = () => {
-    settings.temperature = numberOr(ui.temperature, 0.7) ?? 0.7;
-    settings.topP = numberOr(ui.topP, 1) ?? 1;
+    settings.temperature = clamp(numberOr(ui.temperature, 0.7) ?? 0.7, 0, 2);
+    settings.topP = clamp(numberOr(ui.topP, 1) ?? 1, 0.01, 1);
     const max = numberOr(ui.maxTokens, null);
     settings.maxTokens = max !== null && max >= 1 ? Math.floor(max) : null;
+    ui.temperature.value = String(settings.temperature);
+    ui.topP.value = String(settings.topP);
+    ui.maxTokens.value = settings.maxTokens === null ? "" : String(settings.maxTokens);
     saveSettings(settings);
   };
   for (const input of [ui.temperature, ui.topP, ui.maxTokens]) input.addEventListener("change", update);
@@ -630,7 +659,14 @@ function composing(e: KeyboardEvent): boolean {
   return e.isComposing || e.keyCode === 229;
 }
 
+/** The message box grows with its text, up to its CSS max-height (then it scrolls). */
+function fitInput(): void {
+  ui.input.style.height = "auto";
+  ui.input.style.height = `${ui.input.scrollHeight + ui.input.offsetHeight - ui.input.clientHeight}px`;
+}
+
 function initComposer(): void {
+  ui.input.addEventListener("input", fitInput);
   ui.composer.addEventListener("submit", (e) => {
     e.preventDefault();
     send();
@@ -657,6 +693,7 @@ function initComposer(): void {
     ui.sidebar.classList.contains("open") ? closeSidebar() : openSidebar(),
   );
   ui.backdrop.addEventListener("click", closeSidebar);
+  phoneWidth.addEventListener("change", closeSidebar); // widened: the sidebar is simply there
   ui.importFile.addEventListener("change", async () => {
     const file = ui.importFile.files?.[0];
     ui.importFile.value = "";
@@ -667,8 +704,9 @@ function initComposer(): void {
       return;
     }
     showNotice("");
-    // An empty conversation (a fresh page) gives way to the imported one.
-    if (current.messages.length === 0) {
+    if (!c.title.trim()) c.title = firstChars(c.messages[0]?.content.split("\n")[0] ?? "", 40) || t.untitled;
+    // An empty conversation (a fresh page, no system prompt of its own) gives way to the imported one.
+    if (current.messages.length === 0 && !current.system.trim()) {
       markDeleted(current.id);
       conversations = conversations.filter((x) => x !== current);
     }
@@ -696,11 +734,13 @@ function adoptOtherTabs(e: StorageEvent): void {
 
 // Leaving or reloading mid-reply keeps the text so far, as a stopped reply.
 window.addEventListener("pagehide", () => {
+  leaving = true;
   if (!streaming) return;
   streaming.reply.stopped = true;
   markStreaming(streaming.conv.id, false);
   persist(streaming.conv);
 });
+window.addEventListener("pageshow", () => (leaving = false)); // back from the bfcache
 window.addEventListener("storage", adoptOtherTabs);
 
 applyStrings();

@@ -237,6 +237,8 @@ export function importConversation(text: string): Conversation | null {
   } catch {
     return null;
   }
+  // A hand-written file may leave out the id (a new one is made anyway) and the title.
+  if (typeof data === "object" && data !== null && !Array.isArray(data)) data = { id: "", title: "", ...data };
   if (!isConversation(data)) return null;
   const now = Date.now();
   return {

@@ -402,6 +402,44 @@ def test_requests_past_the_drain_timeout_end_with_a_reason_not_a_cut():
     assert "Traceback" not in text and "timeout graceful shutdown exceeded" not in text, text
 
 
+def test_a_long_step_or_an_embedding_at_the_drain_deadline_still_ends_with_a_reason():
+    """The drain deadline used to reach requests only between engine steps, and embeddings
+    not at all: a prefill step longer than its one-second margin let the server cut a stream
+    with no error, an embedding got a plain-text 500, and the engine's shutdown held the
+    event loop (and the exit) until the step ended, seconds past the drain timeout."""
+    grace, drain = 0.5, 2.0
+    args = ["--max-model-len", "8192", "--max-num-batched-tokens", "8192"]
+    args += ["--shutdown-grace", str(grace), "--drain-timeout", str(drain)]
+    args += ["--max-waiting-tokens", "0", "--served-model-name", "m"]
+    with serve(args, {}) as (proc, base, log):
+        wait_healthy(proc, base, log)
+        words = " ".join(f"item{i}" for i in range(1500))  # a prefill of about 5,800 tokens
+        chat = {"model": "m", "messages": [{"role": "user", "content": words}], "max_tokens": 50}
+        texts = [f"document {i}: " + "lorem ipsum " * 100 for i in range(150)]
+
+        async def main():
+            async with httpx.AsyncClient(timeout=120) as client:
+                [stream] = await started_streams(client, base + "/v1/chat/completions", chat, 1)
+                embed = client.post(base + "/v1/embeddings", json={"model": "m", "input": texts})
+                embedding = asyncio.create_task(embed)
+                await asyncio.sleep(0.3)
+                proc.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+                events, r = await stream, await embedding
+                return events, r, signalled
+
+        events, embedded, signalled = asyncio.run(main())
+        [error] = stream_errors([events])
+        assert error["code"] == "shutting_down"
+        assert embedded.status_code == 503 and embedded.headers["retry-after"] == "1"
+        assert assert_error_shape(embedded)["code"] == "shutting_down"
+        assert proc.wait(timeout=60) == 0
+        # The step still running does not keep the process up (it once took 15 s).
+        assert time.monotonic() - signalled < grace + drain + 4
+    text = log.read_text()
+    assert "Traceback" not in text and "timeout graceful shutdown exceeded" not in text, text
+
+
 def test_sigterm_while_the_model_loads_exits_0():
     """A pod deleted during its start: the process ends cleanly, not aborted by finalizing the
     interpreter around a loader thread deep in torch (exit -6, "terminate called ...")."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import logging
 import math
 import queue
@@ -156,6 +157,12 @@ class AsyncEngine:
         self._embed_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
         )
+        # Every request in flight (generation streams and embeddings), by a key of its own:
+        # how to tell it, on its event loop, that it has been ended (abort_all). Told from the
+        # caller's thread, so that a long engine step cannot keep the news from it.
+        self._listeners: dict[int, tuple[asyncio.AbstractEventLoop, Callable[..., Any]]] = {}
+        self._listeners_lock = threading.Lock()
+        self._listener_keys = itertools.count()
         self._thread = threading.Thread(target=self._run, name="ember-engine", daemon=True)
         self._thread.start()
 
@@ -225,6 +232,16 @@ class AsyncEngine:
             self.waiting_seqs += seqs
             self.waiting_tokens += tokens
 
+    def _listen(self, tell: Callable[[BaseException], Any]) -> int:
+        key = next(self._listener_keys)
+        with self._listeners_lock:
+            self._listeners[key] = (asyncio.get_running_loop(), tell)
+        return key
+
+    def _unlisten(self, key: int) -> None:
+        with self._listeners_lock:
+            self._listeners.pop(key, None)
+
     def _give_back(self, left: list[int]) -> None:
         with self._admit_lock:
             self.waiting_seqs -= left[0]
@@ -243,6 +260,7 @@ class AsyncEngine:
         self.validate(prompt_token_ids, params)
         await self.prepare_structured(params)  # compiled off the engine thread (cached)
         stream: asyncio.Queue = asyncio.Queue()
+        listener = self._listen(stream.put_nowait)
         deadline = time.monotonic() + self.request_timeout if self.request_timeout > 0 else None
         # Tokens counted as waiting while this sequence waits: its ticket's share, else its own.
         counted = None if ticket is None else ticket.take(self, len(prompt_token_ids))
@@ -283,6 +301,7 @@ class AsyncEngine:
                     finished = True
                     return
         finally:
+            self._unlisten(listener)
             if waiting:
                 self._count_waiting(-1, -counted)
             if not finished:  # the consumer went away (client disconnect, cancel)
@@ -314,15 +333,24 @@ class AsyncEngine:
             self.core.validate_embedding(ids)
         # One waiting unit (its inputs run one after another) and all of its tokens.
         ticket = self.check_admission(1, sum(len(ids) for ids in inputs))
+        ended: asyncio.Future = asyncio.get_running_loop().create_future()  # by abort_all
+        listener = self._listen(lambda e: ended.done() or ended.set_exception(e))
+        work = asyncio.ensure_future(self._embed_each(inputs))
         try:
-            work = self._embed_each(inputs)
-            if self.request_timeout <= 0:
-                return await work
-            try:
-                return await asyncio.wait_for(work, self.request_timeout)
-            except asyncio.TimeoutError:
-                raise self._timeout_error() from None
+            timeout = self.request_timeout if self.request_timeout > 0 else None
+            await asyncio.wait({work, ended}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                return work.result()
+            if ended.done():
+                raise ended.exception()  # type: ignore[misc]
+            raise self._timeout_error()
         finally:
+            self._unlisten(listener)
+            if not work.done():  # its clean-up gives the KV blocks back: let it run now
+                work.cancel()
+                await asyncio.wait({work})
+            if ended.done():
+                ended.exception()  # retrieved: no "never retrieved" warning
             ticket.release(self)
 
     async def embed(self, prompt_token_ids: list[int]) -> list[float]:
@@ -359,14 +387,21 @@ class AsyncEngine:
 
     def abort_all(self, error: BaseException) -> None:
         """End every request in flight with `error` (each stream then says why, as at its
-        timeout, rather than being cut); their KV blocks are freed."""
+        timeout, rather than being cut); their KV blocks are freed. Each request hears of it
+        now, even while a long engine step runs; the engine lets go of them after the step."""
+        with self._listeners_lock:
+            listeners = list(self._listeners.values())
+        for loop, tell in listeners:
+            _send(loop, tell, error)
         self._inbox.put(_AbortAll(error))
         self._wake.set()
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop after its current step; wait for it at most `timeout` seconds (the
+        thread is a daemon: a step still running then does not keep the process up)."""
         self._stopping = True
         self._wake.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=timeout)
 
     # ------------------------------------------------------------------ engine thread
 

@@ -260,7 +260,9 @@ def build_app(
         if loader.is_alive() and on_stop_while_loading is not None:
             on_stop_while_loading()
         if state.engine is not None:
-            state.engine.shutdown()
+            # Off the event loop, so a long step still running cannot hold back the last
+            # bytes of what was ended; and not past the drain's end.
+            await asyncio.to_thread(state.engine.shutdown, state.lifecycle.time_left())
 
     app = FastAPI(title="Ember", version=_version(), lifespan=lifespan)
     app.state.ember = state

@@ -79,6 +79,14 @@ class Lifecycle:
         margin = min(1.0, self.drain_timeout / 2)
         _after(self.drain_timeout - margin, self._drain_deadline)
 
+    def time_left(self, default: float = 10.0) -> float:
+        """Seconds until the process should be gone (the grace and the drain timeout after
+        it began going away; at least a moment); `default` if it has not begun."""
+        if self.began is None:
+            return default
+        end = self.began + self.shutdown_grace + self.drain_timeout
+        return max(end - time.monotonic(), 0.5)
+
     def _drain_deadline(self) -> None:
         if self.on_drain_deadline is not None:
             self.on_drain_deadline(f"its drain timeout of {self.drain_timeout:g} seconds ran out")

@@ -7,6 +7,7 @@ import json
 import random
 
 import pytest
+import torch
 
 import ember
 from ember.engine.request import SamplingParams, fan_out
@@ -306,3 +307,27 @@ def test_an_embedding_input_may_fill_the_context_but_not_pass_it(tiny_llama):
     with pytest.raises(PromptError, match="at least one token"):
         llm.engine.embed([])
     assert llm.engine.allocator.usage() == 0.0
+
+
+def test_a_lora_adapter_beside_the_model_is_not_read_as_its_weights(tmp_path):
+    """A PEFT adapter saved into the model's folder was loaded as model weights (a KeyError)."""
+    from safetensors.torch import save_file
+
+    from checkpoints import write_checkpoint
+
+    model_dir = write_checkpoint(tmp_path / "m")
+    lora = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 64)}
+    save_file(lora, str(model_dir / "adapter_model.safetensors"))
+    llm = ember.LLM(str(model_dir), dtype="float32", kv_cache_memory="16MiB")
+    params = ember.SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    assert len(llm.generate([[1, 5, 9]], params)[0].outputs[0].token_ids) == 3
+
+
+def test_a_cut_safetensors_file_is_named_as_such(tmp_path):
+    from checkpoints import write_checkpoint
+
+    model_dir = write_checkpoint(tmp_path / "m")
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="not a readable safetensors file.*fetch it again"):
+        ember.LLM(str(model_dir), dtype="float32", kv_cache_memory="16MiB")

@@ -259,6 +259,15 @@ def rope_inv_freq(rotary_dim: int, base: float, scaling: dict[str, Any] | None) 
         scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
         mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
         inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    elif kind == "freq_factors":
+        # Each frequency divided by its own factor, as llama.cpp applies a GGUF's rope_freqs
+        # tensor (written for Llama 3.1: the llama3 scaling, computed in advance).
+        factors = torch.tensor(scaling["factors"], dtype=torch.float64)
+        if factors.numel() != inv_freq.numel():
+            raise ValueError(
+                f"rope_scaling needs {inv_freq.numel()} factors, not {factors.numel()}"
+            )
+        inv_freq = inv_freq / factors
     elif kind not in ("default", "dynamic"):
         raise ValueError(f"unsupported rope_scaling type {kind!r}")
     return inv_freq.float()

@@ -52,6 +52,8 @@ class LlamaArgs:
         params = cfg.get("rope_parameters") or {}  # newer transformers write RoPE here
         if rope is None and params.get("rope_type", "default") != "default":
             rope = params
+        if cfg.get("rope_freq_factors"):  # from a GGUF's rope_freqs (see loader.convert_gguf)
+            rope = {"rope_type": "freq_factors", "factors": cfg["rope_freq_factors"]}
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],

@@ -92,15 +92,25 @@ def iter_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of a Hugging Face checkpoint: safetensors (single or sharded), else .bin."""
     from safetensors import safe_open
 
-    files = sorted(model_dir.glob("*.safetensors"))
+    # The model's own files: a LoRA adapter (adapter_model.safetensors) saved beside them is
+    # not part of it.
+    files = sorted(model_dir.glob("model*.safetensors")) or [
+        f for f in sorted(model_dir.glob("*.safetensors")) if not f.name.startswith("adapter_")
+    ]
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         files = [model_dir / n for n in names]
     if files:
         for f in files:
-            with safe_open(str(f), framework="pt") as st:
-                names = list(st.keys())  # noqa: SIM118 (safe_open is not a dict)
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    names = list(st.keys())  # noqa: SIM118 (safe_open is not a dict)
+            except Exception as e:  # safetensors' own error type: a damaged file
+                raise ValueError(
+                    f"{f} is not a readable safetensors file ({e}); if its download stopped "
+                    "midway, fetch it again"
+                ) from e
             for name in names:
                 # One mapping per tensor, closed once it is copied, so the file's pages never
                 # all sit in resident memory next to the model's own copy.
@@ -257,15 +267,10 @@ def iter_gguf_weights(path: Path, keep_quantized: set[str]) -> Iterator[tuple[st
     arch, n_head, n_kv = index["architecture"], index["head_count"], index["head_count_kv"]
     for entry, array in gguf_tensor_data(path, index):
         name = _gguf_hf_name(entry["name"])
-        if name is None:
-            log.warning("skipping GGUF tensor %s", entry["name"])
+        if name is None:  # rope_freqs: in the config (convert_gguf)
             continue
         shape = list(reversed(entry["shape"]))  # GGUF lists dims inner first
-        heads = None
-        if arch == "llama" and name.endswith("q_proj.weight"):
-            heads = n_head
-        elif arch == "llama" and name.endswith("k_proj.weight"):
-            heads = n_kv
+        heads = _permuted_heads(arch, name, n_head, n_kv)
         kind = entry["type"]
         if name in keep_quantized and len(shape) == 2:
             rows = gguf_rows(array, kind, shape[0], shape[1])
@@ -286,6 +291,18 @@ def iter_gguf_weights(path: Path, keep_quantized: set[str]) -> Iterator[tuple[st
         yield name, data.contiguous()
 
 
+def _permuted_heads(arch: str, name: str, n_head: int | None, n_kv: int | None) -> int | None:
+    """The head count whose rows llama.cpp reordered in tensor `name` (q and k, weights and
+    biases, of the llama architecture), or None."""
+    if arch != "llama":
+        return None
+    if name.endswith(("q_proj.weight", "q_proj.bias")):
+        return n_head
+    if name.endswith(("k_proj.weight", "k_proj.bias")):
+        return n_kv
+    return None
+
+
 def _gguf_field(reader: Any, key: str, default: Any = None) -> Any:
     field = reader.fields.get(key)
     return default if field is None else field.contents()
@@ -300,9 +317,14 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     )
 
 
+# Raised when convert_gguf writes something new (2: RoPE scaling, end-of-turn stops), so that
+# a conversion cached by an older Ember is made again.
+GGUF_CONVERSION_VERSION = 2
+
+
 def _gguf_source_id(path: Path) -> str:
     st = path.stat()
-    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:v{GGUF_CONVERSION_VERSION}"
     return f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -316,12 +338,48 @@ def converted_gguf_dir(path: Path) -> Path:
     tmp.mkdir(parents=True)
     try:
         convert_gguf(path, tmp)
+    except (KeyError, TypeError, NotImplementedError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # A field or tensor the format needs is missing or of an unknown kind: one line.
+        raise ValueError(
+            f"{path} is not a GGUF file Ember can read: {type(e).__name__}: {e}"
+        ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)  # atomic; fails if another process converted the same file first
+    except OSError:
+        if (out / "config.json").exists():  # theirs is as good: never delete what they read
+            shutil.rmtree(tmp, ignore_errors=True)
+            return out
+        shutil.rmtree(out, ignore_errors=True)  # a leftover of no use
+        tmp.rename(out)
     return out
+
+
+def _gguf_rope_scaling(
+    reader: Any, p: str, rope_freqs: list[float] | None, head_dim: int
+) -> dict[str, Any]:
+    """A GGUF's RoPE scaling as config keys (none, `rope_scaling`, or `rope_freq_factors`):
+    llama.cpp's per-frequency factors (the `rope_freqs` tensor it writes for Llama 3.1 and
+    3.2) or a linear factor; a kind Ember does not compute (YaRN, LongRoPE) is refused rather
+    than served wrong."""
+    kind = str(_gguf_field(reader, p + "rope.scaling.type", "none"))
+    factor = float(_gguf_field(reader, p + "rope.scaling.factor", 1.0) or 1.0)
+    if rope_freqs is not None:
+        if kind not in ("none", "linear") or factor != 1.0:
+            raise ValueError(f"GGUF RoPE scaling {kind!r} with rope_freqs is not supported")
+        if len(rope_freqs) != head_dim // 2:
+            raise ValueError(f"GGUF rope_freqs has {len(rope_freqs)} factors, not {head_dim // 2}")
+        # In a key of Ember's own: transformers (which reads this config for the tokenizer)
+        # knows no such rope_scaling type.
+        return {"rope_freq_factors": rope_freqs}
+    if kind == "none" or factor == 1.0:
+        return {}
+    if kind == "linear":
+        return {"rope_scaling": {"rope_type": "linear", "factor": factor}}
+    raise ValueError(f"GGUF RoPE scaling {kind!r} is not supported (linear, or rope_freqs)")
 
 
 def convert_gguf(path: Path, out: Path) -> None:
@@ -339,21 +397,19 @@ def convert_gguf(path: Path, out: Path) -> None:
     n_kv = int(_gguf_field(reader, p + "attention.head_count_kv", n_head))
     hidden = int(_gguf_field(reader, p + "embedding_length"))
     tensors: dict[str, torch.Tensor] = {}
+    rope_freqs: list[float] | None = None
     for t in reader.tensors:
-        parts = t.name.split(".")
-        if parts[0] == "blk":
-            name = f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
-        elif parts[0] in _GGUF_NAMES:
-            name = f"{_GGUF_NAMES[parts[0]]}.{parts[1]}"
-        else:
-            log.warning("skipping GGUF tensor %s", t.name)
-            continue
         data = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()
         data = data.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims inner first
-        if arch == "llama" and name.endswith("q_proj.weight"):
-            data = _unpermute(data, n_head)
-        elif arch == "llama" and name.endswith("k_proj.weight"):
-            data = _unpermute(data, n_kv)
+        if t.name == "rope_freqs.weight":  # llama.cpp's RoPE scaling factors (Llama 3.1)
+            rope_freqs = data.flatten().tolist()
+            continue
+        name = _gguf_hf_name(t.name)
+        if name is None:  # a model part Ember does not have: refused, never left out
+            raise ValueError(f"{path}: GGUF tensor {t.name} is not supported")
+        heads = _permuted_heads(arch, name, n_head, n_kv)
+        if heads is not None:
+            data = _unpermute(data, heads)
         tensors[name] = data.contiguous()
     vocab = tensors["model.embed_tokens.weight"].shape[0]
     arch_class = {
@@ -363,6 +419,12 @@ def convert_gguf(path: Path, out: Path) -> None:
     }
     bos = _gguf_field(reader, "tokenizer.ggml.bos_token_id")
     eos = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    # End of turn / of message (Llama 3's <|eot_id|>, <|eom_id|>): llama.cpp stops on them too.
+    stops = [int(eos)] if eos is not None else []
+    for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        extra = _gguf_field(reader, key)
+        if extra is not None and int(extra) not in stops:
+            stops.append(int(extra))
     config = {
         "architectures": [arch_class[arch]],
         "model_type": arch,
@@ -372,20 +434,25 @@ def convert_gguf(path: Path, out: Path) -> None:
         "num_hidden_layers": int(_gguf_field(reader, p + "block_count")),
         "num_attention_heads": n_head,
         "num_key_value_heads": n_kv,
-        "head_dim": int(_gguf_field(reader, p + "rope.dimension_count", hidden // n_head)),
+        "head_dim": int(
+            _gguf_field(reader, p + "attention.key_length")
+            or _gguf_field(reader, p + "rope.dimension_count")
+            or hidden // n_head
+        ),
         "rms_norm_eps": float(_gguf_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": float(_gguf_field(reader, p + "rope.freq_base", 10000.0)),
         "max_position_embeddings": int(_gguf_field(reader, p + "context_length", 4096)),
         "tie_word_embeddings": "lm_head.weight" not in tensors,
         "attention_bias": "model.layers.0.self_attn.q_proj.bias" in tensors,
         "bos_token_id": None if bos is None else int(bos),
-        "eos_token_id": None if eos is None else int(eos),
+        "eos_token_id": (stops[0] if len(stops) == 1 else stops) if stops else None,
         "torch_dtype": "float32",
     }
+    config.update(_gguf_rope_scaling(reader, p, rope_freqs, config["head_dim"]))
     save_file(tensors, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    if eos is not None:
-        gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": int(eos)}
+    if stops:
+        gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
     # The tokenizer (and its chat template) through transformers' own GGUF reader.

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import ember
+
 from gguf_files import tiny_model, write_gguf
 
 

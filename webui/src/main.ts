@@ -590,10 +590,10 @@ ui.keyForm.addEventListener("submit", async () => {
   apiKey = ui.keyInput.value.trim();
   const kept = saveApiKey(apiKey); // storage full: the key still serves this visit
   if (!(await loadModels())) return;
-  if (!kept) showNotice(t.keyNotSaved);
   const conv = resendAfterKey;
   resendAfterKey = null;
   if (conv) generateAgain(conv);
+  if (!kept) showNotice(t.keyNotSaved); // after the resend, which clears the notice
 });
 
 /** The key dialog dismissed, by its button or Esc: say that the page still needs a key. */
@@ -681,11 +681,11 @@ function initComposer(): void {
   });
   document.addEventListener("keydown", (e) => {
     if (e.key !== "Escape" || ui.keyDialog.open) return;
-    if (controller) {
+    if (ui.sidebar.classList.contains("open")) {
+      closeSidebar(); // the first Esc closes what covers the page; a reply streams on
+    } else if (controller) {
       e.preventDefault();
       controller.abort();
-    } else {
-      closeSidebar();
     }
   });
   ui.newChat.addEventListener("click", startNew);

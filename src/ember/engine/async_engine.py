@@ -16,14 +16,15 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ember.engine.core import EmbeddingBatch, EngineCore, KVCacheFullError
 from ember.engine.request import RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -157,6 +158,7 @@ class AsyncEngine:
         self._embed_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
         )
+        self._embedding: set[EmbeddingBatch] = set()  # embedding requests in progress
         # Every request in flight (generation streams and embeddings), by a key of its own:
         # how to tell it, on its event loop, that it has been ended (abort_all). Told from the
         # caller's thread, so that a long engine step cannot keep the news from it.
@@ -289,7 +291,9 @@ class AsyncEngine:
                     waiting = False
                     self._count_waiting(-1, -counted)
                 if isinstance(item, BaseException):
-                    finished = True  # the engine has already let go of it
+                    # Not marked finished: one told by abort_all may reach the engine after
+                    # it (a request queued behind the _AbortAll), and an abort of a request
+                    # the engine has let go of costs nothing.
                     raise item
                 if item.error is not None:
                     finished = True
@@ -333,25 +337,31 @@ class AsyncEngine:
             self.core.validate_embedding(ids)
         # One waiting unit (its inputs run one after another) and all of its tokens.
         ticket = self.check_admission(1, sum(len(ids) for ids in inputs))
-        ended: asyncio.Future = asyncio.get_running_loop().create_future()  # by abort_all
-        listener = self._listen(lambda e: ended.done() or ended.set_exception(e))
-        work = asyncio.ensure_future(self._embed_each(inputs))
         try:
             timeout = self.request_timeout if self.request_timeout > 0 else None
-            await asyncio.wait({work, ended}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            if work.done():
-                return work.result()
+            return await self.unless_ended(self._embed_each(inputs), timeout)
+        finally:
+            ticket.release(self)
+
+    async def unless_ended(self, work: Awaitable[T], timeout: float | None = None) -> T:
+        """`work`'s result, unless abort_all ends every request first (its error is raised
+        at once, even mid-step) or `timeout` seconds pass (RequestTimeoutError); `work` is
+        then cancelled, and its clean-up has run when this returns."""
+        ended: asyncio.Future = asyncio.get_running_loop().create_future()
+        listener = self._listen(lambda e: ended.done() or ended.set_result(e))
+        task = asyncio.ensure_future(work)
+        try:
+            await asyncio.wait({task, ended}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
             if ended.done():
-                raise ended.exception()  # type: ignore[misc]
+                raise ended.result()
             raise self._timeout_error()
         finally:
             self._unlisten(listener)
-            if not work.done():  # its clean-up gives the KV blocks back: let it run now
-                work.cancel()
-                await asyncio.wait({work})
-            if ended.done():
-                ended.exception()  # retrieved: no "never retrieved" warning
-            ticket.release(self)
+            if not task.done():  # e.g. an embedding's KV blocks go back as it is cancelled
+                task.cancel()
+                await asyncio.wait({task})
 
     async def embed(self, prompt_token_ids: list[int]) -> list[float]:
         """`embed_all` of one input."""
@@ -363,6 +373,7 @@ class AsyncEngine:
         even if cancelled."""
         lock = self._embed_locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
         batch = EmbeddingBatch(inputs)
+        self._embedding.add(batch)
         try:
             while True:
                 async with lock:
@@ -370,9 +381,13 @@ class AsyncEngine:
                         if await self.call(lambda core: core.embed_step(batch)):
                             return batch.vectors  # type: ignore[return-value]
                     except KVCacheFullError as e:
-                        n = len(inputs[batch.next])
-                        raise EngineOverloadedError(str(e), self.retry_after(n)) from e
+                        # Other embedding requests hold blocks they give back as they finish
+                        # their inputs: wait for their passes rather than refuse.
+                        if not any(b.running for b in self._embedding if b is not batch):
+                            n = len(inputs[batch.next])
+                            raise EngineOverloadedError(str(e), self.retry_after(n)) from e
         finally:
+            self._embedding.discard(batch)
             self.post(lambda core: core.embed_end(batch))
 
     def post(self, fn: Callable[[EngineCore], Any]) -> None:

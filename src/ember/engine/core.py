@@ -57,7 +57,7 @@ class _Live:
     matcher: GrammarMatcher | None = None  # with structured_outputs: where the output stands
 
 
-@dataclass
+@dataclass(eq=False)
 class EmbeddingJob:
     """One served-model embedding input in progress: its place in the request, its tokens,
     its borrowed KV blocks, and the sum of the hidden states computed so far."""
@@ -69,7 +69,7 @@ class EmbeddingJob:
     total: torch.Tensor | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: the engine keeps a set of those in progress
 class EmbeddingBatch:
     """One request's served-model embeddings: its inputs, those running, and the vectors."""
 

@@ -12,6 +12,10 @@ from pathlib import Path
 import torch
 
 
+class EncodingStopped(RuntimeError):
+    """An encoding given up between batches, as its request ended (shutdown, disconnect)."""
+
+
 class SentenceEncoder:
     # Padded tokens per forward pass: attention memory grows with the batch times the square
     # of its longest input, so a request of 2048 long inputs runs as many small batches.
@@ -44,9 +48,10 @@ class SentenceEncoder:
         return [list(ids) for ids in enc["input_ids"]]
 
     @torch.inference_mode()
-    def encode(self, inputs: list[list[int]]) -> torch.Tensor:
+    def encode(self, inputs: list[list[int]], stop: threading.Event | None = None) -> torch.Tensor:
         """Token-id lists (from `tokenize`, or a client's own) to unit vectors, in batches of
-        similar lengths (little padding) of at most BATCH_TOKENS padded tokens."""
+        similar lengths (little padding) of at most BATCH_TOKENS padded tokens. Once `stop`
+        is set (its request has ended), no further batch runs: EncodingStopped."""
         order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
         out = torch.empty(len(inputs), self.dimensions)
         start = 0
@@ -56,6 +61,8 @@ class SentenceEncoder:
                 self.BATCH_TOKENS
             ):
                 end += 1
+            if stop is not None and stop.is_set():
+                raise EncodingStopped("the request ended before its inputs were encoded")
             rows = order[start:end]
             out[rows] = self._encode_batch([inputs[i] for i in rows])
             start = end

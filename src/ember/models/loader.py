@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -333,7 +334,7 @@ def converted_gguf_dir(path: Path) -> Path:
     if (out / "config.json").exists():
         return out
     log.info("converting %s once into %s", path, out)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

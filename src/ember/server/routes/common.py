@@ -352,15 +352,21 @@ async def collect(
 
 
 async def until_disconnected(request: Request, coro: Any) -> Any:
-    """Await `coro`, cancelling it (and so aborting its sequences) if the client goes away."""
+    """Await `coro`, cancelling it (and so aborting its sequences) if the client goes away,
+    or if this is cancelled itself (a shutdown's drain deadline)."""
     task = asyncio.ensure_future(coro)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=0.5)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise APIError("Client disconnected.", 499, "client_closed_request")
+    finally:
+        if not task.done():
             task.cancel()
-            raise APIError("Client disconnected.", 499, "client_closed_request")
+        elif not task.cancelled():
+            task.exception()  # seen, even when this was cancelled just as it ended
 
 
 def validate_jobs(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -49,40 +50,13 @@ async def embeddings(
         state.encoder.dimensions if use_encoder else state.engine.core.hf_config.get("hidden_size")
     )
     _check_dimensions(req, dims)
+    # The whole of it, tokenizing included, hears of a shutdown's drain deadline as the
+    # engine's own requests do (a 503 that says so, not a cut connection).
     if use_encoder:
-        enc = state.encoder
-        keep = kept_tokens(req.truncate_prompt_tokens, enc.max_length)
-        # Always on a thread: the encoder's tokenizer takes one call at a time (a lock the
-        # event loop must never wait on).
-        ids = await asyncio.to_thread(
-            lambda: [enc.tokenize([x], keep)[0] if isinstance(x, str) else list(x) for x in inputs]
-        )
-        if keep is not None:
-            ids = [seq[-keep:] for seq in ids]
-        vocab = len(enc.tokenizer)
-        if any(not 0 <= t < vocab for seq in ids for t in seq):
-            raise APIError(f"Token ids must be below {vocab} for this model.", param="input")
-        longest = max(len(seq) for seq in ids)
-        if longest > enc.max_length:
-            raise APIError(
-                f"This model embeds at most {enc.max_length} tokens, and an input has "
-                f"{longest}; shorten it or set truncate_prompt_tokens.",
-                param="input",
-            )
-        vectors = (await asyncio.to_thread(enc.encode, ids)).tolist()
+        work = _encode(req, state, inputs)
     else:
-        ids = await tokenize_off_loop(
-            request,
-            lambda: [state.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in inputs],
-        )
-        ids = [truncate_prompt(req, state, seq) for seq in ids]
-
-        # Long or many inputs take many forward passes: stop if the client went away.
-        try:
-            vectors = await until_disconnected(request, state.engine.embed_all(ids))
-        except PromptError as e:
-            raise APIError(str(e), param="input") from e
-        _check_dimensions(req, len(vectors[0]))  # where the config does not say
+        work = _embed_on_served_model(req, request, state, inputs)
+    ids, vectors = await state.engine.unless_ended(work)
     data = []
     for i, vec in enumerate(vectors):
         if req.encoding_format == "base64":
@@ -100,3 +74,53 @@ def _check_dimensions(req: P.EmbeddingRequest, dims: int | None) -> None:
             f"This model gives {dims}-dimensional embeddings; dimensions cannot change that.",
             param="dimensions",
         )
+
+
+async def _encode(
+    req: P.EmbeddingRequest, state: ServerState, inputs: list[str | list[int]]
+) -> tuple[list[list[int]], list[list[float]]]:
+    """The sentence encoder's token ids and vectors for `inputs`."""
+    enc = state.encoder
+    keep = kept_tokens(req.truncate_prompt_tokens, enc.max_length)
+    # Always on a thread: the encoder's tokenizer takes one call at a time (a lock the
+    # event loop must never wait on).
+    ids = await asyncio.to_thread(
+        lambda: [enc.tokenize([x], keep)[0] if isinstance(x, str) else list(x) for x in inputs]
+    )
+    if keep is not None:
+        ids = [seq[-keep:] for seq in ids]
+    vocab = len(enc.tokenizer)
+    if any(not 0 <= t < vocab for seq in ids for t in seq):
+        raise APIError(f"Token ids must be below {vocab} for this model.", param="input")
+    longest = max(len(seq) for seq in ids)
+    if longest > enc.max_length:
+        raise APIError(
+            f"This model embeds at most {enc.max_length} tokens, and an input has "
+            f"{longest}; shorten it or set truncate_prompt_tokens.",
+            param="input",
+        )
+    # A thread cannot be cancelled: once this request has ended, the encoder stops between
+    # batches (else the process's exit would wait for its last batch).
+    stop = threading.Event()
+    try:
+        return ids, (await asyncio.to_thread(enc.encode, ids, stop)).tolist()
+    finally:
+        stop.set()
+
+
+async def _embed_on_served_model(
+    req: P.EmbeddingRequest, request: Request, state: ServerState, inputs: list[str | list[int]]
+) -> tuple[list[list[int]], list[list[float]]]:
+    """The served model's token ids and vectors for `inputs`."""
+    ids = await tokenize_off_loop(
+        request,
+        lambda: [state.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in inputs],
+    )
+    ids = [truncate_prompt(req, state, seq) for seq in ids]
+    # Long or many inputs take many forward passes: stop if the client went away.
+    try:
+        vectors = await until_disconnected(request, state.engine.embed_all(ids))
+    except PromptError as e:
+        raise APIError(str(e), param="input") from e
+    _check_dimensions(req, len(vectors[0]))  # where the config does not say
+    return ids, vectors

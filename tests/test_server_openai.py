@@ -84,6 +84,28 @@ def test_any_integer_seed_is_accepted(client):
         assert r.usage.completion_tokens == 2
 
 
+def test_one_stop_string_may_be_longer_than_the_limit_on_their_number(client):
+    """A single stop string was counted by characters against the 16-string limit: a
+    prompt-format stop such as "\n### Instruction:" (17 characters) was a 400."""
+    stop = "\n### Instruction:"
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, stop=stop)
+    assert r.usage.completion_tokens <= 2
+    c = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, stop=stop)
+    assert c.usage.completion_tokens <= 2
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=MODEL, messages=HELLO, max_tokens=2, stop=[f"s{i}" for i in range(17)]
+        )
+    assert e.value.body["param"] == "stop"
+
+
+def test_model_cards_carry_vllms_fields(client):
+    card = client.models.retrieve(MODEL).model_dump()
+    assert card["parent"] is None and card["root"]
+    [permission] = card["permission"]
+    assert permission["object"] == "model_permission" and permission["allow_sampling"]
+
+
 def test_stop_sequences_are_not_returned(client):
     kw = dict(model=MODEL, messages=HELLO, temperature=0, max_tokens=16)
     text = client.chat.completions.create(**kw).choices[0].message.content
@@ -665,3 +687,11 @@ def test_responses_usage_counts_cached_input_tokens(client):
     runs = [client.responses.create(model=MODEL, input=text, max_output_tokens=3) for _ in "ab"]
     assert runs[0].usage.input_tokens_details.cached_tokens <= runs[0].usage.input_tokens // 3
     assert 0 < runs[1].usage.input_tokens_details.cached_tokens < runs[1].usage.input_tokens
+    # The SDK's types ask for every field (cache_write_tokens among them): strict validation.
+    from openai.types.responses import Response
+
+    Response.model_validate(runs[1].model_dump(exclude_unset=True), strict=False)
+    assert runs[1].usage.input_tokens_details.model_dump(exclude_unset=True).keys() >= {
+        "cached_tokens",
+        "cache_write_tokens",
+    }

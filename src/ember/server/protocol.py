@@ -144,7 +144,9 @@ class SamplingFields(OpenAIBase):
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    stop: StopString | list[StopString] | None = Field(None, max_length=MAX_STOP)
+    # One string of any length (up to MAX_STOP_CHARS), or a list of at most MAX_STOP (checked
+    # below: a max_length here would count a single string's characters).
+    stop: StopString | list[StopString] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -509,13 +511,33 @@ class EmbeddingResponse(BaseModel):
 # ------------------------------------------------------------------ models, tokenize
 
 
+def _model_permission() -> dict[str, Any]:
+    """What vLLM's (and OpenAI's former) model cards say a client may do with the model."""
+    return {
+        "id": f"modelperm-{uuid.uuid4().hex}",
+        "object": "model_permission",
+        "created": int(time.time()),
+        "allow_create_engine": False,
+        "allow_sampling": True,
+        "allow_logprobs": True,
+        "allow_search_indices": False,
+        "allow_view": True,
+        "allow_fine_tuning": False,
+        "organization": "*",
+        "group": None,
+        "is_blocking": False,
+    }
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "ember"
     root: str | None = None
+    parent: str | None = None  # as vLLM's cards: a fine-tune's base model; none here
     max_model_len: int | None = None
+    permission: list[dict[str, Any]] = Field(default_factory=lambda: [_model_permission()])
     # Weights in compute: "none", "int8-channel", "int4-g32-min", "gguf:Q4_1,Q8_0", ...
     quantization: str | None = None
 

@@ -259,7 +259,9 @@ def _call_item(call: ParsedToolCall, status: str = "completed") -> dict[str, Any
 def _usage(prompt_tokens: int, output_tokens: int, cached: int = 0) -> dict[str, Any]:
     return {
         "input_tokens": prompt_tokens,
-        "input_tokens_details": {"cached_tokens": cached},
+        # The openai SDK's types require cache_write_tokens; writing to the prefix cache
+        # costs nothing here, so none are billed.
+        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
         "output_tokens": output_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": prompt_tokens + output_tokens,

@@ -86,6 +86,15 @@ def test_wrong_api_key_counts_errors(server):
     assert any("401" in s for s in report["error_samples"])
 
 
+def test_timeout_bounds_a_whole_request_not_each_read(server):
+    """A stream that keeps sending tokens used to run past --timeout (it bounded each read)."""
+    report = bench(
+        server, "--model", "smol", "--max-tokens", "400", "--timeout", "0.5", expect_rc=1
+    )
+    assert report["errors"] == 4
+    assert all(s.startswith("timeout") for s in report["error_samples"]), report
+
+
 def test_an_openai_base_url_works_too(server):
     report = bench(server + "/v1/", "--model", "smol")
     check_ok(report, "/v1/completions")

@@ -259,6 +259,8 @@ def test_triple_quotes_send_several_lines_as_one_message(server, tmp_path):
     chat.expect_exact(PROMPT)
     chat.sendline('"""A single line."""')
     chat.expect_exact(PROMPT)
+    chat.sendline('"""/usr/bin is where?"""')  # quoted: a message, never a /command
+    chat.expect_exact(PROMPT)
     chat.sendline('"""')
     chat.expect_exact("... ")
     chat.sendline("    indented code")
@@ -274,4 +276,41 @@ def test_triple_quotes_send_several_lines_as_one_message(server, tmp_path):
     messages = _save(chat, tmp_path / "chat.json")
     assert _leave(chat) == 0
     users = [m["content"] for m in messages if m["role"] == "user"]
-    assert users == ["Translate these lines:\n  one\ntwo", "A single line.", "    indented code"]
+    assert users == [
+        "Translate these lines:\n  one\ntwo",
+        "A single line.",
+        "/usr/bin is where?",
+        "    indented code",
+    ]
+
+
+def test_a_reply_about_markup_shows_its_tags_as_text():
+    """rich's Markdown drops raw HTML: `List<String>` showed as `List`, a <div> block vanished."""
+    from rich.console import Console
+
+    from ember.terminal_chat import Markdown
+
+    console = Console(record=True, width=100, color_system=None)
+    reply = "Use List<String> in Java; wrap it in <b> and </b>.\n\n<div>\nhello inside\n</div>\n"
+    console.print(Markdown(reply + "\n`<code>` and **bold**"))
+    shown = console.export_text()
+    for part in ("List<String>", "<b> and </b>", "<div>", "hello inside", "<code>"):
+        assert part in shown, shown
+    assert "**" not in shown  # still Markdown
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_generate_ends_it_without_a_traceback():
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "ember.cli", "generate", "--prompt", "Tell a long story.", "--max-tokens", "500"],
+        encoding="utf-8",
+        timeout=90,
+        preexec_fn=default_sigint,
+    )
+    time.sleep(3)  # loading or generating: either way Ctrl-C ends it
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130, child.before
+    assert "Traceback" not in child.before

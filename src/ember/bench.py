@@ -136,6 +136,19 @@ def _content(chunk: dict[str, Any], chat: bool) -> str:
     return text
 
 
+async def timed_request(
+    client: httpx.AsyncClient, path: str, body: dict[str, Any], chat: bool, timeout: float
+) -> Result:
+    """`one_request`, failed as a timeout once it has run `timeout` seconds in all (the
+    client's own timeouts bound each read, and a stream that keeps trickling never ends)."""
+    try:
+        return await asyncio.wait_for(one_request(client, path, body, chat), timeout)
+    except asyncio.TimeoutError:
+        res = Result()
+        res.error = f"timeout: over {timeout:g} s"
+        return res
+
+
 async def one_request(
     client: httpx.AsyncClient, path: str, body: dict[str, Any], chat: bool
 ) -> Result:
@@ -247,8 +260,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                     i = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
-                results[i] = await one_request(
-                    client, path, _request_body(args, model, prompts[i]), args.chat
+                results[i] = await timed_request(
+                    client, path, _request_body(args, model, prompts[i]), args.chat, args.timeout
                 )
                 if progress is not None:
                     progress.advance(task_id)
@@ -347,7 +360,12 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--temperature", type=float, default=None, help="Sampling temperature; default: server's."
     )
-    p.add_argument("--timeout", type=positive_float, default=600.0, help="Seconds per request.")
+    p.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=600.0,
+        help="Seconds a request may take in all (its stream included) before it is an error.",
+    )
     p.add_argument("--output", "-o", default=None, help="Also write the JSON to this file.")
     p.add_argument("--no-progress", action="store_true", help="No progress bar on stderr.")
 

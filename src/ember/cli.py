@@ -46,11 +46,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         temperature=args.temperature, max_tokens=args.max_tokens, seed=args.sampling_seed
     )
     t0 = time.perf_counter()
-    llm = ember.LLM(**vars(cfg))
-    if args.raw:
-        result = llm.generate([args.prompt], params)[0]
-    else:
-        result = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
+    try:
+        llm = ember.LLM(**vars(cfg))
+        if args.raw:
+            result = llm.generate([args.prompt], params)[0]
+        else:
+            result = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
+    except KeyboardInterrupt:  # Ctrl-C: a shell's exit status for it, not a traceback
+        print("interrupted", file=sys.stderr)
+        return 130
     out = result.outputs[0]
     print(out.text)
     if args.verbose:

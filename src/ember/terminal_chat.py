@@ -21,9 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from markdown_it import MarkdownIt
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.live import Live
-from rich.markdown import Markdown
+from rich.markdown import Markdown as RichMarkdown
 from rich.segment import Segment
 from rich.text import Text
 
@@ -127,7 +128,10 @@ class RemoteBackend:
         if isinstance(e, o.APIConnectionError):
             return ChatError(f"Cannot reach {self.url}: {e.__cause__ or e}", fatal=False)
         if isinstance(e, o.APIStatusError):
-            return ChatError(f"The server answered {e.status_code}: {_message(e.body, e)}")
+            said = f"The server answered {e.status_code}: {_message(e.body, e)}"
+            if getattr(e, "code", None) == "context_length_exceeded":
+                said += " /reset starts afresh (or /save first)."
+            return ChatError(said)
         return ChatError(f"The server reported an error: {_message(getattr(e, 'body', None), e)}")
 
 
@@ -376,6 +380,16 @@ class Chat:
         return True
 
 
+class Markdown(RichMarkdown):
+    """rich's Markdown, with raw HTML kept as text: rich drops HTML, so a reply's `List<String>`
+    lost its `<String>` and a `<div>` block vanished (the chat page shows them as text too)."""
+
+    def __init__(self, markup: str, **kwargs: Any) -> None:
+        super().__init__(markup, **kwargs)
+        parser = MarkdownIt("commonmark", {"html": False}).enable("strikethrough").enable("table")
+        self.parsed = parser.parse(markup)
+
+
 QUOTES = '"""'
 
 
@@ -387,16 +401,16 @@ def _read_line(prompt: str) -> str | None:
         return None
 
 
-def _read_message() -> str | None:
-    """The next message: one line, or the lines between triple quotes (as Ollama reads
-    them); None at end of input. Ctrl-C drops what was typed, as in a shell."""
+def _read_message() -> tuple[str, bool] | None:
+    """The next message and whether it came between triple quotes (as Ollama reads them:
+    never a /command); None at end of input. Ctrl-C drops what was typed, as in a shell."""
     try:
         line = _read_line(">>> ")
         if line is None or not line.lstrip().startswith(QUOTES):
-            return line
+            return None if line is None else (line, False)
         rest = line.lstrip()[len(QUOTES) :]
         if rest.rstrip().endswith(QUOTES) and rest.strip() != "":
-            return rest.rstrip()[: -len(QUOTES)]  # """one line"""
+            return rest.rstrip()[: -len(QUOTES)], True  # """one line"""
         lines = [rest] if rest.strip() else []
         while True:
             more = _read_line("... ")
@@ -406,10 +420,10 @@ def _read_message() -> str | None:
                 lines.append(more.rstrip()[: -len(QUOTES)])
                 break
             lines.append(more)
-        return "\n".join(lines)
+        return "\n".join(lines), True
     except KeyboardInterrupt:
         print()
-        return ""
+        return "", False
 
 
 def _report(console: Console, e: ChatError) -> None:
@@ -440,17 +454,18 @@ def run(args: argparse.Namespace) -> int:
         soft_wrap=True,
     )
     while True:
-        line = _read_message()
-        if line is None:
+        message = _read_message()
+        if message is None:
             console.print()
             return 0
+        line, quoted = message
         several = "\n" in line
         # A block between triple quotes keeps its indentation (code); a line is trimmed.
         text = line.strip("\n") if several else line.strip()
         if not text.strip():
             continue
         try:
-            if text.startswith("/") and not several:
+            if text.startswith("/") and not quoted:
                 if not chat.command(text):
                     return 0
             else:

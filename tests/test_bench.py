@@ -54,6 +54,7 @@ def check_ok(report: dict, endpoint: str) -> None:
     assert report["errors"] == 0 and report["error_samples"] == []
     # ignore_eos: every request runs to max_tokens.
     assert report["output_tokens"] == 4 * 8
+    assert report["input_tokens"] >= 4 * 8  # the prompts, as the server counted them
     assert report["output_tokens_per_s"] > 0 and report["requests_per_s"] > 0
     assert report["ttft_s"]["p50"] <= report["e2e_s"]["p50"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -197,3 +198,33 @@ def test_ember_generate_refuses_a_bad_sampling_value_before_loading(
     monkeypatch.setattr(ember, "LLM", never)
     assert cli.main(["generate", "-p", "hi", flag, value]) == 1
     assert flag[2:].replace("-", "_") in capsys.readouterr().err
+
+
+def test_ember_generate_reads_its_prompt_from_stdin(monkeypatch, capsys):
+    """`echo question | ember generate`, as llm and ollama take it; with no prompt at all on a
+    terminal, one line says what to give (before any model loads)."""
+    import io
+    import subprocess
+    import sys
+
+    from ember import cli
+
+    for argv in (["generate"], ["generate", "-p", "-"]):
+        run = subprocess.run(
+            [sys.executable, "-m", "ember.cli", *argv, "--raw", "--max-tokens", "3", "-v"],
+            input="The capital of France is",
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stderr
+        stats = json.loads(run.stderr.strip().splitlines()[-1])
+        assert stats["prompt_tokens"] == 5 and stats["output_tokens"] == 3  # the piped text
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("sys.stdin", Terminal())
+    assert cli.main(["generate"]) == 2
+    assert "--prompt" in capsys.readouterr().err

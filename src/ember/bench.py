@@ -97,6 +97,7 @@ class Result:
     ttft: float | None = None
     e2e: float | None = None
     output_tokens: int = 0
+    input_tokens: int = 0  # the prompt's, as the server's usage counts them
     # Seconds since the request was sent at which each non-empty content chunk arrived.
     token_times: list[float] = field(default_factory=list)
 
@@ -175,6 +176,7 @@ async def one_request(
                     return res
                 if chunk.get("usage"):
                     usage_tokens = chunk["usage"].get("completion_tokens")
+                    res.input_tokens = chunk["usage"].get("prompt_tokens") or 0
                 if _content(chunk, chat):
                     now = time.perf_counter() - t0
                     if res.ttft is None:
@@ -300,6 +302,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "error_samples": samples,
         "duration_s": round(duration, 4),
         "requests_per_s": round(len(ok) / duration, 4) if duration > 0 else None,
+        "input_tokens": sum(r.input_tokens for r in ok),
         "output_tokens": out_tokens,
         "output_tokens_per_s": round(out_tokens / duration, 4) if duration > 0 else None,
         "ttft_s": summarize([r.ttft for r in ok if r.ttft is not None]),

@@ -40,6 +40,12 @@ def _engine_parser(
 def cmd_generate(args: argparse.Namespace) -> int:
     import ember
 
+    if args.prompt in (None, "-"):  # `echo "question" | ember generate`, as llm and ollama read it
+        if args.prompt is None and sys.stdin.isatty():
+            print("ember generate: give --prompt TEXT, or pipe the prompt in", file=sys.stderr)
+            return 2
+        args.prompt = sys.stdin.read().rstrip("\n")
+
     cfg = from_namespace(EngineConfig, args)
     # Checked before the model loads, so a bad value fails at once.
     params = ember.SamplingParams(
@@ -229,7 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = _engine_parser(sub, "generate", "Generate one reply from the command line.")
     g.add_argument(
-        "--prompt", "-p", required=True, help="The user message (or raw text with --raw)."
+        "--prompt",
+        "-p",
+        help="The user message (or raw text with --raw); without it, or with -, read from stdin.",
     )
     g.add_argument("--raw", action="store_true", help="Complete the text as is, no chat template.")
     g.add_argument("--max-tokens", type=int, default=128)

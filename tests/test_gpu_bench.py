@@ -76,6 +76,7 @@ GPU_IMAGE = {
     "torch", "triton", "transformers", "tokenizers", "safetensors", "sentencepiece", "jinja2",
     "prometheus_client", "psutil", "rich", "httpx", "numpy", "pytest",
     "huggingface_hub",  # a dependency of transformers
+    "markdown_it",  # a dependency of rich
 }  # fmt: skip
 # Imported only by commands the GPU run never uses: `ember chat --url` and ModelScope pulls.
 NOT_ON_GPU_RUN = {"openai", "modelscope_hub", "requests"}

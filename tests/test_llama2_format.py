@@ -191,10 +191,32 @@ def test_continue_final_message_leaves_the_answer_open(
         f.encode(dialog, continue_final_message=True)
 
 
-def test_roles_out_of_turn_are_a_template_error(formatters: dict[str, ChatFormatter]) -> None:
-    dialog = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
-    with pytest.raises(ChatTemplateError, match="in turn"):
-        formatters["tokenizer.model"].encode(dialog)
+def test_history_out_of_meta_turns_joins_as_fastchat_took_it(
+    formatters: dict[str, ChatFormatter],
+) -> None:
+    """NextChat sends two user turns in a row after a failed reply, and a memory summary as a
+    second system message; each such request was a 400 (FastChat, the tutorial's server,
+    took them)."""
+    f = formatters["tokenizer.model"]
+    as_sent = [
+        {"role": "system", "content": "Summary of earlier turns."},
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "a"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "c"},
+        {"role": "system", "content": "Mind the time."},
+        {"role": "user", "content": "d"},
+    ]
+    meta = [
+        {"role": "system", "content": "Summary of earlier turns.\n\nBe brief.\n\nMind the time."},
+        {"role": "user", "content": "a\n\nb"},
+        {"role": "assistant", "content": "c"},
+        {"role": "user", "content": "d"},
+    ]
+    assert f.encode(as_sent) == f.encode(meta)
+    # An opening assistant greeting (a NextChat mask's) answers an empty user turn.
+    greeting = [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "e"}]
+    assert f.encode(greeting) == f.encode([{"role": "user", "content": ""}, *greeting])
 
 
 def test_llama2_builtin_is_selectable_by_name(formatters: dict[str, ChatFormatter]) -> None:

@@ -61,7 +61,9 @@ class Llama2Format:
     The system prompt folds into the first user turn as "<<SYS>>\\n{sys}\\n<</SYS>>\\n\\n{user}";
     each finished exchange is `<s>` + SP("[INST] {u} [/INST] {a} ") + `</s>` and the open turn
     is `<s>` + SP("[INST] {u} [/INST]"), with both sides stripped. Llama-2 has no tool format:
-    the format ignores tools, and the server answers a request with tools with a 400.
+    the format ignores tools, and the server answers a request with tools with a 400. Beyond
+    Meta's one system prompt and strict turns, as FastChat served it: system messages join into
+    that one, and messages of one role in a row into one turn.
     """
 
     name = "llama-2"
@@ -112,21 +114,28 @@ class Llama2Format:
         """(text of one [INST] block, whether the assistant's answer closed it)."""
         if not messages:
             raise ValueError("The conversation has no messages.")
-        roles = [_role_of(m) for m in messages]
-        contents = [message_text(m.get("content"), i) for i, m in enumerate(messages)]
-        if roles[0] == "system":
-            system = "<<SYS>>\n" + contents[0] + "\n<</SYS>>\n\n"
-            roles, contents = roles[1:], contents[1:]
-            if not roles:  # a system prompt alone: an open turn with no user text
-                roles, contents = ["user"], [""]
-            contents[0] = system + contents[0]
-        for i, role in enumerate(roles):
-            if role != ("user" if i % 2 == 0 else "assistant"):
-                raise ValueError(
-                    "Llama-2 takes an optional system message, then user and assistant "
-                    f"messages in turn; got {role!r} where "
-                    f"{'user' if i % 2 == 0 else 'assistant'} belongs."
-                )
+        all_roles = [_role_of(m) for m in messages]
+        all_contents = [message_text(m.get("content"), i) for i, m in enumerate(messages)]
+        # Meta's format takes one system prompt, then user and assistant in turn. Clients send
+        # more than that (NextChat: a memory summary beside a mask's system prompt, and two
+        # user turns in a row where a reply failed), which FastChat took: the system messages
+        # join into one, and messages of one role in a row into one turn.
+        systems = [c for r, c in zip(all_roles, all_contents) if r == "system"]
+        roles: list[str] = []
+        contents: list[str] = []
+        for role, content in zip(all_roles, all_contents):
+            if role == "system":
+                continue
+            if roles and roles[-1] == role:
+                contents[-1] = contents[-1].rstrip() + "\n\n" + content.lstrip()
+            else:
+                roles.append(role)
+                contents.append(content)
+        if not roles or roles[0] != "user":  # an opening assistant greeting answers no one
+            roles, contents = ["user", *roles], ["", *contents]
+        if systems:
+            system = "\n\n".join(systems)
+            contents[0] = "<<SYS>>\n" + system + "\n<</SYS>>\n\n" + contents[0]
         if continue_final_message and roles[-1] != "assistant":
             raise ValueError(
                 "continue_final_message continues an assistant message; in the llama-2 format "

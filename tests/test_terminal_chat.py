@@ -214,6 +214,22 @@ def test_a_refusal_is_one_line_when_piped(server):
 
 
 @pytest.mark.slow
+def test_piped_questions_give_replies_alone_and_a_status_that_says_if_all_went_well(server):
+    """From a pipe, ">>> " prompts and the banner went into the output among the replies, and
+    the exit status was 0 even when a question failed."""
+    cmd = [sys.executable, "-m", "ember.cli", "chat", "--url", server, "--api-key", API_KEY]
+    cmd += ["--model", "smol", "--max-tokens", "3"]
+    ok = subprocess.run(cmd, input="hi\n", capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert ">>>" not in ok.stdout and "/help" not in ok.stdout and ok.stdout.strip()
+    assert "/help for commands" in ok.stderr
+    bad = subprocess.run(
+        cmd, input="hi\n/model nope\n", capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 1 and "'nope'" in bad.stderr
+
+
+@pytest.mark.slow
 def test_a_model_the_server_does_not_serve_ends_the_chat_at_once(server):
     chat = _spawn("--url", server, "--api-key", API_KEY, "--model", "nope")
     _ends_before_the_first_question(chat, "'nope' is not served at")

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import queue
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -401,11 +402,13 @@ def _read_line(prompt: str) -> str | None:
         return None
 
 
-def _read_message() -> tuple[str, bool] | None:
+def _read_message(prompts: bool = True) -> tuple[str, bool] | None:
     """The next message and whether it came between triple quotes (as Ollama reads them:
-    never a /command); None at end of input. Ctrl-C drops what was typed, as in a shell."""
+    never a /command); None at end of input. Ctrl-C drops what was typed, as in a shell.
+    Without `prompts` (input from a pipe), no ">>> " goes into the output among the replies."""
+    first, more_prompt = (">>> ", "... ") if prompts else ("", "")
     try:
-        line = _read_line(">>> ")
+        line = _read_line(first)
         if line is None or not line.lstrip().startswith(QUOTES):
             return None if line is None else (line, False)
         rest = line.lstrip()[len(QUOTES) :]
@@ -413,7 +416,7 @@ def _read_message() -> tuple[str, bool] | None:
             return rest.rstrip()[: -len(QUOTES)], True  # """one line"""
         lines = [rest] if rest.strip() else []
         while True:
-            more = _read_line("... ")
+            more = _read_line(more_prompt)
             if more is None:  # Ctrl-D ends the block
                 break
             if more.rstrip().endswith(QUOTES):
@@ -449,15 +452,20 @@ def run(args: argparse.Namespace) -> int:
         return 130
     chat = Chat(backend, args.system, console)
     where = f"at {args.url}" if args.url else "in this process"
-    console.print(
+    # From a pipe, the output is the replies alone (the banner goes to stderr), and the exit
+    # status says whether every question was answered.
+    interactive = sys.stdin.isatty()
+    (console if interactive else err).print(
         Text(f"{backend.model} {where}. /help for commands, Ctrl-D to leave.", style="dim"),
         soft_wrap=True,
     )
+    failed = False
     while True:
-        message = _read_message()
+        message = _read_message(prompts=interactive)
         if message is None:
-            console.print()
-            return 0
+            if interactive:
+                console.print()
+            return 1 if failed else 0
         line, quoted = message
         several = "\n" in line
         # A block between triple quotes keeps its indentation (code); a line is trimmed.
@@ -472,6 +480,7 @@ def run(args: argparse.Namespace) -> int:
                 chat.ask(text)
         except ChatError as e:
             _report(err, e)
+            failed = True
             if e.fatal:
                 return 1
 

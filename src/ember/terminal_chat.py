@@ -385,10 +385,13 @@ class Markdown(RichMarkdown):
     """rich's Markdown, with raw HTML kept as text: rich drops HTML, so a reply's `List<String>`
     lost its `<String>` and a `<div>` block vanished (the chat page shows them as text too)."""
 
+    # Built once: a streaming reply is rendered again at each update.
+    _parser = MarkdownIt("commonmark", {"html": False}).enable("strikethrough").enable("table")
+
     def __init__(self, markup: str, **kwargs: Any) -> None:
-        super().__init__(markup, **kwargs)
-        parser = MarkdownIt("commonmark", {"html": False}).enable("strikethrough").enable("table")
-        self.parsed = parser.parse(markup)
+        super().__init__("", **kwargs)  # rich's own parse of the text would be thrown away
+        self.markup = markup
+        self.parsed = self._parser.parse(markup)
 
 
 QUOTES = '"""'

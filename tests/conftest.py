@@ -26,6 +26,20 @@ def pytest_configure(config) -> None:
         _poison_masked_loads()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _cpu_threads_per_module() -> Iterator[None]:
+    """Engines made with `num_threads` set torch's and the C kernels' threads for the process;
+    each module starts from the defaults again."""
+    import torch
+
+    from ember import native
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    native.set_threads(0)
+
+
 def _poison_masked_loads() -> None:
     """A masked `tl.load` without `other` leaves its masked lanes undefined on the GPU, while
     the interpreter fills them with zeros, which hides a kernel that reduces over them. Under

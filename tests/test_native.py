@@ -101,3 +101,86 @@ def test_kernels_build_into_the_cache_and_can_be_turned_off(tmp_path) -> None:
     assert built[0].stat().st_mtime_ns == mtime
     assert run(EMBER_NATIVE="0") == "False False"
     assert run(CC="/nonexistent/cc") == "False False"  # a broken compiler is not fatal
+
+
+def test_set_threads_sizes_every_parallel_loop(kernels) -> None:
+    """The kernels run on the threads Ember sets (not OpenMP's one per core), from any thread:
+    in a fresh process, the pool OpenMP starts for a kernel is the size asked for."""
+    script = """
+import os, threading, torch
+from ember import native
+from ember.models import layers
+torch.set_num_threads(1)  # no threads of torch's own
+native.set_threads({n})
+lib = native.cpu_kernels()
+assert lib.ember_num_threads() == {n}, lib.ember_num_threads()
+x = torch.randn(64, 2048)
+before = len(os.listdir("/proc/self/task"))
+# from another thread, as the engine calls them
+t = threading.Thread(target=lambda: layers.silu_and_mul(x))
+t.start(); t.join()
+print(len(os.listdir("/proc/self/task")) - before)
+"""
+    started = {}
+    for n in (1, 5):
+        out = subprocess.run(
+            [sys.executable, "-c", script.format(n=n)], capture_output=True, text=True, check=True
+        )
+        started[n] = int(out.stdout.split()[-1])
+    # Five threads start (and OpenMP keeps) four workers more than one thread does; OpenMP's
+    # default here would start as many for both.
+    assert started[5] - started[1] >= 3, started
+
+
+def test_set_threads_zero_is_openmp_default(kernels) -> None:
+    from ember import native
+
+    native.set_threads(3)
+    assert kernels.ember_num_threads() == 3
+    native.set_threads(0)
+    assert kernels.ember_num_threads() >= 1
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "max 100000\n"}, None),  # cgroup v2, no limit
+        ({"cpu.max": "400000 100000\n"}, 4),
+        ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs: round up
+        ({"cpu.max": "10000 100000\n"}, 1),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1
+        ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2),
+        ({}, None),
+    ],
+)
+def test_cpu_quota_reads_cgroup_v1_and_v2(tmp_path, files: dict[str, str], expected) -> None:
+    from ember.native import cpu_quota
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cpu_quota(tmp_path) == expected
+
+
+def test_cpu_quota_caps_torch_and_kernel_threads(kernels, monkeypatch) -> None:
+    """A pod limited to fewer CPUs than it sees runs that many threads, unless told otherwise."""
+    from ember import native
+    from ember.engine import runner
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(native, "cpu_quota", lambda: 1)
+        monkeypatch.setattr(runner, "_visible_cpus", lambda: 64)
+        runner.set_cpu_threads(None)
+        assert (torch.get_num_threads(), kernels.ember_num_threads()) == (1, 1)
+        runner.set_cpu_threads(3)  # --num-threads wins
+        assert (torch.get_num_threads(), kernels.ember_num_threads()) == (3, 3)
+        monkeypatch.setattr(native, "cpu_quota", lambda: None)
+        native.set_threads(0)
+        torch.set_num_threads(2)
+        default = kernels.ember_num_threads()
+        runner.set_cpu_threads(None)  # no quota: the defaults stay
+        assert (torch.get_num_threads(), kernels.ember_num_threads()) == (2, default)
+    finally:
+        torch.set_num_threads(before)
+        native.set_threads(0)

@@ -94,7 +94,11 @@ class EngineConfig:
         default="auto",
         choices=["auto", "hermes", "llama3_json", "chatglm3", "none"],
     )
-    num_threads: int | None = _opt("CPU threads for torch; default: all cores.", minimum=1)
+    num_threads: int | None = _opt(
+        "CPU threads for torch and Ember's C kernels; default: all cores, or as many as the "
+        "container's CPU quota (a pod's limits.cpu) when that is fewer.",
+        minimum=1,
+    )
     seed: int = _opt(
         "Seed for the random weights of --load-format dummy. Requests without a seed of their "
         "own are sampled from an unseeded generator; give `seed` in a request to reproduce it.",

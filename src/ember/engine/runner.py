@@ -8,12 +8,14 @@ allocator only ever see block numbers. On CUDA, decode-only steps replay a captu
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ember import native
 from ember.config import EngineConfig, parse_bytes
 from ember.engine.attention import AttentionBackend, SeqSpan, get_backend
 from ember.engine.cuda_graphs import DecodeGraphs, fill_decode_rows
@@ -71,6 +73,26 @@ class StepInputs:
     sample_rows: torch.Tensor  # flat index of the last token of each sampling sequence
 
 
+def _visible_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def set_cpu_threads(requested: int | None) -> None:
+    """Threads for torch and Ember's C kernels: `--num-threads`, else no more than the
+    container's CPU quota (a pod's `limits.cpu`), which neither torch nor OpenMP reads."""
+    threads = requested
+    if threads is None:
+        quota = native.cpu_quota()
+        if quota is None or quota >= _visible_cpus():
+            return
+        threads = quota
+        log.info("%d CPU threads, the container's CPU quota (--num-threads sets it)", quota)
+    torch.set_num_threads(threads if requested else min(threads, torch.get_num_threads()))
+    native.set_threads(threads)
+
+
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, model_dir: Path, hf_config: dict) -> None:
         self.cfg = cfg
@@ -81,8 +103,7 @@ class ModelRunner:
         # Small blocks on the CPU: the prefix cache then covers more of a shared system prompt
         # (prefill is compute there); on GPU, 16-token blocks keep block tables short.
         self.block_size = cfg.block_size or (16 if self.device.type == "cuda" else 8)
-        if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
+        set_cpu_threads(cfg.num_threads)
         cls = model_class(hf_config)
         t0 = time.perf_counter()
         with torch.device("meta"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -97,6 +98,7 @@ SIGNATURES = {
     # layers, num_layers, dims, final norm, rows, x, residual, out, cos, sin, slots,
     # block_tables, context_lens, max_blocks (structures in models/cpu_decode.py)
     "decode_layers": [_ptr, _i64, _ptr, _ptr, _i64, *[_ptr] * 8, _i64],
+    "set_threads": [_i64],  # threads for the parallel loops; 0: OpenMP's default
 }
 
 
@@ -158,4 +160,39 @@ def cpu_kernels() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes = argtypes
         fn.restype = None
+    lib.ember_num_threads.argtypes = []
+    lib.ember_num_threads.restype = ctypes.c_int
+    lib.set_threads(_threads)
     return lib
+
+
+_threads = 0
+
+
+def set_threads(n: int) -> None:
+    """Run the kernels' parallel loops on `n` threads (0: OpenMP's default, one per core)."""
+    global _threads
+    _threads = max(0, n)
+    if cpu_kernels.cache_info().currsize:  # already loaded: tell it now
+        lib = cpu_kernels()
+        if lib is not None:
+            lib.set_threads(_threads)
+
+
+def cpu_quota(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The CPUs this process may use by its cgroup's CPU quota, rounded up (a pod's
+    `limits.cpu`), or None without one. Neither torch nor OpenMP reads it: on a 64-core node
+    a pod limited to 4 CPUs would run 64 threads and spend its quota waiting to be scheduled."""
+    try:  # cgroup v2: "max 100000" or "400000 100000"
+        quota, period = (cgroup_root / "cpu.max").read_text().split()[:2]
+        if quota == "max":
+            return None
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1: -1 when unlimited
+        quota = int((cgroup_root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((cgroup_root / "cpu" / "cpu.cfs_period_us").read_text())
+        return max(1, math.ceil(quota / period)) if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None

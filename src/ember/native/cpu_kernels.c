@@ -24,6 +24,16 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Threads for every parallel loop here: `set_threads` (Ember's --num-threads, or the container's
+ * CPU quota) or, left at 0, OpenMP's default of one per visible core, which a CPU-limited pod
+ * would oversubscribe. The engine calls the kernels from its own thread, so the per-thread
+ * omp_set_num_threads of another thread would not reach them. */
+static int ember_threads = 0;
+
+void set_threads(int64_t n) { ember_threads = n > 0 ? (int)n : 0; }
+
+int ember_num_threads(void) { return ember_threads > 0 ? ember_threads : omp_get_max_threads(); }
+
 /* e^x for x <= 0. glibc's vectorised expf falls back to a slow scalar path for lanes far below
  * zero or at -inf (masked logits); below e^-80 nothing registers against a sum of at least 1. */
 static inline float exp_nonpositive(float x) { return expf(fmaxf(x, -80.0f)); }
@@ -284,7 +294,7 @@ void paged_attention(const float *q, int64_t q_stride, const float *cache, float
      * its rows, so with few query heads per KV head (Llama-2's 1) longer tiles save most of the
      * cache traffic of a long prefill; but not so long that the cores run short of tiles. */
     int64_t tile = TILE_ROWS / group;
-    const int64_t spread = rows * num_kv_heads / (4 * (int64_t)omp_get_max_threads());
+    const int64_t spread = rows * num_kv_heads / (4 * (int64_t)ember_num_threads());
     tile = tile < spread ? tile : spread;
     tile = tile > TILE ? tile : TILE;
     int64_t *tile_start = (int64_t *)malloc(sizeof(int64_t) * (size_t)(rows + 1));
@@ -298,7 +308,7 @@ void paged_attention(const float *q, int64_t q_stride, const float *cache, float
         r = e;
     }
     tile_start[tiles] = rows;
-#pragma omp parallel
+#pragma omp parallel num_threads(ember_num_threads())
     {
         /* Per row of a tile and a spare: its query, accumulator and state (8 a vector). */
         const int64_t tile_rows = longest * group + 1;
@@ -332,7 +342,7 @@ void decode_attention(const float *q, int64_t q_stride, const float *cache, floa
 }
 
 void silu_and_mul(const float *x, float *out, int64_t rows, int64_t n) {
-#pragma omp parallel for schedule(static) if (rows * n > 32768)
+#pragma omp parallel for num_threads(ember_num_threads()) schedule(static) if (rows * n > 32768)
     for (int64_t r = 0; r < rows; r++) {
         const float *gate = x + r * 2 * n, *up = gate + n;
         float *o = out + r * n;
@@ -343,7 +353,7 @@ void silu_and_mul(const float *x, float *out, int64_t rows, int64_t n) {
 
 void rms_norm(const float *x, const float *weight, float *out, int64_t rows, int64_t dim,
               float eps) {
-#pragma omp parallel for schedule(static) if (rows * dim > 32768)
+#pragma omp parallel for num_threads(ember_num_threads()) schedule(static) if (rows * dim > 32768)
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * dim;
         float *o = out + r * dim;
@@ -357,7 +367,7 @@ void rms_norm(const float *x, const float *weight, float *out, int64_t rows, int
 void rotary(float *x, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_dim,
             int64_t rot_dim, const float *cos, const float *sin, int64_t neox) {
     const int64_t half = rot_dim / 2;
-#pragma omp parallel for schedule(static) if (rows * heads * rot_dim > 65536)
+#pragma omp parallel for num_threads(ember_num_threads()) schedule(static) if (rows * heads * rot_dim > 65536)
     for (int64_t r = 0; r < rows; r++) {
         const float *c = cos + r * half, *sn = sin + r * half;
         for (int64_t h = 0; h < heads; h++) {
@@ -416,7 +426,7 @@ static inline __attribute__((always_inline)) double weight_total(const float *z,
 void sample_logits(const float *logits, int64_t rows, int64_t vocab, const double *u,
                    int64_t *out) {
     enum { CHUNK = 256 }; /* the scan skips whole chunks by their sums */
-#pragma omp parallel for schedule(static) if (rows > 1)
+#pragma omp parallel for num_threads(ember_num_threads()) schedule(static) if (rows > 1)
     for (int64_t r = 0; r < rows; r++) {
         const float *z = logits + r * vocab;
         const float m = row_max(z, vocab);
@@ -469,7 +479,7 @@ static int by_logit_desc(const void *a, const void *b) {
 void top_p_mask(float *logits, int64_t rows, int64_t vocab, const float *p) {
     enum { BUCKETS = 2048 };
     const float per_unit = BUCKETS / 32.0f; /* buckets cover 32 logits below the best */
-#pragma omp parallel
+#pragma omp parallel num_threads(ember_num_threads())
     {
         double *mass = (double *)malloc(sizeof(double) * BUCKETS);
         float *w = (float *)malloc(sizeof(float) * (size_t)vocab);

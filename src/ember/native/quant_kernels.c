@@ -33,6 +33,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+int ember_num_threads(void); /* cpu_kernels.c: threads for the parallel loops */
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -47,7 +49,7 @@
 void quantize_rows_q8(const float *x, int64_t M, int64_t K, int64_t ldx, int64_t Kp, int8_t *xq,
                       float *xd, int32_t *xs) {
     const int64_t nb = Kp / 32;
-#pragma omp parallel for schedule(static) if (M * Kp > 65536)
+#pragma omp parallel for num_threads(ember_num_threads()) schedule(static) if (M * Kp > 65536)
     for (int64_t m = 0; m < M; m++) {
         const float *xr = x + m * ldx;
         for (int64_t b = 0; b < nb; b++) {
@@ -494,7 +496,7 @@ void linear_quant(const float *x, int64_t M, int64_t K, int64_t ldx, const void 
     const int64_t T = (N + 15) / 16, tb = bits == 8 ? Kp * 16 : Kp * 8, gb = G / 32 > 0 ? G / 32 : 1;
     /* Register tiles: 4 rows x 2 tiles (32 columns), or for 1-3 rows up to 4 tiles. */
     const int64_t MR = M >= 4 ? 4 : M, NT = M >= 3 ? 2 : 4, groups = (T + NT - 1) / NT;
-#pragma omp parallel for schedule(static) if (N * M * Kp > 32768)
+#pragma omp parallel for num_threads(ember_num_threads()) schedule(static) if (N * M * Kp > 32768)
     for (int64_t i = 0; i < groups; i++) {
         const int64_t t0 = i * NT, nt = T - t0 < NT ? T - t0 : NT;
         const uint8_t *wt = (const uint8_t *)w + t0 * tb;

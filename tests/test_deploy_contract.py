@@ -35,7 +35,16 @@ def scrape(base: str) -> dict[str, tuple[str, list]]:
 
 def metrics_the_chart_reads() -> dict[str, str]:
     """{flag or HPA: metric name} from a chart rendered with the HPA and the pool on."""
-    docs = render({"autoscaling": {"enabled": True}, "inferencePool": {"enabled": True}})
+    # With the flags a newer picker also takes, so that their metrics are checked too.
+    newer_picker = {
+        "metrics": {"running": "ember:num_requests_running", "cacheInfo": "ember:cache_config_info"}
+    }
+    docs = render(
+        {
+            "autoscaling": {"enabled": True},
+            "inferencePool": {"enabled": True, "endpointPicker": newer_picker},
+        }
+    )
     hpa = one(docs, "HorizontalPodAutoscaler")
     wanted = {"hpa": hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]}
     epp = one(docs, "Deployment", "endpoint-picker")

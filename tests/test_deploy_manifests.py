@@ -211,6 +211,66 @@ def test_the_pull_job_is_a_new_job_when_its_pod_would_change():
     assert len(long) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", long)
 
 
+def test_the_pull_job_runs_beside_the_pods_and_they_wait_for_it():
+    """The Job goes where the server pods may go (their node selector and tolerations: GPU
+    nodes are often tainted), beside them (a ReadWriteOnce claim attaches to one node), and the
+    pods wait for its mark on the model's folder instead of crash-looping into long back-offs."""
+    values = {
+        "pull": {"mode": "job"},
+        "nodeSelector": {"gpu": "h200"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    }
+    docs = render(values)
+    job_pod = one(docs, "Job", "pull")["spec"]["template"]["spec"]
+    assert job_pod["nodeSelector"] == values["nodeSelector"]
+    assert job_pod["tolerations"] == values["tolerations"]
+    (term,) = job_pod["affinity"]["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == pod_labels(docs)
+    pod = server_pod(docs)
+    (wait,) = pod["initContainers"]
+    pulled_to = container(job_pod, "pull")["args"][-1]
+    assert wait["env"] == [{"name": "MODEL_PATH", "value": pulled_to}]
+    assert '"$MODEL_PATH/.cache/ember-pulled"' in wait["command"][-1]
+    assert wait["volumeMounts"][0]["readOnly"] is True
+    # A user's own affinity is the Job's too.
+    mine = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]
+    }}}  # fmt: skip
+    job_pod = one(render({**values, "affinity": mine}), "Job", "pull")["spec"]["template"]["spec"]
+    assert job_pod["affinity"] == mine
+    for obj in docs:
+        validate(obj)
+
+
+def test_the_pulled_mark_the_pods_wait_for_is_the_one_ember_pull_writes(tmp_path):
+    from ember import hub
+
+    assert hub._pulled_mark(tmp_path) == tmp_path / ".cache" / "ember-pulled"
+
+
+def _pod_specs(docs) -> list[tuple[str, dict]]:
+    return [
+        (f"{obj['kind']}/{obj['metadata']['name']}", obj["spec"]["template"]["spec"])
+        for obj in docs
+        if obj["kind"] in ("Deployment", "Job")
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_pods_meet_the_restricted_pod_security_standard(name):
+    """A namespace that enforces "restricted" admits every pod the chart and kustomize make."""
+    pods = _pod_specs(render(VALUE_SETS[name]))
+    if name == "default" and kubectl() is not None:
+        pods += _pod_specs(kustomize("chatglm3-6b"))
+    for where, pod in pods:
+        security = pod["securityContext"]
+        assert security["runAsNonRoot"] is True, where
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        for c in pod["containers"] + pod.get("initContainers", []):
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False, (where, c["name"])
+            assert c["securityContext"]["capabilities"]["drop"] == ["ALL"], (where, c["name"])
+
+
 def test_llama2_is_one_value():
     base, llama = render(), render(VALUE_SETS["llama2"])
     server = container(server_pod(llama), "server")
@@ -239,7 +299,8 @@ def test_modelscope_revision_token_job_and_api_key():
     docs = render(VALUE_SETS["modelscope-job-key"])
     assert "Job" in kinds(docs) and "Secret" in kinds(docs)
     pod = server_pod(docs)
-    assert not pod.get("initContainers"), "job mode must not pull in every pod too"
+    # Job mode must not pull in every pod too: the pods only wait for the Job.
+    assert [c["name"] for c in pod["initContainers"]] == ["wait-for-pull"]
     job = one(docs, "Job", "pull")
     pull = container(job["spec"]["template"]["spec"], "pull")
     assert pull["args"] == [
@@ -304,8 +365,15 @@ def test_inference_pool_selects_ember_pods_and_its_picker_reads_ember_metrics():
     args = container(epp["spec"]["template"]["spec"], "epp")["args"]
     assert f"--pool-name={pool['metadata']['name']}" in args
     assert "--total-queued-requests-metric=ember:num_requests_waiting" in args
-    assert "--total-running-requests-metric=ember:num_requests_running" in args
     assert "--kv-cache-usage-percentage-metric=ember:kv_cache_usage_perc" in args
+    # The pinned picker (v1.0) exits on a flag it does not know: only those it has are passed.
+    assert epp["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":v1.0.1")
+    metric_flags = {a.partition("=")[0] for a in args if a.partition("=")[0].endswith("-metric")}
+    assert metric_flags == {
+        "--total-queued-requests-metric",
+        "--kv-cache-usage-percentage-metric",
+        "--lora-info-metric",
+    }
     route = one(docs, "HTTPRoute")
     (backend,) = route["spec"]["rules"][0]["backendRefs"]
     assert backend["kind"] == "InferencePool" and backend["name"] == pool["metadata"]["name"]
@@ -403,7 +471,8 @@ def test_kustomize_overlay_builds_valid_objects(overlay, repo, path, name):
     docs = kustomize(overlay)
     for obj in docs:
         validate(obj)
-    assert kinds(docs) == ["ConfigMap", "Deployment", "PersistentVolumeClaim", "Service"]
+    # The claim is not in the kustomization: `kubectl delete -k` must not delete the models.
+    assert kinds(docs) == ["ConfigMap", "Deployment", "Service"]
     config = one(docs, "ConfigMap")["data"]
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     server, pull = container(pod, "server"), container(pod, "pull", init=True)
@@ -414,6 +483,13 @@ def test_kustomize_overlay_builds_valid_objects(overlay, repo, path, name):
     assert expand(server["args"], config) == [path, "--port", "8000"]
     assert config["EMBER_SERVED_MODEL_NAME"] == name
     assert expand(pull["args"], config) == ["pull", repo, "--source", "huggingface", "--dir", path]
+    # The README's `hf-token` Secret reaches the pull (Llama-2 is gated); it may be absent.
+    (token,) = [e for e in pull["env"] if e["name"] == "HF_TOKEN"]
+    assert token["valueFrom"]["secretKeyRef"] == {
+        "name": "hf-token",
+        "key": "token",
+        "optional": True,
+    }
     assert server["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert server["readinessProbe"]["httpGet"]["path"] == "/health"
     assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "fastchat"
@@ -422,6 +498,12 @@ def test_kustomize_overlay_builds_valid_objects(overlay, repo, path, name):
         service["spec"]["selector"].items()
         <= one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"].items()
     )
+
+
+def test_the_tutorial_claim_is_applied_on_its_own():
+    (claim,) = load_yaml(KUSTOMIZE / "pvc.yaml")
+    validate(claim)
+    assert claim["kind"] == "PersistentVolumeClaim" and claim["metadata"]["name"] == "fastchat"
 
 
 # ---------------------------------------------------------------- T9k and KServe
@@ -487,6 +569,10 @@ def test_t9k_schema_rejects_what_t9k_would():
 def test_kserve_inferenceservice():
     (isvc,) = load_yaml(KSERVE / "inferenceservice.yaml")
     validate(isvc)
+    # Knative (KServe's Serverless mode) refuses terminationGracePeriodSeconds and gives up on a
+    # revision before a 7B model has loaded: a plain Deployment instead.
+    annotations = isvc["metadata"]["annotations"]
+    assert annotations["serving.kserve.io/deploymentMode"] == "RawDeployment"
     (c,) = isvc["spec"]["predictor"]["containers"]
     assert c["args"][0] == "/mnt/models"
     assert env_map(c)["STORAGE_URI"].startswith("pvc://fastchat/")

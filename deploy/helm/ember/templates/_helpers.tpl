@@ -118,11 +118,14 @@ path: {{ printf "%s/%s" (trimSuffix "/" .Values.storage.mountPath) $dir | quote 
       {{- end }}
 {{- end -}}
 
+{{/* With ember.containerSecurity, what the "restricted" Pod Security Standard asks. */}}
 {{- define "ember.podSecurity" -}}
 runAsNonRoot: true
 runAsUser: 1000
 runAsGroup: 1000
 fsGroup: 1000
+seccompProfile:
+  type: RuntimeDefault
 {{- end -}}
 
 {{- define "ember.containerSecurity" -}}

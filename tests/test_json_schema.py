@@ -233,3 +233,81 @@ def test_nesting_is_measured_without_recursion_at_any_depth():
     assert not nested_too_deeply({"a": [{"b": 1}]}, limit=3)  # object, array, object
     assert nested_too_deeply({"a": [{"b": {}}]}, limit=3)
     assert not nested_too_deeply({})
+
+
+def _accepts(schema: dict, text: bytes) -> bool:
+    backend = GrammarBackend("byte", 262)
+    m = backend.matcher(StructuredOutputsParams(json=schema))
+    return all(m.accept(b) for b in text) and m.is_accepting()
+
+
+def test_unevaluated_properties_false_closes_a_plain_object():
+    """Outside an intersection it means what additionalProperties: false does; it once left
+    the object open (an extra key "b" went through)."""
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}},
+        "required": ["a"],
+        "unevaluatedProperties": False,
+    }
+    assert _accepts(schema, b'{"a": 1}')
+    assert not _accepts(schema, b'{"a": 1, "b": 2}')
+    assert not _accepts({"type": "object", "unevaluatedProperties": False}, b'{"b": 2}')
+
+
+class Scores(BaseModel):
+    by_colour: dict[Literal["red", "blue"], int]
+    by_key: dict[str, int] = Field(json_schema_extra={"propertyNames": {"pattern": "^k"}})
+
+
+def test_property_names_of_a_pydantic_dict_are_enforced():
+    """pydantic writes `propertyNames` for a dict keyed by a Literal; the compiler skips that
+    keyword, so it is rewritten as properties (or patternProperties) it enforces."""
+    schema = Scores.model_json_schema()
+    assert _accepts(schema, b'{"by_colour": {"red": 1, "blue": 2}, "by_key": {"k1": 3}}')
+    assert _accepts(schema, b'{"by_colour": {}, "by_key": {}}')
+    assert not _accepts(schema, b'{"by_colour": {"green": 1}, "by_key": {}}')
+    assert not _accepts(schema, b'{"by_colour": {}, "by_key": {"x": 1}}')
+    Scores.model_validate_json('{"by_colour": {"red": 1, "blue": 2}, "by_key": {"k1": 3}}')
+
+
+@pytest.mark.parametrize(
+    ("schema", "keyword"),
+    [
+        ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 42}}, "contains"),
+        (
+            {
+                "type": "object",
+                "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                "dependentRequired": {"b": ["a"]},
+            },
+            "dependentRequired",
+        ),
+        ({"type": "object", "propertyNames": {"maxLength": 3}}, "propertyNames"),
+        ({"type": "object", "dependencies": {"a": ["b"]}}, "dependencies"),
+    ],
+)
+def test_a_keyword_the_grammar_would_skip_is_a_400_not_dropped(schema, keyword):
+    """These once went through unenforced: `contains` 42 gave [1, 2, 3]."""
+    from ember.engine.json_schema import schema_error
+
+    with pytest.raises(StructuredOutputsError, match=keyword) as err:
+        GrammarBackend("byte", 262).compile(StructuredOutputsParams(json=schema))
+    assert "cannot enforce" in str(err.value)
+    assert keyword in schema_error(schema)  # tool parameters alike
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "array", "items": {"type": "integer"}, "uniqueItems": True},  # a pydantic set
+        {"not": {"type": "string"}},
+        {"type": "string", "format": "password"},  # an unknown format is an annotation
+        {
+            "allOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}],
+            "unevaluatedProperties": False,
+        },
+    ],
+)
+def test_tolerated_keywords_still_compile(schema):
+    GrammarBackend("byte", 262).compile(StructuredOutputsParams(json=schema))

@@ -150,6 +150,38 @@ def test_choice_regex_and_grammar_walks_end_in_their_language():
         assert out.startswith(b"(") and out.endswith(b")")
 
 
+def test_a_choice_of_many_strings_compiles_and_ends_in_one_of_them():
+    """Thousands of choices (a parser row holds 2,000 items at most), some prefixes of others,
+    one empty: every walk ends in exactly one of them."""
+    backend = _byte_backend()
+    choices = ["c", *(f"c{i}" for i in range(5000)), "c1-x"]
+    spec = StructuredOutputsParams(choice=choices)
+    # A walk may end with the tokenizer's end of text (ids past the bytes) where a choice is
+    # complete but a longer one could go on.
+    outs = {bytes(t for t in _walk(backend, spec, seed) if t < 256).decode() for seed in range(40)}
+    assert outs <= set(choices) and len(outs) > 10
+    m = backend.matcher(spec)
+    for token in b"c4999":
+        assert m.accept(token)
+    assert m.is_accepting()
+    assert not backend.matcher(spec).accept(ord("d"))
+    m = backend.matcher(StructuredOutputsParams(choice=["", *choices]))
+    assert m.is_accepting() and m.accept(ord("c"))  # the empty choice, or go on
+
+
+def test_grammar_errors_come_without_the_parser_state_and_grammar():
+    """llguidance appends its state and the grammar (kilobytes) to some messages."""
+    from ember.engine.structured import readable_error
+
+    raw = 'Parser Error: too many items\n<state>\n{"compute_time_us": 3}\n</state><grammar>\nstart: x\n</grammar>'
+    assert readable_error(raw) == "Parser Error: too many items"
+    assert len(readable_error("x" * 10_000)) == 500
+    backend = _byte_backend()
+    with pytest.raises(StructuredOutputsError) as err:
+        backend.compile(StructuredOutputsParams(regex="(a{1000}){1000}"))
+    assert "<state>" not in str(err.value) and len(str(err.value)) <= 600
+
+
 @pytest.mark.parametrize(
     ("spec", "words"),
     [

@@ -209,9 +209,37 @@ def _nested(schema: dict, depth: int) -> dict:
         ({"guided_json": {"type": "frob"}}, "guided_json", "frob"),
         ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_regex", "guided_choice"),
         ({"guided_regex": "a", "structured_outputs": {"regex": "a"}}, "guided_regex", "several"),
-        # Past a limit that shows only with the first mask: once a 200 that broke the choice.
+        # A response_format beside them was once dropped without a word.
         (
-            {"structured_outputs": {"choice": [f"item{i}" for i in range(2001)]}},
+            {"response_format": {"type": "json_object"}, "guided_choice": ["NOT JSON"]},
+            "guided_choice",
+            "response_format",
+        ),
+        (
+            {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
+            "structured_outputs",
+            "several",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "x",
+                        "schema": {"type": "array", "contains": {"const": 42}},
+                    },
+                }
+            },
+            "response_format",
+            "cannot enforce the keyword(s) contains",
+        ),
+        # Past llguidance's parser limit (a choice is one lexer terminal, so any size).
+        (
+            {
+                "structured_outputs": {
+                    "grammar": "start: " + " | ".join(f'"i{i}"' for i in range(2001))
+                }
+            },
             "structured_outputs",
             "max is 2000",
         ),
@@ -457,6 +485,10 @@ def test_retrieving_a_response_is_a_404_that_says_why(client):
     "extra, param",
     [
         ({"text": {"format": {"type": "json_schema"}}}, "text.format.name"),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "a b", "schema": {}}}},
+            "text.format.name",
+        ),
         ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
         (
             {"text": {"format": {"type": "json_schema", "name": "x", "schema": 5}}},
@@ -478,3 +510,4 @@ def test_a_bad_responses_field_is_named_as_the_client_sent_it(server, extra, par
     err = r.json()["error"]
     assert err["param"] == param, err
     assert "pydantic" not in err["message"] and "ChatCompletionRequest" not in err["message"]
+    assert "response_format" not in err["message"], err

@@ -4,11 +4,15 @@
 `additionalProperties: false`. JSON Schema itself allows extra keys there; vLLM's default
 backend (xgrammar's strict mode) and llama.cpp's schema converter do not, and a client that
 calls `f(**arguments)` needs exactly the keys it declared. A schema that sets
-`additionalProperties` (or `patternProperties`, `unevaluatedProperties`) keeps its choice.
+`additionalProperties` (or `patternProperties`, `unevaluatedProperties`) keeps its choice;
+`unevaluatedProperties: false` outside an intersection and `propertyNames` are rewritten as
+keywords the compiler enforces (`unenforced_keywords` names those it would skip).
 """
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 # Keys whose value is a subschema or a list of them, and keys whose value maps names to them.
@@ -57,9 +61,78 @@ def _close(node: Any, open_defs: set[str]) -> Any:
                 k: v if f"#/{key}/{k}" in open_defs else _close(v, open_defs)
                 for k, v in out[key].items()
             }
+    _lower_property_names(out)
+    if out.get("unevaluatedProperties") is False and not any(k in out for k in _OPEN[:2]):
+        # Outside an intersection every key is evaluated by `properties` or by nothing.
+        out["additionalProperties"] = False
     if isinstance(out.get("properties"), dict) and not any(k in out for k in _OPEN):
         out["additionalProperties"] = False
     return out
+
+
+def _lower_property_names(node: dict[str, Any]) -> None:
+    """`propertyNames` (which pydantic writes for a `dict` keyed by a Literal or a pattern) as
+    keywords the grammar compiler enforces: the names as optional `properties`, or the pattern
+    as `patternProperties`, of the extra keys' schema. Other forms are left to be refused."""
+    names = node.get("propertyNames")
+    if not isinstance(names, dict) or "patternProperties" in node:
+        return
+    rule = {k: v for k, v in names.items() if k not in ("type", "title", "description")}
+    if names.get("type", "string") != "string" or len(rule) != 1:
+        return
+    ((kind, value),) = rule.items()
+    extra = node.get("additionalProperties", True)
+    extra = extra if isinstance(extra, dict) else {} if extra is not False else None
+    props = node.get("properties")
+    props = props if isinstance(props, dict) else {}
+    required = node.get("required")
+    required = set(required) if isinstance(required, list) else set()
+    if kind in ("enum", "const"):
+        allowed = value if kind == "enum" else [value]
+        if not isinstance(allowed, list) or not all(isinstance(n, str) for n in allowed):
+            return
+        kept = {k: v for k, v in props.items() if k in allowed or k in required}
+        if extra is not None:
+            kept.update({n: extra for n in allowed if n not in kept})
+        node["properties"] = kept
+    elif kind == "pattern" and isinstance(value, str):
+        try:
+            pattern = re.compile(value)
+        except re.error:
+            return
+        node["properties"] = {k: v for k, v in props.items() if pattern.search(k) or k in required}
+        if extra is not None:
+            node["patternProperties"] = {value: extra}
+    else:
+        return
+    node["additionalProperties"] = False
+    del node["propertyNames"]
+
+
+# Keywords the grammar compiler does not implement that are accepted and not enforced, as
+# vLLM's backends treat them: pydantic writes uniqueItems for a set, and the others only narrow
+# what a value may be. Any other unimplemented keyword (contains, dependentRequired, ...) is a
+# 400 rather than a constraint silently dropped.
+TOLERATED = frozenset({"uniqueItems", "not", "if", "then", "else", "unevaluatedProperties"})
+
+
+def unenforced_keywords(grammar: str) -> str | None:
+    """Why a compiled JSON Schema grammar would not hold the output to its schema: the
+    keywords in it the compiler skips (outside TOLERATED), or None."""
+    from llguidance import LLMatcher
+
+    _, warnings = LLMatcher.validate_grammar_with_warnings(grammar)
+    skipped: set[str] = set()
+    for warning in warnings:
+        if warning.startswith("Unimplemented keys:"):
+            try:
+                skipped.update(json.loads(warning.split(":", 1)[1]))
+            except ValueError:
+                continue
+    refused = sorted(skipped - TOLERATED)
+    if not refused:
+        return None
+    return f"Ember cannot enforce the keyword(s) {', '.join(refused)}"
 
 
 def _is_intersection(node: dict[str, Any]) -> bool:
@@ -132,7 +205,7 @@ def schema_error(schema: Any) -> str | None:
         grammar = LLMatcher.grammar_from_json_schema(close_objects(schema), COMPACT_JSON)
     except (ValueError, TypeError) as e:
         return str(e)
-    return LLMatcher.validate_grammar(grammar).strip() or None
+    return LLMatcher.validate_grammar(grammar).strip() or unenforced_keywords(grammar)
 
 
 def schema_problem(schema: Any) -> str | None:
@@ -143,8 +216,9 @@ def schema_problem(schema: Any) -> str | None:
         return f"nested more than {MAX_SCHEMA_NESTING} levels deep"
     if not has_finite_instance(schema):
         return (
-            "no finite value matches it (a $ref recursion with no way out: make the recursive "
-            "property optional, or allow null or an empty array there)"
+            "no finite value matches it (a required property or item that nothing matches, or a "
+            "$ref recursion with no way out: make the recursive property optional, or allow "
+            "null or an empty array there)"
         )
     return None
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -33,12 +34,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from ember.engine.json_schema import COMPACT_JSON, close_objects, schema_problem
+from ember.engine.json_schema import (
+    COMPACT_JSON,
+    close_objects,
+    schema_problem,
+    unenforced_keywords,
+)
 from ember.engine.request import SamplingParamsError
 
 log = logging.getLogger(__name__)
 
 _KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def readable_error(error: str, limit: int = 500) -> str:
+    """llguidance's message without the parser state and grammar text it appends (kilobytes,
+    megabytes for a large grammar), on one line, cut at `limit` characters."""
+    text = re.sub(r"<(state|grammar)>.*?(</\1>|$)", " ", error, flags=re.DOTALL)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class StructuredOutputsError(SamplingParamsError):
@@ -117,12 +131,17 @@ class StructuredOutputsParams:
                 # llguidance would take an unending recursion, then fail on its first token.
                 if problem := schema_problem(schema):
                     raise StructuredOutputsError(f"Invalid JSON Schema: {problem}.", self.param)
-                return LLMatcher.grammar_from_json_schema(close_objects(schema), COMPACT_JSON)
+                grammar = LLMatcher.grammar_from_json_schema(close_objects(schema), COMPACT_JSON)
+                if problem := unenforced_keywords(grammar):
+                    raise StructuredOutputsError(f"Invalid JSON Schema: {problem}.", self.param)
+                return grammar
             if self.regex is not None:
                 return LLMatcher.grammar_from_regex(ascii_digits(self.regex))
             if self.choice is not None:
+                # One lexer terminal, not a rule of alternatives: llguidance's parser takes at
+                # most 2,000 items at one point, its lexer any number of strings.
                 return LLMatcher.grammar_from_lark(
-                    "start: " + " | ".join(json.dumps(c) for c in self.choice)
+                    "start: CHOICE\nCHOICE: " + " | ".join(json.dumps(c) for c in self.choice)
                 )
             assert self.grammar is not None
             return llg.grammar_from("grammar", self.grammar)
@@ -173,7 +192,7 @@ class GrammarMatcher:
         return bool(self._m.is_error())
 
     def error(self) -> str:
-        return str(self._m.get_error())
+        return readable_error(str(self._m.get_error()))
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed-token bits for the next token into `bitmask[row]` (CPU int32)."""
@@ -237,11 +256,13 @@ class GrammarBackend:
         grammar = spec.to_grammar()
         error = LLMatcher.validate_grammar(grammar, tok)
         if error:
-            raise StructuredOutputsError(f"Invalid {spec._what()}: {error.strip()}", spec.param)
+            raise StructuredOutputsError(
+                f"Invalid {spec._what()}: {readable_error(error)}", spec.param
+            )
         template = LLMatcher(tok, grammar, log_level=0)
         if template.is_error():
             raise StructuredOutputsError(
-                f"Invalid {spec._what()}: {template.get_error()}", spec.param
+                f"Invalid {spec._what()}: {readable_error(template.get_error())}", spec.param
             )
         error = self._first_steps_error(GrammarMatcher(template.deep_copy()))
         if error:

@@ -99,10 +99,10 @@ def sampling_params(
         max_tokens = min(room, state.config.default_max_tokens or room)
     bias = None
     if req.logit_bias:
-        try:
-            bias = {int(k): float(v) for k, v in req.logit_bias.items()}
-        except ValueError as e:
-            raise APIError("logit_bias keys must be token ids.", param="logit_bias") from e
+        # Digits only: int() would also read "1_0" as 10 and " 7" as 7.
+        if not all(re.fullmatch(r"[0-9]{1,10}", k) for k in req.logit_bias):
+            raise APIError("logit_bias keys must be token ids.", param="logit_bias")
+        bias = {int(k): float(v) for k, v in req.logit_bias.items()}
 
     def pick(name: str, default: Any) -> Any:
         value = getattr(req, name)
@@ -218,6 +218,13 @@ def structured_outputs(req: Any) -> StructuredOutputsParams | None:
     fields), else `response_format`."""
     extra = getattr(req, "structured_outputs", None)
     guided = [f for f in _GUIDED if getattr(req, f, None) is not None]
+    fmt = getattr(req, "response_format", None)
+    if (guided or extra is not None) and fmt is not None and fmt.type != "text":
+        given = [*guided, *(["structured_outputs"] if extra is not None else [])]
+        raise APIError(
+            f"Give one constraint, not several: {', '.join(given)}, response_format.",
+            param=given[0],
+        )
     if guided:
         given = guided if extra is None else [*guided, "structured_outputs"]
         if len(given) > 1:
@@ -229,7 +236,6 @@ def structured_outputs(req: Any) -> StructuredOutputsParams | None:
     if extra is not None:
         spec = {k: v for k, v in extra.items() if k not in _BACKEND_OPTIONS}
         return StructuredOutputsParams.of(spec)
-    fmt = getattr(req, "response_format", None)
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":

@@ -377,7 +377,10 @@ async def create_response(
         err = to_api_error(e)
         if err.status >= 500 or err.param is None:
             raise
-        err.param = _responses_param(err.param)
+        name = _responses_param(err.param)
+        if name != err.param:  # and in the message, where it names the field
+            err.message = err.message.replace(err.param, name)
+            err.param = name
         if err is e:
             raise
         raise err from e

@@ -134,6 +134,14 @@ def test_overlong_token_ids_are_400_and_truncate_prompt_tokens_cuts_them(client)
     with pytest.raises(openai.BadRequestError) as e:
         client.embeddings.create(model=ENCODER, input=[long_ids])
     assert e.value.body["param"] == "input" and "512" in e.value.body["message"]
+    assert e.value.body["code"] == "context_length_exceeded"  # as the other endpoints say it
+    # Which of several inputs is too long, on the encoder and on the served model.
+    for model, limit in ((ENCODER, 512), ("smol", 8192)):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.embeddings.create(model=model, input=[[1, 2], list(range(1, limit + 2))])
+        body = e.value.body
+        assert body["code"] == "context_length_exceeded", body
+        assert f"input 1 has {limit + 1} tokens" in body["message"], body
     cut = client.embeddings.create(
         model=ENCODER, input=[long_ids], extra_body={"truncate_prompt_tokens": 8}
     )

@@ -265,16 +265,22 @@ def test_lone_surrogates_are_a_400_and_pairs_are_text(server):
         return httpx.post(server + path, content=raw.encode(), headers=headers, timeout=120)
 
     user = '{"model": "smol", "max_tokens": 2, "messages": [{"role": "user", "content": "%s"}]}'
-    for raw in (
-        user % "a\\ud800b",
-        (user % "a\\udc00b")[:-1] + ', "stream": true}',
-        '{"model": "smol", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}], '
-        '"tools": [{"type": "function", "function": {"name": "f", "description": "\\ud800"}}]}',
+    # Named by its field and the place in it (once: by its place in the templated prompt).
+    for raw, param, where in (
+        (user % "a\\ud800b", "messages.0.content", "at character 1"),
+        ((user % "a\\udc00b")[:-1] + ', "stream": true}', "messages.0.content", "character 1"),
+        (
+            '{"model": "smol", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}],'
+            ' "tools": [{"type": "function", "function": {"name": "f", "description": "\\ud800"}}]}',
+            "tools.0.function.description",
+            "character 0",
+        ),
     ):
         r = post("/v1/chat/completions", raw)
         assert r.status_code == 400, (raw, r.text)
         err = r.json()["error"]
         assert err["code"] == "invalid_unicode" and "surrogate" in err["message"], err
+        assert err["param"] == param and where in err["message"], err
     assert post("/tokenize", '{"model": "smol", "prompt": "\\ud800"}').status_code == 400
     r = post("/v1/completions", '{"model": "smol", "prompt": "a\\ud800", "max_tokens": 2}')
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"

@@ -78,10 +78,27 @@ def test_n_choices_and_seed_reproducibility(client):
     assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
 
 
-def test_any_integer_seed_is_accepted(client):
-    for seed in (-5, 2**70):
+def test_an_int64_seed_is_accepted_and_a_larger_one_refused(client):
+    """As vLLM: seeds past 64 bits once wrapped around (2**64 + 1 gave what 1 gives)."""
+    for seed in (-5, -(2**63), 2**63 - 1):
         r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, seed=seed)
         assert r.usage.completion_tokens == 2
+    for seed in (2**63, 2**70, -(2**63) - 1):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, seed=seed)
+        assert e.value.body["param"] == "seed"
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, seed=seed)
+
+
+def test_logit_bias_keys_are_plain_token_ids(client):
+    """int() once read "1_0" as token 10 and " 7" as token 7."""
+    for key in ("1_0", " 7", "7 ", "+7", "٣"):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, prompt="Hi", max_tokens=1, logit_bias={key: 1})
+        assert e.value.body["param"] == "logit_bias", key
+    r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=1, logit_bias={"7": 1})
+    assert r.usage.completion_tokens == 1
 
 
 def test_one_stop_string_may_be_longer_than_the_limit_on_their_number(client):

@@ -51,6 +51,26 @@ def require_unicode(text: str) -> str:
     return text
 
 
+def non_unicode_field(value: Any, path: str) -> tuple[str, str] | None:
+    """The first string in `value` (JSON: dicts, lists, strings) that is not Unicode: its field
+    path ("messages.2.content") and where in it ("\\ud800 at character 5"); None when all are."""
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return where, f"\\u{ord(item[e.start]):04x} at character {e.start}"
+        elif isinstance(item, dict):
+            for key, v in reversed(item.items()):
+                stack.append((v, f"{where}.{key}"))
+                stack.append((key, where))  # a key is named by the object that holds it
+        elif isinstance(item, list | tuple):
+            stack.extend((v, f"{where}.{i}") for i, v in reversed(list(enumerate(item))))
+    return None
+
+
 class BaseTokenizer(ABC):
     """What the engine, the detokenizer, the chat formats and the server use of a tokenizer."""
 

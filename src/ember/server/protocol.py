@@ -154,7 +154,7 @@ class SamplingFields(OpenAIBase):
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
         None, max_length=MAX_LOGIT_BIAS
     )
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as vLLM takes it
     user: str | None = None
     # extensions
     top_k: int | None = Field(
@@ -436,7 +436,7 @@ class ResponsesRequest(OpenAIBase):
     store: bool | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as vLLM takes it
     # "auto": an input past the context window drops its oldest turns until it fits.
     truncation: Literal["auto", "disabled"] | None = None
 

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from ember.chat.tokenizer import non_unicode_field
 from ember.engine.async_engine import AdmissionTicket
 from ember.engine.request import Logprob, SamplingParams, fan_out
 from ember.engine.structured import StructuredOutputsParams
@@ -190,8 +191,18 @@ def chat_prompt(req: P.ChatCompletionRequest, state: ServerState) -> tuple[ChatP
                 param="continue_final_message",
             )
         add_generation_prompt = False  # unset, it counts as false (vLLM makes clients say it)
+    messages = message_dicts(req)
+    for name, value in (("messages", messages), ("tools", plan.tools)):
+        if bad := non_unicode_field(value, name):  # named here, not by its place in the prompt
+            raise APIError(
+                f"{bad[0]} has a lone UTF-16 surrogate ({bad[1]}), which is not a Unicode "
+                "character: escape each astral character as a surrogate pair, or send it as "
+                "UTF-8.",
+                param=bad[0],
+                code="invalid_unicode",
+            )
     prompt_ids = plan.formatter.encode(
-        message_dicts(req),
+        messages,
         add_generation_prompt=add_generation_prompt,
         tools=plan.tools,
         continue_final_message=req.continue_final_message,

@@ -68,6 +68,19 @@ async def embeddings(
     return P.EmbeddingResponse(data=data, model=model, usage=usage(n_tokens, 0))
 
 
+def _check_lengths(ids: list[list[int]], limit: int, says: str) -> None:
+    """A 400 naming the first input longer than `limit` tokens, as the other endpoints say it."""
+    for i, seq in enumerate(ids):
+        if len(seq) > limit:
+            which = "the input" if len(ids) == 1 else f"input {i}"
+            raise APIError(
+                f"{says.format(limit=limit)}; {which} has {len(seq)} tokens. Shorten it or "
+                "set truncate_prompt_tokens.",
+                param="input",
+                code="context_length_exceeded",
+            )
+
+
 def _check_dimensions(req: P.EmbeddingRequest, dims: int | None) -> None:
     if dims is not None and req.dimensions is not None and req.dimensions != dims:
         raise APIError(
@@ -92,13 +105,7 @@ async def _encode(
     vocab = len(enc.tokenizer)
     if any(not 0 <= t < vocab for seq in ids for t in seq):
         raise APIError(f"Token ids must be below {vocab} for this model.", param="input")
-    longest = max(len(seq) for seq in ids)
-    if longest > enc.max_length:
-        raise APIError(
-            f"This model embeds at most {enc.max_length} tokens, and an input has "
-            f"{longest}; shorten it or set truncate_prompt_tokens.",
-            param="input",
-        )
+    _check_lengths(ids, enc.max_length, "This model embeds at most {limit} tokens")
     # A thread cannot be cancelled: once this request has ended, the encoder stops between
     # batches (else the process's exit would wait for its last batch).
     stop = threading.Event()
@@ -117,6 +124,8 @@ async def _embed_on_served_model(
         lambda: [state.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in inputs],
     )
     ids = [truncate_prompt(req, state, seq) for seq in ids]
+    limit = "This model's maximum context length is {limit} tokens"
+    _check_lengths(ids, state.max_model_len, limit)
     # Long or many inputs take many forward passes: stop if the client went away.
     try:
         vectors = await until_disconnected(request, state.engine.embed_all(ids))

@@ -252,6 +252,27 @@ def test_prompt_logprobs_match_transformers(tiny_llama):
     )
 
 
+def test_prompt_logprobs_survive_a_preemption_mid_prefill(tiny_llama):
+    """A request preempted while its chunked prompt is being scored is recomputed in chunks of
+    other edges; scoring used to wait for one starting exactly where it stopped, and the
+    result came back short (197 or 24 of 230 entries)."""
+    rng = random.Random(9)
+    short = [rng.randrange(3, TINY_VOCAB) for _ in range(40)]
+    long = [rng.randrange(3, TINY_VOCAB) for _ in range(230)]
+    kw = dict(dtype="float32", block_size=8, max_num_batched_tokens=48)
+    scored = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, prompt_logprobs=1)
+    alone = ember.LLM(str(tiny_llama), **kw).generate([long], scored)[0].prompt_logprobs
+    tight = ember.LLM(str(tiny_llama), **kw, kv_cache_memory="200KiB")
+    busy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    got = tight.generate([short, long], [busy, scored])[1].prompt_logprobs
+    assert tight.engine.stats().num_preemptions > 0  # else this tests nothing
+    assert len(got) == len(long) and got[0] is None
+    assert [lp.token_id for lp in got[1:]] == long[1:]
+    assert [lp.logprob for lp in got[1:]] == pytest.approx(
+        [lp.logprob for lp in alone[1:]], abs=1e-5
+    )
+
+
 def test_a_cuda_device_keeps_its_index_and_binds_each_thread(monkeypatch):
     """CUDA's current device is per thread and Triton launches on it: the runner names its
     GPU with an index and makes it current on the threads that run the model."""

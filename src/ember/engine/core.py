@@ -353,8 +353,13 @@ class EngineCore:
             i
             for i, item in enumerate(batch)
             if (pl := self.live[item.seq.request_id].prompt_logprobs) is not None
-            # Exactly where scoring left off (a recompute after preemption catches up first).
-            and len(pl) - 1 == item.seq.num_computed_tokens < item.seq.num_prompt_tokens - 1
+            # A chunk that holds where scoring left off: the first pass's chunks start there;
+            # a recompute after preemption is chunked anew, and its rows before it are dropped.
+            and item.seq.num_computed_tokens
+            <= len(pl) - 1
+            < min(
+                item.seq.num_computed_tokens + item.num_new_tokens, item.seq.num_prompt_tokens - 1
+            )
         )
         self.faults.on_step([item.seq.prompt_token_ids for item in batch])
         logits, prompt_logits = self.runner.execute(batch, wants_prompt)
@@ -517,11 +522,13 @@ class EngineCore:
         )
 
     def _add_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Logprobs of prompt tokens start+1 .. start+n from the logits at start .. start+n-1."""
+        """Logprobs of prompt tokens start+1 .. start+n from the logits at start .. start+n-1
+        (`logits` begin at the step's first new position, at or before start)."""
         live = self.live[seq.request_id]
         assert live.prompt_logprobs is not None
         k = seq.params.prompt_logprobs or 0
         start = len(live.prompt_logprobs) - 1  # position whose logits come first
+        logits = logits[start - seq.num_computed_tokens :]  # rows scored before a preemption
         logprobs = torch.log_softmax(logits, dim=-1)
         targets = seq.prompt_token_ids[start + 1 : start + 1 + len(logprobs)]
         # On the logits' device (the GPU's, there), then one copy of each small result to the

@@ -351,6 +351,24 @@ def test_a_first_line_held_as_possible_metadata_and_ended_is_content(smol: Token
     assert detok.flush() == ("get_wea", None)
 
 
+def test_a_stop_string_in_text_held_for_a_cut_character_ends_it_at_flush(
+    smol: Tokenizer,
+) -> None:
+    """SmolLM2's token 10003 is "о" and the first byte of another Cyrillic letter: its text is
+    held for the rest of that letter. Ended there (length, eos), the held text was emitted
+    without a look for stop strings: "о�" came out past the stop string "о"."""
+    assert smol.decode([10003]) == "о\ufffd"
+    detok, results = stream(smol, [], [10003], SamplingParams(stop=["о"]))
+    assert results == [("", None)]
+    assert detok.flush() == ("", "о") and detok.output_text == ""
+    detok, _ = stream(
+        smol, [], [10003], SamplingParams(stop=["о"], include_stop_str_in_output=True)
+    )
+    assert detok.flush() == ("о", "о")
+    detok, _ = stream(smol, [], [10003], SamplingParams(stop=["x"]))
+    assert detok.flush() == ("о\ufffd", None)  # no stop string: all of it, as before
+
+
 @pytest.mark.parametrize("step", [1, 3])
 def test_stop_strings_count_only_after_min_tokens(smol: Tokenizer, step: int) -> None:
     # As in vLLM: like eos, a stop string cannot end the output within its first min_tokens

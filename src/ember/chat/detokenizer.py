@@ -110,9 +110,11 @@ class IncrementalDetokenizer:
         """The sequence ended for another reason (eos, length, abort): return the held-back
         text, and the stop string it holds, if any.
 
-        Only a first line held as possible ChatGLM3 metadata can hold one: ended undecided, it
-        is content, so stop strings apply to it. A character left incomplete at the end is
-        emitted as U+FFFD, as a full decode gives it.
+        Two kinds of held text can hold one, and are checked now: a first line held as
+        possible ChatGLM3 metadata (ended undecided, it is content), and the text of tokens
+        held while a character was incomplete (a stop string may sit before the cut
+        character). A character left incomplete at the end is emitted as U+FFFD, as a full
+        decode gives it.
         """
         if self._finished:
             return "", None
@@ -120,7 +122,7 @@ class IncrementalDetokenizer:
         self._metadata_names, self._metadata_held, self._metadata_under = None, "", 0
         rest = self._decode_step(final=True)
         stop = None
-        if held and self._stops:  # nothing is pending before the first line is decided
+        if (held or rest) and self._stops:  # nothing is pending before a first line is decided
             if self._num_tokens <= self._min_tokens:
                 under += len(rest)
             text, stop = self._check_stops(held + rest, under)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import enum
 import json
-from typing import Literal
+import uuid
+from typing import Annotated, Literal
 
 import pytest
 from pydantic import BaseModel, Field
@@ -283,7 +285,16 @@ def test_property_names_of_a_pydantic_dict_are_enforced():
             },
             "dependentRequired",
         ),
-        ({"type": "object", "propertyNames": {"maxLength": 3}}, "propertyNames"),
+        (  # repeated: llguidance's warning then ends with " (2 times)"
+            {
+                "type": "object",
+                "properties": {
+                    "a": {"type": "array", "contains": {"const": 1}},
+                    "b": {"type": "array", "contains": {"const": 2}},
+                },
+            },
+            "contains",
+        ),
         ({"type": "object", "dependencies": {"a": ["b"]}}, "dependencies"),
     ],
 )
@@ -311,3 +322,62 @@ def test_a_keyword_the_grammar_would_skip_is_a_400_not_dropped(schema, keyword):
 )
 def test_tolerated_keywords_still_compile(schema):
     GrammarBackend("byte", 262).compile(StructuredOutputsParams(json=schema))
+
+
+class Colour(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+    HIGH = 2
+
+
+class Keyed(BaseModel):
+    by_colour: dict[Colour, int]
+    by_level: dict[Level, str]
+    by_id: dict[uuid.UUID, str]
+    short: dict[Annotated[str, Field(max_length=3)], int]
+
+
+def test_dicts_pydantic_keys_by_enums_uuids_and_bounds_still_compile():
+    """Forms of propertyNames that cannot be lowered stay accepted (as before); an Enum's,
+    behind a $ref, is enforced."""
+    schema = Keyed.model_json_schema()
+    assert "$ref" in schema["properties"]["by_colour"]["propertyNames"]
+    tail = b', "by_level": {"2": "x"}, "by_id": {}, "short": {"abc": 1}}'
+    assert _accepts(schema, b'{"by_colour": {"red": 1}' + tail)
+    assert not _accepts(schema, b'{"by_colour": {"green": 1}' + tail)
+    assert not _accepts(
+        schema, b'{"by_colour": {}, "by_level": {"3": "x"}, "by_id": {}, "short": {}}'
+    )
+    from openai.lib._pydantic import to_strict_json_schema
+
+    from ember.engine.json_schema import schema_error
+
+    assert schema_error(to_strict_json_schema(Keyed)) is None
+    # zod's z.record(z.string(), ...) writes a propertyNames that constrains nothing.
+    record = {"type": "object", "propertyNames": {"type": "string"}, "additionalProperties": {}}
+    assert schema_error(record) is None and _accepts(record, b'{"any": 1}')
+
+
+@pytest.mark.parametrize("applicator", ["$ref", "anyOf", "oneOf", "allOf"])
+def test_unevaluated_properties_beside_an_applicator_is_left_alone(applicator):
+    """Keys evaluated by a referenced or combined schema are allowed: closing the object here
+    once refused every key ("required property 'a' is unsatisfiable")."""
+    a = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    ref = {"$ref": "#/$defs/A"} if applicator == "$ref" else {applicator: [{"$ref": "#/$defs/A"}]}
+    schema = {**ref, "unevaluatedProperties": False, "$defs": {"A": a}}
+    assert _accepts(schema, b'{"a": 1}')
+
+
+def test_a_property_names_pattern_is_not_lowered_onto_listed_keys_it_matches():
+    """patternProperties would hold a listed key that matches it to the extra keys' schema too."""
+    schema = {
+        "type": "object",
+        "properties": {"k1": {"type": "string"}},
+        "additionalProperties": {"type": "integer"},
+        "propertyNames": {"pattern": "^k"},
+    }
+    assert _accepts(schema, b'{"k1": "x"}')

@@ -43,42 +43,53 @@ def close_objects(schema: Any) -> Any:
     open_defs = _intersected_defs(schema)
     if open_defs is None:  # an intersection refers to the root or past a definition
         return schema
-    return _close(schema, open_defs)
+    return _close(schema, open_defs, schema)
 
 
-def _close(node: Any, open_defs: set[str]) -> Any:
+# Keywords through which other subschemas evaluate an object's keys too.
+_APPLICATORS = ("$ref", "anyOf", "oneOf", "allOf", "if", "then", "else", "dependentSchemas")
+
+
+def _close(node: Any, open_defs: set[str], root: Any) -> Any:
     if isinstance(node, list):
-        return [_close(n, open_defs) for n in node]
+        return [_close(n, open_defs, root) for n in node]
     if not isinstance(node, dict) or _is_intersection(node):
         return node
     out = dict(node)
     for key in _SUB:
         if isinstance(out.get(key), dict | list):
-            out[key] = _close(out[key], open_defs)
+            out[key] = _close(out[key], open_defs, root)
     for key in _MAP:
         if isinstance(out.get(key), dict):
             out[key] = {
-                k: v if f"#/{key}/{k}" in open_defs else _close(v, open_defs)
+                k: v if f"#/{key}/{k}" in open_defs else _close(v, open_defs, root)
                 for k, v in out[key].items()
             }
-    _lower_property_names(out)
-    if out.get("unevaluatedProperties") is False and not any(k in out for k in _OPEN[:2]):
-        # Outside an intersection every key is evaluated by `properties` or by nothing.
+    _lower_property_names(out, root)
+    if (
+        out.get("unevaluatedProperties") is False
+        and not any(k in out for k in _OPEN[:2])
+        and not any(k in out for k in _APPLICATORS)
+    ):
+        # No other subschema evaluates a key here: only `properties` do, or nothing.
         out["additionalProperties"] = False
     if isinstance(out.get("properties"), dict) and not any(k in out for k in _OPEN):
         out["additionalProperties"] = False
     return out
 
 
-def _lower_property_names(node: dict[str, Any]) -> None:
-    """`propertyNames` (which pydantic writes for a `dict` keyed by a Literal or a pattern) as
-    keywords the grammar compiler enforces: the names as optional `properties`, or the pattern
-    as `patternProperties`, of the extra keys' schema. Other forms are left to be refused."""
+def _lower_property_names(node: dict[str, Any], root: Any) -> None:
+    """`propertyNames` (which pydantic writes for a `dict` keyed by a Literal, an Enum or a
+    pattern) as keywords the grammar compiler enforces: the names as optional `properties`, or
+    the pattern as `patternProperties`, of the extra keys' schema. Other forms stay as they
+    are (accepted and not enforced, as before)."""
     names = node.get("propertyNames")
+    if isinstance(names, dict) and isinstance(names.get("$ref"), str) and len(names) == 1:
+        names = _resolve(root, names["$ref"])  # an Enum's definition
     if not isinstance(names, dict) or "patternProperties" in node:
         return
     rule = {k: v for k, v in names.items() if k not in ("type", "title", "description")}
-    if names.get("type", "string") != "string" or len(rule) != 1:
+    if names.get("type", "string") not in ("string", "integer") or len(rule) != 1:
         return
     ((kind, value),) = rule.items()
     extra = node.get("additionalProperties", True)
@@ -89,16 +100,23 @@ def _lower_property_names(node: dict[str, Any]) -> None:
     required = set(required) if isinstance(required, list) else set()
     if kind in ("enum", "const"):
         allowed = value if kind == "enum" else [value]
-        if not isinstance(allowed, list) or not all(isinstance(n, str) for n in allowed):
+        if not isinstance(allowed, list) or not all(
+            isinstance(n, str | int) and not isinstance(n, bool) for n in allowed
+        ):
             return
+        allowed = [str(n) for n in allowed]  # an IntEnum's keys are its values as text
         kept = {k: v for k, v in props.items() if k in allowed or k in required}
         if extra is not None:
             kept.update({n: extra for n in allowed if n not in kept})
         node["properties"] = kept
-    elif kind == "pattern" and isinstance(value, str):
+    elif kind == "pattern" and isinstance(value, str) and names.get("type", "string") == "string":
         try:
             pattern = re.compile(value)
         except re.error:
+            return
+        # patternProperties also applies to the listed keys it matches, which the extra keys'
+        # schema did not: lower it only where that changes nothing.
+        if extra and any(pattern.search(k) for k in props):
             return
         node["properties"] = {k: v for k, v in props.items() if pattern.search(k) or k in required}
         if extra is not None:
@@ -110,10 +128,13 @@ def _lower_property_names(node: dict[str, Any]) -> None:
 
 
 # Keywords the grammar compiler does not implement that are accepted and not enforced, as
-# vLLM's backends treat them: pydantic writes uniqueItems for a set, and the others only narrow
-# what a value may be. Any other unimplemented keyword (contains, dependentRequired, ...) is a
+# vLLM's backends treat them: pydantic writes uniqueItems for a set and propertyNames for a dict
+# keyed by a UUID or a constrained string (the forms not lowered above), and the others only
+# narrow what a value may be. Any other unimplemented keyword (contains, dependentRequired, ...) is a
 # 400 rather than a constraint silently dropped.
-TOLERATED = frozenset({"uniqueItems", "not", "if", "then", "else", "unevaluatedProperties"})
+TOLERATED = frozenset(
+    {"uniqueItems", "not", "if", "then", "else", "unevaluatedProperties", "propertyNames"}
+)
 
 
 def unenforced_keywords(grammar: str) -> str | None:
@@ -124,11 +145,12 @@ def unenforced_keywords(grammar: str) -> str | None:
     _, warnings = LLMatcher.validate_grammar_with_warnings(grammar)
     skipped: set[str] = set()
     for warning in warnings:
-        if warning.startswith("Unimplemented keys:"):
+        # 'Unimplemented keys: ["contains"]', with " (2 times)" after it when repeated.
+        if found := re.match(r"Unimplemented keys: (\[.*?\])", warning):
             try:
-                skipped.update(json.loads(warning.split(":", 1)[1]))
+                skipped.update(json.loads(found[1]))
             except ValueError:
-                continue
+                skipped.add(found[1])
     refused = sorted(skipped - TOLERATED)
     if not refused:
         return None

@@ -204,8 +204,12 @@ def test_the_pull_job_is_a_new_job_when_its_pod_would_change():
         job_name({"model": {"preset": "llama2-7b-chat"}}),
         job_name({"model": {"revision": "v1.0.0"}}),
         job_name({"image": {"tag": "0.1.1"}}),
+        # Its placement is part of the pod too (an upgrade once failed: "field is immutable").
+        job_name({"nodeSelector": {"gpu": "h200"}}),
+        job_name({"tolerations": [{"key": "gpu", "operator": "Exists"}]}),
+        job_name({"imagePullSecrets": [{"name": "registry"}]}),
     ]
-    assert len({chatglm3, *others}) == 4
+    assert len({chatglm3, *others}) == 7
     # The name is a DNS label (it becomes the pods' job-name label), whatever the release's.
     long = job_name({}, release="r" * 53)
     assert len(long) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", long)
@@ -232,12 +236,22 @@ def test_the_pull_job_runs_beside_the_pods_and_they_wait_for_it():
     assert wait["env"] == [{"name": "MODEL_PATH", "value": pulled_to}]
     assert '"$MODEL_PATH/.cache/ember-pulled"' in wait["command"][-1]
     assert wait["volumeMounts"][0]["readOnly"] is True
-    # A user's own affinity is the Job's too.
-    mine = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+    # Of the pods' own affinity the Job takes the node part, and stays beside them: their
+    # anti-affinity to each other would keep it from the node that holds the claim.
+    node = {"requiredDuringSchedulingIgnoredDuringExecution": {
         "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]
-    }}}  # fmt: skip
+    }}  # fmt: skip
+    spread = {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": pod_labels(docs)}}
+    ]}  # fmt: skip
+    mine = {"nodeAffinity": node, "podAntiAffinity": spread}
     job_pod = one(render({**values, "affinity": mine}), "Job", "pull")["spec"]["template"]["spec"]
-    assert job_pod["affinity"] == mine
+    assert job_pod["affinity"]["nodeAffinity"] == node
+    assert "podAntiAffinity" not in job_pod["affinity"]
+    assert (
+        job_pod["affinity"]["podAffinity"]
+        == one(docs, "Job", "pull")["spec"]["template"]["spec"]["affinity"]["podAffinity"]
+    )
     for obj in docs:
         validate(obj)
 

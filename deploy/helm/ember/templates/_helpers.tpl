@@ -133,3 +133,51 @@ allowPrivilegeEscalation: false
 capabilities:
   drop: [ALL]
 {{- end -}}
+
+{{/* The pull Job's pod template (its name hashes all of it: a Job's pod cannot change). */}}
+{{- define "ember.pullJobPod" -}}
+metadata:
+  labels:
+    app.kubernetes.io/name: {{ .Chart.Name }}
+    app.kubernetes.io/instance: {{ .Release.Name }}
+    app.kubernetes.io/component: pull
+spec:
+  restartPolicy: OnFailure
+  securityContext:
+    {{- include "ember.podSecurity" . | nindent 4 }}
+  {{- with .Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    {{- include "ember.pullContainer" . | nindent 4 }}
+  volumes:
+    - name: models
+      persistentVolumeClaim:
+        claimName: {{ include "ember.claimName" . }}
+  # Where the server pods may run (a cluster of tainted GPU nodes schedules it too), and
+  # beside them: a ReadWriteOnce claim the waiting server pod holds on its node can be attached
+  # nowhere else. Of the pods' own affinity only the node part applies (their anti-affinity to
+  # each other would keep the Job from the very node it must share).
+  {{- with .Values.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  affinity:
+    {{- with (.Values.affinity | default dict).nodeAffinity }}
+    nodeAffinity:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    podAffinity:
+      preferredDuringSchedulingIgnoredDuringExecution:
+        - weight: 100
+          podAffinityTerm:
+            topologyKey: kubernetes.io/hostname
+            labelSelector:
+              matchLabels:
+                {{- include "ember.selectorLabels" . | nindent 16 }}
+{{- end -}}

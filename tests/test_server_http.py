@@ -275,6 +275,14 @@ def test_lone_surrogates_are_a_400_and_pairs_are_text(server):
             "tools.0.function.description",
             "character 0",
         ),
+        (  # a forced call's schema: checked before the grammar is built from it
+            '{"model": "smol", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}],'
+            ' "tool_choice": {"type": "function", "function": {"name": "f"}},'
+            ' "tools": [{"type": "function", "function": {"name": "f", "parameters":'
+            ' {"type": "object", "properties": {"a": {"type": "string", "description": "x\\udc00"}}}}}]}',
+            "tools.0.function.parameters.properties.a.description",
+            "character 1",
+        ),
     ):
         r = post("/v1/chat/completions", raw)
         assert r.status_code == 400, (raw, r.text)

@@ -511,3 +511,19 @@ def test_a_bad_responses_field_is_named_as_the_client_sent_it(server, extra, par
     assert err["param"] == param, err
     assert "pydantic" not in err["message"] and "ChatCompletionRequest" not in err["message"]
     assert "response_format" not in err["message"], err
+
+
+def test_backend_options_alone_beside_a_response_format_are_no_second_constraint(server):
+    """vLLM's structured_outputs options (disable_any_whitespace...) with no constraint of their
+    own go with a response_format, as vLLM merges them."""
+    body = {
+        "model": MODEL,
+        "messages": ASK_CITY,
+        "max_tokens": 20,
+        "response_format": {"type": "json_object"},
+        "structured_outputs": {"disable_any_whitespace": True},
+    }
+    r = _post(server, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    content = r.json()["choices"][0]["message"]["content"]
+    assert content.startswith("{")

@@ -89,7 +89,9 @@ def set_cpu_threads(requested: int | None) -> None:
             return
         threads = quota
         log.info("%d CPU threads, the container's CPU quota (--num-threads sets it)", quota)
-    torch.set_num_threads(threads if requested else min(threads, torch.get_num_threads()))
+    if not requested:
+        threads = min(threads, torch.get_num_threads())  # OMP_NUM_THREADS may ask fewer
+    torch.set_num_threads(threads)
     native.set_threads(threads)
 
 

@@ -174,6 +174,17 @@ def _template_kwargs(req: P.ChatCompletionRequest) -> dict[str, Any]:
 
 def chat_prompt(req: P.ChatCompletionRequest, state: ServerState) -> tuple[ChatPlan, list[int]]:
     """The prompt ids a chat request runs on (shared with /tokenize), and how to read replies."""
+    messages = message_dicts(req)
+    tools = [t.model_dump(exclude_unset=True) for t in req.tools or []]
+    for name, value in (("messages", messages), ("tools", tools)):
+        if bad := non_unicode_field(value, name):  # named here, not by its place in the prompt
+            raise APIError(
+                f"{bad[0]} has a lone UTF-16 surrogate ({bad[1]}), which is not a Unicode "
+                "character: escape each astral character as a surrogate pair, or send it as "
+                "UTF-8.",
+                param=bad[0],
+                code="invalid_unicode",
+            )
     plan = chat_plan(req, state)
     plan.continuing = req.continue_final_message
     add_generation_prompt = req.add_generation_prompt
@@ -191,16 +202,6 @@ def chat_prompt(req: P.ChatCompletionRequest, state: ServerState) -> tuple[ChatP
                 param="continue_final_message",
             )
         add_generation_prompt = False  # unset, it counts as false (vLLM makes clients say it)
-    messages = message_dicts(req)
-    for name, value in (("messages", messages), ("tools", plan.tools)):
-        if bad := non_unicode_field(value, name):  # named here, not by its place in the prompt
-            raise APIError(
-                f"{bad[0]} has a lone UTF-16 surrogate ({bad[1]}), which is not a Unicode "
-                "character: escape each astral character as a surrogate pair, or send it as "
-                "UTF-8.",
-                param=bad[0],
-                code="invalid_unicode",
-            )
     prompt_ids = plan.formatter.encode(
         messages,
         add_generation_prompt=add_generation_prompt,

@@ -217,6 +217,8 @@ def structured_outputs(req: Any) -> StructuredOutputsParams | None:
     """The constraint a request asks for: `structured_outputs` (or vLLM's older `guided_*`
     fields), else `response_format`."""
     extra = getattr(req, "structured_outputs", None)
+    if isinstance(extra, dict) and extra and set(extra) <= _BACKEND_OPTIONS:
+        extra = None  # vLLM's backend options alone: no constraint of their own
     guided = [f for f in _GUIDED if getattr(req, f, None) is not None]
     fmt = getattr(req, "response_format", None)
     if (guided or extra is not None) and fmt is not None and fmt.type != "text":

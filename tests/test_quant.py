@@ -335,9 +335,10 @@ def test_other_cpu_paths_match_float64_reference(
     if cc is None or (march == "haswell" and "avx2" not in native._cpu_features()):
         pytest.skip("no compiler, or no AVX2 to run it")
     so = tmp_path / f"quant-{march}.so"
-    src = Path(native.__file__).with_name("quant_kernels.c")
+    # With cpu_kernels.c, which holds the thread count the loops read.
+    src = [str(Path(native.__file__).with_name("quant_kernels.c")), str(native.SOURCE)]
     flags = ["-O3", f"-march={march}", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
-    subprocess.run([cc, *flags, "-o", str(so), str(src), "-lm"], check=True)
+    subprocess.run([cc, *flags, "-o", str(so), *src, "-lm"], check=True)
     lib = ctypes.CDLL(str(so))
     lib.linear_quant.argtypes = native.SIGNATURES["linear_quant"]
     lib.linear_quant.restype = None

@@ -130,19 +130,17 @@ def _lower_property_names(node: dict[str, Any], root: Any) -> None:
 # Keywords the grammar compiler does not implement that are accepted and not enforced, as
 # vLLM's backends treat them: pydantic writes uniqueItems for a set and propertyNames for a dict
 # keyed by a UUID or a constrained string (the forms not lowered above), and the others only
-# narrow what a value may be. Any other unimplemented keyword (contains, dependentRequired, ...) is a
-# 400 rather than a constraint silently dropped.
+# narrow what a value may be. Any other unimplemented keyword (contains, dependentRequired...)
+# is a 400 rather than a constraint silently dropped.
 TOLERATED = frozenset(
     {"uniqueItems", "not", "if", "then", "else", "unevaluatedProperties", "propertyNames"}
 )
 
 
-def unenforced_keywords(grammar: str) -> str | None:
-    """Why a compiled JSON Schema grammar would not hold the output to its schema: the
-    keywords in it the compiler skips (outside TOLERATED), or None."""
-    from llguidance import LLMatcher
-
-    _, warnings = LLMatcher.validate_grammar_with_warnings(grammar)
+def unenforced_keywords(warnings: list[str]) -> str | None:
+    """Why a JSON Schema grammar would not hold the output to its schema, from the compiler's
+    warnings on it (`validate_grammar_with_warnings`): the keywords it skips outside
+    TOLERATED, or None."""
     skipped: set[str] = set()
     for warning in warnings:
         # 'Unimplemented keys: ["contains"]', with " (2 times)" after it when repeated.
@@ -227,7 +225,8 @@ def schema_error(schema: Any) -> str | None:
         grammar = LLMatcher.grammar_from_json_schema(close_objects(schema), COMPACT_JSON)
     except (ValueError, TypeError) as e:
         return str(e)
-    return LLMatcher.validate_grammar(grammar).strip() or unenforced_keywords(grammar)
+    failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
+    return "\n".join(messages).strip() if failed else unenforced_keywords(messages)
 
 
 def schema_problem(schema: Any) -> str | None:

@@ -87,10 +87,8 @@ def set_cpu_threads(requested: int | None) -> None:
         quota = native.cpu_quota()
         if quota is None or quota >= _visible_cpus():
             return
-        threads = quota
-        log.info("%d CPU threads, the container's CPU quota (--num-threads sets it)", quota)
-    if not requested:
-        threads = min(threads, torch.get_num_threads())  # OMP_NUM_THREADS may ask fewer
+        threads = min(quota, torch.get_num_threads())  # OMP_NUM_THREADS may ask fewer
+        log.info("%d CPU threads, by the container's CPU quota of %d", threads, quota)
     torch.set_num_threads(threads)
     native.set_threads(threads)
 

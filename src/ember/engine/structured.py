@@ -131,10 +131,7 @@ class StructuredOutputsParams:
                 # llguidance would take an unending recursion, then fail on its first token.
                 if problem := schema_problem(schema):
                     raise StructuredOutputsError(f"Invalid JSON Schema: {problem}.", self.param)
-                grammar = LLMatcher.grammar_from_json_schema(close_objects(schema), COMPACT_JSON)
-                if problem := unenforced_keywords(grammar):
-                    raise StructuredOutputsError(f"Invalid JSON Schema: {problem}.", self.param)
-                return grammar
+                return LLMatcher.grammar_from_json_schema(close_objects(schema), COMPACT_JSON)
             if self.regex is not None:
                 return LLMatcher.grammar_from_regex(ascii_digits(self.regex))
             if self.choice is not None:
@@ -254,11 +251,13 @@ class GrammarBackend:
 
         tok = self.lltokenizer
         grammar = spec.to_grammar()
-        error = LLMatcher.validate_grammar(grammar, tok)
-        if error:
-            raise StructuredOutputsError(
-                f"Invalid {spec._what()}: {readable_error(error)}", spec.param
-            )
+        # One check gives the errors and the warnings (a JSON Schema keyword it would skip).
+        failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, tok)
+        if failed:
+            error = readable_error("\n".join(messages))
+            raise StructuredOutputsError(f"Invalid {spec._what()}: {error}", spec.param)
+        if spec.json is not None and (problem := unenforced_keywords(messages)):
+            raise StructuredOutputsError(f"Invalid JSON Schema: {problem}.", spec.param)
         template = LLMatcher(tok, grammar, log_level=0)
         if template.is_error():
             raise StructuredOutputsError(

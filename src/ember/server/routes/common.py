@@ -220,19 +220,13 @@ def structured_outputs(req: Any) -> StructuredOutputsParams | None:
     if isinstance(extra, dict) and extra and set(extra) <= _BACKEND_OPTIONS:
         extra = None  # vLLM's backend options alone: no constraint of their own
     guided = [f for f in _GUIDED if getattr(req, f, None) is not None]
+    given = [*guided, *(["structured_outputs"] if extra is not None else [])]
     fmt = getattr(req, "response_format", None)
-    if (guided or extra is not None) and fmt is not None and fmt.type != "text":
-        given = [*guided, *(["structured_outputs"] if extra is not None else [])]
-        raise APIError(
-            f"Give one constraint, not several: {', '.join(given)}, response_format.",
-            param=given[0],
-        )
+    if given and fmt is not None and fmt.type != "text":
+        given.append("response_format")
+    if len(given) > 1:
+        raise APIError(f"Give one constraint, not several: {', '.join(given)}.", param=given[0])
     if guided:
-        given = guided if extra is None else [*guided, "structured_outputs"]
-        if len(given) > 1:
-            raise APIError(
-                f"Give one constraint, not several: {', '.join(given)}.", param=guided[0]
-            )
         kind = guided[0].removeprefix("guided_")
         return StructuredOutputsParams(**{kind: getattr(req, guided[0])}, param=guided[0])
     if extra is not None:

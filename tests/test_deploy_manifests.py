@@ -233,7 +233,8 @@ def test_the_pull_job_runs_beside_the_pods_and_they_wait_for_it():
     pod = server_pod(docs)
     (wait,) = pod["initContainers"]
     pulled_to = container(job_pod, "pull")["args"][-1]
-    assert wait["env"] == [{"name": "MODEL_PATH", "value": pulled_to}]
+    assert env_map(wait)["MODEL_PATH"] == pulled_to
+    assert env_map(wait)["PULL_JOB"] == one(docs, "Job", "pull")["metadata"]["name"]
     assert '"$MODEL_PATH/.cache/ember-pulled"' in wait["command"][-1]
     assert wait["volumeMounts"][0]["readOnly"] is True
     # Of the pods' own affinity the Job takes the node part, and stays beside them: their
@@ -605,6 +606,17 @@ def _static_pods() -> list[tuple[str, dict]]:
     (isvc,) = load_yaml(KSERVE / "inferenceservice.yaml")
     pods.append(("kserve", isvc["spec"]["predictor"]))
     return pods
+
+
+@pytest.mark.parametrize("name,pod", _static_pods(), ids=[n for n, _ in _static_pods()])
+def test_hand_written_servers_meet_the_restricted_pod_security_standard(name, pod):
+    """Each container's own settings, merged over its pod's as the kubelet does."""
+    for c in pod["containers"] + pod.get("initContainers", []):
+        security = {**pod.get("securityContext", {}), **c.get("securityContext", {})}
+        assert security.get("runAsNonRoot") is True, (name, c["name"])
+        assert security.get("seccompProfile") == {"type": "RuntimeDefault"}, (name, c["name"])
+        assert security.get("allowPrivilegeEscalation") is False, (name, c["name"])
+        assert security.get("capabilities", {}).get("drop") == ["ALL"], (name, c["name"])
 
 
 @pytest.mark.parametrize("name,pod", _static_pods(), ids=[n for n, _ in _static_pods()])

@@ -634,3 +634,44 @@ def test_a_pulled_model_is_found_again_without_the_hub(hub, tmp_path):
     _fails_with_one_line(r, "cannot reach", dead)
     r = ember(["pull", "org/tiny", "--dir", str(tmp_path / "none")], offline)
     _fails_with_one_line(r, "HF_HUB_OFFLINE")
+
+
+@pytest.mark.parametrize(
+    "source,revision",
+    [("huggingface", None), ("huggingface", COMMIT), ("modelscope", None), ("modelscope", "v1")],
+)
+def test_the_chart_pods_wait_for_the_pull_of_their_own_model(hub, tmp_path, source, revision):
+    """In `pull.mode=job`, the chart's Job runs `ember pull` into the claim and the server pods
+    wait for its mark: the mark of this repository (and commit or revision), not one a folder
+    reused for another model still holds from before."""
+    from deploy_manifests import container, env_map, one, render
+
+    def rendered(repo: str) -> tuple[list[str], list[str], dict[str, str]]:
+        model = {"preset": "custom", "name": "tiny", "dir": "tiny", "repoId": repo}
+        model.update(source=source, revision=revision or "")
+        docs = render({"model": model, "pull": {"mode": "job"}, "storage": {"mountPath": "/m"}})
+        job = one(docs, "Job", "pull")
+        pod = one(docs, "Deployment", "server")["spec"]["template"]["spec"]
+        wait = container(pod, "wait-for-pull", init=True)
+        env = {**env_map(wait), "MODEL_PATH": str(tmp_path / "tiny")}
+        assert env["PULL_JOB"] == job["metadata"]["name"]
+        pull_args = container(job["spec"]["template"]["spec"], "pull")["args"]
+        pull_args[pull_args.index("--dir") + 1] = env["MODEL_PATH"]
+        return pull_args, wait["command"], env
+
+    def waits(command: list[str], env: dict[str, str]) -> bool:
+        try:
+            subprocess.run(command, env={**os.environ, **env}, timeout=2, capture_output=True)
+        except subprocess.TimeoutExpired:
+            return True
+        return False
+
+    pull_args, wait, env = rendered("org/tiny")
+    assert waits(wait, env)  # nothing pulled yet
+    r = ember(pull_args, _env(hub, tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert not waits(wait, env)
+    # The same folder, now for another repository: the old mark is not this pull's.
+    other_args, other_wait, other_env = rendered("org/gguf")
+    assert other_env["PULLED"] != env["PULLED"]
+    assert waits(other_wait, other_env)

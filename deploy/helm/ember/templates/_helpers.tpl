@@ -134,6 +134,26 @@ capabilities:
   drop: [ALL]
 {{- end -}}
 
+{{/* The pull Job's name: it hashes the Job's whole pod, which cannot change in place. */}}
+{{- define "ember.pullJobName" -}}
+{{- $pod := include "ember.pullJobPod" . -}}
+{{- printf "%s-pull" (include "ember.fullname" .) | trunc 54 | trimSuffix "-" }}-{{ $pod | sha256sum | trunc 8 }}
+{{- end -}}
+
+{{/* A shell pattern for the first line of the mark `ember pull` leaves in a folder it has
+filled: REPO@COMMIT from Hugging Face (any commit, unless a full one is pinned), REPO@REVISION
+from ModelScope (master when none is given). */}}
+{{- define "ember.pulledMark" -}}
+{{- $model := include "ember.model" . | fromYaml -}}
+{{- if eq $model.source "modelscope" -}}
+{{- printf "%s@%s" $model.repoId ($model.revision | default "master") -}}
+{{- else if regexMatch "^[0-9a-f]{40}$" $model.revision -}}
+{{- printf "%s@%s" $model.repoId $model.revision -}}
+{{- else -}}
+{{- printf "%s@*" $model.repoId -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The pull Job's pod template (its name hashes all of it: a Job's pod cannot change). */}}
 {{- define "ember.pullJobPod" -}}
 metadata:

@@ -396,6 +396,17 @@ def test_inference_pool_selects_ember_pods_and_its_picker_reads_ember_metrics():
     role = one(docs, "Role")
     resources = {r for rule in role["rules"] for r in rule["resources"]}
     assert {"pods", "inferencepools"} <= resources
+    # Its /metrics authenticates scrapers through the API server, a cluster-wide permission.
+    sa = epp["spec"]["template"]["spec"]["serviceAccountName"]
+    auth = one(docs, "ClusterRole")
+    assert {(r["apiGroups"][0], r["resources"][0], tuple(r["verbs"])) for r in auth["rules"]} == {
+        ("authentication.k8s.io", "tokenreviews", ("create",)),
+        ("authorization.k8s.io", "subjectaccessreviews", ("create",)),
+    }
+    binding = one(docs, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == auth["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": "llm"}]
+    assert "llm" in auth["metadata"]["name"]
 
 
 BAD_VALUES = [

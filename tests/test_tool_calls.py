@@ -131,6 +131,22 @@ def test_hermes_plain_text_comes_back_exactly():
     assert r.content == text and r.tool_calls == []
 
 
+@pytest.mark.parametrize("cut", [False, True])
+def test_hermes_closing_tag_inside_a_string_argument_does_not_end_the_call(cut):
+    """A string argument may hold the tag's text (a grammar-forced call may write it there):
+    the call ends at the tag after its JSON, streamed in any pieces."""
+    args = {"s": 'a</tool_call>b \\" </tool_call> "', "t": "</tool_"}
+    text = "<tool_call>\n" + json.dumps({"name": "f", "arguments": args}) + "\n</tool_call> after"
+    if cut:  # out of tokens inside the string that holds the tag: a call as far as it got
+        text = text[: text.index("b \\")]
+        r = HermesParser(["f"]).parse(text, cut=True)
+        assert [(c.name, c.arguments) for c in r.tool_calls] == [("f", '{"s": "a</tool_call>')]
+        assert r.content == ""
+        return
+    r = same_streamed_and_whole(HermesParser, text, tool_names=["f"])
+    assert calls_of(r) == [("f", args)] and r.content == "after"
+
+
 def test_hermes_invalid_json_is_content():
     text = 'Sure. <tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call>'
     r = same_streamed_and_whole(HermesParser, text)
@@ -1040,6 +1056,50 @@ def test_forced_call_of_parameters_no_grammar_can_take_is_400(client):
             model=MODEL, messages=ASK, max_tokens=4, tools=[*TOOLS, bad], tool_choice=choice
         )
         assert r.choices[0].finish_reason in ("length", "stop", "tool_calls")
+
+
+@slow
+def test_parameters_that_are_no_object_schema_are_400_and_an_untyped_one_is_an_object(client):
+    """Arguments are a JSON object: a schema of another type is a 400 (as OpenAI answers), and
+    one that names no type (`{}`, an anyOf) holds a forced call to its object values."""
+    for params in ({"type": "array"}, {"type": "string"}, {"type": ["integer", "null"]}):
+        bad = {"type": "function", "function": {"name": "f", "parameters": params}}
+        for choice in ("auto", "required"):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(
+                    model=MODEL, messages=ASK, max_tokens=4, tools=[bad], tool_choice=choice
+                )
+            assert e.value.body["param"] == "tools" and "'f'" in e.value.body["message"]
+            assert '"object"' in e.value.body["message"]
+    untyped = [
+        {},
+        {
+            "anyOf": [
+                {"type": "object", "properties": {"n": {"type": "integer"}}},
+                {"type": "integer"},
+            ]
+        },
+    ]
+    for params in untyped:
+        tool = {"type": "function", "function": {"name": "f", "parameters": params}}
+        ended = 0
+        for seed in range(3):
+            r = client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "hi"}],
+                tools=[tool],
+                tool_choice={"type": "function", "function": {"name": "f"}},
+                max_tokens=60,
+                seed=seed,
+                temperature=1.0,
+            )
+            choice = r.choices[0]
+            if choice.finish_reason == "length":
+                continue  # arguments cut short; those that end are checked
+            [call] = choice.message.tool_calls
+            assert isinstance(json.loads(call.function.arguments), dict), params
+            ended += 1
+        assert ended, params
 
 
 def tokenize(server: str, **body) -> list[int]:

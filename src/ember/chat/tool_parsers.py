@@ -165,11 +165,23 @@ def _tool_functions(tools: list[dict[str, Any]], function: str | None) -> list[d
     return [f for f in fns if function is None or f.get("name") == function]
 
 
-def _parameters(function: dict[str, Any]) -> dict[str, Any]:
-    """A function's parameter schema. One declared without parameters takes none, as OpenAI
-    reads it: its arguments are the empty object."""
+def call_parameters(function: dict[str, Any]) -> dict[str, Any]:
+    """A function's parameter schema, as its calls are decoded: arguments are a JSON object,
+    so a schema that names no type (`{}`, an `anyOf`) is held to its object values. One
+    declared without parameters takes none, as OpenAI reads it: its arguments are `{}`."""
     params = function.get("parameters")
-    return params if isinstance(params, dict) else {"type": "object", "properties": {}}
+    if not isinstance(params, dict):
+        return {"type": "object", "properties": {}}
+    return params if "type" in params else {**params, "type": "object"}
+
+
+def parameters_type_error(function: dict[str, Any]) -> str | None:
+    """Why a function's parameter schema cannot describe arguments (a JSON object), or None."""
+    params = function.get("parameters")
+    kind = params.get("type", "object") if isinstance(params, dict) else "object"
+    if kind == "object" or (isinstance(kind, list) and "object" in kind):
+        return None
+    return f'must be a JSON Schema of type "object" (arguments are an object), not {kind!r}'
 
 
 def _lark(start: str, rules: dict[str, str]) -> str:
@@ -311,6 +323,7 @@ class HermesParser(ToolParser):
         super().__init__(tool_names, max_calls)
         self._in_call = False
         self._gap = ""  # whitespace before the opener, restored if the call does not parse
+        self._body_scan = (0, False, False)  # where _find_close stopped: (i, in string, escape)
 
     @classmethod
     def forced_prefix(cls, function: str | None) -> str:
@@ -325,12 +338,12 @@ class HermesParser(ToolParser):
         end = _lit("}\n" + cls.CLOSE)
         fns = _tool_functions(tools, function)
         if function is not None:
-            return _lark(f"args_0 {end}", {"args_0": _json_rule(_parameters(fns[0]))})
+            return _lark(f"args_0 {end}", {"args_0": _json_rule(call_parameters(fns[0]))})
         rules = {}
         for i, f in enumerate(fns):
             head = _lit('{"name": ' + json.dumps(f["name"], ensure_ascii=False) + ', "arguments": ')
             rules[f"call_{i}"] = f"{head} args_{i}"
-            rules[f"args_{i}"] = _json_rule(_parameters(f))
+            rules[f"args_{i}"] = _json_rule(call_parameters(f))
         calls = " | ".join(f"call_{i}" for i in range(len(fns)))
         return _lark(f"({calls}) {end}", rules)
 
@@ -350,10 +363,13 @@ class HermesParser(ToolParser):
                 self._gap = before[len(text) :]
                 self._buf = self._buf[i + len(self.OPEN) :]
                 self._in_call = True
+                self._body_scan = (0, False, False)
                 continue
-            j = self._buf.find(self.CLOSE)
+            j = self._find_close()
             if j < 0 and not final:
                 return  # the call is still being written
+            if j < 0 and not self.cut:  # closed only inside a string: one the model left open
+                j = self._buf.find(self.CLOSE)
             # At the end, a call the model did not close (it stopped at EOS) still counts.
             end = len(self._buf) if j < 0 else j + len(self.CLOSE)
             body, raw = self._buf[: j if j >= 0 else end], self._buf[:end]
@@ -371,6 +387,32 @@ class HermesParser(ToolParser):
             if call is None or not self._call(out, *call, complete=complete):
                 self._content(out, self._gap + self.OPEN + raw)
             self._gap = ""
+
+    def _find_close(self) -> int:
+        """Where the closing tag starts in the buffer, outside the JSON strings of the call's
+        body, or -1: an argument's string may hold "</tool_call>" itself (a grammar-forced call
+        may write it there). The scan resumes where the last one stopped."""
+        i, in_string, escape = self._body_scan
+        buf, close = self._buf, self.CLOSE
+        while i < len(buf):
+            c = buf[i]
+            if in_string:
+                if escape:
+                    escape = False
+                elif c == "\\":
+                    escape = True
+                elif c == '"':
+                    in_string = False
+            elif c == '"':
+                in_string = True
+            elif c == "<" and close.startswith(buf[i : i + len(close)]):
+                if buf.startswith(close, i):
+                    self._body_scan = (i, False, False)
+                    return i
+                break  # the tag's start, its rest still to come
+            i += 1
+        self._body_scan = (i, in_string, escape)
+        return -1
 
     @staticmethod
     def _decode(body: str) -> tuple[str, str] | None:
@@ -442,7 +484,7 @@ class Llama3JsonParser(ToolParser):
     def call_grammar(cls, tools: list[dict[str, Any]], function: str | None) -> str:
         fns = _tool_functions(tools, function)
         if function is not None:
-            return _lark('args_0 "}"', {"args_0": _json_rule(_parameters(fns[0]))})
+            return _lark('args_0 "}"', {"args_0": _json_rule(call_parameters(fns[0]))})
         rules = {}
         for i, f in enumerate(fns):
             # After the prefix '{"name": "': the rest of the name, then the parameters.
@@ -450,7 +492,7 @@ class Llama3JsonParser(ToolParser):
             rules[f"call_{i}"] = (
                 f'{_lit(name + ", " + chr(34) + "parameters" + chr(34) + ": ")} args_{i} "}}"'
             )
-            rules[f"args_{i}"] = _json_rule(_parameters(f))
+            rules[f"args_{i}"] = _json_rule(call_parameters(f))
         return _lark(" | ".join(f"call_{i}" for i in range(len(fns))), rules)
 
     @classmethod
@@ -466,7 +508,7 @@ class Llama3JsonParser(ToolParser):
         defs = {"answer": _rooted(close_objects(answer_schema), "#/$defs/answer")}
         calls = []
         for i, f in enumerate(fns):
-            defs[f"call_{i}"] = _rooted(close_objects(_parameters(f)), f"#/$defs/call_{i}")
+            defs[f"call_{i}"] = _rooted(close_objects(call_parameters(f)), f"#/$defs/call_{i}")
             calls.append(
                 {
                     "type": "object",

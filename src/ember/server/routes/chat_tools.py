@@ -13,8 +13,10 @@ from ember.chat.tool_parsers import (
     PARSERS,
     ParseResult,
     ToolParser,
+    call_parameters,
     chatml_tools_template,
     make_parser,
+    parameters_type_error,
 )
 from ember.chat.tool_parsers import parser_for_template as template_parser
 from ember.engine.json_schema import schema_error
@@ -239,6 +241,10 @@ def chat_plan(req: P.ChatCompletionRequest, state: ServerState) -> ChatPlan:
             for t in req.tools or []
             if allowed is None or t.function.name in allowed
         ]
+        for t in tools:
+            if problem := parameters_type_error(t["function"]):
+                name = t["function"]["name"]
+                raise APIError(f"The parameters of function {name!r} {problem}.", param="tools")
         if forced:  # the call is decoded under a grammar of these functions' parameters
             check_tool_schemas(tools, function)
         return ChatPlan(
@@ -260,9 +266,8 @@ def chat_plan(req: P.ChatCompletionRequest, state: ServerState) -> ChatPlan:
 def check_tool_schemas(tools: list[dict[str, Any]], function: str | None = None) -> None:
     """Refuse parameter schemas no grammar can take, of `function` (None: of every tool)."""
     for f in (t["function"] for t in tools):
-        params = f.get("parameters")
-        wanted = function in (None, f["name"]) and isinstance(params, dict)
-        if wanted and (problem := schema_error(params)):
+        wanted = function in (None, f["name"]) and isinstance(f.get("parameters"), dict)
+        if wanted and (problem := schema_error(call_parameters(f))):
             raise APIError(f"The parameters of function {f['name']!r}: {problem}.", param="tools")
 
 

@@ -236,3 +236,32 @@ def test_other_models_keep_their_own_jinja_template(llama_dirs: dict[str, Path])
     assert formatter.encode([{"role": "user", "content": "hi"}]) == tok.encode(
         "user: hi\n", add_special_tokens=False
     )
+
+
+@pytest.mark.parametrize(
+    "message, what",
+    [
+        ({"role": "tool", "tool_call_id": "call_1", "content": "42"}, "a tool result"),
+        ({"role": "function", "name": "f", "content": "42"}, "a tool result"),
+        (
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                ],
+            },
+            "tool calls",
+        ),
+        ({"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}}, "tool calls"),
+    ],
+)
+def test_tool_turns_are_refused_not_read_as_user_text(
+    formatters: dict[str, ChatFormatter], message: dict[str, Any], what: str
+) -> None:
+    """Meta's format has no tool calls or results: Meta's own template raises on the roles,
+    and a tool result rendered as a user turn would put words in the user's mouth."""
+    messages = [{"role": "user", "content": "Weather?"}, message]
+    for formatter in formatters.values():
+        with pytest.raises(ChatTemplateError, match=rf"messages\[1\] holds {what}"):
+            formatter.render(messages)

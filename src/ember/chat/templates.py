@@ -114,6 +114,15 @@ class Llama2Format:
         """(text of one [INST] block, whether the assistant's answer closed it)."""
         if not messages:
             raise ValueError("The conversation has no messages.")
+        for i, m in enumerate(messages):  # Meta's format has neither: a 400, not a user turn
+            what = "a tool result" if _role_of(m) in ("tool", "function") else None
+            if m.get("tool_calls") or m.get("function_call"):
+                what = "tool calls"
+            if what:
+                raise ChatTemplateError(
+                    f"messages[{i}] holds {what}, which the llama-2 chat format has no place "
+                    "for (it takes system, user and assistant text)."
+                )
         all_roles = [_role_of(m) for m in messages]
         all_contents = [message_text(m.get("content"), i) for i, m in enumerate(messages)]
         # Meta's format takes one system prompt, then user and assistant in turn. Clients send

@@ -112,6 +112,18 @@ def test_chat_response_format_json_schema_streams_what_it_returns(tiny_sdk):
         ),
         ({"input": [{"role": "user"}]}, "input.0.content"),
         ({"input": [{"type": "function_call_output", "output": "4"}]}, "input.0.call_id"),
+        # As OpenAI: a function_call item given back needs its call_id and arguments.
+        ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input.0.call_id"),
+        ({"input": [{"type": "function_call", "name": "f", "call_id": "c"}]}, "input.0.arguments"),
+        (
+            {"input": [{"type": "function_call", "name": "f", "call_id": "c", "arguments": {}}]},
+            "input.0.arguments",
+        ),
+        ({"input": [{"type": "function_call", "call_id": "c", "arguments": "{}"}]}, "input.0.name"),
+        (
+            {"tools": [{"type": "function", "name": "f", "parameters": {}, "strict": "yes"}]},
+            "tools.0.strict",
+        ),
     ],
 )
 def test_responses_bad_requests_are_400(tiny_sdk, body, param):

@@ -500,7 +500,7 @@ def test_retrieving_a_response_is_a_404_that_says_why(client):
             {"input": [{"type": "function_call_output", "call_id": 5, "output": "x"}]},
             "input.0.call_id",
         ),
-        ({"input": [{"type": "function_call", "arguments": "{}"}]}, "input.0"),
+        ({"input": [{"type": "function_call", "arguments": "{}"}]}, "input.0.name"),
     ],
 )
 def test_a_bad_responses_field_is_named_as_the_client_sent_it(server, extra, param):

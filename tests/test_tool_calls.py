@@ -1028,6 +1028,10 @@ def test_bad_tool_definition_is_400(client):
             model=MODEL, messages=ASK, max_tokens=4, tools=[{"type": "retrieval"}]
         )
     assert "tools" in e.value.body["param"]
+    strict = {"type": "function", "function": {"name": "f", "parameters": {}, "strict": "yes"}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, tools=[strict])
+    assert e.value.body["param"] == "tools.0.function.strict"
 
 
 UNENDING = {"type": "object", "properties": {"next": {"$ref": "#"}}, "required": ["next"]}

@@ -253,6 +253,7 @@ class FunctionDefinition(OpenAIBase):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # forced calls always follow the schema; auto ones are free
 
     @field_validator("name")
     @classmethod

@@ -87,12 +87,21 @@ def _messages(req: P.ResponsesRequest) -> list[dict[str, Any]]:
             content = _text_of(item["content"], param + ".content")
             messages.append({"role": role, "content": content})
         elif kind == "function_call":
-            if not isinstance(item.get("name"), str) or not item["name"]:
-                raise APIError("A function_call item needs its function's name.", param=param)
+            # As OpenAI (and vLLM's item model): the name, call_id and arguments are required.
+            for key in ("name", "call_id"):
+                if not isinstance(item.get(key), str) or not item[key]:
+                    raise APIError(
+                        f"A function_call item needs its {key}, a string.", param=f"{param}.{key}"
+                    )
+            if not isinstance(item.get("arguments"), str):
+                raise APIError(
+                    "A function_call item needs its arguments, a JSON string.",
+                    param=param + ".arguments",
+                )
             call = {
-                "id": item.get("call_id") or item.get("id") or _item_id("call"),
+                "id": item["call_id"],
                 "type": "function",
-                "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"},
+                "function": {"name": item["name"], "arguments": item["arguments"]},
             }
             last = messages[-1] if messages else None
             if last and last["role"] == "assistant" and last.get("tool_calls"):
@@ -139,7 +148,7 @@ def _chat_request(req: P.ResponsesRequest) -> P.ChatCompletionRequest:
                 f"Only function tools are supported; tools[{i}] is {tool.get('type')!r}.",
                 param=f"tools.{i}",
             )
-        fn = {k: tool[k] for k in ("name", "description", "parameters") if k in tool}
+        fn = {k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool}
         tools.append({"type": "function", "function": fn})
     choice = req.tool_choice
     if isinstance(choice, dict) and choice.get("type") == "allowed_tools":

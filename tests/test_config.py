@@ -65,6 +65,11 @@ def _ember(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
         (["--block-size", "0"], {}, "block_size must be at least 1"),
         (["--gpu-memory-utilization", "1.5"], {}, "gpu_memory_utilization must be at most 1.0"),
         (["--drain-timeout", "-1"], {}, "drain_timeout must be at least 0.0"),
+        # nan passes every bound, inf none: a shutdown that hung or died with a traceback.
+        (["--shutdown-grace", "inf"], {}, "shutdown_grace must be a finite number"),
+        ([], {"EMBER_DRAIN_TIMEOUT": "nan"}, "drain_timeout must be a finite number"),
+        (["--request-timeout", "nan"], {}, "request_timeout must be a finite number"),
+        (["--gpu-memory-utilization", "nan"], {}, "gpu_memory_utilization must be a finite"),
         # Once a listener on port 70000 - 65536, and a traceback for any command at all.
         (["--port", "70000"], {}, "argument --port: a TCP port is 0 to 65535, got 70000"),
         ([], {"EMBER_PORT": "abc"}, "argument --port: not a whole number: 'abc'"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import types
@@ -282,7 +283,9 @@ def check_values(config: Any) -> Any:
         if value is None:
             continue
         problem = None
-        if meta.get("choices") and value not in meta["choices"]:
+        if isinstance(value, float) and not math.isfinite(value):  # nan passes every bound
+            problem = "must be a finite number"
+        elif meta.get("choices") and value not in meta["choices"]:
             problem = f"must be one of {', '.join(map(str, meta['choices']))}"
         elif "minimum" in meta and value < meta["minimum"]:
             problem = f"must be at least {meta['minimum']}"

@@ -227,6 +227,30 @@ def test_piped_questions_give_replies_alone_and_a_status_that_says_if_all_went_w
         cmd, input="hi\n/model nope\n", capture_output=True, text=True, timeout=120
     )
     assert bad.returncode == 1 and "'nope'" in bad.stderr
+    # Leaving with /exit says so too (it once answered 0 after a failure).
+    bad = subprocess.run(
+        cmd, input="/model nope\nhi\n/exit\n", capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 1 and "'nope'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_at_a_terminal_a_mistake_seen_and_passed_does_not_fail_the_session(server):
+    """The status of an interactive chat is 0 on Ctrl-D, as on /exit, after an unknown
+    command: the user saw the error and went on."""
+    for leave in ("/exit", None):
+        chat = _spawn("--url", server, "--api-key", API_KEY, "--model", "smol")
+        chat.expect_exact(PROMPT)
+        chat.sendline("/bogus")
+        chat.expect_exact("Unknown command /bogus")
+        chat.expect_exact(PROMPT)
+        if leave:
+            chat.sendline(leave)
+            chat.expect(pexpect.EOF)
+            chat.close()
+            assert chat.exitstatus == 0
+        else:
+            assert _leave(chat) == 0
 
 
 @pytest.mark.slow

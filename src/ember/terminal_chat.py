@@ -462,7 +462,7 @@ def run(args: argparse.Namespace) -> int:
         Text(f"{backend.model} {where}. /help for commands, Ctrl-D to leave.", style="dim"),
         soft_wrap=True,
     )
-    failed = False
+    failed = False  # a piped question or command failed: the status says so at the end
     while True:
         message = _read_message(prompts=interactive)
         if message is None:
@@ -478,12 +478,12 @@ def run(args: argparse.Namespace) -> int:
         try:
             if text.startswith("/") and not quoted:
                 if not chat.command(text):
-                    return 0
+                    return 1 if failed else 0
             else:
                 chat.ask(text)
         except ChatError as e:
             _report(err, e)
-            failed = True
+            failed = not interactive  # at a terminal, the user has seen it and goes on
             if e.fatal:
                 return 1
 

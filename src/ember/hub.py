@@ -598,10 +598,18 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _weight_files(path: Path) -> list[Path]:
-    index = _read_json(path / "model.safetensors.index.json")
-    if index.get("weight_map"):
-        return [path / n for n in sorted(set(index["weight_map"].values()))]
-    return sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    """The weight files a checkpoint names (its shard index), else those it holds: safetensors
+    first, as the loader reads them, then the .bin shards of the original Llama-2 layout."""
+    for index_name, pattern in (
+        ("model.safetensors.index.json", "*.safetensors"),
+        ("pytorch_model.bin.index.json", "*.bin"),
+    ):
+        index = _read_json(path / index_name)
+        if index.get("weight_map"):
+            return [path / n for n in sorted(set(index["weight_map"].values()))]
+        if found := sorted(path.glob(pattern)):
+            return found
+    return []
 
 
 def unservable_reason(

@@ -890,18 +890,22 @@ def test_a_reader_scrolled_up_stays_there_when_the_reply_ends(browser, server):
     ]
     _import(page, {"title": "Long", "messages": earlier})
     page.wait_for_selector("#conv-title >> text=Long")
-    _set(page, "#max-tokens", "60")
-    _send(page, "Count from 1 to 100, one number per line.")
+    # Long enough to be streaming still when it is stopped (Esc ends it as its end would).
+    _set(page, "#max-tokens", "1500")
+    _send(page, "Count from 1 to 1000, one number per line.")
     page.wait_for_selector(
         "#messages .msg.assistant >> nth=-1 >> .content:not(:empty)", timeout=STREAM_TIMEOUT_MS
     )
     page.evaluate("document.querySelector('#messages').scrollTop = 0")
-    _wait_done(page)
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#send:not(.stop)", state="attached", timeout=5_000)
     assert page.evaluate("document.querySelector('#messages').scrollTop") == 0
     # At the bottom, a reader follows the reply to its end, as before.
     page.evaluate("(m => m.scrollTop = m.scrollHeight)(document.querySelector('#messages'))")
+    _set(page, "#max-tokens", "8")
     _send(page, "Again.")
-    _wait_done(page)
+    page.wait_for_selector("#messages .msg.assistant >> nth=5", timeout=STREAM_TIMEOUT_MS)
+    page.wait_for_selector("#send:not(.stop)", state="attached", timeout=STREAM_TIMEOUT_MS)
     assert (
         page.evaluate(
             "(m => m.scrollHeight - m.scrollTop - m.clientHeight)(document.querySelector('#messages'))"
@@ -927,6 +931,16 @@ def test_a_key_no_header_can_carry_is_refused_in_the_dialog(browser, server):
     _enter_key(page, f"  {API_KEY} ")  # spaces around it are trimmed, as before
     page.wait_for_selector("#model option[value='smol']", state="attached")
     assert page.is_hidden("#notice")
+    # A bad key typed and cancelled leaves no refusal behind on the saved one.
+    if page.is_hidden("#settings"):
+        page.click("#settings-toggle")
+    page.click("#set-key")
+    page.fill("#key-input", API_KEY + "\u2019")
+    page.click("#key-cancel")
+    page.click("#set-key")
+    assert page.input_value("#key-input") == API_KEY
+    page.press("#key-input", "Enter")
+    page.wait_for_selector("#key-dialog:not([open])", state="attached")
     assert page.errors == []
     page.context.close()
 
@@ -999,7 +1013,10 @@ def test_an_image_in_a_reply_is_a_link_and_the_console_stays_clean(browser, serv
     page = _ready_page(browser, server)
     console = []
     page.on("console", lambda m: console.append((m.type, m.text)) if m.type != "log" else None)
-    reply = "![a chart](https://example.invalid/x.png) and $\\htmlData{onclick=alert(1)}{x}$"
+    reply = (
+        "![a chart](https://example.invalid/x.png) and $\\htmlData{onclick=alert(1)}{x}$ and "
+        "[![build <b>ok</b>](https://example.invalid/badge.svg)](https://ci.example.invalid/1)"
+    )
     _import(
         page,
         {
@@ -1013,6 +1030,11 @@ def test_an_image_in_a_reply_is_a_link_and_the_console_stays_clean(browser, serv
     link = box.locator("a", has_text="a chart")
     assert link.get_attribute("href") == "https://example.invalid/x.png"
     assert link.get_attribute("rel") == "noopener noreferrer"
+    # A linked image (a badge) is one link, to where it says, labelled with the alt text.
+    badge = box.locator("a", has_text="build")
+    assert badge.count() == 1 and badge.get_attribute("href") == "https://ci.example.invalid/1"
+    assert badge.inner_text() == "build <b>ok</b>"
+    assert box.locator("a").count() == 2 and box.locator("a a, b").count() == 0
     time.sleep(0.5)
     assert console == [] and page.errors == []
     page.context.close()

@@ -210,6 +210,15 @@ def test_the_pull_job_is_a_new_job_when_its_pod_would_change():
         job_name({"imagePullSecrets": [{"name": "registry"}]}),
     ]
     assert len({chatglm3, *others}) == 7
+    # A pull-only setting makes a new Job but leaves the server pods as they are (no restart).
+    pods = [
+        one(render({**job, **values}), "Deployment", "server")["spec"]["template"]
+        for values in (
+            {},
+            {"pull": {"mode": "job", "env": [{"name": "HF_ENDPOINT", "value": "x"}]}},
+        )
+    ]
+    assert pods[0] == pods[1]
     # The name is a DNS label (it becomes the pods' job-name label), whatever the release's.
     long = job_name({}, release="r" * 53)
     assert len(long) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", long)
@@ -234,7 +243,9 @@ def test_the_pull_job_runs_beside_the_pods_and_they_wait_for_it():
     (wait,) = pod["initContainers"]
     pulled_to = container(job_pod, "pull")["args"][-1]
     assert env_map(wait)["MODEL_PATH"] == pulled_to
-    assert env_map(wait)["PULL_JOB"] == one(docs, "Job", "pull")["metadata"]["name"]
+    selector = dict(kv.split("=") for kv in env_map(wait)["PULL_PODS"].split(","))
+    job_pod_labels = one(docs, "Job", "pull")["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= job_pod_labels.items()
     assert '"$MODEL_PATH/.cache/ember-pulled"' in wait["command"][-1]
     assert wait["volumeMounts"][0]["readOnly"] is True
     # Of the pods' own affinity the Job takes the node part, and stays beside them: their

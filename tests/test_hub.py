@@ -654,7 +654,8 @@ def test_the_chart_pods_wait_for_the_pull_of_their_own_model(hub, tmp_path, sour
         pod = one(docs, "Deployment", "server")["spec"]["template"]["spec"]
         wait = container(pod, "wait-for-pull", init=True)
         env = {**env_map(wait), "MODEL_PATH": str(tmp_path / "tiny")}
-        assert env["PULL_JOB"] == job["metadata"]["name"]
+        selector = dict(kv.split("=") for kv in env["PULL_PODS"].split(","))
+        assert selector.items() <= job["spec"]["template"]["metadata"]["labels"].items()
         pull_args = container(job["spec"]["template"]["spec"], "pull")["args"]
         pull_args[pull_args.index("--dir") + 1] = env["MODEL_PATH"]
         return pull_args, wait["command"], env

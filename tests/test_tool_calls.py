@@ -147,6 +147,31 @@ def test_hermes_closing_tag_inside_a_string_argument_does_not_end_the_call(cut):
     assert calls_of(r) == [("f", args)] and r.content == "after"
 
 
+@pytest.mark.parametrize("cut", [False, True])
+def test_hermes_a_stray_quote_ends_the_call_at_its_tag_and_the_next_call_still_counts(cut):
+    """Once a call's body is no JSON, its string bounds mean nothing: the first tag ends it
+    (as before strings were read), so the call after it is read, streamed as soon as it ends."""
+    bad = '<tool_call>\n{"name": "f", "arguments": {"size": "5" inch"}}\n</tool_call>'
+    good = '<tool_call>\n{"name": "g", "arguments": {}}\n</tool_call>'
+    text = f"{bad}\n{good}\nMore text"
+    r = same_streamed_and_whole(HermesParser, text, tool_names=["f", "g"])
+    assert calls_of(r) == [("g", {})] and r.content == bad + "More text"
+    cut_r = HermesParser(["f", "g"]).parse(text, cut=True)
+    assert calls_of(cut_r) == [("g", {})] and cut_r.content == bad + "More text"
+    parser, when = HermesParser(["f", "g"]), None
+    for i, ch in enumerate(text):
+        if parser.feed(ch).tool_calls:
+            when = i
+            break
+    assert when == len(bad) + len(good)  # the moment its tag is whole
+
+
+def test_hermes_a_stop_string_inside_a_string_argument_drops_the_call_whole():
+    text = 'Sure.<tool_call>\n{"name": "f", "arguments": {"s": "a</tool_call>b'
+    r = HermesParser(["f"]).parse(text, stopped=True)
+    assert r.tool_calls == [] and r.content == "Sure."
+
+
 def test_hermes_invalid_json_is_content():
     text = 'Sure. <tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call>'
     r = same_streamed_and_whole(HermesParser, text)
@@ -1065,10 +1090,10 @@ def test_forced_call_of_parameters_no_grammar_can_take_is_400(client):
 @slow
 def test_parameters_that_are_no_object_schema_are_400_and_an_untyped_one_is_an_object(client):
     """Arguments are a JSON object: a schema of another type is a 400 (as OpenAI answers), and
-    one that names no type (`{}`, an anyOf) holds a forced call to its object values."""
+    one that names no type (`{}`, an anyOf) or several holds a forced call to its objects."""
     for params in ({"type": "array"}, {"type": "string"}, {"type": ["integer", "null"]}):
         bad = {"type": "function", "function": {"name": "f", "parameters": params}}
-        for choice in ("auto", "required"):
+        for choice in ("auto", "required", "none"):
             with pytest.raises(openai.BadRequestError) as e:
                 client.chat.completions.create(
                     model=MODEL, messages=ASK, max_tokens=4, tools=[bad], tool_choice=choice
@@ -1083,6 +1108,7 @@ def test_parameters_that_are_no_object_schema_are_400_and_an_untyped_one_is_an_o
                 {"type": "integer"},
             ]
         },
+        {"type": ["object", "null"], "properties": {"n": {"type": "integer"}}},
     ]
     for params in untyped:
         tool = {"type": "function", "function": {"name": "f", "parameters": params}}

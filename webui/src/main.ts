@@ -592,6 +592,7 @@ async function loadModels(): Promise<boolean> {
 function askForKey(wrong: boolean): void {
   ui.keyWrong.hidden = !wrong;
   ui.keyInput.value = apiKey;
+  ui.keyInput.setCustomValidity(""); // the saved key is a valid one, whatever was typed before
   if (!ui.keyDialog.open) ui.keyDialog.showModal();
   ui.keyInput.focus();
   ui.keyInput.select();

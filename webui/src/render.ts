@@ -86,6 +86,14 @@ const marked = new Marked(
   {
     gfm: true,
     breaks: true,
+    // An image inside a link (a badge) is its alt text: the link goes where it says, with no
+    // link of the image's own nested in it.
+    walkTokens(token) {
+      if (token.type !== "link" || !token.tokens) return;
+      token.tokens = token.tokens.map((child) =>
+        child.type === "image" ? { type: "text", raw: child.raw, text: child.text || child.href } : child,
+      );
+    },
     renderer: {
       // Raw HTML in a reply is shown as the text it is, as chat pages do, not interpreted.
       html: ({ text }) => escapeHtml(text),

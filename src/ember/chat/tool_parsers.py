@@ -167,12 +167,13 @@ def _tool_functions(tools: list[dict[str, Any]], function: str | None) -> list[d
 
 def call_parameters(function: dict[str, Any]) -> dict[str, Any]:
     """A function's parameter schema, as its calls are decoded: arguments are a JSON object,
-    so a schema that names no type (`{}`, an `anyOf`) is held to its object values. One
+    so a schema that names no type (`{}`, an `anyOf`) or several (["object", "null"]) is held
+    to its object values (`parameters_type_error` refuses one without "object"). One
     declared without parameters takes none, as OpenAI reads it: its arguments are `{}`."""
     params = function.get("parameters")
     if not isinstance(params, dict):
         return {"type": "object", "properties": {}}
-    return params if "type" in params else {**params, "type": "object"}
+    return params if params.get("type") == "object" else {**params, "type": "object"}
 
 
 def parameters_type_error(function: dict[str, Any]) -> str | None:
@@ -323,7 +324,9 @@ class HermesParser(ToolParser):
         super().__init__(tool_names, max_calls)
         self._in_call = False
         self._gap = ""  # whitespace before the opener, restored if the call does not parse
-        self._body_scan = (0, False, False)  # where _find_close stopped: (i, in string, escape)
+        # Where _find_close stopped: (index, in a string, after a backslash, last character
+        # outside strings that was not a space; "!" once the body is no JSON).
+        self._body_scan: tuple[int, bool, bool, str] = (0, False, False, "")
 
     @classmethod
     def forced_prefix(cls, function: str | None) -> str:
@@ -363,13 +366,13 @@ class HermesParser(ToolParser):
                 self._gap = before[len(text) :]
                 self._buf = self._buf[i + len(self.OPEN) :]
                 self._in_call = True
-                self._body_scan = (0, False, False)
+                self._body_scan = (0, False, False, "")
                 continue
             j = self._find_close()
             if j < 0 and not final:
                 return  # the call is still being written
-            if j < 0 and not self.cut:  # closed only inside a string: one the model left open
-                j = self._buf.find(self.CLOSE)
+            if j < 0 and not (self.cut or self.stopped):
+                j = self._buf.find(self.CLOSE)  # the model ended inside a string it left open
             # At the end, a call the model did not close (it stopped at EOS) still counts.
             end = len(self._buf) if j < 0 else j + len(self.CLOSE)
             body, raw = self._buf[: j if j >= 0 else end], self._buf[:end]
@@ -389,10 +392,12 @@ class HermesParser(ToolParser):
             self._gap = ""
 
     def _find_close(self) -> int:
-        """Where the closing tag starts in the buffer, outside the JSON strings of the call's
-        body, or -1: an argument's string may hold "</tool_call>" itself (a grammar-forced call
-        may write it there). The scan resumes where the last one stopped."""
-        i, in_string, escape = self._body_scan
+        """Where the closing tag starts in the buffer, or -1: outside the JSON strings of the
+        call's body, since an argument's string may hold "</tool_call>" itself (a grammar-forced
+        call may write it there). Once the body is no JSON (a stray quote: `"5" inch"`), string
+        bounds mean nothing and the first tag ends the call, as it did before strings were
+        read. The scan resumes where the last one stopped."""
+        i, in_string, escape, last = self._body_scan
         buf, close = self._buf, self.CLOSE
         while i < len(buf):
             c = buf[i]
@@ -402,16 +407,25 @@ class HermesParser(ToolParser):
                 elif c == "\\":
                     escape = True
                 elif c == '"':
-                    in_string = False
-            elif c == '"':
-                in_string = True
+                    in_string, last = False, '"'
             elif c == "<" and close.startswith(buf[i : i + len(close)]):
                 if buf.startswith(close, i):
-                    self._body_scan = (i, False, False)
+                    self._body_scan = (i, False, False, last)
                     return i
                 break  # the tag's start, its rest still to come
+            elif not c.isspace():
+                # A string opens after "{", "[", ",", ":" (or first); after a string comes one
+                # of ",:}]". Anything else: not JSON.
+                opens = c == '"' and last not in ("", "{", "[", ",", ":")
+                if opens or (last == '"' and c not in ",:}]"):
+                    self._body_scan = (i, False, False, "!")
+                    return self._buf.find(close)
+                in_string = c == '"'
+                last = c
             i += 1
-        self._body_scan = (i, in_string, escape)
+        if last == "!":  # already not JSON: only a tag still to come can end it
+            return self._buf.find(close)
+        self._body_scan = (i, in_string, escape, last)
         return -1
 
     @staticmethod

@@ -219,6 +219,10 @@ def chat_plan(req: P.ChatCompletionRequest, state: ServerState) -> ChatPlan:
     support = tool_support(state.formatter, state.engine.core.cfg.tool_call_parser)
     req = legacy_functions(req)
     mode, function, allowed = _tool_choice(req)
+    for t in req.tools or []:  # as OpenAI: whatever the tool_choice
+        if problem := parameters_type_error(t.function.model_dump(exclude_none=True)):
+            name = t.function.name
+            raise APIError(f"The parameters of function {name!r} {problem}.", param="tools")
     history = any(
         m.role in ("tool", "function") or m.tool_calls or m.function_call for m in req.messages
     )
@@ -241,10 +245,6 @@ def chat_plan(req: P.ChatCompletionRequest, state: ServerState) -> ChatPlan:
             for t in req.tools or []
             if allowed is None or t.function.name in allowed
         ]
-        for t in tools:
-            if problem := parameters_type_error(t["function"]):
-                name = t["function"]["name"]
-                raise APIError(f"The parameters of function {name!r} {problem}.", param="tools")
         if forced:  # the call is decoded under a grammar of these functions' parameters
             check_tool_schemas(tools, function)
         return ChatPlan(

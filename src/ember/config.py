@@ -136,8 +136,9 @@ class ServingLimits:
     """How `ember serve` holds up under load, faults and shutdown; each field is a flag."""
 
     max_waiting_requests: int | None = _opt(
-        "Most sequences admitted but not yet generating; beyond it a request gets 503 with "
-        "Retry-After at once. Default: --max-num-seqs (one more full batch). 0: no bound.",
+        "Most sequences admitted but not yet generating (queued, or in the running batch "
+        "before their first token); beyond it a request gets 503 with Retry-After at once. "
+        "Default: --max-num-seqs (a full batch awaiting first tokens). 0: no bound.",
         minimum=0,
     )
     max_waiting_tokens: int | None = _opt(

@@ -62,7 +62,8 @@ class Admission:
     def sized_for(
         cls, core: EngineCore, max_waiting_requests: int | None, max_waiting_tokens: int | None
     ) -> Admission:
-        """Defaults from the engine's shape: one more full batch of sequences, and no more
+        """Defaults from the engine's shape: a full batch of sequences awaiting their first
+        tokens (an idle server takes a burst of one batch), and no more
         prompt tokens than the KV cache holds or 64 steps of the token budget prefill."""
         if max_waiting_requests is None:
             max_waiting_requests = core.scheduler.max_num_seqs

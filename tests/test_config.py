@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -65,6 +66,8 @@ def _ember(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
         (["--block-size", "0"], {}, "block_size must be at least 1"),
         (["--gpu-memory-utilization", "1.5"], {}, "gpu_memory_utilization must be at most 1.0"),
         (["--drain-timeout", "-1"], {}, "drain_timeout must be at least 0.0"),
+        # An origin with a path never matches a browser's Origin header: refused, not silent.
+        (["--allowed-origins", "https://chat.example/app"], {}, "is not an origin"),
         # nan passes every bound, inf none: a shutdown that hung or died with a traceback.
         (["--shutdown-grace", "inf"], {}, "shutdown_grace must be a finite number"),
         ([], {"EMBER_DRAIN_TIMEOUT": "nan"}, "drain_timeout must be a finite number"),
@@ -233,3 +236,16 @@ def test_ember_generate_reads_its_prompt_from_stdin(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", Terminal())
     assert cli.main(["generate"]) == 2
     assert "--prompt" in capsys.readouterr().err
+
+
+def test_allowed_origins_are_written_as_browsers_send_them() -> None:
+    """An origin copied from the address bar (a trailing slash, capitals) matched nothing:
+    CORS compares the Origin header as the browser writes it."""
+    from ember.config import origins
+
+    got = origins(" https://Chat.Example.com/ ,http://localhost:3000,, *")
+    assert got == ["https://chat.example.com", "http://localhost:3000", "*"]
+    assert origins("") == []
+    for bad in ("chat.example.com", "ftp://x.example", "https://x.example/?a=1", "https://"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            origins(bad)

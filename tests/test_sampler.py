@@ -148,6 +148,7 @@ def test_top_p_keeps_smallest_set_reaching_p() -> None:
     assert set(emitted(logits, SamplingParams(top_p=0.6))) == {1, 3}
     assert set(emitted(logits, SamplingParams(top_p=0.75))) == {0, 1, 3}
     assert set(emitted(logits, SamplingParams(top_p=0.05))) == {1}  # always the top token
+    assert set(emitted(logits, SamplingParams(top_p=0.0))) == {1}  # OpenAI's and FastChat's 0
 
 
 def test_top_p_applies_after_top_k_renormalises() -> None:

@@ -225,7 +225,8 @@ def test_completion_stream(client):
     "kwargs, param",
     [
         (dict(temperature=5), "temperature"),
-        (dict(top_p=0), "top_p"),
+        (dict(top_p=-0.1), "top_p"),
+        (dict(top_p=1.5), "top_p"),
         (dict(n=0), "n"),
         (dict(max_tokens=0), "max_tokens"),
         (dict(max_tokens=100000), "max_tokens"),
@@ -240,6 +241,16 @@ def test_bad_chat_parameters_are_400(client, kwargs, param):
         client.chat.completions.create(model=MODEL, messages=HELLO, **kwargs)
     assert e.value.status_code == 400
     assert param in (e.value.body.get("param") or "")
+
+
+def test_top_p_0_is_the_top_token_alone(client):
+    """NextChat's top_p slider reaches 0 and sends it with every message (FastChat and OpenAI
+    take it); the nucleus is then the most likely token, whatever the temperature."""
+    kw = dict(model=MODEL, messages=HELLO, max_tokens=12)
+    greedy = client.chat.completions.create(temperature=0, **kw).choices[0].message.content
+    for seed in (1, 2):
+        r = client.chat.completions.create(temperature=1.5, top_p=0, seed=seed, **kw)
+        assert r.choices[0].message.content == greedy
 
 
 def test_streams_end_with_the_stop_that_ended_them(client):

@@ -16,6 +16,7 @@ from ember.config import (
     add_arguments,
     add_env_twins,
     from_namespace,
+    origins,
     port,
     positive_int,
 )
@@ -164,7 +165,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server_cfg = ServerConfig(
         served_model_names=names or [args.model if model != args.model else served_name(cfg.model)],
         api_keys=_api_keys(args),
-        allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
+        allowed_origins=args.allowed_origins,
         default_max_tokens=args.default_max_tokens,
         embedding_model=args.embedding_model,
         embedding_model_name=_embedding_name(args),
@@ -275,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--allowed-origins",
+        type=origins,
         default=os.environ.get("EMBER_ALLOWED_ORIGINS", "*"),
         help="CORS origins, comma-separated. [env EMBER_ALLOWED_ORIGINS; default *]",
     )

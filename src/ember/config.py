@@ -222,6 +222,30 @@ def port(text: str) -> int:
     return value
 
 
+def origins(text: str) -> list[str]:
+    """CORS origins, comma-separated, as a browser's Origin header writes them: an origin
+    copied from the address bar ("https://Chat.Example.com/") is matched too, and one with a
+    path, which no Origin header has, is refused rather than left never matching."""
+    from urllib.parse import urlsplit
+
+    out = []
+    for raw in (o.strip() for o in text.split(",")):
+        if not raw or raw == "*":
+            out += [raw] if raw else []
+            continue
+        url = urlsplit(raw)
+        if url.scheme not in ("http", "https") or not url.netloc or url.path not in ("", "/"):
+            raise argparse.ArgumentTypeError(
+                f"{raw!r} is not an origin: scheme://host[:port], such as https://chat.example.com"
+            )
+        if url.query or url.fragment:
+            raise argparse.ArgumentTypeError(
+                f"{raw!r} is not an origin: it has a query or fragment"
+            )
+        out.append(f"{url.scheme}://{url.netloc.lower()}")
+    return out
+
+
 def env_name(field_name: str) -> str:
     return "EMBER_" + field_name.upper()
 

@@ -598,16 +598,20 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _weight_files(path: Path) -> list[Path]:
-    """The weight files a checkpoint names (its shard index), else those it holds: safetensors
-    first, as the loader reads them, then the .bin shards of the original Llama-2 layout."""
-    for index_name, pattern in (
-        ("model.safetensors.index.json", "*.safetensors"),
-        ("pytorch_model.bin.index.json", "*.bin"),
+    """The weight files a checkpoint names (its shard index), else those it holds, chosen as
+    the loader chooses them: safetensors first (a LoRA adapter beside them is not the model),
+    then the .bin shards of the original Llama-2 layout."""
+    for index_name, own, other in (
+        ("model.safetensors.index.json", "model*.safetensors", "*.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model*.bin", "*.bin"),
     ):
         index = _read_json(path / index_name)
         if index.get("weight_map"):
             return [path / n for n in sorted(set(index["weight_map"].values()))]
-        if found := sorted(path.glob(pattern)):
+        found = sorted(path.glob(own)) or [
+            f for f in sorted(path.glob(other)) if not f.name.startswith(("adapter_", "training_"))
+        ]
+        if found:
             return found
     return []
 

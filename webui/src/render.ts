@@ -23,7 +23,7 @@ import typescript from "highlight.js/lib/languages/typescript";
 import xml from "highlight.js/lib/languages/xml";
 import yaml from "highlight.js/lib/languages/yaml";
 import katex from "katex";
-import { Marked, type MarkedExtension, type TokenizerAndRendererExtension } from "marked";
+import { Marked, type MarkedExtension, type Token, type TokenizerAndRendererExtension } from "marked";
 import { markedHighlight } from "marked-highlight";
 import markedKatex from "marked-katex-extension";
 
@@ -73,6 +73,18 @@ const HTML_ESCAPES: Record<string, string> = {
 };
 const escapeHtml = (s: string) => s.replace(/[&<>"']/g, (ch) => HTML_ESCAPES[ch]);
 
+/** The tokens inside a link, at any depth, with each image as its alt text. */
+function imagesAsText(tokens: Token[]): Token[] {
+  return tokens.map((t) => {
+    if (t.type === "image") {
+      const alt = t.tokens?.length ? t.tokens : undefined;
+      return { type: "text", raw: t.raw, text: t.text || t.href, ...(alt ? { tokens: alt } : {}) } as Token;
+    }
+    if ("tokens" in t && Array.isArray(t.tokens)) t.tokens = imagesAsText(t.tokens);
+    return t;
+  });
+}
+
 const marked = new Marked(
   markedHighlight({
     emptyLangClass: "hljs",
@@ -89,10 +101,7 @@ const marked = new Marked(
     // An image inside a link (a badge) is its alt text: the link goes where it says, with no
     // link of the image's own nested in it.
     walkTokens(token) {
-      if (token.type !== "link" || !token.tokens) return;
-      token.tokens = token.tokens.map((child) =>
-        child.type === "image" ? { type: "text", raw: child.raw, text: child.text || child.href } : child,
-      );
+      if (token.type === "link" && token.tokens) token.tokens = imagesAsText(token.tokens);
     },
     renderer: {
       // Raw HTML in a reply is shown as the text it is, as chat pages do, not interpreted.

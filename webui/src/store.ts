@@ -261,7 +261,7 @@ export function importConversation(text: string): Conversation | null {
     title: data.title,
     created: now,
     updated: now,
-    system: typeof data.system === "string" ? data.system : system,
+    system: (typeof data.system === "string" && data.system) || system,
     // As exported: the reply's stats and how it ended (stopped, cut at max tokens, an error).
     messages: data.messages.map((m) => ({
       role: m.role,

@@ -399,6 +399,8 @@ class HermesParser(ToolParser):
         read. The scan resumes where the last one stopped."""
         i, in_string, escape, last = self._body_scan
         buf, close = self._buf, self.CLOSE
+        if last == "!":  # already not JSON: only a tag still to come can end it
+            return buf.find(close)
         while i < len(buf):
             c = buf[i]
             if in_string:
@@ -423,8 +425,6 @@ class HermesParser(ToolParser):
                 in_string = c == '"'
                 last = c
             i += 1
-        if last == "!":  # already not JSON: only a tag still to come can end it
-            return self._buf.find(close)
         self._body_scan = (i, in_string, escape, last)
         return -1
 

@@ -89,7 +89,8 @@ class SamplingParams:
             "temperature",
             f"temperature must be non-negative, got {self.temperature}.",
         )
-        need(0 < self.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {self.top_p}.")
+        # 0, as OpenAI and FastChat take it: the nucleus is the top token alone.
+        need(0 <= self.top_p <= 1, "top_p", f"top_p must be in [0, 1], got {self.top_p}.")
         need(0 <= self.min_p <= 1, "min_p", f"min_p must be in [0, 1], got {self.min_p}.")
         need(
             self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty),

@@ -326,7 +326,7 @@ GGUF_CONVERSION_VERSION = 3
 # split, as the models' own tokenizer.json does (Digits, then ByteLevel); transformers' GGUF
 # reader knows the others but writes a plain ByteLevel for these, so "  42" came out as
 # three tokens the model never saw ("Ġ", "Ġ4", "2") instead of "ĠĠ", "4", "2".
-_DIGITS_FIRST_PRE = {"smollm", "starcoder"}
+_DIGITS_FIRST_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
 
 
 def _gguf_source_id(path: Path) -> str:

@@ -143,7 +143,7 @@ class SamplingFields(OpenAIBase):
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)  # 0: the top token alone (NextChat sends it)
     # One string of any length (up to MAX_STOP_CHARS), or a list of at most MAX_STOP (checked
     # below: a max_length here would count a single string's characters).
     stop: StopString | list[StopString] | None = None
@@ -423,7 +423,7 @@ class ResponsesRequest(OpenAIBase):
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)  # 0: the top token alone (NextChat sends it)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None

@@ -1016,6 +1016,7 @@ def test_an_image_in_a_reply_is_a_link_and_the_console_stays_clean(browser, serv
     reply = (
         "![a chart](https://example.invalid/x.png) and $\\htmlData{onclick=alert(1)}{x}$ and "
         "[![build <b>ok</b>](https://example.invalid/badge.svg)](https://ci.example.invalid/1)"
+        " and [**![deep](https://example.invalid/d.png)**](https://ci.example.invalid/2)"
     )
     _import(
         page,
@@ -1034,7 +1035,8 @@ def test_an_image_in_a_reply_is_a_link_and_the_console_stays_clean(browser, serv
     badge = box.locator("a", has_text="build")
     assert badge.count() == 1 and badge.get_attribute("href") == "https://ci.example.invalid/1"
     assert badge.inner_text() == "build <b>ok</b>"
-    assert box.locator("a").count() == 2 and box.locator("a a, b").count() == 0
+    assert box.locator("a").count() == 3 and box.locator("a a, b").count() == 0
+    assert box.locator("a strong", has_text="deep").count() == 1
     time.sleep(0.5)
     assert console == [] and page.errors == []
     page.context.close()

@@ -166,6 +166,17 @@ def test_hermes_a_stray_quote_ends_the_call_at_its_tag_and_the_next_call_still_c
     assert when == len(bad) + len(good)  # the moment its tag is whole
 
 
+def test_hermes_a_body_found_no_json_stays_so_when_the_stream_resumes():
+    text = '<tool_call>\n{"a": "b" x, "</tool_call>\nAfter'
+    whole = HermesParser(["f"]).parse(text, stopped=True)
+    cut = text.index("x") + 1
+    parser = HermesParser(["f"])
+    streamed = parser.feed(text[:cut]).merge(parser.feed(text[cut:]))
+    streamed.merge(parser.finish(stopped=True))
+    assert (streamed.content, streamed.tool_calls) == (whole.content, whole.tool_calls)
+    assert whole.content.startswith("<tool_call>") and whole.content.endswith("After")
+
+
 def test_hermes_a_stop_string_inside_a_string_argument_drops_the_call_whole():
     text = 'Sure.<tool_call>\n{"name": "f", "arguments": {"s": "a</tool_call>b'
     r = HermesParser(["f"]).parse(text, stopped=True)

@@ -666,3 +666,7 @@ def test_a_missing_bin_shard_of_the_original_llama2_layout_is_named_before_servi
     (cut / "pytorch_model-00002-of-00002.bin").unlink()
     reason = unservable_reason(cut)
     assert reason is not None and "pytorch_model-00002-of-00002.bin" in reason
+    # A LoRA adapter saved beside the weights is not the model's weights.
+    (cut / "adapter_model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    reason = unservable_reason(cut)
+    assert reason is not None and "pytorch_model-00002-of-00002.bin" in reason

@@ -194,3 +194,30 @@ def test_the_default_models_tokenizer_splits_digits_first_as_its_own_does():
         assert ember_tok.encode(text, add_special_tokens=False) == want, text
         assert ember_tok.decode(want) == text
     assert ember_tok.encode("  42", add_special_tokens=False) == [256, 36, 34]  # "ĠĠ" "4" "2"
+
+
+def test_a_conversion_no_load_will_use_again_is_removed(tmp_path):
+    """Each conversion is a full float copy of the model: one made before the file changed,
+    or of a file that is gone, is deleted when a new one is made; another file's stays."""
+    import os
+
+    from ember.models import loader
+
+    path = write_gguf(tmp_path / "m.gguf", tiny_model(seed=2))
+    first = loader.converted_gguf_dir(path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    kept = loader.converted_gguf_dir(shutil.copy(path, elsewhere / "m.gguf"))
+    (tmp_path / "gone").mkdir()
+    gone = loader.converted_gguf_dir(shutil.copy(path, tmp_path / "gone" / "m.gguf"))
+    (tmp_path / "gone" / "m.gguf").unlink()
+    assert len({first, kept, gone}) == 3
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file changed
+    second = loader.converted_gguf_dir(path)
+    assert second != first and (second / "config.json").exists()
+    assert not first.exists() and not gone.exists()
+    assert not first.with_name(first.name + ".index.json").exists()
+    assert (kept / "config.json").exists()  # a file that is still there keeps its copy
+    llm = ember.LLM(str(path), dtype="float32", kv_cache_memory="4MiB")
+    assert llm.generate([[1, 2, 3]], ember.SamplingParams(max_tokens=2))[0].outputs[0].token_ids

@@ -354,6 +354,7 @@ def converted_gguf_dir(path: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    (tmp / SOURCE_RECORD).write_text(json.dumps({"path": str(path.resolve())}) + "\n")
     try:
         tmp.rename(out)  # atomic; fails if another process converted the same file first
     except OSError:
@@ -362,7 +363,41 @@ def converted_gguf_dir(path: Path) -> Path:
             return out
         shutil.rmtree(out, ignore_errors=True)  # a leftover of no use
         tmp.rename(out)
+    _prune_stale_conversions(path, out)
     return out
+
+
+# In each conversion: the GGUF file it was made from, so that a stale one can be told apart.
+SOURCE_RECORD = "ember-source.json"
+
+
+def _prune_stale_conversions(path: Path, kept: Path) -> None:
+    """Delete the conversions (each a full float copy of the model, hundreds of MB to tens of
+    GB) that no load will use again: those of this same file before it changed or before a
+    new conversion version, and those of a file that is gone. Conversions of other files that
+    exist stay, as do those of older Embers, which record no source."""
+    source = path.resolve()
+    for other in kept.parent.iterdir():
+        if not other.name.startswith(path.stem + "-") or other == kept or ".tmp" in other.name:
+            continue
+        if not other.is_dir():
+            continue
+        recorded = _read_json_file(other / SOURCE_RECORD).get("path")
+        if not isinstance(recorded, str):
+            continue
+        if Path(recorded) == source or not Path(recorded).exists():
+            log.info("removing %s, a stale conversion of %s", other, recorded)
+            shutil.rmtree(other, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                other.with_name(other.name + ".index.json").unlink(missing_ok=True)
+
+
+def _read_json_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _gguf_rope_scaling(

@@ -589,7 +589,8 @@ class LocalModel:
         return self.reason is None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file's contents; {} when it is missing, unreadable or no object."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -605,7 +606,7 @@ def _weight_files(path: Path) -> list[Path]:
         ("model.safetensors.index.json", "model*.safetensors", "*.safetensors"),
         ("pytorch_model.bin.index.json", "pytorch_model*.bin", "*.bin"),
     ):
-        index = _read_json(path / index_name)
+        index = read_json_object(path / index_name)
         if index.get("weight_map"):
             return [path / n for n in sorted(set(index["weight_map"].values()))]
         found = sorted(path.glob(own)) or [
@@ -633,7 +634,7 @@ def unservable_reason(
         if ggufs:
             return f"{len(ggufs)} .gguf files and no config.json: name one file"
         return "no config.json (not a model directory)"
-    config = _read_json(path / "config.json")
+    config = read_json_object(path / "config.json")
     archs = config.get("architectures") or []
     if not any(a in supported_architectures() for a in archs):
         return f"architecture {','.join(archs) or 'unknown'} is not one Ember runs"
@@ -686,7 +687,7 @@ def describe(path: Path, name: str | None = None) -> LocalModel:
         if len(ggufs) == 1:
             return _describe_gguf(ggufs[0], name, reason)
         return LocalModel(name, path, "?", None, "?", _dir_size(path), reason)
-    config = _read_json(path / "config.json")
+    config = read_json_object(path / "config.json")
     arch = ",".join(config.get("architectures") or []) or "?"
     params: int | None = None
     dtypes: dict[str, int] = {}

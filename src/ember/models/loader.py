@@ -376,13 +376,15 @@ def _prune_stale_conversions(path: Path, kept: Path) -> None:
     GB) that no load will use again: those of this same file before it changed or before a
     new conversion version, and those of a file that is gone. Conversions of other files that
     exist stay, as do those of older Embers, which record no source."""
+    from ember.hub import read_json_object
+
     source = path.resolve()
     for other in kept.parent.iterdir():
         if not other.name.startswith(path.stem + "-") or other == kept or ".tmp" in other.name:
             continue
         if not other.is_dir():
             continue
-        recorded = _read_json_file(other / SOURCE_RECORD).get("path")
+        recorded = read_json_object(other / SOURCE_RECORD).get("path")
         if not isinstance(recorded, str):
             continue
         if Path(recorded) == source or not Path(recorded).exists():
@@ -390,14 +392,6 @@ def _prune_stale_conversions(path: Path, kept: Path) -> None:
             shutil.rmtree(other, ignore_errors=True)
             with contextlib.suppress(OSError):
                 other.with_name(other.name + ".index.json").unlink(missing_ok=True)
-
-
-def _read_json_file(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _gguf_rope_scaling(

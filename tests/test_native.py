@@ -115,11 +115,16 @@ native.set_threads({n})
 lib = native.cpu_kernels()
 assert lib.ember_num_threads() == {n}, lib.ember_num_threads()
 x = torch.randn(64, 2048)
-before = len(os.listdir("/proc/self/task"))
+counts = []
+def call():
+    counts.append(len(os.listdir("/proc/self/task")))
+    layers.silu_and_mul(x)
+    # OpenMP's pool lives as long as the thread that started it: counted before it exits
+    counts.append(len(os.listdir("/proc/self/task")))
 # from another thread, as the engine calls them
-t = threading.Thread(target=lambda: layers.silu_and_mul(x))
+t = threading.Thread(target=call)
 t.start(); t.join()
-print(len(os.listdir("/proc/self/task")) - before)
+print(counts[1] - counts[0])
 """
     started = {}
     for n in (1, 5):

@@ -229,9 +229,9 @@ def origins(text: str) -> list[str]:
     from urllib.parse import urlsplit
 
     out = []
-    for raw in (o.strip() for o in text.split(",")):
-        if not raw or raw == "*":
-            out += [raw] if raw else []
+    for raw in filter(None, (o.strip() for o in text.split(","))):
+        if raw == "*":
+            out.append(raw)
             continue
         url = urlsplit(raw)
         if url.scheme not in ("http", "https") or not url.netloc or url.path not in ("", "/"):

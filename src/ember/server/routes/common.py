@@ -4,9 +4,11 @@ sequences, streams merged and collected, client disconnects, SSE events and usag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -36,7 +38,36 @@ async def tokenize_off_loop(request: Request, fn: Callable[..., T], *args: Any) 
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) < OFF_LOOP_BYTES:
         return fn(*args)
-    return await asyncio.to_thread(fn, *args)
+    return await off_loop(fn, *args)
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` on a daemon thread of its own. Unlike `asyncio.to_thread`, whose pool the
+    event loop's close waits for, nothing waits for it once its request has ended: a large
+    tokenization or a batch of embeddings still running when the drain ends does not hold
+    the process's exit."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # the request was cancelled meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as e:  # handed to the awaiting request
+            result, error = None, e
+        # A closed loop (the server is gone) raises here: nobody waits for the result.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name="ember-off-loop", daemon=True).start()
+    return await future
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from typing import Any
 
@@ -13,6 +12,7 @@ from ember.server import protocol as P
 from ember.server.errors import APIError
 from ember.server.routes.common import (
     kept_tokens,
+    off_loop,
     tokenize_off_loop,
     truncate_prompt,
     until_disconnected,
@@ -97,7 +97,7 @@ async def _encode(
     keep = kept_tokens(req.truncate_prompt_tokens, enc.max_length)
     # Always on a thread: the encoder's tokenizer takes one call at a time (a lock the
     # event loop must never wait on).
-    ids = await asyncio.to_thread(
+    ids = await off_loop(
         lambda: [enc.tokenize([x], keep)[0] if isinstance(x, str) else list(x) for x in inputs]
     )
     if keep is not None:
@@ -110,7 +110,7 @@ async def _encode(
     # batches (else the process's exit would wait for its last batch).
     stop = threading.Event()
     try:
-        return ids, (await asyncio.to_thread(enc.encode, ids, stop)).tolist()
+        return ids, (await off_loop(enc.encode, ids, stop)).tolist()
     finally:
         stop.set()
 

@@ -463,6 +463,29 @@ def test_a_user_or_system_message_without_content_is_a_400(server, message):
     assert error["param"] == "messages.0.content" and "needs content" in error["message"]
 
 
+@pytest.mark.parametrize("call_id", [None, ""])
+def test_a_tool_result_without_its_call_id_is_a_400(server, call_id):
+    """As OpenAI's API: a tool message names the call it answers. The legacy `function` role
+    (which names its function instead) is still taken."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    result = {"role": "tool", "content": "21C"}
+    if call_id is not None:
+        result["tool_call_id"] = call_id
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": [call]}]
+    body = {"model": "smol", "messages": [*history, result], "max_tokens": 2}
+    r = httpx.post(server + "/v1/chat/completions", json=body, headers=AUTH)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "messages.2.tool_call_id" and "tool_call_id" in error["message"]
+    legacy = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}},
+        {"role": "function", "name": "f", "content": "21C"},
+    ]
+    body["messages"] = legacy
+    assert httpx.post(server + "/v1/chat/completions", json=body, headers=AUTH).status_code == 200
+
+
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
 def test_tokenizing_a_huge_prompt_does_not_stall_the_server(server, route):
     """Megabytes of prompt take seconds to tokenize; that happens off the event loop, so

@@ -293,7 +293,7 @@ class ChatMessage(OpenAIBase):
     )
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
+    tool_call_id: str | None = Field(None, validate_default=True)
     function_call: FunctionCall | None = None  # the legacy form of one tool call
 
     @field_validator("content")
@@ -305,6 +305,16 @@ class ChatMessage(OpenAIBase):
         if content is None and role in ("system", "developer", "user"):
             raise ValueError(f"a {role} message needs content (a string or parts)")
         return content
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _names_its_call(cls, call_id: str | None, info: ValidationInfo) -> str | None:
+        # As OpenAI's API: a tool result says which call it answers (a template that pairs
+        # results with calls would otherwise pair them by guess). The legacy `function` role
+        # names its function instead.
+        if not call_id and info.data.get("role") == "tool":
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return call_id
 
 
 class ChatCompletionRequest(SamplingFields):

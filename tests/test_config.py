@@ -249,3 +249,21 @@ def test_allowed_origins_are_written_as_browsers_send_them() -> None:
     for bad in ("chat.example.com", "ftp://x.example", "https://x.example/?a=1", "https://"):
         with pytest.raises(argparse.ArgumentTypeError):
             origins(bad)
+
+
+@pytest.mark.parametrize("redirect", [">&-", "| true"])
+def test_the_server_leaves_with_its_status_when_stdout_is_closed_or_its_reader_gone(redirect):
+    """`ember serve` ends with os._exit after flushing its streams; a closed stdout (None in
+    Python) or a pipe whose reader has gone made that flush raise, so a clean stop exited 1
+    with a traceback instead of 0."""
+    code = (
+        "import time; from ember.cli import _leave; time.sleep(0.3); print('buffered'); _leave(0)"
+    )
+    # pipefail: a pipeline's status is its first command's (`true` exits 0, reading nothing)
+    script = f'set -o pipefail; {sys.executable} -c "{code}" {redirect}; echo "status=$?" >&2'
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a buffer to flush
+    done = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.stderr.strip().endswith("status=0"), done.stderr
+    assert "Traceback" not in done.stderr, done.stderr

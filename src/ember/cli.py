@@ -138,9 +138,13 @@ def _leave(code: int) -> NoReturn:
     engine mid-step, a loader, an encoder batch nobody waits for): finalizing the interpreter
     around them takes seconds and can abort the process ("terminate called ...", read by
     Kubernetes as a crash). Every reply has been sent and every cache write is a rename."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    try:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # closed at launch (`>&-`)
+                stream.flush()
+    except Exception:  # a reader gone (a pipe broken): leave all the same
+        pass
     os._exit(code)
 
 

@@ -4,13 +4,12 @@ sequences, streams merged and collected, client disconnects, SSE events and usag
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import re
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -41,33 +40,16 @@ async def tokenize_off_loop(request: Request, fn: Callable[..., T], *args: Any) 
     return await off_loop(fn, *args)
 
 
+# Blocking work for requests. Not the event loop's default pool: the loop's close waits for
+# that one's threads, so a batch of embeddings or a large tokenization still running when the
+# drain ends held the process's exit for seconds. (`ember serve` ends with os._exit, which
+# does not wait for these either.)
+_POOL = ThreadPoolExecutor(thread_name_prefix="ember-off-loop")
+
+
 async def off_loop(fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` on a daemon thread of its own. Unlike `asyncio.to_thread`, whose pool the
-    event loop's close waits for, nothing waits for it once its request has ended: a large
-    tokenization or a batch of embeddings still running when the drain ends does not hold
-    the process's exit."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if future.done():  # the request was cancelled meanwhile
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    def work() -> None:
-        try:
-            result, error = fn(*args), None
-        except BaseException as e:  # handed to the awaiting request
-            result, error = None, e
-        # A closed loop (the server is gone) raises here: nobody waits for the result.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(settle, result, error)
-
-    threading.Thread(target=work, name="ember-off-loop", daemon=True).start()
-    return await future
+    """`fn(*args)` on a worker thread of `_POOL`, which the event loop's close does not wait for."""
+    return await asyncio.get_running_loop().run_in_executor(_POOL, fn, *args)
 
 
 @dataclass

@@ -515,4 +515,6 @@ def test_tokenizing_a_huge_prompt_does_not_stall_the_server(server, route):
         r, took = pending.result()
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     assert took > 1.0, "too quick to tell; make the prompt longer"
-    assert max(waits) < 0.5, (max(waits), took)
+    # Tokenized on the loop, a probe would wait for nearly all of it; a busy machine's own
+    # stalls (0.64 s seen while another test suite ran) stay well under a third of it.
+    assert max(waits) < max(0.5, took / 3), (max(waits), took)

@@ -107,7 +107,7 @@ async def _encode(
         raise APIError(f"Token ids must be below {vocab} for this model.", param="input")
     _check_lengths(ids, enc.max_length, "This model embeds at most {limit} tokens")
     # A thread cannot be cancelled: once this request has ended, the encoder stops between
-    # batches (else the process's exit would wait for its last batch).
+    # batches (else its thread would go on encoding for nobody).
     stop = threading.Event()
     try:
         return ids, (await off_loop(enc.encode, ids, stop)).tolist()

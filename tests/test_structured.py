@@ -486,6 +486,29 @@ def test_forced_call_grammar_always_gives_a_call_that_parses_and_validates(fmt, 
     assert function is not None or len(seen) == 2  # "required" may pick any of the tools
 
 
+@pytest.mark.parametrize("fmt", ["hermes", "llama3_json", "chatglm3"])
+@pytest.mark.parametrize("max_calls", [None, 1])
+def test_required_grammar_gives_one_or_more_valid_calls(fmt, max_calls):
+    """tool_choice "required": at least one call, each valid; more than one only where the
+    format writes several calls in a reply (Hermes) and parallel_tool_calls is not false."""
+    from ember.chat.tool_parsers import PARSERS, make_parser
+
+    parser_cls = PARSERS[fmt]
+    spec = StructuredOutputsParams(grammar=parser_cls.required_grammar(TOOLS, max_calls))
+    backend = _byte_backend()
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    counts = set()
+    for seed in range(16):
+        walked = _walk(backend, spec, seed, steps=800)
+        text = bytes(t for t in walked if t < 256).decode()  # past 255: the end of the reply
+        res = make_parser(fmt, list(schemas)).parse(parser_cls.forced_prefix(None) + text)
+        assert res.tool_calls and not res.content.strip(), text
+        for call in res.tool_calls:
+            jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+        counts.add(len(res.tool_calls))
+    assert (max(counts) > 1) == (fmt == "hermes" and max_calls is None)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("fmt", ["hermes", "llama3_json", "chatglm3"])
 @pytest.mark.parametrize("max_calls", [None, 1])

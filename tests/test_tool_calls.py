@@ -707,11 +707,22 @@ def test_auto_reply_is_content_or_valid_calls(client, messages):
 
 
 @slow
-def test_required_starts_a_call(client):
-    r = client.chat.completions.create(
-        model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=32
-    )
-    check_choice(r.choices[0], forced=True)
+def test_required_makes_one_call_or_more_where_parallel_calls_are_asked_for(client):
+    kw = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0)
+    r = client.chat.completions.create(max_tokens=96, **kw).choices[0]
+    check_choice(r, forced=True)
+    assert len(r.message.tool_calls) == 1  # small models forced on repeat their call
+    both = client.chat.completions.create(max_tokens=96, parallel_tool_calls=True, **kw)
+    check_choice(both.choices[0], forced=True)
+    # The default model, asked for Paris's weather, looks up its time as well.
+    calls = both.choices[0].message.tool_calls
+    assert [c.function.name for c in calls] == ["get_weather", "get_time"]
+    assert calls[0].id != calls[1].id
+    # Streamed alike, each call under its own index.
+    final, chunks = stream_final(client, max_tokens=96, parallel_tool_calls=True, **kw)
+    assert summary(final.choices[0]) == summary(both.choices[0])
+    indexes = {d.index for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []}
+    assert indexes == {0, 1}
 
 
 @slow
@@ -859,14 +870,15 @@ def test_n_choices_with_logprobs_parse_each_on_its_own(client):
 def test_parallel_tool_calls_false_is_accepted_and_bounds_the_calls(client):
     r = client.chat.completions.create(
         model=MODEL,
-        messages=HISTORY,
+        messages=ASK,
         tools=TOOLS,
         tool_choice="required",
         temperature=0,
-        max_tokens=48,
+        max_tokens=96,
         parallel_tool_calls=False,
     )
-    assert len(r.choices[0].message.tool_calls or []) <= 1
+    # One call, ended there by its grammar (without the bound the model makes two).
+    assert len(r.choices[0].message.tool_calls) == 1
     check_choice(r.choices[0], forced=True)
 
 

@@ -251,6 +251,18 @@ class ToolParser:
         `function` (or any of the tools) whose arguments match its parameter schema."""
         raise NotImplementedError
 
+    @classmethod
+    def required_grammar(cls, tools: list[dict[str, Any]], max_calls: int | None) -> str:
+        """A Lark grammar of the reply after `forced_prefix(None)` under tool_choice
+        "required": a call to any of the tools, then more calls where the format writes several
+        in one reply and parallel calls are allowed (OpenAI's default), as the model chooses."""
+        grammar = cls.call_grammar(tools, None)
+        if cls.CALL_SEPARATOR is None or max_calls == 1:
+            return grammar
+        rules = grammar.replace("start:", "call:", 1)
+        more = f"{_lit(cls.CALL_SEPARATOR + cls.forced_prefix(None))} call"
+        return f"start: call ({more})*\n{rules}"
+
     # Between two calls of one reply (None: the format writes one call per reply here).
     CALL_SEPARATOR: ClassVar[str | None] = None
     # Before a reply that is an answer, not a call (ChatGLM3's empty metadata line).

@@ -245,16 +245,28 @@ def chat_plan(req: P.ChatCompletionRequest, state: ServerState) -> ChatPlan:
             for t in req.tools or []
             if allowed is None or t.function.name in allowed
         ]
-        if forced:  # the call is decoded under a grammar of these functions' parameters
+        max_calls = 1 if req.parallel_tool_calls is False else None
+        call_grammar = None
+        if forced:  # calls are decoded under a grammar of these functions' parameters
             check_tool_schemas(tools, function)
+            parser = PARSERS[support.parser]
+            # "required" makes one call unless the request asks for parallel calls in so many
+            # words: small models, the default one among them, forced past the first call
+            # repeat it until the tokens run out.
+            parallel = req.parallel_tool_calls is True
+            call_grammar = (
+                parser.call_grammar(tools, function)
+                if function is not None
+                else parser.required_grammar(tools, None if parallel else 1)
+            )
         return ChatPlan(
             formatter,
             tools=tools,
             parser=support.parser,
             tool_names=[t["function"]["name"] for t in tools],
             prefix=PARSERS[support.parser].forced_prefix(function) if forced else "",
-            max_calls=1 if req.parallel_tool_calls is False else None,
-            call_grammar=PARSERS[support.parser].call_grammar(tools, function) if forced else None,
+            max_calls=max_calls,
+            call_grammar=call_grammar,
             legacy_functions=req.functions is not None,
             named_call=mode == "named" and req.functions is None,
         )

@@ -58,6 +58,19 @@ def test_a_body_nested_past_the_parser_limit_says_so(client):
     assert e["message"] == "The request body nests too deeply to be read as JSON.", e
 
 
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_a_number_that_is_no_number_is_named_as_such(client, value):
+    # Python's JSON reader takes these; a bound ("less than or equal to 2") would be the wrong
+    # complaint.
+    for field in ("temperature", "top_p", "presence_penalty"):
+        body = f'{{"prompt": "hi", "{field}": {value}}}'.encode()
+        r = client.post(
+            "/v1/completions", content=body, headers={"Content-Type": "application/json"}
+        )
+        e = error(r)
+        assert e["param"] == field and e["message"] == f"{field}: Input should be a finite number"
+
+
 def test_union_members_do_not_leak_into_the_field_path(client):
     e = error(client.post("/v1/completions", json={"prompt": ""}))
     assert e["param"] == "prompt"

@@ -54,7 +54,10 @@ def _nullable_optionals(schema: dict[str, Any], model: type[BaseModel]) -> None:
 class OpenAIBase(BaseModel):
     # strict: JSON types as OpenAI checks them, so "10", true and 1 are not read as 10, 1 and
     # true (each is a 400 naming the field); /openapi.json then tells the truth to fuzzers.
-    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=_nullable_optionals)
+    # NaN and Infinity (which Python's JSON reader takes) are no numbers: "finite number".
+    model_config = ConfigDict(
+        extra="allow", strict=True, allow_inf_nan=False, json_schema_extra=_nullable_optionals
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -78,6 +78,11 @@ def _ember(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
         ([], {"EMBER_PORT": "abc"}, "argument --port: not a whole number: 'abc'"),
         ([], {"EMBER_MAX_NUM_SEQS": "abc"}, "argument --max-num-seqs: invalid int value: 'abc'"),
         ([], {"EMBER_LOG_LEVEL": "verbose"}, "EMBER_LOG_LEVEL must be one of DEBUG, INFO"),
+        # A switch's variable once read any other word as off (on, for the chat page): a
+        # typo left /metrics open or the prefix cache off, without a word.
+        ([], {"EMBER_METRICS_REQUIRE_KEY": "enabled"}, "EMBER_METRICS_REQUIRE_KEY: 'enabled' is"),
+        ([], {"EMBER_ENABLE_PREFIX_CACHING": "maybe"}, "EMBER_ENABLE_PREFIX_CACHING: 'maybe' is"),
+        ([], {"EMBER_CHAT_PAGE": "disabled"}, "EMBER_CHAT_PAGE: 'disabled' is not a switch: use"),
     ],
 )
 def test_serve_refuses_a_bad_setting_at_once_with_one_line(args, env, message) -> None:
@@ -90,6 +95,28 @@ def test_serve_refuses_a_bad_setting_at_once_with_one_line(args, env, message) -
 def test_a_bad_variable_of_one_command_does_not_break_the_others() -> None:
     done = _ember("pull", "--help", env={"EMBER_PORT": "abc", "EMBER_MAX_TOKENS": "x"})
     assert done.returncode == 0 and "usage: ember pull" in done.stdout
+    bad_switches = {"EMBER_CHAT_PAGE": "x", "EMBER_ENABLE_PREFIX_CACHING": "x"}
+    done = _ember("models", "--json", env=bad_switches)
+    assert done.returncode == 0, done.stderr
+
+
+def test_switch_words_and_the_flag_over_a_bad_variable(monkeypatch) -> None:
+    from ember.cli import build_parser
+    from ember.config import refuse_bad_env
+
+    for word, value in [("1", True), (" Yes", True), ("ON", True), ("off", False), ("0", False)]:
+        monkeypatch.setenv("EMBER_ENABLE_PREFIX_CACHING", word)
+        assert from_env(EngineConfig).enable_prefix_caching is value, word
+    monkeypatch.setenv("EMBER_ENABLE_PREFIX_CACHING", "")  # empty: the default
+    assert from_env(EngineConfig).enable_prefix_caching is True
+    monkeypatch.setenv("EMBER_ENABLE_PREFIX_CACHING", "maybe")
+    with pytest.raises(ConfigError, match="EMBER_ENABLE_PREFIX_CACHING must be a bool; got"):
+        from_env(EngineConfig)
+    args = build_parser().parse_args(["serve", "--no-enable-prefix-caching"])
+    refuse_bad_env(args)  # the command line wins over the variable
+    assert args.enable_prefix_caching is False
+    with pytest.raises(ConfigError, match="EMBER_ENABLE_PREFIX_CACHING: 'maybe' is not a switch"):
+        refuse_bad_env(build_parser().parse_args(["serve"]))
 
 
 @pytest.mark.parametrize(
@@ -102,10 +129,30 @@ def test_a_bad_variable_of_one_command_does_not_break_the_others() -> None:
             ["serve", "--tokenizer", "/nonexistent"],
             "ember serve: --tokenizer /nonexistent: no such",
         ),
-        (["serve", "--chat-template", "nosuch"], "ember serve: unknown built-in chat template"),
+        (
+            ["serve", "--chat-template", "nosuch"],
+            "ember serve: chat template 'nosuch' is neither a file nor a built-in (built-ins: "
+            "chatglm3, chatml",
+        ),
+        (
+            ["serve", "--chat-template", "/nonexistent/chat.jinja"],
+            "ember serve: chat template '/nonexistent/chat.jinja' is neither a file nor",
+        ),
+        # Once accepted: the server went ready, and every chat request was a 400.
+        (
+            ["serve", "--chat-template", "{tmp}/typo.jinja"],
+            "ember serve: chat template {tmp}/typo.jinja (line 2): unexpected '}'",
+        ),
+        (
+            ["generate", "-p", "hi", "--chat-template", "{tmp}/typo.jinja"],
+            "ember generate: chat template {tmp}/typo.jinja (line 2): unexpected '}'",
+        ),
     ],
 )
-def test_a_missing_path_or_device_is_one_line_not_a_traceback(args, message) -> None:
+def test_a_missing_path_or_device_is_one_line_not_a_traceback(args, message, tmp_path) -> None:
+    (tmp_path / "typo.jinja").write_text("{% for m in messages %}\n{{ m.content }{% endfor %}")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    message = message.replace("{tmp}", str(tmp_path))
     done = _ember(*args)
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr

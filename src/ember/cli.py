@@ -16,10 +16,12 @@ from ember.config import (
     ServingLimits,
     add_arguments,
     add_env_twins,
+    env_switch,
     from_namespace,
     origins,
     port,
     positive_int,
+    refuse_bad_env,
 )
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -50,6 +52,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     cfg = from_namespace(EngineConfig, args)
     # Checked before the model loads, so a bad value fails at once.
+    if cfg.chat_template:
+        from ember.chat.templates import read_chat_template
+
+        read_chat_template(cfg.chat_template)
     params = ember.SamplingParams(
         temperature=args.temperature, max_tokens=args.max_tokens, seed=args.sampling_seed
     )
@@ -165,7 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from ember.chat.templates import builtin_template
+    from ember.chat.templates import read_chat_template
     from ember.engine.runner import check_device
     from ember.models.loader import served_name
     from ember.server.app import build_app
@@ -174,8 +180,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = from_namespace(EngineConfig, args, model=model)
     check_device(cfg.device)  # now, not after the port is bound and the model half loaded
-    if cfg.chat_template and not os.path.isfile(cfg.chat_template):
-        builtin_template(cfg.chat_template)  # an unknown name: refused now, with the known ones
+    if cfg.chat_template:  # a missing file, an unknown name or a typo: refused now
+        read_chat_template(cfg.chat_template)
     names = _served_names(args)
     server_cfg = ServerConfig(
         served_model_names=names or [args.model if model != args.model else served_name(cfg.model)],
@@ -316,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--chat-page",
         action=argparse.BooleanOptionalAction,
-        default=os.environ.get("EMBER_CHAT_PAGE", "1").lower() not in ("0", "false", "no", "off"),
+        default=env_switch("EMBER_CHAT_PAGE", True),
         help="Serve the chat page at `/`; --no-chat-page serves the API alone. "
         "[env EMBER_CHAT_PAGE; default on]",
     )
@@ -355,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     from ember.hub import HubError
 
     try:
+        refuse_bad_env(args)
         return args.func(args)
     except HubError as e:
         print(f"ember {args.command}: {e}", file=sys.stderr)

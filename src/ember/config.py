@@ -257,10 +257,54 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_bool(raw: str) -> bool:
+    """An EMBER_ switch's value; anything but these words is refused, not read as off (or on):
+    EMBER_METRICS_REQUIRE_KEY=enabled must not leave /metrics open."""
+    word = raw.strip().lower()
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
+    raise ValueError(f"{raw!r} is not a switch: use 1, true, yes or on; 0, false, no or off")
+
+
+@dataclass(frozen=True)
+class BadEnvValue:
+    """An environment twin's default that does not read, kept until the command runs (a bad
+    EMBER_ variable of `serve` must not stop `ember bench`): `refuse_bad_env` reports it."""
+
+    env: str
+    raw: str
+    problem: str
+
+    def __repr__(self) -> str:  # as --help shows the default
+        return f"{self.raw!r} (refused: not a switch)"
+
+
+def env_switch(env: str, default: bool) -> bool | BadEnvValue:
+    """The default of a switch from its environment twin (unset or empty: `default`)."""
+    raw = os.environ.get(env, "")
+    if not raw.strip():
+        return default
+    try:
+        return parse_bool(raw)
+    except ValueError as e:
+        return BadEnvValue(env, raw, str(e))
+
+
+def refuse_bad_env(args: argparse.Namespace) -> None:
+    """Raise ConfigError for the first setting whose environment twin did not read, unless its
+    flag was given (the command line wins)."""
+    for value in vars(args).values():
+        if isinstance(value, BadEnvValue):
+            raise ConfigError(f"{value.env}: {value.problem}")
+
+
 def _convert(tp: Any, raw: str) -> Any:
     base = _base_type(tp)
     if base is bool:
-        return raw.strip().lower() in ("1", "true", "yes", "on")
+        return parse_bool(raw)
     return base(raw)
 
 
@@ -273,7 +317,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         tp = hints[f.name]
         env = env_name(f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if env in os.environ:
+        if _base_type(tp) is bool:
+            default = env_switch(env, default)
+        elif env in os.environ:
             try:
                 default = _convert(tp, os.environ[env])
             except ValueError:  # argparse converts it when this command runs, and says why
@@ -352,6 +398,8 @@ def from_env(cls: type, **kwargs: Any) -> Any:
             values[name] = kwargs[name]
         elif env_name(name) in os.environ:
             raw = os.environ[env_name(name)]
+            if not raw.strip() and _base_type(hints[name]) is bool:
+                continue  # an empty switch: its default, as on the command line
             try:
                 values[name] = _convert(hints[name], raw)
             except ValueError:
@@ -374,7 +422,7 @@ def add_env_twins(parser: argparse.ArgumentParser, prefix: str = "EMBER_") -> No
         if env in os.environ:
             raw = os.environ[env]
             if action.nargs == 0:  # store_true / store_false
-                action.default = raw.strip().lower() in ("1", "true", "yes", "on")
+                action.default = env_switch(env, action.default)
             else:
                 try:
                     action.default = action.type(raw) if callable(action.type) else raw

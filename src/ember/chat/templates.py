@@ -21,6 +21,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
+import jinja2
+import jinja2.sandbox
+
 from ember.chat.chatglm3 import ChatGLM3Format, message_text
 from ember.chat.tokenizer import BaseTokenizer, ChatGLM3Tokenizer, Tokenizer
 
@@ -206,15 +209,46 @@ def _fallback_for(tokenizer: BaseTokenizer, model_config: dict[str, Any]) -> str
     return None
 
 
+def read_chat_template(value: str) -> str:
+    """A chat template given by name (a built-in) or by file, resolved as `builtin_template`
+    does. A file's Jinja is compiled now: a typo in it must stop the server when it starts,
+    not fail every chat request afterwards with an error that blames the client."""
+    path = Path(value)
+    if path.is_file():
+        source = path.read_text()
+        try:
+            _compile_jinja(source)
+        except jinja2.TemplateError as e:
+            line = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+            raise ChatTemplateError(f"chat template {value}{line}: {e}") from None
+        return source
+    if value in BUILTIN:
+        return builtin_template(value)
+    raise ChatTemplateError(
+        f"chat template {value!r} is neither a file nor a built-in (built-ins: "
+        f"{', '.join(BUILTIN)})"
+    )
+
+
+def _compile_jinja(source: str) -> None:
+    """Compile as transformers does when it applies the template (its sandbox, extensions
+    and `{% generation %}` tag), for the same syntax errors."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # moved in another release: jinja's own parser catches the most
+        jinja2.sandbox.ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(
+            source
+        )
+        return
+    _compile_jinja_template(source)
+
+
 def resolve_chat_template(
     override: str | None, tokenizer: BaseTokenizer, model_config: dict[str, Any]
 ) -> str | None:
     """Jinja source, the name of a code format (see CODE_FORMATS), or None for no template."""
     if override:
-        path = Path(override)
-        if path.is_file():
-            return path.read_text()
-        return builtin_template(override)
+        return read_chat_template(override)
     if tokenizer.chat_template:
         if _is_meta_llama2_template(tokenizer.chat_template) and tokenizer.bos_token_id is not None:
             return builtin_template("llama-2")  # the same format, but id-exact

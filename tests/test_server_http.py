@@ -179,6 +179,16 @@ def test_metrics_count_requests_and_tokens(server):
     assert _metric(after, gen) - _metric(before, gen) == 5
     done = 'ember:request_success_total{finished_reason="length"'
     assert _metric(after, done) - _metric(before, done) == 1
+    aborted = 'ember:request_success_total{finished_reason="abort"'
+    assert _metric(after, aborted) == _metric(before, aborted)  # a finished one is no abort
+    # Each series is there from the start, so an alert on its rate sees it before it moves.
+    for series in (
+        'ember:request_success_total{finished_reason="abort"',
+        'ember:request_success_total{finished_reason="error"',
+        'ember:num_requests_rejected_total{model_name="smol",reason="overloaded"}',
+        'ember:num_requests_rejected_total{model_name="smol",reason="shutting_down"}',
+    ):
+        assert series in after, series
     assert "_created" not in after  # no timestamp gauge beside each counter and histogram
 
 
@@ -204,6 +214,8 @@ def test_prefix_cache_counters_start_at_the_first_request(tiny_llama):
 
 
 def test_client_disconnect_mid_stream_frees_the_request(server):
+    aborted = 'ember:request_success_total{finished_reason="abort"'
+    before = _metric(httpx.get(server + "/metrics").text, aborted)
     body = {
         "model": "smol",
         "prompt": "Tell me a very long story.",
@@ -226,6 +238,7 @@ def test_client_disconnect_mid_stream_frees_the_request(server):
         time.sleep(0.2)
     else:
         pytest.fail("the abandoned request kept running")
+    assert _metric(m, aborted) - before == 1  # counted, as vLLM counts an abort
 
 
 def test_bad_request_does_not_disturb_others(server):

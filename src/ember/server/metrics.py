@@ -116,6 +116,12 @@ class ServerMetrics:
             labels + ["reason"],
             registry=self.registry,
         )
+        # Every series from the start (at 0), so rates and alerts see them before the first
+        # event, as vLLM's finished_reason series are.
+        for reason in ("stop", "length", "abort", "error"):
+            self.request_success.labels(state.model_name, reason)
+        for reason in ("overloaded", "shutting_down"):
+            self.rejected.labels(state.model_name, reason)
         self.queue_time = Histogram(
             "ember:request_queue_time_seconds",
             "Time waiting before the first schedule.",

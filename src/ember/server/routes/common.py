@@ -293,22 +293,31 @@ async def tracked(
     start = time.monotonic()
     first: float | None = None
     n_out = 0
-    async for out in state.engine.generate(ids, params, request_id, ticket):
-        now = time.monotonic()
-        if first is None and out.new_token_ids:
-            first = now
-            m.ttft.labels(model).observe(now - start)
-            m.prompt_tokens.labels(model).inc(len(ids))
-        if out.queue_seconds is not None:
-            m.queue_time.labels(model).observe(out.queue_seconds)
-        n_out += len(out.new_token_ids)
-        m.generation_tokens.labels(model).inc(len(out.new_token_ids))
-        if out.finished:
-            m.e2e.labels(model).observe(now - start)
-            m.request_success.labels(model, out.finish_reason or "stop").inc()
-            if first is not None and n_out > 1:
-                m.tpot.labels(model).observe((now - first) / (n_out - 1))
-        yield out
+    finished = False
+    try:
+        async for out in state.engine.generate(ids, params, request_id, ticket):
+            now = time.monotonic()
+            if first is None and out.new_token_ids:
+                first = now
+                m.ttft.labels(model).observe(now - start)
+                m.prompt_tokens.labels(model).inc(len(ids))
+            if out.queue_seconds is not None:
+                m.queue_time.labels(model).observe(out.queue_seconds)
+            n_out += len(out.new_token_ids)
+            m.generation_tokens.labels(model).inc(len(out.new_token_ids))
+            if out.finished:
+                finished = True
+                m.e2e.labels(model).observe(now - start)
+                m.request_success.labels(model, out.finish_reason or "stop").inc()
+                if first is not None and n_out > 1:
+                    m.tpot.labels(model).observe((now - first) / (n_out - 1))
+            yield out
+    except (GeneratorExit, asyncio.CancelledError):
+        # Ended from outside before it finished: the client left, --request-timeout, or the
+        # drain's deadline. Counted as vLLM counts it, so the sum of reasons is every sequence.
+        if not finished:
+            m.request_success.labels(model, "abort").inc()
+        raise
 
 
 async def merged_streams(

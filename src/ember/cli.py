@@ -247,8 +247,16 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag told in one line as Ember's own setting checks tell theirs:
+    the usage it prints first is forty lines for `ember serve`. Subcommands use it too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ember", description="Serve open LLMs, fast.")
+    parser = _Parser(prog="ember", description="Serve open LLMs, fast.")
     parser.add_argument(
         "--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS, help="Log verbosity."
     )

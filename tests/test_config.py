@@ -285,6 +285,11 @@ def test_ember_generate_reads_its_prompt_from_stdin(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", Terminal())
     assert cli.main(["generate"]) == 2
     assert "--prompt" in capsys.readouterr().err
+    # Nothing piped in, or an empty -p (an unset variable): refused, not answered.
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    for argv in (["generate"], ["generate", "-p", " \n"]):
+        assert cli.main(argv) == 2
+        assert capsys.readouterr().err == "ember generate: the prompt is empty\n"
 
 
 def test_allowed_origins_are_written_as_browsers_send_them() -> None:

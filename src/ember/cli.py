@@ -49,6 +49,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print("ember generate: give --prompt TEXT, or pipe the prompt in", file=sys.stderr)
             return 2
         args.prompt = sys.stdin.read().rstrip("\n")
+    if not args.prompt.strip():  # `ember generate < /dev/null`, `-p "$UNSET"`: a mistake
+        print("ember generate: the prompt is empty", file=sys.stderr)
+        return 2
 
     cfg = from_namespace(EngineConfig, args)
     # Checked before the model loads, so a bad value fails at once.

@@ -241,7 +241,9 @@ def test_the_pull_job_runs_beside_the_pods_and_they_wait_for_it():
     assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == pod_labels(docs)
     pod = server_pod(docs)
     (wait,) = pod["initContainers"]
-    pulled_to = container(job_pod, "pull")["args"][-1]
+    pull_args = container(job_pod, "pull")["args"]
+    pulled_to = pull_args[pull_args.index("--dir") + 1]
+    assert "--mark-failure" in pull_args  # the waiting pods show why a pull failed
     assert env_map(wait)["MODEL_PATH"] == pulled_to
     selector = dict(kv.split("=") for kv in env_map(wait)["PULL_PODS"].split(","))
     job_pod_labels = one(docs, "Job", "pull")["spec"]["template"]["metadata"]["labels"]
@@ -338,6 +340,7 @@ def test_modelscope_revision_token_job_and_api_key():
         "v1.0.0",
         "--dir",
         "/models/chatglm3-6b",
+        "--mark-failure",
     ]
     token = env_map(pull)["MODELSCOPE_API_TOKEN"]
     assert token == {"secretKeyRef": {"name": "hub-token", "key": "token"}}

@@ -676,3 +676,44 @@ def test_the_chart_pods_wait_for_the_pull_of_their_own_model(hub, tmp_path, sour
     other_args, other_wait, other_env = rendered("org/gguf")
     assert other_env["PULLED"] != env["PULLED"]
     assert waits(other_wait, other_env)
+
+
+@pytest.mark.parametrize("source", ["huggingface", "modelscope"])
+def test_the_chart_pods_show_a_failed_pull_and_wait_again_for_its_retry(hub, tmp_path, source):
+    """A pull that fails (here a gated model without a token) once left the pods waiting in
+    silence: they show its reason and exit (Init:Error), and a new attempt clears it."""
+    from deploy_manifests import container, env_map, one, render
+
+    model = {"preset": "custom", "name": "g", "dir": "g", "repoId": "org/gated", "source": source}
+    docs = render({"model": model, "pull": {"mode": "job"}, "storage": {"mountPath": "/m"}})
+    job_pod = one(docs, "Job", "pull")["spec"]["template"]["spec"]
+    pod = one(docs, "Deployment", "server")["spec"]["template"]["spec"]
+    wait = container(pod, "wait-for-pull", init=True)
+    env = {**os.environ, **env_map(wait), "MODEL_PATH": str(tmp_path / "g")}
+    pull_args = container(job_pod, "pull")["args"]
+    pull_args[pull_args.index("--dir") + 1] = env["MODEL_PATH"]
+
+    def wait_for_pull() -> subprocess.CompletedProcess | None:
+        try:
+            return subprocess.run(
+                wait["command"], env=env, timeout=2, capture_output=True, text=True
+            )
+        except subprocess.TimeoutExpired:
+            return None  # still waiting
+
+    assert wait_for_pull() is None
+    failed = ember(pull_args, _env(hub, tmp_path))
+    assert failed.returncode == 1 and "gated" in failed.stderr
+    shown = wait_for_pull()
+    assert shown is not None and shown.returncode == 1
+    reason = failed.stderr.strip().splitlines()[-1].removeprefix("ember pull: ")
+    assert f"ember pull failed: {reason}" in shown.stdout
+    # Another model's failure in a folder reused for this one is not this pull's.
+    other = {**env, "PULLED": "org/other@*"}
+    with pytest.raises(subprocess.TimeoutExpired):
+        subprocess.run(wait["command"], env=other, timeout=2, capture_output=True)
+    token = {"HF_TOKEN" if source == "huggingface" else "MODELSCOPE_API_TOKEN": hub.token}
+    assert ember(pull_args, _env(hub, tmp_path, **token)).returncode == 0
+    done = wait_for_pull()
+    assert done is not None and done.returncode == 0
+    assert not (tmp_path / "g" / ".cache" / "ember-pull-failed").exists()

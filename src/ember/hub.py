@@ -291,6 +291,18 @@ def _whole_copy(path: Path, include: list[str]) -> Path | None:
     return path if _servable(path, include) else None
 
 
+def _failed_mark(path: Path) -> Path:
+    """Written in a --dir where `ember pull` failed: what it pulled, then why, for the pods
+    that wait on the folder to show (a pull Job's pod logs are not where one looks first)."""
+    return path / ".cache" / "ember-pull-failed"
+
+
+def _mark_failed(path: Path, what: str, error: BaseException) -> None:
+    with contextlib.suppress(OSError):  # a folder it could not write is the failure itself
+        _failed_mark(path).parent.mkdir(parents=True, exist_ok=True)
+        _failed_mark(path).write_text(f"{what}\n{error}\n")
+
+
 def _mark_pulled(path: Path, what: str) -> None:
     mark = _pulled_mark(path)
     mark.parent.mkdir(parents=True, exist_ok=True)
@@ -839,6 +851,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=[],
         help="Also download files matching this glob (repeatable), e.g. one '*Q4_K_M.gguf'.",
     )
+    p.add_argument(
+        "--mark-failure",
+        action="store_true",
+        help="With --dir: when the pull fails, leave why in DIR/.cache/ember-pull-failed for "
+        "pods that wait on the folder (the Helm chart's pull Job sets it); the next pull "
+        "removes it.",
+    )
     p.set_defaults(func=cmd_pull)
 
     m = sub.add_parser(
@@ -883,7 +902,16 @@ def cmd_pull(args: argparse.Namespace) -> int:
         _unfinished.append(download or _hf_repo_cache(repo_id))
     signal.signal(signal.SIGINT, _stop_now)
     signal.signal(signal.SIGTERM, _stop_now)
-    path = pull(args.repo_id, args.source, args.revision, args.dir, args.include)
+    if args.dir:  # a new attempt: the pods wait for it again
+        with contextlib.suppress(OSError):
+            _failed_mark(Path(args.dir)).unlink(missing_ok=True)
+    try:
+        path = pull(args.repo_id, args.source, args.revision, args.dir, args.include)
+    except HubError as e:
+        if args.dir and args.mark_failure:  # named as the pulled mark is: one pattern matches
+            default = "master" if args.source == "modelscope" else "main"
+            _mark_failed(Path(args.dir), f"{repo_id}@{args.revision or default}", e)
+        raise
     print(path, flush=True)
     return 0
 

@@ -93,6 +93,10 @@ path: {{ printf "%s/%s" (trimSuffix "/" .Values.storage.mountPath) $dir | quote 
     {{- end }}
     - --dir
     - {{ $model.path | quote }}
+    {{- if eq .Values.pull.mode "job" }}
+    # A failure's reason, left for the server pods waiting on the folder to show.
+    - --mark-failure
+    {{- end }}
   env:
     {{- if .Values.pull.tokenSecret.name }}
     - name: {{ ternary "HF_TOKEN" "MODELSCOPE_API_TOKEN" (eq $model.source "huggingface") }}

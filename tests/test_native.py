@@ -100,6 +100,14 @@ def test_kernels_build_into_the_cache_and_can_be_turned_off(tmp_path) -> None:
     assert run() == "True True"  # the second start loads the same file
     assert built[0].stat().st_mtime_ns == mtime
     assert run(EMBER_NATIVE="0") == "False False"
+    # Another word is refused, as every EMBER_ switch refuses it (it once meant "on").
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "EMBER_NATIVE": "disabled"},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and "EMBER_NATIVE: 'disabled' is not a switch" in proc.stderr
     assert run(CC="/nonexistent/cc") == "False False"  # a broken compiler is not fatal
 
 

@@ -246,6 +246,8 @@ def test_a_fault_in_one_request_fails_only_that_request(busy):
     _, base = busy
     prompts = [f"Once upon a time {i}" for i in range(2)]  # with the 2 faulty: 4, the bound
     references = [greedy(base, p) for p in prompts]
+    failed = 'ember:request_success_total{finished_reason="error"'
+    failed_before = metric(base, failed)
 
     async def good(client: httpx.AsyncClient, prompt: str) -> str:
         body = {"prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
@@ -276,6 +278,7 @@ def test_a_fault_in_one_request_fails_only_that_request(busy):
     assert "injected fault" in assert_error_shape(bad_r)["message"]
     assert bad_events[-1] == "[DONE]"
     assert "injected fault" in json.loads(bad_events[-2])["error"]["message"]
+    assert metric(base, failed) - failed_before == 2  # each failed sequence counted once
     wait_idle(base)
     assert httpx.get(base + "/health").status_code == 200
 

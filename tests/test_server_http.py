@@ -213,6 +213,30 @@ def test_prefix_cache_counters_start_at_the_first_request(tiny_llama):
         assert _metric(http.get("/metrics").text, queries) == 7
 
 
+def test_a_request_timeout_counts_as_an_abort(tiny_llama):
+    from fastapi.testclient import TestClient
+
+    from ember.config import EngineConfig, ServingLimits
+    from ember.server.app import build_app
+    from ember.server.state import ServerConfig
+
+    cfg = EngineConfig(
+        model=str(tiny_llama), dtype="float32", device="cpu", kv_cache_memory="8MiB", block_size=4
+    )
+    limits = ServingLimits(request_timeout=0.02)
+    app = build_app(cfg, ServerConfig(["tiny"], limits=limits), load_in_background=False)
+    aborted = 'ember:request_success_total{finished_reason="abort"'
+    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 500, "ignore_eos": True}
+    with TestClient(app) as http:
+        assert http.post("/v1/completions", json=body).status_code == 504
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert '"timeout"' in events[-2] and events[-1] == "data: [DONE]"
+        text = http.get("/metrics").text
+        assert _metric(text, aborted) == 2
+        assert _metric(text, "ember:request_success_total") == 2  # nothing else
+
+
 def test_client_disconnect_mid_stream_frees_the_request(server):
     aborted = 'ember:request_success_total{finished_reason="abort"'
     before = _metric(httpx.get(server + "/metrics").text, aborted)

@@ -22,6 +22,7 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
+from ember.config import BadEnvValue, ConfigError, env_switch
 from ember.models.loader import cache_root
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,10 @@ def _build(cc: str) -> Path:
 
 @cache
 def cpu_kernels() -> ctypes.CDLL | None:
-    if os.environ.get("EMBER_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+    switch = env_switch("EMBER_NATIVE", True)
+    if isinstance(switch, BadEnvValue):
+        raise ConfigError(f"{switch.env}: {switch.problem}")
+    if not switch:
         return None
     cc = _compiler()
     if cc is None:

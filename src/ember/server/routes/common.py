@@ -15,7 +15,13 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
-from ember.engine.async_engine import AdmissionTicket
+from ember.engine.async_engine import (
+    AdmissionTicket,
+    EngineDeadError,
+    RequestFailedError,
+    RequestTimeoutError,
+    ServerShuttingDownError,
+)
 from ember.engine.request import Logprob, RequestOutput, SamplingParams
 from ember.engine.structured import StructuredOutputsParams
 from ember.server import protocol as P
@@ -312,11 +318,14 @@ async def tracked(
                 if first is not None and n_out > 1:
                     m.tpot.labels(model).observe((now - first) / (n_out - 1))
             yield out
-    except (GeneratorExit, asyncio.CancelledError):
+    except (GeneratorExit, asyncio.CancelledError, RequestTimeoutError, ServerShuttingDownError):
         # Ended from outside before it finished: the client left, --request-timeout, or the
         # drain's deadline. Counted as vLLM counts it, so the sum of reasons is every sequence.
         if not finished:
             m.request_success.labels(model, "abort").inc()
+        raise
+    except (RequestFailedError, EngineDeadError):  # failed in the engine (a 500)
+        m.request_success.labels(model, "error").inc()
         raise
 
 

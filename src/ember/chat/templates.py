@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import jinja2
-import jinja2.sandbox
 
 from ember.chat.chatglm3 import ChatGLM3Format, message_text
 from ember.chat.tokenizer import BaseTokenizer, ChatGLM3Tokenizer, Tokenizer
@@ -235,10 +234,7 @@ def _compile_jinja(source: str) -> None:
     and `{% generation %}` tag), for the same syntax errors."""
     try:
         from transformers.utils.chat_template_utils import _compile_jinja_template
-    except ImportError:  # moved in another release: jinja's own parser catches the most
-        jinja2.sandbox.ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(
-            source
-        )
+    except ImportError:  # moved in another release: the first chat request tells instead
         return
     _compile_jinja_template(source)
 

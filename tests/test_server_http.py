@@ -192,20 +192,25 @@ def test_metrics_count_requests_and_tokens(server):
     assert "_created" not in after  # no timestamp gauge beside each counter and histogram
 
 
+def _tiny_app(model_dir, **limits):
+    """An in-process server of the tiny model, named "tiny", with these ServingLimits."""
+    from ember.config import EngineConfig, ServingLimits
+    from ember.server.app import build_app
+    from ember.server.state import ServerConfig
+
+    cfg = EngineConfig(
+        model=str(model_dir), dtype="float32", device="cpu", kv_cache_memory="8MiB", block_size=4
+    )
+    config = ServerConfig(["tiny"], limits=ServingLimits(**limits))
+    return build_app(cfg, config, load_in_background=False)
+
+
 def test_prefix_cache_counters_start_at_the_first_request(tiny_llama):
     """The warm-up prefill before "ready" is no client's lookup: a fresh server's counters
     are 0, and one request's prompt adds its own tokens."""
     from fastapi.testclient import TestClient
 
-    from ember.config import EngineConfig
-    from ember.server.app import build_app
-    from ember.server.state import ServerConfig
-
-    cfg = EngineConfig(
-        model=str(tiny_llama), dtype="float32", device="cpu", kv_cache_memory="8MiB", block_size=4
-    )
-    app = build_app(cfg, ServerConfig(["tiny"]), load_in_background=False)
-    with TestClient(app) as http:
+    with TestClient(_tiny_app(tiny_llama)) as http:
         queries = "ember:prefix_cache_queries_total"
         assert _metric(http.get("/metrics").text, queries) == 0
         body = {"model": "tiny", "prompt": [5, 6, 7, 8, 9, 10, 11], "max_tokens": 1}
@@ -216,15 +221,7 @@ def test_prefix_cache_counters_start_at_the_first_request(tiny_llama):
 def test_a_request_timeout_counts_as_an_abort(tiny_llama):
     from fastapi.testclient import TestClient
 
-    from ember.config import EngineConfig, ServingLimits
-    from ember.server.app import build_app
-    from ember.server.state import ServerConfig
-
-    cfg = EngineConfig(
-        model=str(tiny_llama), dtype="float32", device="cpu", kv_cache_memory="8MiB", block_size=4
-    )
-    limits = ServingLimits(request_timeout=0.02)
-    app = build_app(cfg, ServerConfig(["tiny"], limits=limits), load_in_background=False)
+    app = _tiny_app(tiny_llama, request_timeout=0.02)
     aborted = 'ember:request_success_total{finished_reason="abort"'
     body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 500, "ignore_eos": True}
     with TestClient(app) as http:

@@ -281,6 +281,9 @@ class BadEnvValue:
     def __repr__(self) -> str:  # as --help shows the default
         return f"{self.raw!r} (refused: not a switch)"
 
+    def error(self) -> ConfigError:
+        return ConfigError(f"{self.env}: {self.problem}")
+
 
 def env_switch(env: str, default: bool) -> bool | BadEnvValue:
     """The default of a switch from its environment twin (unset or empty: `default`)."""
@@ -298,7 +301,7 @@ def refuse_bad_env(args: argparse.Namespace) -> None:
     flag was given (the command line wins)."""
     for value in vars(args).values():
         if isinstance(value, BadEnvValue):
-            raise ConfigError(f"{value.env}: {value.problem}")
+            raise value.error()
 
 
 def _convert(tp: Any, raw: str) -> Any:

@@ -298,9 +298,10 @@ def _failed_mark(path: Path) -> Path:
 
 
 def _mark_failed(path: Path, what: str, error: BaseException) -> None:
+    mark = _failed_mark(path)
     with contextlib.suppress(OSError):  # a folder it could not write is the failure itself
-        _failed_mark(path).parent.mkdir(parents=True, exist_ok=True)
-        _failed_mark(path).write_text(f"{what}\n{error}\n")
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.write_text(f"{what}\n{error}\n")
 
 
 def _mark_pulled(path: Path, what: str) -> None:

@@ -256,12 +256,19 @@ class ToolParser:
         """A Lark grammar of the reply after `forced_prefix(None)` under tool_choice
         "required": a call to any of the tools, then more calls where the format writes several
         in one reply and parallel calls are allowed (OpenAI's default), as the model chooses."""
-        grammar = cls.call_grammar(tools, None)
+        more = cls._more_calls(max_calls)
+        if not more:
+            return cls.call_grammar(tools, None)
+        rules = cls.call_grammar(tools, None).replace("start:", "call:", 1)
+        return f"start: call{more}\n{rules}"
+
+    @classmethod
+    def _more_calls(cls, max_calls: int | None) -> str:
+        """The grammar's tail after a first `call`: further calls, each with its opener, where
+        the format writes several in one reply and more than one is allowed; else ""."""
         if cls.CALL_SEPARATOR is None or max_calls == 1:
-            return grammar
-        rules = grammar.replace("start:", "call:", 1)
-        more = f"{_lit(cls.CALL_SEPARATOR + cls.forced_prefix(None))} call"
-        return f"start: call ({more})*\n{rules}"
+            return ""
+        return f" ({_lit(cls.CALL_SEPARATOR + cls.forced_prefix(None))} call)*"
 
     # Between two calls of one reply (None: the format writes one call per reply here).
     CALL_SEPARATOR: ClassVar[str | None] = None
@@ -277,10 +284,7 @@ class ToolParser:
         or more calls to the tools (each as `call_grammar` has it)."""
         rules = cls.call_grammar(tools, None).replace("start:", "call:", 1)
         prefix = cls.forced_prefix(None)
-        call = f"{_lit(prefix)} call" if prefix else "call"
-        calls = call
-        if cls.CALL_SEPARATOR is not None and max_calls != 1:
-            calls = f"{call} ({_lit(cls.CALL_SEPARATOR)} {call})*"
+        calls = (f"{_lit(prefix)} call" if prefix else "call") + cls._more_calls(max_calls)
         answer = f"{_lit(cls.ANSWER_PREFIX)} answer" if cls.ANSWER_PREFIX else "answer"
         schema = {**close_objects(answer_schema), "x-guidance": COMPACT_JSON}
         return f"start: {answer} | {calls}\n{rules}answer: %json{json.dumps(schema)}\n"

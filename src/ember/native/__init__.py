@@ -22,7 +22,7 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-from ember.config import BadEnvValue, ConfigError, env_switch
+from ember.config import BadEnvValue, env_switch
 from ember.models.loader import cache_root
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def _build(cc: str) -> Path:
 def cpu_kernels() -> ctypes.CDLL | None:
     switch = env_switch("EMBER_NATIVE", True)
     if isinstance(switch, BadEnvValue):
-        raise ConfigError(f"{switch.env}: {switch.problem}")
+        raise switch.error()
     if not switch:
         return None
     cc = _compiler()

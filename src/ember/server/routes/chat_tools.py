@@ -246,10 +246,10 @@ def chat_plan(req: P.ChatCompletionRequest, state: ServerState) -> ChatPlan:
             if allowed is None or t.function.name in allowed
         ]
         max_calls = 1 if req.parallel_tool_calls is False else None
+        parser = PARSERS[support.parser]
         call_grammar = None
         if forced:  # calls are decoded under a grammar of these functions' parameters
             check_tool_schemas(tools, function)
-            parser = PARSERS[support.parser]
             # "required" makes one call unless the request asks for parallel calls in so many
             # words: small models, the default one among them, forced past the first call
             # repeat it until the tokens run out.
@@ -264,7 +264,7 @@ def chat_plan(req: P.ChatCompletionRequest, state: ServerState) -> ChatPlan:
             tools=tools,
             parser=support.parser,
             tool_names=[t["function"]["name"] for t in tools],
-            prefix=PARSERS[support.parser].forced_prefix(function) if forced else "",
+            prefix=parser.forced_prefix(function) if forced else "",
             max_calls=max_calls,
             call_grammar=call_grammar,
             legacy_functions=req.functions is not None,
